@@ -1,0 +1,98 @@
+"""The Python API; the CLI is a thin translation of flags into these calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .config import ControlNetConfig
+from .errors import ConfigError, UserError
+
+
+def resolve_seed(cfg: Any) -> Any:
+    """A run config whose seed is set (a random one if unset), so the saved config reproduces it."""
+    if cfg.train.seed is not None:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=random.randrange(2**31)))
+
+
+def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
+    """Train a ControlNet as configured; returns the run summary (also in OUTPUT_DIR/train_summary.json).
+
+    ``base`` may pass an already loaded ``BaseModel`` (tests, notebooks) instead of loading
+    ``cfg.model.pretrained_model_name_or_path``.
+    """
+    from .hub import push_folder
+    from .methods.controlnet import ControlNetMethod
+    from .trainer import Trainer
+
+    cfg = resolve_seed(cfg)
+    method = ControlNetMethod(cfg, base=base)
+    summary = Trainer(method, cfg).fit()
+    if cfg.train.push_to_hub:
+        summary["hub_url"] = push_folder(
+            Path(cfg.train.output_dir), cfg.train.hub_model_id, cfg.train.hub_token,
+            ignore=["checkpoints/*", "logs/*", ".*"],
+        )
+    return summary
+
+
+def _open_condition(path: str | Path) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--image {p} does not exist.")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise ConfigError(f"--image {p} is not a readable image: {e}") from None
+
+
+def generate(
+    pretrained_model_name_or_path: str,
+    controlnet: str | Path,
+    image: str | Path | Image.Image,
+    prompt: str,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+    controlnet_conditioning_scale: float = 1.0,
+    num_images: int = 1,
+    resolution: int | None = None,
+    negative_prompt: str | None = None,
+    device: str | None = None,
+    cpu_offload: bool = False,
+    enable_xformers_memory_efficient_attention: bool = False,
+) -> list[Image.Image]:
+    """Images for ``prompt`` conditioned on ``image`` with a trained ControlNet (UniPC sampler).
+
+    fp16 on CUDA, fp32 on the CPU; the same seed gives the same images.
+    """
+    from .models import load_base_model, load_controlnet
+    from .pipelines import controlnet_pipeline, run_controlnet_pipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    base = load_base_model(pretrained_model_name_or_path)
+    net = load_controlnet(str(controlnet))
+    pipe = controlnet_pipeline(base, net)
+    if cpu_offload:
+        if not device.startswith("cuda"):
+            raise UserError("--cpu_offload only makes sense with a CUDA device.")
+        pipe.to(dtype=dtype)
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device, dtype=dtype)
+    if enable_xformers_memory_efficient_attention:
+        pipe.enable_xformers_memory_efficient_attention()
+    cond = image if isinstance(image, Image.Image) else _open_condition(image)
+    res = resolution or int(base.unet.config.sample_size) * 2 ** (len(base.vae.config.block_out_channels) - 1)
+    return run_controlnet_pipeline(
+        pipe, [prompt], [cond], num_images, seed, num_inference_steps, res, guidance_scale,
+        controlnet_conditioning_scale, negative_prompt,
+    )[0]

@@ -1,0 +1,222 @@
+"""Resumable checkpoints that are never half-written.
+
+A checkpoint is a folder ``checkpoint-<step>`` holding only safetensors and JSON (nothing is
+unpickled on resume):
+
+    trainable.safetensors    the method's trained weights
+    optimizer.safetensors    optimizer state tensors, keyed "<param index>.<name>"
+    optimizer.json           optimizer param groups and non-tensor state
+    rng.safetensors          the trainer's noise generator and torch's global RNG states
+    scheduler.json           learning-rate scheduler state
+    trainer_state.json       step counters; written last, it marks the folder complete
+
+It is written into a hidden temporary folder, flushed to disk, then renamed into place in
+one step; only after that does the ``latest`` pointer move. A run killed at any moment
+leaves the previous checkpoint intact and ``latest`` never names a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ConfigError
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Counters that, with the weights, optimizer and RNG, define where a run is."""
+
+    global_step: int = 0
+    micro_batches: int = 0  # micro-batches consumed since the start (data position)
+    skipped_samples: int = 0  # unreadable examples skipped
+    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss (--nan_policy skip)
+    seed: int = 0
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        if isinstance(value, dict):
+            return {k: _jsonable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_jsonable(v) for v in value]
+        return None
+
+
+def optimizer_to_files(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (safetensors) and the rest (JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict = {"param_groups": _jsonable(state_dict["param_groups"]), "state": {}}
+    for idx, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                rest["state"].setdefault(str(idx), {})[key] = _jsonable(value)
+    return tensors, rest
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, entry in rest["state"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def scheduler_to_json(state_dict: dict) -> dict:
+    out = _jsonable(state_dict)
+    if "lr_lambdas" in out:  # functions are rebuilt from the config, not stored
+        out["lr_lambdas"] = [None] * len(out["lr_lambdas"] or [])
+    return out
+
+
+def rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {"generator": generator.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["torch_cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    generator.set_state(tensors["generator"])
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+
+
+def save_checkpoint(
+    root: Path,
+    state: TrainState,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    scheduler_state: dict,
+    generator: torch.Generator,
+    total_limit: int | None = None,
+) -> Path:
+    """Write ``checkpoint-<step>`` atomically, move ``latest`` to it, prune old ones."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{state.global_step}"
+    tmp = root / f".checkpoint-{state.global_step}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    opt_tensors, opt_rest = optimizer_to_files(optimizer_state)
+    files = {
+        "trainable.safetensors": lambda p: save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(p)
+        ),
+        "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p)),
+        "optimizer.json": lambda p: p.write_text(json.dumps(opt_rest)),
+        "rng.safetensors": lambda p: save_file(rng_tensors(generator), str(p)),
+        "scheduler.json": lambda p: p.write_text(json.dumps(scheduler_to_json(scheduler_state))),
+        STATE_FILE: lambda p: p.write_text(json.dumps(asdict(state), indent=2)),  # last: marks complete
+    }
+    for name, write in files.items():
+        write(tmp / name)
+        _fsync_file(tmp / name)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step (after a resume): swap, never delete first
+        trash = root / f".trash-{final.name}-{os.getpid()}"
+        final.rename(trash)
+        tmp.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    pointer_tmp = root / f".latest.tmp-{os.getpid()}"
+    pointer_tmp.write_text(final.name + "\n")
+    _fsync_file(pointer_tmp)
+    os.replace(pointer_tmp, root / "latest")
+    _fsync_dir(root)
+    if total_limit:
+        for old in list_checkpoints(root)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def clean_partial(root: Path) -> None:
+    """Remove temporary folders left by a run killed while saving."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".checkpoint-", ".trash-", ".latest.tmp")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def resolve_resume(root: Path, spec: str | None) -> Path | None:
+    """The checkpoint folder that ``--resume_from_checkpoint`` names (None: start fresh)."""
+    if not spec:
+        return None
+    if spec == "latest":
+        pointer = root / "latest"
+        if pointer.is_file():
+            named = root / pointer.read_text().strip()
+            if (named / STATE_FILE).is_file():
+                return named
+        done = list_checkpoints(root)
+        return done[-1] if done else None  # nothing yet: start fresh, as diffusers does
+    path = Path(spec)
+    if not path.is_absolute() and not path.exists():
+        path = root / spec
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(
+            f"--resume_from_checkpoint {spec}: {path} is not a complete difftune checkpoint "
+            f"(no {STATE_FILE}). Use 'latest' or one of: {', '.join(p.name for p in list_checkpoints(root)) or 'none yet'}."
+        )
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint folder (safetensors and JSON only)."""
+    return {
+        "state": TrainState(**json.loads((path / STATE_FILE).read_text())),
+        "weights": load_file(str(path / "trainable.safetensors")),
+        "optimizer": optimizer_from_files(
+            load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
+        ),
+        "scheduler": json.loads((path / "scheduler.json").read_text()),
+        "rng": load_file(str(path / "rng.safetensors")),
+    }

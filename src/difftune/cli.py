@@ -1,0 +1,227 @@
+"""``difftune`` command line: translates flags into typed configs and calls the Python API.
+
+Training flags are generated from the config dataclasses (``difftune.config``), so every
+field is a flag with the diffusers script's name, and a config file (YAML/TOML/JSON) can set
+the same names; explicit flags override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+
+from .errors import UserError
+
+_MISSING = object()
+
+
+def _unwrap(tp):
+    """(base type, is_list) of an annotation like ``int | None`` or ``list[str] | None``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        tp = args[0]
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type) -> None:
+    """One flag per config field, grouped by section; defaults suppressed to tell what was given."""
+    for section in dataclasses.fields(cfg_cls):
+        sec_cls = section.default_factory().__class__  # type: ignore[misc]
+        group = parser.add_argument_group(section.name)
+        hints = typing.get_type_hints(sec_cls)
+        for f in dataclasses.fields(sec_cls):
+            base, is_list = _unwrap(hints[f.name])
+            default = f.default if f.default is not dataclasses.MISSING else None
+            helptext = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
+            kwargs: dict = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=helptext)
+            if base is bool:
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["type"] = base
+                if is_list:
+                    kwargs["nargs"] = "+"
+                if f.metadata.get("choices"):
+                    kwargs["choices"] = f.metadata["choices"]
+            group.add_argument(f"--{f.name}", **kwargs)
+
+
+def config_from_args(cfg_cls: type, args: argparse.Namespace, recipe: dict | None = None):
+    """defaults < recipe < --config file < explicit flags."""
+    from .config import from_dict, merge, nest, read_config_file
+
+    values: dict = dict(recipe or {})
+    if getattr(args, "config", None):
+        values = merge(values, nest(cfg_cls, read_config_file(args.config)))
+    given: dict = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            given.setdefault(section, {})[name] = value
+    return from_dict(cfg_cls, merge(values, given))
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train_controlnet(args: argparse.Namespace) -> int:
+    from .api import train_controlnet
+    from .config import ControlNetConfig
+    from .recipes import RECIPES
+
+    recipe = RECIPES[args.recipe]() if args.recipe else None
+    cfg = config_from_args(ControlNetConfig, args, recipe)
+    summary = train_controlnet(cfg)
+    print(json.dumps({k: summary[k] for k in ("global_step", "final_loss", "seconds", "exported") if k in summary}, indent=2))
+    print(f"ControlNet saved in {cfg.train.output_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .api import generate
+
+    images = generate(
+        args.pretrained_model_name_or_path, args.controlnet, args.image, args.prompt,
+        num_inference_steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
+        controlnet_conditioning_scale=args.controlnet_conditioning_scale, num_images=args.num_images,
+        resolution=args.resolution, negative_prompt=args.negative_prompt, device=args.device,
+        cpu_offload=args.cpu_offload,
+        enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for im, p in zip(images, paths):
+        im.save(p)
+        print(p)
+    return 0
+
+
+def cmd_data_fill50k(args: argparse.Namespace) -> int:
+    from .data import write_fill50k
+
+    info = write_fill50k(args.out, n=args.n, resolution=args.resolution, seed=args.seed, workers=args.workers,
+                         overwrite=args.overwrite)
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .data import check_dataset, load_table, resolve_columns
+    from .data.transforms import check_resolution
+
+    check_resolution(args.resolution)
+    table = load_table(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+                       train_data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+    tokenizer = None
+    if args.pretrained_model_name_or_path:
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.pretrained_model_name_or_path)
+    try:
+        cols = resolve_columns(table.column_names, args.image_column, args.conditioning_image_column,
+                               args.caption_column)
+    except UserError as e:  # the report lists the columns; keep going to show every problem at once
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    report = check_dataset(table, *cols, resolution=args.resolution, tokenizer=tokenizer, limit=args.limit)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny import save_tiny_model
+
+    print(save_tiny_model(args.out, seed=args.seed))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), steps=args.max_train_steps, n=args.n)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import ControlNetConfig
+    from .recipes import RECIPES
+
+    p = argparse.ArgumentParser(prog="difftune", description="Train ControlNet adapters on frozen Stable Diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train an adapter").add_subparsers(dest="method", required=True)
+    cn = train.add_parser("controlnet", help="train a ControlNet (flags as diffusers' train_controlnet.py)")
+    cn.add_argument("--config", help="YAML/TOML/JSON file of settings (flags override it)")
+    cn.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (flags override it)")
+    add_config_flags(cn, ControlNetConfig)
+    cn.set_defaults(func=cmd_train_controlnet)
+
+    g = sub.add_parser("generate", help="generate images with a trained ControlNet")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="base model folder or hub id")
+    g.add_argument("--controlnet", required=True, help="trained ControlNet folder (the training --output_dir)")
+    g.add_argument("--image", required=True, help="conditioning image")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative_prompt")
+    g.add_argument("--num_inference_steps", type=int, default=20)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--controlnet_conditioning_scale", type=float, default=1.0)
+    g.add_argument("--num_images", type=int, default=1)
+    g.add_argument("--resolution", type=int, help="image size (default: the base model's)")
+    g.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    g.add_argument("--cpu_offload", action="store_true", help="keep only the running model on the GPU")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g.add_argument("--out", default="generated.png", help="output PNG (several images get -0, -1, ... suffixes)")
+    g.set_defaults(func=cmd_generate)
+
+    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="tool", required=True)
+    f = data.add_parser("fill50k", help="generate the fill50k circles data set")
+    f.add_argument("--out", required=True)
+    f.add_argument("--n", type=int, default=50000)
+    f.add_argument("--resolution", type=int, default=512)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--workers", type=int, help="processes (default: all cores)")
+    f.add_argument("--overwrite", action="store_true")
+    f.set_defaults(func=cmd_data_fill50k)
+    c = data.add_parser("check", help="validate a data set before training")
+    for name in ("dataset_name", "dataset_config_name", "train_data_dir", "image_column",
+                 "conditioning_image_column", "caption_column", "cache_dir", "pretrained_model_name_or_path"):
+        c.add_argument(f"--{name}")
+    c.add_argument("--resolution", type=int, default=512)
+    c.add_argument("--limit", type=int, help="check only the first N rows")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(func=cmd_data_check)
+
+    t = sub.add_parser("make-tiny-model", help="write a tiny random-weight SD model folder (tests, smoke runs)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_make_tiny_model)
+
+    d = sub.add_parser("demo", help="end to end on the embedded default: data, train, sample")
+    d.add_argument("--out", default="difftune-demo")
+    d.add_argument("--max_train_steps", type=int, default=None)
+    d.add_argument("--n", type=int, default=None, help="fill50k samples to generate")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume_from_checkpoint latest", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

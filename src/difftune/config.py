@@ -1,0 +1,298 @@
+"""Typed run configuration.
+
+A run is described by one dataclass made of sections (model, data, optim, loss, train,
+validation). Field names are the diffusers example scripts' flag names, so the CLI is
+generated from these dataclasses (``difftune.cli``) and users keep their flags. Each field's
+``help`` metadata is its documentation; ``__post_init__`` rejects contradictions early, with
+the flag names in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SECRET_FIELDS = frozenset({"hub_token"})
+
+
+def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None):
+    """A config field with its CLI help text (and optional choices)."""
+    meta = {"help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: str | None = opt(
+        None, "Base model: a diffusers-layout folder or a Hugging Face Hub id (needs network)."
+    )
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the base model.")
+    variant: str | None = opt(None, "Weight variant of the base model files, e.g. 'fp16'.")
+    tokenizer_name: str | None = opt(None, "Tokenizer folder or id, if not the base model's.")
+    controlnet_model_name_or_path: str | None = opt(
+        None, "Start from this ControlNet (folder or hub id) instead of copying the UNet's encoder."
+    )
+    cache_dir: str | None = opt(None, "Where downloaded models and data sets are cached.")
+
+
+@dataclass
+class DataConfig:
+    dataset_name: str | None = opt(None, "Hub data set id (needs network; cached copies work offline).")
+    dataset_config_name: str | None = opt(None, "Config name of the hub data set.")
+    train_data_dir: str | None = opt(
+        None,
+        "Local data: parquet/arrow files, a save_to_disk folder, a folder with metadata.jsonl "
+        "(file paths + captions) or an imagefolder.",
+    )
+    image_column: str | None = opt(None, "Column with the target images (default: 'image' or the 1st).")
+    conditioning_image_column: str | None = opt(
+        None, "Column with the conditioning images (default: 'conditioning_image' or the 3rd)."
+    )
+    caption_column: str | None = opt(None, "Column with the captions (default: 'text' or the 2nd).")
+    max_train_samples: int | None = opt(None, "Train on at most this many samples (shuffled with --seed).")
+    streaming: bool = opt(False, "Stream the data set instead of loading it (needs --max_train_samples).")
+    resolution: int = opt(512, "Training resolution: resize (bilinear) and centre crop; divisible by 8.")
+    proportion_empty_prompts: float = opt(0.0, "Fraction of captions replaced by '' (0 to 1).")
+    dataloader_num_workers: int = opt(0, "Data loading worker processes (0: in the main process).")
+
+    def __post_init__(self) -> None:
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ConfigError(
+                f"--resolution {self.resolution} is not a positive multiple of 8: the VAE down-samples "
+                f"by 8, so use e.g. {max(8, self.resolution // 8 * 8)}."
+            )
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise ConfigError(f"--proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
+        if self.streaming and not self.max_train_samples:
+            raise ConfigError("--streaming needs --max_train_samples: a stream has no length to plan steps by.")
+        if self.dataset_name and self.train_data_dir:
+            raise ConfigError("Give either --dataset_name or --train_data_dir, not both.")
+        if self.dataloader_num_workers < 0:
+            raise ConfigError("--dataloader_num_workers must be >= 0.")
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = opt(5e-6, "Initial learning rate (after warm-up).")
+    scale_lr: bool = opt(False, "Multiply the learning rate by GPUs x batch size x accumulation steps.")
+    lr_scheduler: str = opt(
+        "constant",
+        "Learning-rate schedule.",
+        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+    )
+    lr_warmup_steps: int = opt(500, "Warm-up steps of the schedule.")
+    lr_num_cycles: int = opt(1, "Hard restarts of cosine_with_restarts.")
+    lr_power: float = opt(1.0, "Power of the polynomial schedule.")
+    adam_beta1: float = opt(0.9, "Adam beta1.")
+    adam_beta2: float = opt(0.999, "Adam beta2.")
+    adam_weight_decay: float = opt(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = opt(1e-8, "Adam epsilon.")
+    max_grad_norm: float = opt(1.0, "Clip gradients to this norm (0: no clipping).")
+    use_8bit_adam: bool = opt(False, "8-bit AdamW from bitsandbytes (pip install 'difftune[bnb]').")
+    set_grads_to_none: bool = opt(False, "Free gradients after each step instead of zeroing them (less memory).")
+
+
+@dataclass
+class LossConfig:
+    snr_gamma: float | None = opt(None, "Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 recommended.")
+    prediction_type: str | None = opt(
+        None, "Override the scheduler's prediction type.", choices=("epsilon", "v_prediction")
+    )
+
+    def __post_init__(self) -> None:
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"--snr_gamma must be > 0, got {self.snr_gamma}.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("controlnet-model", "Where checkpoints, logs, samples and the final model go.")
+    seed: int | None = opt(None, "Seed for everything random (a random one is chosen and recorded if unset).")
+    train_batch_size: int = opt(4, "Batch size per device.")
+    num_train_epochs: int = opt(1, "Epochs (ignored when --max_train_steps is set).")
+    max_train_steps: int | None = opt(None, "Optimizer steps to train for (overrides epochs).")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, slower).")
+    mixed_precision: str | None = opt(
+        None, "Precision of the frozen weights and autocast (default: accelerate config).", choices=("no", "fp16", "bf16")
+    )
+    allow_tf32: bool = opt(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    enable_xformers_memory_efficient_attention: bool = opt(
+        False, "Use xFormers attention (PyTorch's SDPA is already the default)."
+    )
+    checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = opt(None, "Keep only the newest N checkpoints.")
+    resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder to resume from.")
+    logging_dir: str = opt("logs", "Tracker log folder, relative to --output_dir.")
+    report_to: str = opt("none", "Trackers: tensorboard, wandb, all or none (metrics.jsonl is always written).")
+    tracker_project_name: str = opt("train_controlnet", "Project name given to the trackers.")
+    nan_policy: str = opt(
+        "stop", "On a NaN/inf loss: stop with a message, or skip the step and count it.", choices=("stop", "skip")
+    )
+    push_to_hub: bool = opt(False, "Upload the final model to the Hugging Face Hub.")
+    hub_model_id: str | None = opt(None, "Hub repository for --push_to_hub (default: output folder name).")
+    hub_token: str | None = opt(None, "Hub token (prefer `huggingface-cli login`; never written anywhere).")
+
+    def __post_init__(self) -> None:
+        for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ConfigError(f"--max_train_steps must be >= 1, got {self.max_train_steps}.")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ConfigError("--checkpoints_total_limit must be >= 1.")
+        if self.report_to not in ("none", "all", "tensorboard", "wandb"):
+            raise ConfigError(f"--report_to {self.report_to!r}: choose tensorboard, wandb, all or none.")
+
+
+@dataclass
+class ValidationConfig:
+    validation_prompt: list[str] | None = opt(None, "Prompts for validation images (paired with --validation_image).")
+    validation_image: list[str] | None = opt(None, "Conditioning images for validation (one, or one per prompt).")
+    num_validation_images: int = opt(4, "Images generated per validation pair.")
+    validation_steps: int = opt(100, "Validate every N optimizer steps (and at the end).")
+    num_validation_inference_steps: int = opt(20, "Denoising steps of the validation sampler (UniPC).")
+
+    def __post_init__(self) -> None:
+        prompts, images = self.validation_prompt or [], self.validation_image or []
+        if bool(prompts) != bool(images):
+            raise ConfigError("--validation_prompt and --validation_image go together: give both or neither.")
+        if prompts and not (len(prompts) == len(images) or len(prompts) == 1 or len(images) == 1):
+            raise ConfigError(
+                f"{len(prompts)} --validation_prompt and {len(images)} --validation_image: give one of either, "
+                "or the same number of each."
+            )
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(prompt, conditioning image path) pairs, one-to-many as in diffusers."""
+        prompts, images = self.validation_prompt or [], self.validation_image or []
+        if len(prompts) == 1:
+            prompts = prompts * len(images)
+        if len(images) == 1:
+            images = images * len(prompts)
+        return list(zip(prompts, images))
+
+
+@dataclass
+class ControlNetConfig:
+    """Everything a ControlNet training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        if not self.data.dataset_name and not self.data.train_data_dir:
+            raise ConfigError("No training data: give --train_data_dir DIR (or --dataset_name for a hub data set).")
+        if not self.model.pretrained_model_name_or_path:
+            raise ConfigError("No base model: give --pretrained_model_name_or_path (a diffusers folder or hub id).")
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+def sections(cfg_cls: type) -> dict[str, type]:
+    """Section name -> section dataclass of a run-config class."""
+    return {f.name: f.default_factory().__class__ for f in dataclasses.fields(cfg_cls)}  # type: ignore[misc]
+
+
+def to_dict(cfg: Any, redact: bool = True) -> dict:
+    """Nested plain dict of a config; secrets are dropped."""
+    out = dataclasses.asdict(cfg)
+    if redact:
+        for sec in out.values():
+            if isinstance(sec, dict):
+                for key in SECRET_FIELDS & sec.keys():
+                    sec[key] = None
+    return out
+
+
+def nest(cfg_cls: type, values: dict) -> dict[str, dict]:
+    """``{section: {field: v}}`` from a nested or flat (``{field: v}``) dict, or a mix.
+
+    Unknown keys are rejected with the list of valid ones: a typo in a config file must not
+    be silently ignored.
+    """
+    secs = sections(cfg_cls)
+    owner = {f.name: s for s, c in secs.items() for f in dataclasses.fields(c)}
+    nested: dict[str, dict] = {s: {} for s in secs}
+    for key, value in values.items():
+        if key in secs and isinstance(value, dict):
+            for k, v in value.items():
+                if owner.get(k) != key:
+                    raise ConfigError(f"Unknown setting '{key}.{k}' in the config.")
+                nested[key][k] = v
+        elif key in owner:
+            nested[owner[key]][key] = value
+        else:
+            raise ConfigError(f"Unknown setting '{key}'. Valid settings: {', '.join(sorted(owner))}.")
+    return nested
+
+
+def from_dict(cfg_cls: type, values: dict) -> Any:
+    """Build a run config from a nested or flat dict (see ``nest``)."""
+    secs = sections(cfg_cls)
+    nested = nest(cfg_cls, values)
+    try:
+        built = {s: secs[s](**nested[s]) for s in secs}
+    except TypeError as e:  # pragma: no cover - guarded by the key check above
+        raise ConfigError(str(e)) from None
+    return cfg_cls(**built)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Nested dict ``base`` updated with ``override`` (both as from ``to_dict``)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k].update(v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """Read a YAML, TOML or JSON config file into a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file {p} does not exist.")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif p.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"Config file {p}: use .yaml, .yml, .toml or .json.")
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"Config file {p} could not be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {p} must hold a mapping of settings.")
+    return data
+
+
+def save_resolved(cfg: Any, folder: str | os.PathLike, name: str = "difftune_config.json") -> Path:
+    """Write the fully resolved config (secrets removed) next to the run."""
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path

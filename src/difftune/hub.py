@@ -1,0 +1,34 @@
+"""Uploading a finished run to the Hugging Face Hub.
+
+The token is passed straight to huggingface_hub and never printed or written. A failed
+upload (offline, bad token) raises a clear error and leaves the output folder untouched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+
+class HubPushError(UserError):
+    pass
+
+
+def push_folder(folder: Path, repo_id: str | None, token: str | None, ignore: list[str] | None = None) -> str:
+    from huggingface_hub import HfApi
+
+    repo_id = repo_id or folder.resolve().name
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, ignore_patterns=ignore or [])
+    except Exception as e:  # network, auth, offline mode: all end the same way for the user
+        msg = str(e)
+        if token:
+            msg = msg.replace(token, "***")
+        raise HubPushError(
+            f"--push_to_hub to '{repo_id}' failed ({type(e).__name__}: {msg}). Everything is still in {folder}; "
+            f"upload it later with `huggingface-cli upload {repo_id} {folder}`."
+        ) from None
+    return str(getattr(info, "commit_url", info))

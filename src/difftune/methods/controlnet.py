@@ -1,0 +1,204 @@
+"""ControlNet (Zhang & Agrawala 2023, arXiv 2302.05543) as a method of the generic loop.
+
+Trainable: a copy of the UNet's encoder with zero-initialised output convolutions, in fp32
+master weights. Frozen, in the weight dtype: VAE, text encoder, UNet. The loss is the base
+model's own denoising objective with the ControlNet's residuals added to the UNet's skip
+connections.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ControlNetConfig
+from ..data import ControlNetExamples, collate_examples, load_table, resolve_columns, select_samples
+from ..errors import ConfigError
+from ..models import BaseModel, load_base_model, load_controlnet
+from ..noising import DiffusionObjective, encode_prompt, latent_moments, sample_latents, tokenize, drop_captions
+from ..pipelines import controlnet_pipeline, run_controlnet_pipeline
+from ..surgery import controlnet_from_unet, count_parameters
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
+    return WEIGHT_DTYPES.get(mixed_precision or "no", torch.float32)
+
+
+class ControlNetMethod:
+    name = "controlnet"
+
+    def __init__(self, cfg: ControlNetConfig, base: BaseModel | None = None):
+        self.cfg = cfg
+        m = cfg.model
+        self.base = base or load_base_model(
+            m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir
+        )
+        if m.controlnet_model_name_or_path:
+            self.controlnet = load_controlnet(m.controlnet_model_name_or_path, cache_dir=m.cache_dir).to(torch.float32)
+        else:
+            self.controlnet = controlnet_from_unet(self.base.unet)
+        self.controlnet.requires_grad_(True)
+        self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma)
+        vae_cfg = self.base.vae.config
+        self.vae_scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        self.latent_channels = int(vae_cfg.latent_channels)
+        self.scaling_factor = float(vae_cfg.scaling_factor)
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32
+        self.trained = self.controlnet  # the (possibly DDP-wrapped) module used in forward
+        self._accelerator = None
+
+    # ---------------------------------------------------------------- plumbing for the loop
+    def setup(self, accelerator: Any) -> list[torch.nn.Module]:
+        self._accelerator = accelerator
+        self.device = accelerator.device
+        self.weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+        for module in self.base.frozen_modules():
+            module.to(self.device)
+            if self.weight_dtype != torch.float32:
+                module.to(dtype=self.weight_dtype)
+        self.controlnet.to(self.device)
+        t = self.cfg.train
+        if t.gradient_checkpointing:
+            self.controlnet.enable_gradient_checkpointing()
+            self.base.unet.enable_gradient_checkpointing()
+        if t.enable_xformers_memory_efficient_attention:
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "--enable_xformers_memory_efficient_attention needs xformers: pip install 'difftune[xformers]'. "
+                    "PyTorch's scaled-dot-product attention is already used without it."
+                ) from None
+            self.base.unet.enable_xformers_memory_efficient_attention()
+            self.controlnet.enable_xformers_memory_efficient_attention()
+        self.controlnet.train()
+        return [self.controlnet]
+
+    def bind(self, prepared: list[torch.nn.Module]) -> None:
+        self.trained = prepared[0]
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.controlnet.parameters() if p.requires_grad]}]
+
+    def train_dataset(self):
+        d = self.cfg.data
+        table = load_table(
+            dataset_name=d.dataset_name,
+            dataset_config_name=d.dataset_config_name,
+            train_data_dir=d.train_data_dir,
+            cache_dir=self.cfg.model.cache_dir,
+            streaming=d.streaming,
+        )
+        table = select_samples(table, d.max_train_samples, self.cfg.train.seed or 0)
+        columns = resolve_columns(
+            table.column_names, d.image_column, d.conditioning_image_column, d.caption_column
+        )
+        return ControlNetExamples(table, *columns, resolution=d.resolution)
+
+    def collate(self, items: list) -> dict:
+        return collate_examples(items)
+
+    # ---------------------------------------------------------------- the objective
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        pixels = batch["pixel_values"].to(self.device, self.weight_dtype)
+        n, _, h, w = pixels.shape
+        draws = self.objective.draw(generator, n, (self.latent_channels, h // self.vae_scale, w // self.vae_scale))
+        mean, std = latent_moments(self.base.vae, pixels)
+        latents = sample_latents(mean, std, draws.latent_eps, self.scaling_factor)
+        captions = drop_captions(batch["captions"], self.cfg.data.proportion_empty_prompts, draws.uniform)
+        prompt_embeds = encode_prompt(self.base.text_encoder, tokenize(self.base.tokenizer, captions).to(self.device))
+        noise = draws.noise.to(self.device, latents.dtype)
+        timesteps = draws.timesteps.to(self.device)
+        noisy = self.objective.add_noise(latents, noise, timesteps)
+        down, mid = self.trained(
+            noisy,
+            timesteps,
+            encoder_hidden_states=prompt_embeds,
+            controlnet_cond=batch["conditioning_pixel_values"].to(self.device),
+            return_dict=False,
+        )
+        pred = self.base.unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=prompt_embeds,
+            down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
+            mid_block_additional_residual=mid.to(self.weight_dtype),
+            return_dict=False,
+        )[0]
+        return self.objective.loss(pred, self.objective.target(latents, noise, timesteps), timesteps)
+
+    # ---------------------------------------------------------------- state and outputs
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.controlnet.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.controlnet.load_state_dict(tensors, strict=True)
+
+    def export(self, output_dir: Path) -> list[Path]:
+        """``config.json`` + ``diffusion_pytorch_model.safetensors`` in ``output_dir``.
+
+        Saved into a temporary folder first, then each file moved into place atomically.
+        """
+        output_dir = Path(output_dir)
+        tmp = output_dir / f".export.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.controlnet.save_pretrained(tmp, safe_serialization=True)
+        written = []
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, output_dir / f.name)
+            written.append(output_dir / f.name)
+        tmp.rmdir()
+        return written
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], images: list, num_images: int, seed: int, steps: int) -> list[list]:
+        was_training = self.controlnet.training
+        self.controlnet.eval()
+        try:
+            pipe = controlnet_pipeline(self.base, self.controlnet)
+            ctx = self._accelerator.autocast() if self._accelerator else torch.autocast("cpu", enabled=False)
+            with ctx:
+                return run_controlnet_pipeline(
+                    pipe, prompts, images, num_images, seed, steps, self.cfg.data.resolution
+                )
+        finally:
+            self.controlnet.train(was_training)
+
+    def model_card(self, output_dir: Path, summary: dict) -> str:
+        c = self.cfg
+        data = c.data.train_data_dir or c.data.dataset_name
+        grid = summary.get("validation_grid")
+        lines = [
+            "---",
+            f"base_model: {c.model.pretrained_model_name_or_path}",
+            "library_name: diffusers",
+            "tags: [controlnet, stable-diffusion, difftune]",
+            "---",
+            "",
+            "# ControlNet trained with difftune",
+            "",
+            f"- Base model: `{c.model.pretrained_model_name_or_path}`",
+            f"- Data: `{data}` at {c.data.resolution} px",
+            f"- Optimizer steps: {summary.get('global_step')} (batch {c.train.train_batch_size} x "
+            f"accumulation {c.train.gradient_accumulation_steps}), learning rate {c.optim.learning_rate}",
+            f"- Final loss: {summary.get('final_loss'):.4f}" if summary.get("final_loss") is not None else "",
+            f"- Trainable parameters: {count_parameters(self.controlnet):,}",
+            "",
+            "```python",
+            "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler",
+            f'controlnet = ControlNetModel.from_pretrained("{output_dir}")',
+            "pipe = StableDiffusionControlNetPipeline.from_pretrained(",
+            f'    "{c.model.pretrained_model_name_or_path}", controlnet=controlnet, safety_checker=None)',
+            "pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)",
+            "```",
+        ]
+        if grid:
+            lines += ["", f"![validation samples]({Path(grid).relative_to(output_dir)})"]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,40 @@
+"""Named starting points for a run, as plain functions returning settings.
+
+A recipe returns nested settings ({section: {field: value}}); flags and config files
+override them (``difftune train controlnet --recipe NAME ...``).
+"""
+
+from __future__ import annotations
+
+
+def controlnet_fill50k() -> dict:
+    """The diffusers ControlNet tutorial run on fill50k at 512 px (SD 1.5 base)."""
+    return {
+        "data": {"resolution": 512},
+        "optim": {"learning_rate": 1e-5},
+        "train": {"train_batch_size": 4, "mixed_precision": "bf16", "checkpointing_steps": 500},
+        "validation": {"validation_steps": 500},
+    }
+
+
+def controlnet_tiny_demo() -> dict:
+    """The offline demo: the tiny 64 px model on fill50k, a few minutes on a laptop CPU."""
+    return {
+        "data": {"resolution": 64},
+        "optim": {"learning_rate": 1e-3, "lr_warmup_steps": 20, "lr_scheduler": "constant_with_warmup"},
+        "train": {"train_batch_size": 16, "max_train_steps": 300, "checkpointing_steps": 100,
+                  "checkpoints_total_limit": 2, "seed": 0},
+        "validation": {"validation_steps": 100, "num_validation_images": 2, "num_validation_inference_steps": 20},
+    }
+
+
+def debug() -> dict:
+    """Smallest possible run to check a set-up end to end: 4 steps, checkpoint every 2."""
+    return {
+        "train": {"train_batch_size": 2, "max_train_steps": 4, "checkpointing_steps": 2, "seed": 0},
+        "optim": {"lr_warmup_steps": 0},
+        "validation": {"validation_steps": 2, "num_validation_images": 1, "num_validation_inference_steps": 2},
+    }
+
+
+RECIPES = {"controlnet_fill50k": controlnet_fill50k, "controlnet_tiny_demo": controlnet_tiny_demo, "debug": debug}

@@ -1,0 +1,84 @@
+"""Experiment trackers behind one narrow interface: ``log_scalars`` and ``log_images``.
+
+``metrics.jsonl`` in the output folder is always written (one JSON object per log call), so
+a run can be read back with nothing installed. TensorBoard and Weights & Biases come through
+accelerate's trackers (``--report_to``); the per-tracker image calls live here, not in the
+methods.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+_PACKAGES = {"tensorboard": ("tensorboard", "difftune[tensorboard]"), "wandb": ("wandb", "difftune[wandb]")}
+
+
+def requested_trackers(report_to: str) -> list[str]:
+    """Tracker names for ``--report_to``; a clear error if one is not installed."""
+    if report_to == "none":
+        return []
+    names = list(_PACKAGES) if report_to == "all" else [report_to]
+    available = [n for n in names if importlib.util.find_spec(_PACKAGES[n][0]) is not None]
+    if report_to != "all":
+        for n in names:
+            if n not in available:
+                raise ConfigError(f"--report_to {n}: the '{_PACKAGES[n][0]}' package is not installed; "
+                                  f"pip install '{_PACKAGES[n][1]}' or use --report_to none.")
+    return available
+
+
+def flat_hparams(config: dict) -> dict:
+    """Scalars-only flat view of a nested config (what TensorBoard's hparams accept)."""
+    out = {}
+    for section, values in config.items():
+        for key, value in (values.items() if isinstance(values, dict) else [(section, values)]):
+            if isinstance(value, (list, tuple)):
+                value = ", ".join(map(str, value))
+            out[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+class Trackers:
+    """Logs to metrics.jsonl plus the accelerate trackers that were initialised."""
+
+    def __init__(self, accelerator: Any, output_dir: Path, names: list[str], project: str, config: dict):
+        self.accelerator = accelerator
+        self.names = names
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if names:
+            accelerator.init_trackers(project, config=flat_hparams(config))
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        if self.names:
+            self.accelerator.log(values, step=step)
+
+    def log_images(self, tag: str, images: list, captions: list[str], step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        for name in self.names:
+            tracker = self.accelerator.get_tracker(name, unwrap=True)
+            if name == "tensorboard":
+                stack = np.stack([np.asarray(im) for im in images])
+                tracker.add_images(tag, stack, step, dataformats="NHWC")
+            elif name == "wandb":
+                import wandb
+
+                tracker.log({tag: [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+
+    def close(self) -> None:
+        if self.names:
+            self.accelerator.end_training()

@@ -1,0 +1,251 @@
+"""The one generic training loop: accumulate, clip, step, schedule, log, checkpoint, validate.
+
+It knows nothing about ControlNet or Custom Diffusion: a ``Method`` (``methods/base.py``)
+supplies the trainable modules, the data set and the loss. Determinism is by construction:
+the data order is a per-epoch permutation seeded by (seed, epoch), every random draw of the
+objective comes from one explicit generator saved in checkpoints, and the data position is
+counted in micro-batches, so a resumed run continues exactly where the killed one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from . import checkpoint as ckpt
+from .config import OptimConfig, TrainConfig, ValidationConfig, save_resolved, to_dict
+from .errors import UserError
+from .optim import build_lr_scheduler, build_optimizer, effective_learning_rate
+from .trackers import Trackers, requested_trackers
+from .validation import Validator
+
+log = logging.getLogger("difftune")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite under ``--nan_policy stop``."""
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation of the data set each epoch, a pure function of (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_accelerator(cfg: TrainConfig, trackers: list[str]):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(cfg.output_dir)
+    kwargs: dict[str, Any] = dict(
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
+    )
+    if cfg.mixed_precision is not None:
+        kwargs["mixed_precision"] = cfg.mixed_precision
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as e:  # e.g. fp16 requested on a machine without a GPU
+        raise UserError(f"--mixed_precision {cfg.mixed_precision}: {e}") from None
+
+
+class Trainer:
+    def __init__(self, method: Any, run_config: Any):
+        self.method = method
+        self.run_config = run_config
+        self.cfg: TrainConfig = run_config.train
+        self.optim_cfg: OptimConfig = run_config.optim
+        self.val_cfg: ValidationConfig = run_config.validation
+        self.out = Path(self.cfg.output_dir)
+
+    # ------------------------------------------------------------------ set-up
+    def _data(self, accelerator, seed: int):
+        dataset = self.method.train_dataset()
+        self.sampler = EpochSampler(len(dataset), seed)
+        workers = self.run_config.data.dataloader_num_workers
+        loader = DataLoader(
+            dataset,
+            batch_size=self.cfg.train_batch_size,
+            sampler=self.sampler,
+            collate_fn=self.method.collate,
+            num_workers=workers,
+            pin_memory=accelerator.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+        return loader
+
+    def _micro_batches(self, accelerator, loader, start: int):
+        """Endless micro-batch stream over epochs, starting ``start`` micro-batches in."""
+        per_epoch = len(loader)
+        epoch, skip = divmod(start, per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            it = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in it:
+                yield batch
+            epoch, skip = epoch + 1, 0
+
+    # ------------------------------------------------------------------ run
+    def fit(self) -> dict:
+        cfg = self.cfg
+        tracker_names = requested_trackers(cfg.report_to)
+        accelerator = make_accelerator(cfg, tracker_names)
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        root = self.out / "checkpoints"
+        resume_from = ckpt.resolve_resume(root, cfg.resume_from_checkpoint)
+        resumed = ckpt.load_checkpoint(resume_from) if resume_from else None
+        seed = resumed["state"].seed if resumed else int(cfg.seed)
+        torch.manual_seed(seed)
+        if accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_partial(root)
+            save_resolved(self.run_config, self.out)
+
+        modules = self.method.setup(accelerator)
+        loader = self._data(accelerator, seed)
+        lr = effective_learning_rate(
+            self.optim_cfg, cfg.train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes
+        )
+        optimizer = build_optimizer(self.method.param_groups(), self.optim_cfg, lr, accelerator.device.type)
+        *prepared, optimizer, loader = accelerator.prepare(*modules, optimizer, loader)
+        self.method.bind(prepared)
+        steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+        max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+        lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, max_steps)
+        generator = torch.Generator().manual_seed(seed + 7919 * accelerator.process_index)
+
+        state = ckpt.TrainState(seed=seed)
+        if resumed:
+            self.method.load_state_tensors(resumed["weights"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            lr_scheduler.load_state_dict(resumed["scheduler"])
+            ckpt.restore_rng(resumed["rng"], generator)
+            state = resumed["state"]
+            log.info("resumed from %s at step %d", resume_from, state.global_step)
+
+        trackers = Trackers(accelerator, self.out, tracker_names, cfg.tracker_project_name, to_dict(self.run_config))
+        validator = Validator(self.val_cfg, self.method, self.out, trackers, seed)
+        summary = self._loop(accelerator, prepared, optimizer, lr_scheduler, loader, generator, state, max_steps,
+                             trackers, validator, root)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            summary["validation_grid"] = str(validator.run(state.global_step) or "") or None
+            summary["exported"] = [str(p) for p in self.method.export(self.out)]
+            (self.out / "README.md").write_text(self.method.model_card(self.out, summary), encoding="utf-8")
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        trackers.close()
+        return summary
+
+    def _loop(self, accelerator, modules, optimizer, lr_scheduler, loader, generator, state, max_steps,
+              trackers, validator, root) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        accum = cfg.gradient_accumulation_steps
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        stream = self._micro_batches(accelerator, loader, state.micro_batches)
+        bar = tqdm(total=max_steps, initial=state.global_step, desc="train", unit="step",
+                   disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+        t_start, images_seen, last_loss = time.perf_counter(), 0, float("nan")
+        while state.global_step < max_steps:
+            loss_sum = torch.zeros((), device=accelerator.device)
+            step_images = 0
+            for micro in range(accum):
+                batch = next(stream)
+                state.micro_batches += 1
+                state.skipped_samples += int(batch.get("n_skipped", 0))
+                if batch.get("empty"):
+                    continue
+                sync = micro == accum - 1
+                with contextlib.ExitStack() as stack:
+                    if not sync:
+                        for m in modules:
+                            stack.enter_context(accelerator.no_sync(m))
+                    with accelerator.autocast():
+                        loss = self.method.loss(batch, generator)
+                    accelerator.backward(loss / accum)
+                loss_sum += loss.detach().float()
+                step_images += int(batch["pixel_values"].shape[0])
+            finite = bool(torch.isfinite(accelerator.reduce(loss_sum, reduction="sum")).item())
+            if finite:
+                if self.optim_cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, self.optim_cfg.max_grad_norm)
+                optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+            elif cfg.nan_policy == "stop":
+                last = ckpt.list_checkpoints(root)
+                raise TrainingDiverged(
+                    f"The loss is {loss_sum.item()} at step {state.global_step + 1}. Nothing more was trained; "
+                    f"the last checkpoint is {last[-1] if last else 'none'}. Try a lower --learning_rate, "
+                    "--mixed_precision bf16 instead of fp16, or --nan_policy skip to skip such steps."
+                )
+            else:
+                state.nonfinite_steps += 1
+            optimizer.zero_grad(set_to_none=self.optim_cfg.set_grads_to_none)
+            state.global_step += 1
+            images_seen += step_images * accelerator.num_processes
+            last_loss = loss_sum.item() / accum
+            elapsed = time.perf_counter() - t_start
+            scalars = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_seen / elapsed}
+            if state.skipped_samples:
+                scalars["skipped_samples"] = state.skipped_samples
+            if state.nonfinite_steps:
+                scalars["nonfinite_steps"] = state.nonfinite_steps
+            trackers.log_scalars(scalars, state.global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{scalars['images_per_s']:.1f}")
+            if state.global_step % cfg.checkpointing_steps == 0 or state.global_step == max_steps:
+                self._save(accelerator, optimizer, lr_scheduler, generator, state, root)
+            if validator.should_run(state.global_step) and state.global_step != max_steps:
+                if accelerator.is_main_process:
+                    validator.run(state.global_step)
+        bar.close()
+        summary = {
+            "global_step": state.global_step,
+            "final_loss": last_loss,
+            "seconds": round(time.perf_counter() - t_start, 3),
+            "images_per_s_this_session": images_seen / max(time.perf_counter() - t_start, 1e-9),
+            "skipped_samples": state.skipped_samples,
+            "nonfinite_steps": state.nonfinite_steps,
+            "seed": state.seed,
+        }
+        if torch.cuda.is_available():
+            summary["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return summary
+
+    def _save(self, accelerator, optimizer, lr_scheduler, generator, state, root) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            ckpt.save_checkpoint(
+                root,
+                state,
+                self.method.state_tensors(),
+                optimizer.state_dict(),
+                lr_scheduler.state_dict(),
+                generator,
+                self.cfg.checkpoints_total_limit,
+            )
+        accelerator.wait_for_everyone()

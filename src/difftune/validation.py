@@ -1,0 +1,70 @@
+"""Periodic validation: sample with the current weights, save a grid, log it.
+
+The loop asks only ``should_run(step)`` and ``run(step)``; what sampling means is the
+method's business (``Method.sample``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .config import ValidationConfig
+from .errors import ConfigError
+
+
+def image_grid(rows: list[list[Image.Image]], pad: int = 2, background=(255, 255, 255)) -> Image.Image:
+    """Tile rows of images (each row may differ in length) into one picture."""
+    w = max(im.width for row in rows for im in row)
+    h = max(im.height for row in rows for im in row)
+    cols = max(len(row) for row in rows)
+    grid = Image.new("RGB", (cols * (w + pad) + pad, len(rows) * (h + pad) + pad), background)
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
+
+
+def load_validation_images(cfg: ValidationConfig) -> list[tuple[str, Image.Image]]:
+    """Read the (prompt, conditioning image) pairs up front: a missing file fails before training."""
+    pairs = []
+    for prompt, path in cfg.pairs():
+        if not Path(path).is_file():
+            raise ConfigError(f"--validation_image {path} does not exist.")
+        try:
+            with Image.open(path) as im:
+                pairs.append((prompt, im.convert("RGB")))
+        except OSError as e:
+            raise ConfigError(f"--validation_image {path} is not a readable image: {e}") from None
+    return pairs
+
+
+class Validator:
+    def __init__(self, cfg: ValidationConfig, method: Any, output_dir: Path, trackers: Any, seed: int):
+        self.cfg = cfg
+        self.method = method
+        self.folder = Path(output_dir) / "validation"
+        self.trackers = trackers
+        self.seed = seed
+        self.pairs = load_validation_images(cfg) if cfg.validation_prompt else []
+
+    def should_run(self, step: int) -> bool:
+        return bool(self.pairs) and step % self.cfg.validation_steps == 0
+
+    def run(self, step: int) -> Path | None:
+        if not self.pairs:
+            return None
+        prompts = [p for p, _ in self.pairs]
+        conditions = [im for _, im in self.pairs]
+        samples = self.method.sample(
+            prompts, conditions, self.cfg.num_validation_images, self.seed, self.cfg.num_validation_inference_steps
+        )
+        rows = [[cond.resize(imgs[0].size), *imgs] for cond, imgs in zip(conditions, samples)]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"step-{step:07d}.png"
+        image_grid(rows).save(path)
+        for i, (prompt, imgs) in enumerate(zip(prompts, samples)):
+            self.trackers.log_images(f"validation/{i}", imgs, [prompt] * len(imgs), step)
+        return path
