@@ -99,8 +99,12 @@ class Trainer:
         per_epoch = len(loader)
         epoch, skip = divmod(start, per_epoch)
         while True:
-            self.sampler.set_epoch(epoch)
             it = accelerator.skip_first_batches(loader, skip) if skip else loader
+            # accelerate's loaders count their own epochs and push them into the sampler on
+            # every iteration: tell the loader, or it would replay epoch 0's order.
+            if hasattr(it, "set_epoch"):
+                it.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)
             for batch in it:
                 yield batch
             epoch, skip = epoch + 1, 0

@@ -42,7 +42,10 @@ class ControlNetMethod:
         if m.controlnet_model_name_or_path:
             self.controlnet = load_controlnet(m.controlnet_model_name_or_path, cache_dir=m.cache_dir).to(torch.float32)
         else:
-            self.controlnet = controlnet_from_unet(self.base.unet)
+            # the conditioning embedding is randomly initialised: same seed, same ControlNet
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed or 0)
+                self.controlnet = controlnet_from_unet(self.base.unet)
         self.controlnet.requires_grad_(True)
         self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma)
         vae_cfg = self.base.vae.config

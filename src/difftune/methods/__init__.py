@@ -1,0 +1,1 @@
+"""Training methods that plug into the generic loop (see ``base.Method``)."""

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny SD model and a tiny fill50k, built once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from difftune.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def fill_dir(tmp_path_factory):
+    from difftune.data import write_fill50k
+
+    out = tmp_path_factory.mktemp("data") / "fill"
+    write_fill50k(out, n=48, resolution=64, seed=0, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_model_dir):
+    from difftune.models import load_base_model
+
+    return load_base_model(str(tiny_model_dir))
+
+
+def make_config(model_dir, data_dir, out_dir, **overrides):
+    """A small ControlNet config; overrides are flat flag names."""
+    from difftune.config import ControlNetConfig, from_dict
+
+    values = dict(
+        pretrained_model_name_or_path=str(model_dir),
+        train_data_dir=str(data_dir),
+        output_dir=str(out_dir),
+        resolution=64,
+        train_batch_size=4,
+        max_train_steps=4,
+        checkpointing_steps=100,
+        learning_rate=1e-3,
+        lr_warmup_steps=0,
+        seed=0,
+    )
+    values.update(overrides)
+    return from_dict(ControlNetConfig, values)

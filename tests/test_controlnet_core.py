@@ -1,0 +1,76 @@
+"""The ControlNet method and the objective: the properties that make training correct."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import make_config
+from difftune.noising import DiffusionObjective, draw_per_sample
+from difftune.surgery import controlnet_from_unet
+
+
+def _inputs(base, seed=0, n=2):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, 4, 8, 8, generator=g)
+    ids = base.tokenizer(["red circle with blue background"] * n, padding="max_length",
+                         max_length=base.tokenizer.model_max_length, return_tensors="pt").input_ids
+    ehs = base.text_encoder(ids)[0]
+    cond = torch.rand(n, 3, 64, 64, generator=g)
+    t = torch.tensor([10, 700][:n])
+    return latents, ehs, cond, t
+
+
+@torch.no_grad()
+def test_zero_initialised_controlnet_leaves_unet_output_unchanged(tiny_base):
+    unet = tiny_base.unet
+    controlnet = controlnet_from_unet(unet)
+    latents, ehs, cond, t = _inputs(tiny_base)
+    plain = unet(latents, t, encoder_hidden_states=ehs).sample
+    down, mid = controlnet(latents, t, encoder_hidden_states=ehs, controlnet_cond=cond, return_dict=False)
+    assert all(torch.count_nonzero(r) == 0 for r in down) and torch.count_nonzero(mid) == 0
+    joined = unet(latents, t, encoder_hidden_states=ehs, down_block_additional_residuals=down,
+                  mid_block_additional_residual=mid).sample
+    assert torch.equal(plain, joined)
+    # the copy really is the UNet's encoder
+    assert torch.equal(controlnet.conv_in.weight, unet.conv_in.weight)
+
+
+def test_backward_touches_only_controlnet_parameters(tiny_model_dir, fill_dir, tmp_path):
+    from difftune.methods.controlnet import ControlNetMethod
+
+    method = ControlNetMethod(make_config(tiny_model_dir, fill_dir, tmp_path))
+    batch = method.collate([method.train_dataset()[i] for i in range(2)])
+    loss = method.loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    frozen = [p for m in method.base.frozen_modules() for p in m.parameters()]
+    assert all(p.grad is None for p in frozen)
+    assert all(not p.requires_grad for p in frozen)
+    grads = [p.grad for p in method.controlnet.parameters()]
+    assert all(g is not None for g in grads)
+    # the zero convolutions receive gradient first: that is how the ControlNet starts learning
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_per_sample_draws_do_not_depend_on_batch_split():
+    a = draw_per_sample(torch.Generator().manual_seed(3), 4, (4, 8, 8), 1000)
+    g = torch.Generator().manual_seed(3)
+    b1, b2 = draw_per_sample(g, 2, (4, 8, 8), 1000), draw_per_sample(g, 2, (4, 8, 8), 1000)
+    for name in ("latent_eps", "noise", "timesteps", "uniform"):
+        assert torch.equal(getattr(a, name), torch.cat([getattr(b1, name), getattr(b2, name)]))
+
+
+def test_min_snr_weights_and_v_target(tiny_base):
+    sched = tiny_base.noise_scheduler
+    t = torch.tensor([0, 100, 500, 999])
+    eps = DiffusionObjective(sched, "epsilon", snr_gamma=5.0)
+    v = DiffusionObjective(sched, "v_prediction", snr_gamma=5.0)
+    a = sched.alphas_cumprod[t]
+    snr = a / (1 - a)
+    torch.testing.assert_close(eps.weights(t), torch.minimum(snr, torch.tensor(5.0)) / snr)
+    torch.testing.assert_close(v.weights(t), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+    assert eps.weights(t)[0] < 1 and eps.weights(t)[-1] == 1  # low noise is down-weighted, high noise kept
+    assert DiffusionObjective(sched).weights(t) is None
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    expected = a.sqrt().view(-1, 1, 1, 1) * noise - (1 - a).sqrt().view(-1, 1, 1, 1) * x0
+    torch.testing.assert_close(v.target(x0, noise, t), expected)
+    assert eps.target(x0, noise, t) is noise

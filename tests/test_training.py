@@ -1,0 +1,149 @@
+"""End-to-end training through the entry function: learning, accumulation, resume, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_config
+from difftune import checkpoint as ckpt
+from difftune.api import train_controlnet
+
+
+def _weights(out_dir):
+    return load_file(str(out_dir / "diffusion_pytorch_model.safetensors"))
+
+
+def _max_diff(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_training_reduces_loss_on_fixed_batch(tiny_model_dir, fill_dir, tmp_path):
+    from difftune.methods.controlnet import ControlNetMethod
+
+    cfg = make_config(tiny_model_dir, fill_dir, tmp_path / "run", max_train_steps=30, learning_rate=2e-3)
+    probe = ControlNetMethod(cfg)
+    batch = probe.collate([probe.train_dataset()[i] for i in range(16)])
+
+    @torch.no_grad()
+    def fixed_loss(m):
+        return float(m.loss(batch, torch.Generator().manual_seed(123)))
+
+    before = fixed_loss(probe)
+    summary = train_controlnet(cfg)
+    assert summary["global_step"] == 30
+    probe.controlnet.load_state_dict(_weights(tmp_path / "run"))
+    after = fixed_loss(probe)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_accumulation_2x2_equals_batch_4(tiny_model_dir, fill_dir, tmp_path):
+    common = dict(max_train_steps=2, max_grad_norm=0.0)
+    train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "b4", train_batch_size=4, **common))
+    train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "b2x2", train_batch_size=2,
+                                 gradient_accumulation_steps=2, **common))
+    assert _max_diff(_weights(tmp_path / "b4"), _weights(tmp_path / "b2x2")) < 1e-5
+
+
+def test_resume_equals_uninterrupted(tiny_model_dir, fill_dir, tmp_path, monkeypatch):
+    # 48 samples / batch 4 = 12 steps per epoch: 14 steps cross an epoch boundary
+    kw = dict(max_train_steps=14, checkpointing_steps=5, lr_scheduler="cosine", lr_warmup_steps=3,
+              proportion_empty_prompts=0.5)
+    train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "full", **kw))
+    part = tmp_path / "part"
+    real = ckpt.save_checkpoint
+
+    def save_then_die(*args, **kwargs):  # the process is killed right after checkpoint-5 lands
+        path = real(*args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, part, **kw))
+    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    assert [p.name for p in ckpt.list_checkpoints(part / "checkpoints")] == ["checkpoint-5"]
+    # a different --seed on the command line must not change a resumed run's data order
+    summary = train_controlnet(make_config(tiny_model_dir, fill_dir, part, seed=99,
+                                           resume_from_checkpoint="latest", **kw))
+    assert summary["global_step"] == 14
+    assert _max_diff(_weights(tmp_path / "full"), _weights(part)) == 0.0
+
+
+def test_checkpoint_limit_keeps_newest(tiny_model_dir, fill_dir, tmp_path):
+    out = tmp_path / "run"
+    train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=6, checkpointing_steps=1,
+                                 checkpoints_total_limit=2, train_batch_size=2))
+    names = [p.name for p in ckpt.list_checkpoints(out / "checkpoints")]
+    assert names == ["checkpoint-5", "checkpoint-6"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-6"
+
+
+def test_kill_during_checkpoint_save_keeps_previous(tiny_model_dir, fill_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=2, checkpointing_steps=2))
+    calls = {"n": 0}
+    real = ckpt.save_file
+
+    def dying_save(tensors, path, *a, **k):  # dies after writing some files of the next checkpoint
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=4, checkpointing_steps=2,
+                                     resume_from_checkpoint="latest"))
+    monkeypatch.setattr(ckpt, "save_file", real)
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == "checkpoint-2"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["checkpoint-2"]
+    assert any(p.name.startswith(".checkpoint-4") for p in root.iterdir())  # the partial one is hidden
+    summary = train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=4, checkpointing_steps=2,
+                                           resume_from_checkpoint="latest"))
+    assert summary["global_step"] == 4
+    assert not any(p.name.startswith(".") for p in root.iterdir())
+
+
+def test_nan_loss_stops_with_step_or_is_skipped(tiny_model_dir, fill_dir, tmp_path):
+    from difftune.methods.controlnet import ControlNetMethod
+    from difftune.trainer import Trainer, TrainingDiverged
+
+    cfg = make_config(tiny_model_dir, fill_dir, tmp_path / "stop", max_train_steps=3)
+    method = ControlNetMethod(cfg)
+    with torch.no_grad():
+        method.controlnet.controlnet_mid_block.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="at step 1"):
+        Trainer(method, cfg).fit()
+
+    cfg = make_config(tiny_model_dir, fill_dir, tmp_path / "skip", max_train_steps=3, nan_policy="skip")
+    method = ControlNetMethod(cfg)
+    with torch.no_grad():
+        method.controlnet.controlnet_mid_block.weight.fill_(float("nan"))
+    summary = Trainer(method, cfg).fit()
+    assert summary["nonfinite_steps"] == 3
+
+
+def test_outputs_and_resolved_config(tiny_model_dir, fill_dir, tmp_path):
+    out = tmp_path / "run"
+    val = fill_dir / "validation"
+    cfg = make_config(tiny_model_dir, fill_dir, out, max_train_steps=2, hub_token="hf_SECRET_do_not_write",
+                      validation_image=[str(val / "conditioning_0.png"), str(val / "conditioning_1.png")],
+                      validation_prompt=["red circle with blue background"], validation_steps=1,
+                      num_validation_images=1, num_validation_inference_steps=2)
+    train_controlnet(cfg)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "README.md", "difftune_config.json",
+                 "metrics.jsonl", "train_summary.json", "validation/step-0000001.png", "validation/step-0000002.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "difftune_config.json").read_text())
+    assert saved["train"]["seed"] == 0 and saved["data"]["resolution"] == 64
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"hf_SECRET_do_not_write" not in path.read_bytes(), path
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+    assert "diffusion_pytorch_model.safetensors" in (out / "README.md").read_text() or "ControlNet" in (
+        out / "README.md").read_text()
