@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+torch.set_flush_denormal(True)
 
 
 @pytest.fixture(scope="session")

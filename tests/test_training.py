@@ -147,3 +147,31 @@ def test_outputs_and_resolved_config(tiny_model_dir, fill_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
     assert "diffusion_pytorch_model.safetensors" in (out / "README.md").read_text() or "ControlNet" in (
         out / "README.md").read_text()
+
+
+def test_streaming_trains_on_the_first_samples(tiny_model_dir, fill_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train_controlnet(make_config(tiny_model_dir, fill_dir, out, streaming=True, max_train_samples=8,
+                                           max_train_steps=3, train_batch_size=4))
+    assert summary["global_step"] == 3
+    assert (out / "stream-cache").is_dir()
+
+
+def test_corrupt_sample_is_skipped_and_counted(tiny_model_dir, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    rows = []
+    for i in range(8):
+        Image.new("RGB", (64, 64), (i * 30, 0, 0)).save(data / "img" / f"{i}.png")
+        Image.new("L", (64, 64), 0).save(data / "img" / f"c{i}.png")
+        rows.append({"image": f"img/{i}.png", "conditioning_image": f"img/c{i}.png", "text": f"red circle {i}"})
+    (data / "img" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = train_controlnet(make_config(tiny_model_dir, data, tmp_path / "run", max_train_steps=2,
+                                           train_batch_size=4))
+    assert summary["global_step"] == 2 and summary["skipped_samples"] == 1
+    shutil.rmtree(tmp_path / "run")

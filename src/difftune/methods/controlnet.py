@@ -17,6 +17,7 @@ import torch
 
 from ..config import ControlNetConfig
 from ..data import ControlNetExamples, collate_examples, load_table, resolve_columns, select_samples
+from ..data.materialize import materialize
 from ..errors import ConfigError
 from ..models import BaseModel, load_base_model, load_controlnet
 from ..noising import DiffusionObjective, encode_prompt, latent_moments, sample_latents, tokenize, drop_captions
@@ -100,6 +101,7 @@ class ControlNetMethod:
             streaming=d.streaming,
         )
         table = select_samples(table, d.max_train_samples, self.cfg.train.seed or 0)
+        table = materialize(table, Path(self.cfg.train.output_dir) / "stream-cache")
         columns = resolve_columns(
             table.column_names, d.image_column, d.conditioning_image_column, d.caption_column
         )

@@ -1,0 +1,154 @@
+"""The CLI's flag set, config files, recipes and every bad-input message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_config
+from difftune.cli import build_parser, main
+from difftune.config import ControlNetConfig, from_dict
+from difftune.errors import ConfigError, ModelLoadError, UserError
+
+# Locked: removing or renaming a flag breaks users' scripts. Add new flags here deliberately.
+TRAIN_CONTROLNET_FLAGS = sorted("""
+adam_beta1 adam_beta2 adam_epsilon adam_weight_decay allow_tf32 cache_dir caption_column checkpointing_steps
+checkpoints_total_limit conditioning_image_column config controlnet_model_name_or_path dataloader_num_workers
+dataset_config_name dataset_name enable_xformers_memory_efficient_attention gradient_accumulation_steps
+gradient_checkpointing hub_model_id hub_token image_column learning_rate logging_dir lr_num_cycles lr_power
+lr_scheduler lr_warmup_steps max_grad_norm max_train_samples max_train_steps mixed_precision nan_policy
+num_train_epochs num_validation_images num_validation_inference_steps output_dir prediction_type
+pretrained_model_name_or_path proportion_empty_prompts push_to_hub recipe report_to resolution
+resume_from_checkpoint revision scale_lr seed set_grads_to_none snr_gamma streaming tokenizer_name
+tracker_project_name train_batch_size train_data_dir use_8bit_adam validation_image validation_prompt
+validation_steps variant
+""".split())
+
+
+def _subparser(*path):
+    parser = build_parser()
+    for name in path:
+        action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        parser = action.choices[name]
+    return parser
+
+
+def test_train_controlnet_flag_set_is_locked():
+    flags = sorted(
+        opt[2:] for a in _subparser("train", "controlnet")._actions for opt in a.option_strings if opt.startswith("--")
+    )
+    flags.remove("help")
+    assert flags == TRAIN_CONTROLNET_FLAGS
+
+
+def test_flags_parse_into_typed_config():
+    from difftune.cli import config_from_args
+
+    args = _subparser("train", "controlnet").parse_args([
+        "--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--train_batch_size", "2",
+        "--learning_rate", "1e-5", "--validation_prompt", "a", "b", "--validation_image", "x.png",
+        "--gradient_checkpointing", "--snr_gamma", "5", "--mixed_precision", "bf16",
+    ])
+    cfg = config_from_args(ControlNetConfig, args)
+    assert cfg.train.train_batch_size == 2 and cfg.optim.learning_rate == 1e-5
+    assert cfg.validation.pairs() == [("a", "x.png"), ("b", "x.png")]
+    assert cfg.train.gradient_checkpointing and cfg.loss.snr_gamma == 5.0 and cfg.train.mixed_precision == "bf16"
+    assert cfg.train.checkpointing_steps == 500  # untouched defaults stay the diffusers ones
+
+
+def test_config_file_with_flag_override(tmp_path):
+    from difftune.cli import config_from_args
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("pretrained_model_name_or_path: m\ntrain_data_dir: d\ntrain:\n  train_batch_size: 8\n"
+                         "learning_rate: 0.001\n")
+    toml_file = tmp_path / "run.toml"
+    toml_file.write_text('pretrained_model_name_or_path = "m"\ntrain_data_dir = "d"\n[optim]\nlearning_rate = 0.5\n')
+    p = _subparser("train", "controlnet")
+    cfg = config_from_args(ControlNetConfig, p.parse_args(["--config", str(yaml_file), "--learning_rate", "0.01"]))
+    assert cfg.train.train_batch_size == 8 and cfg.optim.learning_rate == 0.01
+    cfg = config_from_args(ControlNetConfig, p.parse_args(["--config", str(toml_file), "--recipe", "debug"]),
+                           recipe={"train": {"max_train_steps": 4}})
+    assert cfg.optim.learning_rate == 0.5 and cfg.train.max_train_steps == 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match="Unknown setting 'learning_rat'"):
+        config_from_args(ControlNetConfig, p.parse_args(["--config", str(bad)]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(resolution=100), "--resolution 100 is not a positive multiple of 8"),
+    (dict(streaming=True), "--streaming needs --max_train_samples"),
+    (dict(proportion_empty_prompts=1.5), "--proportion_empty_prompts must be in"),
+    (dict(validation_prompt=["a"]), "--validation_prompt and --validation_image go together"),
+    (dict(validation_prompt=["a", "b"], validation_image=["1", "2", "3"]), "give one of either"),
+    (dict(train_data_dir=None), "No training data"),
+    (dict(pretrained_model_name_or_path=None), "No base model"),
+    (dict(dataset_name="x/y"), "either --dataset_name or --train_data_dir"),
+    (dict(report_to="mlflow"), "--report_to 'mlflow'"),
+    (dict(snr_gamma=-1.0), "--snr_gamma must be > 0"),
+    (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps must be >= 1"),
+])
+def test_bad_configs_are_rejected_with_the_flag_name(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        make_config("m", "d", tmp_path, **overrides)
+
+
+def test_missing_model_folder_and_offline_hub_id(tmp_path, fill_dir):
+    from difftune.models import load_base_model
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_base_model(str(tmp_path / "no-such-model"))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "unet").mkdir()
+    with pytest.raises(ModelLoadError, match="missing sub-folder"):
+        load_base_model(str(tmp_path / "half"))
+    with pytest.raises(ModelLoadError, match="could not be fetched from the Hugging Face Hub"):
+        load_base_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path, fill_dir, capsys):
+    code = main(["train", "controlnet", "--pretrained_model_name_or_path", str(tmp_path / "missing"),
+                 "--train_data_dir", str(fill_dir), "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_optional_packages_give_install_hints(tiny_model_dir, fill_dir, tmp_path):
+    import importlib.util
+
+    from difftune.api import train_controlnet
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ConfigError, match=r"pip install 'difftune\[bnb\]'"):
+            train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "a", use_8bit_adam=True))
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="tensorboard"):
+            train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "b", report_to="tensorboard"))
+    if importlib.util.find_spec("xformers") is None:
+        with pytest.raises(ConfigError, match="xformers"):
+            train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "c",
+                                         enable_xformers_memory_efficient_attention=True))
+
+
+def test_push_to_hub_offline_fails_clearly_and_keeps_outputs(tiny_model_dir, fill_dir, tmp_path):
+    from difftune.api import train_controlnet
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="--push_to_hub") as info:
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, push_to_hub=True,
+                                     hub_model_id="me/cn", hub_token="hf_TOPSECRET"))
+    assert "hf_TOPSECRET" not in str(info.value)
+    assert (out / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((out / "difftune_config.json").read_text())["train"]["hub_token"] is None
+
+
+def test_every_recipe_builds():
+    from difftune.recipes import RECIPES
+
+    for name, recipe in RECIPES.items():
+        values = recipe()
+        values.setdefault("model", {})["pretrained_model_name_or_path"] = "m"
+        values.setdefault("data", {})["train_data_dir"] = "d"
+        assert isinstance(from_dict(ControlNetConfig, values), ControlNetConfig), name

@@ -1,0 +1,337 @@
+"""Loading, transforming, checking and batching ControlNet data — offline, tiny, real files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difftune.data import (
+    ControlNetExamples,
+    ImageLoadError,
+    StreamingControlNetExamples,
+    check_dataset,
+    check_resolution,
+    collate_examples,
+    conditioning_to_tensor,
+    image_to_tensor,
+    load_image,
+    load_table,
+    resize_center_crop,
+    resolve_columns,
+    select_samples,
+    write_fill50k,
+)
+from difftune.errors import ConfigError, DataError
+
+datasets.disable_progress_bars()
+
+
+@pytest.fixture(scope="module")
+def fill_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "fill"
+    write_fill50k(out, n=6, resolution=16, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return str(tmp_path / "hf-cache")
+
+
+def _save(path, size=(16, 16), color=(200, 30, 30), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color if mode == "RGB" else 128).save(path)
+    return path
+
+
+def _metadata_folder(root, rows):
+    """A folder of images + metadata.jsonl whose image columns are relative paths."""
+    for row in rows:
+        for key in ("image", "conditioning_image"):
+            spec = row.pop(f"_{key}", {})
+            if spec is not None and not (root / row[key]).exists():
+                _save(root / row[key], **spec)
+    with open(root / "metadata.jsonl", "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return root
+
+
+# --- transforms ---------------------------------------------------------------------------
+
+
+def test_resize_center_crop_and_tensor_ranges():
+    wide = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8)[None, :, None] * 6, (20, 1, 3)))
+    square = resize_center_crop(wide, 16)
+    assert square.size == (16, 16)
+    same = Image.new("RGB", (16, 16))
+    assert resize_center_crop(same, 16) is same
+    assert resize_center_crop(Image.new("RGB", (8, 24)), 16).size == (16, 16)  # upscaled, tall
+    pixels, control = image_to_tensor(square), conditioning_to_tensor(square)
+    assert pixels.shape == control.shape == (3, 16, 16) and pixels.dtype == torch.float32
+    assert pixels.min() >= -1 and pixels.max() <= 1 and control.min() >= 0 and control.max() <= 1
+    assert torch.allclose(pixels, control * 2 - 1, atol=1e-6)
+    white = conditioning_to_tensor(Image.new("RGB", (8, 8), (255, 255, 255)))
+    assert torch.all(white == 1) and torch.all(image_to_tensor(Image.new("RGB", (8, 8))) == -1)
+
+
+@pytest.mark.parametrize("bad", [100, 0, -8, 12])
+def test_resolution_must_be_a_positive_multiple_of_8(bad):
+    with pytest.raises(ConfigError, match=f"--resolution {bad}"):
+        check_resolution(bad)
+    check_resolution(64)
+    with pytest.raises(ConfigError, match="not divisible by 8: .*96 or 104"):
+        check_resolution(100)
+
+
+def test_load_image_converts_every_mode_to_rgb(tmp_path):
+    gray = _save(tmp_path / "gray.png", size=(8, 8), mode="L")
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (8, 8), (10, 20, 30, 0)).save(rgba)
+    palette = tmp_path / "palette.gif"
+    Image.new("RGB", (8, 8), (0, 0, 255)).convert("P").save(palette)
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(deep)
+    for value in (str(gray), rgba.name, {"bytes": palette.read_bytes(), "path": None}, deep):
+        image = load_image(value, base_dir=str(tmp_path))
+        assert image.mode == "RGB" and np.asarray(image).shape == (8, 8, 3)
+    assert np.asarray(load_image(rgba, str(tmp_path)))[0, 0].tolist() == [10, 20, 30]  # alpha dropped
+    assert np.asarray(load_image(deep))[0, 0].tolist() == [255, 255, 255]  # 16-bit scaled, not clipped
+    assert np.asarray(load_image(np.zeros((4, 5), dtype=np.float32))).shape == (4, 5, 3)
+    assert np.asarray(load_image(np.full((4, 4, 4), 7, dtype=np.uint8)))[0, 0].tolist() == [7, 7, 7]
+
+
+def test_load_image_names_row_column_and_file(tmp_path):
+    broken = tmp_path / "broken.png"
+    good = io.BytesIO()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(good, format="PNG")
+    broken.write_bytes(good.getvalue()[:60])  # truncated
+    with pytest.raises(ImageLoadError) as info:
+        load_image("broken.png", base_dir=str(tmp_path), where="row 17, column 'conditioning_image'")
+    message = str(info.value)
+    assert isinstance(info.value, DataError)
+    assert "row 17, column 'conditioning_image'" in message and str(broken) in message
+    with pytest.raises(ImageLoadError, match="missing.png"):
+        load_image(str(tmp_path / "missing.png"))
+
+
+# --- load_table -------------------------------------------------------------------------------
+
+
+def test_load_fill50k_parquet_folder(fill_dir, cache):
+    table = load_table(train_data_dir=str(fill_dir), cache_dir=cache)
+    assert len(table.dataset) == 6 and table.base_dir == str(fill_dir)
+    assert isinstance(table.dataset.features["image"], datasets.Image)
+    assert table.dataset.features["image"].decode is False  # decoded per sample, later
+    assert resolve_columns(table.column_names) == ("image", "conditioning_image", "text")
+    single = load_table(train_data_dir=str(next((fill_dir / "train").glob("*.parquet"))), cache_dir=cache)
+    assert single.dataset["text"] == table.dataset["text"]
+    streamed = load_table(train_data_dir=str(fill_dir), streaming=True)
+    assert streamed.streaming and [row["text"] for row in streamed.dataset] == table.dataset["text"]
+
+
+def test_load_save_to_disk_folders(tmp_path):
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    features = datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")})
+    cell = {"bytes": png.getvalue(), "path": None}
+    dataset = datasets.Dataset.from_dict({"image": [cell] * 3, "conditioning_image": [cell] * 3, "text": ["a", "b", "c"]}, features=features)
+    dataset.save_to_disk(str(tmp_path / "flat"))
+    datasets.DatasetDict({"train": dataset, "test": dataset.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    assert load_table(train_data_dir=tmp_path / "flat").dataset["text"] == ["a", "b", "c"]
+    table = load_table(train_data_dir=tmp_path / "dict", split="test")
+    assert len(table.dataset) == 1 and table.dataset.features["image"].decode is False
+    with pytest.raises(DataError, match="no split 'validation'; it has: train, test"):
+        load_table(train_data_dir=tmp_path / "dict", split="validation")
+
+
+def test_load_metadata_jsonl_with_relative_paths(tmp_path, cache):
+    root = _metadata_folder(tmp_path / "pairs", [
+        {"image": "targets/0.png", "conditioning_image": "controls/0.png", "text": "a red square"},
+        {"image": "targets/1.png", "conditioning_image": "controls/1.png", "text": "another"},
+    ])
+    table = load_table(train_data_dir=root, cache_dir=cache)
+    assert table.dataset["image"] == ["targets/0.png", "targets/1.png"]  # strings kept as paths
+    examples = ControlNetExamples(table, *resolve_columns(table.column_names), resolution=8)
+    item = examples[0]
+    assert item["pixel_values"].shape == (3, 8, 8) and item["caption"] == "a red square"
+
+
+def test_load_imagefolder(tmp_path, cache):
+    root = tmp_path / "folder"
+    for k in range(2):
+        _save(root / f"{k}.png")
+        _save(root / "control" / f"{k}.png", color=(255, 255, 255))
+    with open(root / "metadata.jsonl", "w") as handle:
+        for k in range(2):
+            handle.write(json.dumps({"file_name": f"{k}.png", "conditioning_image_file_name": f"control/{k}.png", "caption": f"square {k}"}) + "\n")
+    table = load_table(train_data_dir=root, cache_dir=cache)
+    columns = resolve_columns(table.column_names)
+    assert columns == ("image", "conditioning_image", "caption")
+    assert len(table.dataset) == 2 and table.dataset.features["image"].decode is False
+    batch = collate_examples([ControlNetExamples(table, *columns, resolution=8)[k] for k in range(2)])
+    assert batch["conditioning_pixel_values"].min() == 1.0 and batch["captions"] == ["square 0", "square 1"]
+
+
+def test_load_table_errors_say_what_to_do(tmp_path, cache):
+    with pytest.raises(DataError, match="does not exist") as info:
+        load_table(train_data_dir=tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(info.value) and "metadata.jsonl" in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="nothing to load \\(it is empty\\).*parquet"):
+        load_table(train_data_dir=tmp_path / "empty")
+    _save(tmp_path / "pics" / "a.png")
+    with pytest.raises(DataError, match="found only .png files"):
+        load_table(train_data_dir=tmp_path / "pics")
+    with pytest.raises(ConfigError, match="exactly one of --dataset_name .* --train_data_dir.*both"):
+        load_table(dataset_name="fusing/fill50k", train_data_dir=tmp_path)
+    with pytest.raises(ConfigError, match="neither"):
+        load_table()
+    with pytest.raises(DataError) as info:
+        load_table(dataset_name="fusing/fill50k", cache_dir=cache)
+    assert "'fusing/fill50k'" in str(info.value) and "offline?" in str(info.value)
+    assert "--train_data_dir" in str(info.value) and "difftune data fill50k --out DIR" in str(info.value)
+
+
+# --- columns and sample selection -------------------------------------------------------------
+
+
+def test_resolve_columns():
+    assert resolve_columns(["target", "prompt", "source"]) == ("target", "source", "prompt")  # diffusers order
+    fill = ["circle_cx", "image", "conditioning_image", "text", "circle_r"]
+    assert resolve_columns(fill) == ("image", "conditioning_image", "text")
+    assert resolve_columns(["a", "b", "c"], caption_column="a") == ("b", "c", "a")
+    with pytest.raises(DataError) as info:
+        resolve_columns(["image", "conditioning_image", "text"], caption_column="caption")
+    assert str(info.value).startswith("--caption_column 'caption' not in the data set's columns: image, conditioning_image, text")
+    with pytest.raises(DataError, match="only 2 column"):
+        resolve_columns(["image", "text"])
+
+
+def test_select_samples(fill_dir, tmp_path, cache):
+    table = load_table(train_data_dir=fill_dir, cache_dir=cache)
+    first = select_samples(table, 3, seed=1).dataset["text"]
+    assert len(first) == 3 and first == select_samples(table, 3, seed=1).dataset["text"]
+    assert set(first) <= set(table.dataset["text"])
+    assert len(select_samples(table, 100, seed=1).dataset) == 6
+    assert select_samples(table, None, seed=1) is table
+    # (a jsonl stream: `datasets` sleeps 5 s when a shuffled *parquet* stream stops early)
+    root = _metadata_folder(tmp_path / "pairs", [
+        {"image": f"t{k}.png", "conditioning_image": f"c{k}.png", "text": f"caption {k}"} for k in range(6)
+    ])
+    streamed = select_samples(load_table(train_data_dir=root, streaming=True), 4, seed=1)
+    captions = [row["text"] for row in streamed.dataset]
+    assert len(captions) == 4 and captions == [row["text"] for row in streamed.dataset]
+    with pytest.raises(ConfigError, match="--max_train_samples 0"):
+        select_samples(table, 0, seed=1)
+
+
+# --- examples and batches ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def pairs_with_a_corrupt_file(tmp_path):
+    root = _metadata_folder(tmp_path / "pairs", [
+        {"image": "t0.png", "conditioning_image": "c0.png", "text": ["first", "second", "third"]},
+        {"image": "t1.png", "conditioning_image": "c1.png", "text": "fine", "_conditioning_image": None},
+        {"image": "t2.png", "conditioning_image": "c2.png", "text": "fine too"},
+    ])
+    (root / "c1.png").write_bytes(b"not a png at all")
+    return load_table(train_data_dir=root, cache_dir=str(tmp_path / "cache"))
+
+
+def test_corrupt_sample_is_skipped_and_counted(pairs_with_a_corrupt_file):
+    table = pairs_with_a_corrupt_file
+    examples = ControlNetExamples(table, "image", "conditioning_image", "text", resolution=8)
+    items = [examples[k] for k in range(len(examples))]
+    assert items[1] is None
+    batch = collate_examples(items)
+    assert batch["n_skipped"] == 1 and batch["pixel_values"].shape == (2, 3, 8, 8)
+    assert batch["indices"].tolist() == [0, 2] and batch["pixel_values"].is_contiguous()
+    assert items[0]["caption"] in {"first", "second", "third"}
+    assert examples[0]["caption"] == items[0]["caption"]  # several captions: a deterministic pick
+    assert collate_examples([None, None]) == {"empty": True, "n_skipped": 2}
+
+
+def test_non_string_caption_is_a_data_error(tmp_path):
+    root = _metadata_folder(tmp_path / "pairs", [{"image": "t.png", "conditioning_image": "c.png", "text": 42}])
+    table = load_table(train_data_dir=root, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="row 0, column 'text'.*caption is int"):
+        ControlNetExamples(table, "image", "conditioning_image", "text", resolution=8)[0]
+
+
+def test_streaming_examples_match_and_resume(fill_dir):
+    table = load_table(train_data_dir=fill_dir, streaming=True)
+    columns = ("image", "conditioning_image", "text")
+    stream = StreamingControlNetExamples(table, *columns, resolution=8)
+    items = list(stream)
+    assert [i["index"] for i in items] == list(range(6))
+    mapped = ControlNetExamples(load_table(train_data_dir=fill_dir), *columns, resolution=8)
+    assert torch.equal(items[4]["pixel_values"], mapped[4]["pixel_values"])
+    assert [i["index"] for i in stream.skip(4)] == [4, 5]
+    loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=2, collate_fn=collate_examples)
+    seen = sorted(k for batch in loader for k in batch["indices"].tolist())
+    assert seen == list(range(6))  # split by example across workers: each once
+
+
+# --- check_dataset ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clip_tokenizer(tmp_path):
+    from transformers import CLIPTokenizer
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in letters + [c + "</w>" for c in letters]:
+        vocab[token] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(vocab_file=str(tmp_path / "vocab.json"), merges_file=str(tmp_path / "merges.txt"), model_max_length=8)
+
+
+def test_check_dataset_reports_each_problem(tmp_path, clip_tokenizer):
+    root = _metadata_folder(tmp_path / "pairs", [
+        {"image": "ok.png", "conditioning_image": "ok_c.png", "text": "ok"},
+        {"image": "t1.png", "conditioning_image": "bad.png", "text": "ok", "_conditioning_image": None},
+        {"image": "wide.png", "conditioning_image": "c2.png", "text": "ok", "_image": {"size": (32, 16)}},
+        {"image": "big.png", "conditioning_image": "c3.png", "text": "ok", "_image": {"size": (32, 32)}},
+        {"image": "tiny.png", "conditioning_image": "tiny_c.png", "text": "ok",
+         "_image": {"size": (8, 8)}, "_conditioning_image": {"size": (8, 8)}},
+        {"image": "t5.png", "conditioning_image": "c5.png", "text": "  "},
+        {"image": "t6.png", "conditioning_image": "c6.png", "text": "a very long caption"},
+    ])
+    (root / "bad.png").write_bytes(b"\x89PNG garbage")
+    table = load_table(train_data_dir=root, cache_dir=str(tmp_path / "cache"))
+    report = check_dataset(table, "image", "conditioning_image", "text", resolution=16, tokenizer=clip_tokenizer, progress=False)
+    assert report.rows_checked == 7 and not report.ok
+    kinds = {(i.kind, i.row) for i in report.errors}
+    assert kinds == {("unreadable_image", 1), ("aspect_mismatch", 2)}
+    unreadable = next(i for i in report.errors if i.kind == "unreadable_image")
+    assert unreadable.column == "conditioning_image" and unreadable.file == str(root / "bad.png")
+    warnings = {(i.kind, i.row) for i in report.warnings}
+    assert {("size_mismatch", 3), ("small_image", 4), ("empty_caption", 5), ("long_caption", 6)} <= warnings
+    assert ("long_caption", 0) not in warnings
+    assert len(clip_tokenizer("a very long caption").input_ids) == 18  # 16 letters + start/end
+    assert "18 tokens" in next(i.message for i in report.warnings if i.kind == "long_caption")
+    text = report.format()
+    assert "row 1, column 'conditioning_image', file " + str(root / "bad.png") in text and "NOT OK" in text
+    assert report.to_dict()["errors"][0]["row"] is not None
+
+
+def test_check_dataset_missing_column_lists_existing(fill_dir, cache):
+    table = load_table(train_data_dir=fill_dir, cache_dir=cache)
+    report = check_dataset(table, "image", "conditioning_image", "caption", resolution=16, progress=False)
+    assert not report.ok and report.rows_checked == 0
+    assert "'caption' not in the data set's columns: image, conditioning_image, text, circle_cx" in report.errors[0].message
+    ok = check_dataset(table, "image", "conditioning_image", "text", resolution=16, limit=3, progress=False)
+    assert ok.ok and ok.rows_checked == 3 and not ok.warnings and "OK" in ok.format()

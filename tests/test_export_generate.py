@@ -1,0 +1,72 @@
+"""What a run writes loads in diffusers itself and samples the same images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_config
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, fill_dir, tmp_path_factory):
+    from difftune.methods.controlnet import ControlNetMethod
+    from difftune.trainer import Trainer
+    from difftune.api import resolve_seed
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cfg = resolve_seed(make_config(tiny_model_dir, fill_dir, out, max_train_steps=3))
+    method = ControlNetMethod(cfg)
+    Trainer(method, cfg).fit()
+    return method, out
+
+
+def test_export_loads_in_diffusers_and_samples_like_in_memory(trained, tiny_model_dir, fill_dir):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
+    method, out = trained
+    loaded = ControlNetModel.from_pretrained(out)
+    for k, v in method.controlnet.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    # training changed the weights (the zero convolutions are no longer zero)
+    assert torch.count_nonzero(loaded.controlnet_mid_block.weight) > 0
+
+    cond = Image.open(fill_dir / "validation" / "conditioning_0.png").convert("RGB")
+    prompt = "red circle with blue background"
+    ours = method.sample([prompt], [cond], num_images=1, seed=5, steps=3)[0][0]
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_model_dir, controlnet=loaded, safety_checker=None)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt, image=cond, num_inference_steps=3, height=64, width=64,
+                  generator=torch.Generator().manual_seed(5)).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_generate_cli_is_repeatable(trained, tiny_model_dir, fill_dir, tmp_path):
+    from difftune.cli import main
+
+    _, out = trained
+    cond = fill_dir / "validation" / "conditioning_1.png"
+    args = ["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(out),
+            "--image", str(cond), "--prompt", "red circle with blue background", "--num_inference_steps", "3",
+            "--seed", "7"]
+    assert main(args + ["--out", str(tmp_path / "a.png")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b.png")]) == 0
+    assert main(args[:-1] + ["8", "--out", str(tmp_path / "c.png")]) == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{x}.png")) for x in "abc")
+    assert a.shape == (64, 64, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_generate_missing_image_is_a_clear_error(trained, tiny_model_dir, tmp_path, capsys):
+    from difftune.cli import main
+
+    _, out = trained
+    code = main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(out),
+                 "--image", str(tmp_path / "nope.png"), "--prompt", "x", "--out", str(tmp_path / "o.png")])
+    assert code == 2
+    assert "nope.png does not exist" in capsys.readouterr().err
