@@ -36,7 +36,7 @@ datasets.disable_progress_bars()
 
 
 @pytest.fixture(scope="module")
-def fill_dir(tmp_path_factory):
+def small_fill_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "fill"
     write_fill50k(out, n=6, resolution=16, workers=1, progress=False)
     return out
@@ -127,15 +127,15 @@ def test_load_image_names_row_column_and_file(tmp_path):
 # --- load_table -------------------------------------------------------------------------------
 
 
-def test_load_fill50k_parquet_folder(fill_dir, cache):
-    table = load_table(train_data_dir=str(fill_dir), cache_dir=cache)
-    assert len(table.dataset) == 6 and table.base_dir == str(fill_dir)
+def test_load_fill50k_parquet_folder(small_fill_dir, cache):
+    table = load_table(train_data_dir=str(small_fill_dir), cache_dir=cache)
+    assert len(table.dataset) == 6 and table.base_dir == str(small_fill_dir)
     assert isinstance(table.dataset.features["image"], datasets.Image)
     assert table.dataset.features["image"].decode is False  # decoded per sample, later
     assert resolve_columns(table.column_names) == ("image", "conditioning_image", "text")
-    single = load_table(train_data_dir=str(next((fill_dir / "train").glob("*.parquet"))), cache_dir=cache)
+    single = load_table(train_data_dir=str(next((small_fill_dir / "train").glob("*.parquet"))), cache_dir=cache)
     assert single.dataset["text"] == table.dataset["text"]
-    streamed = load_table(train_data_dir=str(fill_dir), streaming=True)
+    streamed = load_table(train_data_dir=str(small_fill_dir), streaming=True)
     assert streamed.streaming and [row["text"] for row in streamed.dataset] == table.dataset["text"]
 
 
@@ -217,8 +217,8 @@ def test_resolve_columns():
         resolve_columns(["image", "text"])
 
 
-def test_select_samples(fill_dir, tmp_path, cache):
-    table = load_table(train_data_dir=fill_dir, cache_dir=cache)
+def test_select_samples(small_fill_dir, tmp_path, cache):
+    table = load_table(train_data_dir=small_fill_dir, cache_dir=cache)
     first = select_samples(table, 3, seed=1).dataset["text"]
     assert len(first) == 3 and first == select_samples(table, 3, seed=1).dataset["text"]
     assert set(first) <= set(table.dataset["text"])
@@ -269,13 +269,13 @@ def test_non_string_caption_is_a_data_error(tmp_path):
         ControlNetExamples(table, "image", "conditioning_image", "text", resolution=8)[0]
 
 
-def test_streaming_examples_match_and_resume(fill_dir):
-    table = load_table(train_data_dir=fill_dir, streaming=True)
+def test_streaming_examples_match_and_resume(small_fill_dir):
+    table = load_table(train_data_dir=small_fill_dir, streaming=True)
     columns = ("image", "conditioning_image", "text")
     stream = StreamingControlNetExamples(table, *columns, resolution=8)
     items = list(stream)
     assert [i["index"] for i in items] == list(range(6))
-    mapped = ControlNetExamples(load_table(train_data_dir=fill_dir), *columns, resolution=8)
+    mapped = ControlNetExamples(load_table(train_data_dir=small_fill_dir), *columns, resolution=8)
     assert torch.equal(items[4]["pixel_values"], mapped[4]["pixel_values"])
     assert [i["index"] for i in stream.skip(4)] == [4, 5]
     loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=2, collate_fn=collate_examples)
@@ -328,8 +328,8 @@ def test_check_dataset_reports_each_problem(tmp_path, clip_tokenizer):
     assert report.to_dict()["errors"][0]["row"] is not None
 
 
-def test_check_dataset_missing_column_lists_existing(fill_dir, cache):
-    table = load_table(train_data_dir=fill_dir, cache_dir=cache)
+def test_check_dataset_missing_column_lists_existing(small_fill_dir, cache):
+    table = load_table(train_data_dir=small_fill_dir, cache_dir=cache)
     report = check_dataset(table, "image", "conditioning_image", "caption", resolution=16, progress=False)
     assert not report.ok and report.rows_checked == 0
     assert "'caption' not in the data set's columns: image, conditioning_image, text, circle_cx" in report.errors[0].message

@@ -61,6 +61,16 @@ def test_layout_and_summary(fill_dirs):
     assert meta["info"]["features"]["conditioning_image"]["_type"] == "Image"
 
 
+def test_plain_load_dataset_reads_only_the_training_rows(fill_dirs, tmp_path):
+    # what the diffusers script does with --train_data_dir: the README's YAML keeps the
+    # validation PNGs out of it
+    import datasets
+
+    loaded = datasets.load_dataset(str(fill_dirs[0] / "w1"), cache_dir=str(tmp_path))
+    assert list(loaded) == ["train"] and len(loaded["train"]) == N
+    assert loaded["train"].column_names[:3] == ["image", "conditioning_image", "text"]
+
+
 def test_same_output_for_any_number_of_workers(fill_dirs):
     root, _, _ = fill_dirs
     for shard in sorted((root / "w1" / "train").iterdir()):

@@ -1,0 +1,211 @@
+"""PyTorch datasets that turn table rows into ControlNet training examples.
+
+Each example is the target image in [-1, 1], the conditioning image in [0, 1] (both
+resized + centre-cropped to the same square, so the control stays aligned) and a caption.
+A sample whose image cannot be read yields ``None`` instead of raising: one corrupt file
+in a 50k-row data set must not kill a run hours in. ``collate_examples`` drops the
+``None`` items and counts them, so the trainer can log how many were skipped and still
+count examples consumed exactly (which resuming a stream relies on).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from difftune.data.images import ImageLoadError, load_image
+from difftune.data.sources import Table
+from difftune.data.transforms import (
+    check_resolution,
+    conditioning_to_tensor,
+    image_to_tensor,
+    resize_center_crop,
+)
+from difftune.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+class _ExampleBuilder:
+    """Row → example; shared by the map-style and the streaming dataset."""
+
+    def __init__(
+        self,
+        table: Table,
+        image_column: str,
+        conditioning_image_column: str,
+        caption_column: str,
+        resolution: int,
+        proportion_empty_prompts: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        check_resolution(resolution)
+        if not 0.0 <= proportion_empty_prompts <= 1.0:
+            raise ConfigError(f"--proportion_empty_prompts {proportion_empty_prompts} must be between 0 and 1")
+        known = table.dataset.column_names  # None for some streams; then rows are trusted
+        for flag, column in (("--image_column", image_column), ("--conditioning_image_column", conditioning_image_column),
+                             ("--caption_column", caption_column)):
+            if known is not None and column not in known:
+                raise DataError(f"{flag} {column!r} not in the data set's columns: {', '.join(known)} — pass one of those")
+        self.table = table
+        self.image_column = image_column
+        self.conditioning_image_column = conditioning_image_column
+        self.caption_column = caption_column
+        self.resolution = resolution
+        self.proportion_empty_prompts = proportion_empty_prompts
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary caption choice / prompt dropping per epoch, reproducibly (call before iterating)."""
+        self.epoch = int(epoch)
+
+    def caption(self, value: Any, index: int) -> str:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if isinstance(value, str):
+            caption = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            # Several captions per image: pick one, seeded by index so a resumed run agrees.
+            caption = value[int(rng.integers(len(value)))] if value else ""
+        else:
+            raise DataError(
+                f"row {index}, column {self.caption_column!r} of {self.table.description}: caption is "
+                f"{type(value).__name__} ({value!r:.60}), expected a string or a list of strings — "
+                f"fix the data or pick another --caption_column"
+            )
+        # diffusers' --proportion_empty_prompts: train some steps unconditionally (for CFG).
+        if self.proportion_empty_prompts and rng.random() < self.proportion_empty_prompts:
+            return ""
+        return caption
+
+    def build(self, row: dict, index: int) -> dict | None:
+        base = self.table.base_dir
+        try:
+            image = load_image(row[self.image_column], base, f"row {index}, column {self.image_column!r}")
+            conditioning = load_image(
+                row[self.conditioning_image_column], base, f"row {index}, column {self.conditioning_image_column!r}"
+            )
+        except ImageLoadError as err:
+            logger.warning("skipping a sample: %s", err)
+            return None
+        return {
+            "pixel_values": image_to_tensor(resize_center_crop(image, self.resolution)),
+            "conditioning_pixel_values": conditioning_to_tensor(resize_center_crop(conditioning, self.resolution)),
+            "caption": self.caption(row[self.caption_column], index),
+            "index": index,
+        }
+
+
+class ControlNetExamples(torch.utils.data.Dataset):
+    """Map-style dataset over a non-streaming Table.
+
+    Item ``i``: ``{"pixel_values": [3,R,R] in [-1,1], "conditioning_pixel_values":
+    [3,R,R] in [0,1], "caption": str, "index": i}``, or ``None`` if an image is unreadable.
+    """
+
+    def __init__(
+        self,
+        table: Table,
+        image_column: str,
+        conditioning_image_column: str,
+        caption_column: str,
+        resolution: int,
+        proportion_empty_prompts: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if table.streaming:
+            raise DataError(f"{table.description} is streaming: use StreamingControlNetExamples")
+        self._builder = _ExampleBuilder(
+            table, image_column, conditioning_image_column, caption_column, resolution, proportion_empty_prompts, seed
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self._builder.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self._builder.table.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._builder.build(self._builder.table.dataset[int(index)], int(index))
+
+
+class StreamingControlNetExamples(torch.utils.data.IterableDataset):
+    """Iterable dataset over a streaming Table, with the same items (``None`` if unreadable).
+
+    Work is split across DataLoader workers by example (worker ``w`` of ``W`` decodes
+    stream positions ``w, w+W, ...``), not by shard: every worker reads the stream's
+    rows (cheap: images are not decoded) but decodes only its own, so any number of
+    workers sees one global order, and ``skip(n)`` resumes after exactly ``n`` examples.
+    """
+
+    def __init__(
+        self,
+        table: Table,
+        image_column: str,
+        conditioning_image_column: str,
+        caption_column: str,
+        resolution: int,
+        proportion_empty_prompts: float = 0.0,
+        seed: int = 0,
+        skipped: int = 0,
+    ) -> None:
+        super().__init__()
+        self._builder = _ExampleBuilder(
+            table, image_column, conditioning_image_column, caption_column, resolution, proportion_empty_prompts, seed
+        )
+        self._skipped = int(skipped)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._builder.set_epoch(epoch)
+
+    def skip(self, n: int) -> "StreamingControlNetExamples":
+        """A copy that starts ``n`` examples further into the stream (for resuming)."""
+        b = self._builder
+        copy = StreamingControlNetExamples(
+            b.table, b.image_column, b.conditioning_image_column, b.caption_column, b.resolution,
+            b.proportion_empty_prompts, b.seed, skipped=self._skipped + int(n),
+        )
+        copy.set_epoch(b.epoch)
+        return copy
+
+    def _rows(self) -> Iterator[dict]:
+        dataset = self._builder.table.dataset
+        if self._skipped:
+            dataset = dataset.skip(self._skipped)  # skips whole arrow batches, no per-row Python
+        # .iter() rather than iter(): inside a DataLoader worker, iter() would let `datasets`
+        # split by shard on its own, on top of our split by example.
+        for batch in dataset.iter(batch_size=1):
+            yield {column: values[0] for column, values in batch.items()}
+
+    def __iter__(self) -> Iterator[dict | None]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for offset, row in enumerate(self._rows()):
+            if offset % workers == worker:
+                yield self._builder.build(row, self._skipped + offset)
+
+
+def collate_examples(items: list[dict | None]) -> dict:
+    """Stack the readable examples; ``n_skipped`` counts the unreadable ones.
+
+    Returns ``{"pixel_values": [B,3,R,R], "conditioning_pixel_values": [B,3,R,R],
+    "captions": list[str], "indices": LongTensor[B], "n_skipped": int}``, or
+    ``{"empty": True, "n_skipped": k}`` when no item of the batch could be read.
+    """
+    kept = [item for item in items if item is not None]
+    n_skipped = len(items) - len(kept)
+    if not kept:
+        return {"empty": True, "n_skipped": n_skipped}
+    return {
+        "pixel_values": torch.stack([i["pixel_values"] for i in kept]).contiguous().float(),
+        "conditioning_pixel_values": torch.stack([i["conditioning_pixel_values"] for i in kept]).contiguous().float(),
+        "captions": [i["caption"] for i in kept],
+        "indices": torch.tensor([i["index"] for i in kept], dtype=torch.long),
+        "n_skipped": n_skipped,
+    }

@@ -1,0 +1,129 @@
+"""Turn whatever a data set stores in an image cell into an RGB ``PIL.Image``.
+
+Data sets hold images in many shapes: decoded PIL images, the ``{"bytes", "path"}`` dicts
+of an undecoded ``datasets.Image`` column, file paths relative to the data folder (a
+``metadata.jsonl`` listing files), or numpy arrays. Decoding is done here, fully
+(``Image.load()``), so that a truncated or corrupt file fails at one place that knows the
+row and column, and the caller can skip the sample instead of crashing a training run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from difftune.errors import DataError
+
+
+class ImageLoadError(DataError):
+    """An image cell cannot be read; the message names the row/column and the file."""
+
+    def __init__(self, message: str, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+def describe_source(value: Any, base_dir: str | None = None) -> str | None:
+    """The file an image cell points at (resolved against ``base_dir``), or None if embedded."""
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value.get("path") or None  # the original file name, kept for messages only
+        value = value.get("path")
+    if isinstance(value, (str, os.PathLike)):
+        return _resolve(os.fspath(value), base_dir)
+    if isinstance(value, Image.Image):
+        return getattr(value, "filename", None) or None
+    return None
+
+
+def _resolve(path: str, base_dir: str | None) -> str:
+    path = os.path.expanduser(path)
+    if base_dir is not None and not os.path.isabs(path):
+        return os.path.join(base_dir, path)
+    return path
+
+
+def _open(value: Any, base_dir: str | None) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, np.ndarray):
+        return _from_array(value)
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return Image.open(io.BytesIO(value["bytes"]))
+        if value.get("path"):
+            return Image.open(_resolve(value["path"], base_dir))
+        raise ValueError("the cell has neither 'bytes' nor 'path'")
+    if isinstance(value, (str, os.PathLike)):
+        if not os.fspath(value):
+            raise ValueError("the cell is an empty string, not a file path")
+        return Image.open(_resolve(os.fspath(value), base_dir))
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    if value is None:
+        raise ValueError("the cell is empty (None)")
+    raise ValueError(f"cannot read an image from a {type(value).__name__}")
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    """HxW, HxWx1, HxWx3 or HxWx4 array of uint8/uint16/bool/float in [0, 1] to an image."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ValueError(f"array of shape {array.shape} is not an image (expected HxW, HxWx3 or HxWx4)")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        # Floats are taken as [0, 1] (the torch/numpy convention); larger maxima as [0, 255].
+        scale = 255.0 if float(np.nanmax(array, initial=0.0)) <= 1.0 else 1.0
+        array = np.clip(np.nan_to_num(array) * scale, 0, 255).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit PNGs load as "I"/"I;16"; PIL's own convert clips to 255 (white), so rescale.
+        array = np.asarray(image, dtype=np.uint32)
+        return Image.fromarray((array >> 8).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        return _from_array(np.asarray(image, dtype=np.float32)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
+    # RGBA/LA: alpha is dropped, not composited, matching what the diffusers scripts do.
+    return image.convert("RGB")
+
+
+def load_image(value: Any, base_dir: str | None = None, where: str = "") -> Image.Image:
+    """Decode one image cell fully and return it as RGB.
+
+    ``where`` (e.g. ``"row 17, column 'conditioning_image'"``) goes into the error message,
+    together with the file, so a user can find and fix the bad sample. EXIF orientation is
+    applied (as ``datasets.Image`` does) so that an image and its conditioning image taken
+    from files line up the way they are displayed.
+    """
+    file = describe_source(value, base_dir)
+    try:
+        image = _open(value, base_dir)
+        image.load()
+        if image.getexif().get(0x0112) not in (None, 1):  # 0x0112: EXIF Orientation
+            image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, TypeError) as err:
+        # OSError covers missing files, unidentified formats and truncated data.
+        place = f"{where}: " if where else ""
+        source = f"file {file}" if file else "image embedded in the data set"
+        raise ImageLoadError(
+            f"{place}cannot read {source} ({type(err).__name__}: {err}) — fix or replace the "
+            f"file, or remove the row",
+            file=file,
+        ) from err

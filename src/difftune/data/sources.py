@@ -1,0 +1,317 @@
+"""Find and open a training data set: a Hub name or one of the local layouts people use.
+
+The diffusers script accepts a Hub name or a folder for ``load_dataset`` and breaks on
+common local layouts (e.g. a ``metadata.jsonl`` whose image columns are relative file
+paths). Here each layout is recognised explicitly and every failure says which path was
+looked at and which layouts are accepted. Image columns come back *undecoded*
+(``Image(decode=False)``) so a corrupt file only fails in ``load_image``, per sample,
+where it can be skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from difftune.errors import ConfigError, DataError
+
+LAYOUTS = (
+    "a folder (searched recursively) or a single file of parquet / arrow shards; a "
+    "`Dataset.save_to_disk` folder; a folder with metadata.jsonl or metadata.csv whose "
+    "columns give image and conditioning image paths relative to it and a caption; or an "
+    "imagefolder (images + metadata.jsonl with a `file_name` column)"
+)
+_SPLITS = ("train", "validation", "valid", "val", "test", "eval", "dev")
+
+
+@dataclass
+class Table:
+    """An opened data set plus what is needed to read and talk about its rows.
+
+    ``dataset`` is a ``datasets.Dataset`` (or ``IterableDataset`` when streaming);
+    ``base_dir`` resolves relative image paths; ``description`` names it in messages.
+    """
+
+    dataset: Any
+    base_dir: str | None
+    description: str
+
+    @property
+    def streaming(self) -> bool:
+        import datasets
+
+        return isinstance(self.dataset, datasets.IterableDataset)
+
+    @property
+    def column_names(self) -> list[str]:
+        names = self.dataset.column_names
+        if names is None:  # streaming json without declared features: look at one row
+            first = next(iter(self.dataset), None)
+            names = list(first) if first is not None else []
+        return list(names)
+
+
+def load_table(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | os.PathLike | None = None,
+    cache_dir: str | None = None,
+    streaming: bool = False,
+    split: str = "train",
+) -> Table:
+    """Open the data set named by ``--dataset_name`` or ``--train_data_dir`` (exactly one)."""
+    if (dataset_name is None) == (train_data_dir is None):
+        which = "both were given" if dataset_name is not None else "neither was given"
+        raise ConfigError(
+            f"pass exactly one of --dataset_name (a Hugging Face Hub data set) or "
+            f"--train_data_dir (a local folder); {which}"
+        )
+    if dataset_name is not None and not os.path.exists(os.path.expanduser(dataset_name)):
+        table = _load_hub(dataset_name, dataset_config_name, cache_dir, streaming, split)
+    else:
+        table = _load_local(Path(os.path.expanduser(dataset_name or train_data_dir)), cache_dir, streaming, split)
+    table = replace(table, dataset=_undecoded(table.dataset))
+    if not table.streaming and len(table.dataset) == 0:
+        raise DataError(f"{table.description} has no rows — point at a folder or split that holds samples")
+    return table
+
+
+def _load_hub(name: str, config: str | None, cache_dir: str | None, streaming: bool, split: str) -> Table:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming)
+    except Exception as err:  # the Hub raises many types (HTTP, offline, not-found, auth)
+        hint = (
+            "pass --train_data_dir with a local copy (e.g. `difftune data fill50k --out DIR`)"
+            if "fill50k" in name.lower()
+            else "pass --train_data_dir with a local copy (" + LAYOUTS + ")"
+        )
+        if _offline() or _is_connection_error(err):
+            raise DataError(
+                f"could not load data set {name!r} from the Hugging Face Hub (offline?) — {hint}. "
+                f"[{type(err).__name__}: {err}]"
+            ) from err
+        raise DataError(
+            f"could not load data set {name!r}"
+            + (f" (config {config!r})" if config else "")
+            + f" from the Hugging Face Hub: {type(err).__name__}: {err} — check --dataset_name and "
+            f"--dataset_config_name, or {hint}"
+        ) from err
+    dataset = _pick_split(loaded, split, f"data set {name!r}")
+    return Table(dataset=dataset, base_dir=None, description=f"data set {name!r}" + (f" ({config})" if config else ""))
+
+
+def _offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE") or ""
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    while err is not None:
+        if isinstance(err, (ConnectionError, TimeoutError)) or "connect" in type(err).__name__.lower():
+            return True
+        if "offline" in str(err).lower() or "LocalEntryNotFound" in type(err).__name__:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _pick_split(loaded: Any, split: str, what: str) -> Any:
+    import datasets
+
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in loaded:
+            raise DataError(
+                f"{what} has no split {split!r}; it has: {', '.join(loaded) or '(none)'} — "
+                f"pick one of those"
+            )
+        return loaded[split]
+    return loaded
+
+
+def _load_local(path: Path, cache_dir: str | None, streaming: bool, split: str) -> Table:
+    import datasets
+
+    if not path.exists():
+        raise DataError(f"--train_data_dir {path} does not exist — expected {LAYOUTS}")
+    if path.is_file():
+        builder = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+        if path.suffix.lower() not in builder:
+            raise DataError(f"--train_data_dir {path} is a file that is not parquet, arrow, jsonl or csv — expected {LAYOUTS}")
+        dataset = _load_files(builder[path.suffix.lower()], [path], cache_dir, streaming)
+        return Table(dataset, str(path.parent), f"{path}")
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+        dataset = _pick_split(loaded, split, f"saved data set {path}")
+        if streaming:
+            dataset = dataset.to_iterable_dataset()
+        return Table(dataset, str(path), f"saved data set {path}")
+    for suffix, builder in (("parquet", "parquet"), ("arrow", "arrow")):
+        files = _visible(path.rglob(f"*.{suffix}"), path)
+        if files:
+            files = _files_for_split(files, path, split)
+            dataset = _load_files(builder, files, cache_dir, streaming)
+            return Table(dataset, str(path), f"{len(files)} {suffix} file(s) in {path}")
+    metadata = _find_metadata(path, split)
+    if metadata is not None:
+        columns = _metadata_columns(metadata)
+        if any(c == "file_name" or c.endswith("_file_name") for c in columns):
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(metadata.parent), cache_dir=cache_dir, streaming=streaming)
+            dataset = _pick_split(loaded, split, f"imagefolder {metadata.parent}")
+            return Table(dataset, str(metadata.parent), f"imagefolder {metadata.parent}")
+        builder = "csv" if metadata.suffix == ".csv" else "json"
+        dataset = _load_files(builder, [metadata], cache_dir, streaming)
+        return Table(dataset, str(metadata.parent), f"{metadata}")
+    found = sorted({p.suffix.lower() for p in path.rglob("*") if p.is_file() and p.suffix})
+    seen = f"found only {', '.join(found)} files" if found else "it is empty"
+    raise DataError(f"--train_data_dir {path}: nothing to load ({seen}) — expected {LAYOUTS}")
+
+
+def _visible(paths, root: Path) -> list[Path]:
+    """Files not under hidden folders (.cache, .git) — those are never training data."""
+    return sorted(p for p in paths if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _split_of(file: Path, root: Path) -> str | None:
+    """The split a shard belongs to, from a folder name (train/) or a file prefix (train-0000...)."""
+    rel = file.relative_to(root)
+    for part in rel.parts[:-1]:
+        if part.lower() in _SPLITS:
+            return part.lower()
+    match = re.match(r"^(" + "|".join(_SPLITS) + r")(?:[-_.]|$)", rel.stem.lower())
+    return match.group(1) if match else None
+
+
+def _files_for_split(files: list[Path], root: Path, split: str) -> list[Path]:
+    splits = {f: _split_of(f, root) for f in files}
+    chosen = [f for f in files if splits[f] == split]
+    if chosen:
+        return chosen
+    if all(s is None for s in splits.values()):
+        return files  # no split naming at all: every shard is training data
+    found = sorted({s for s in splits.values() if s})
+    raise DataError(
+        f"--train_data_dir {root}: no files for split {split!r} (found files for: {', '.join(found)}) — "
+        f"name the shards `{split}/...` or `{split}-*.{files[0].suffix[1:]}`, or point at the folder of one split"
+    )
+
+
+def _load_files(builder: str, files: list[Path], cache_dir: str | None, streaming: bool) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(
+            builder, data_files={"train": [str(f) for f in files]}, split="train",
+            cache_dir=cache_dir, streaming=streaming,
+        )
+    except Exception as err:  # malformed json/csv/parquet: name the files
+        shown = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DataError(f"could not read {builder} data from {shown}: {type(err).__name__}: {err} — fix or remove the file") from err
+
+
+def _find_metadata(path: Path, split: str) -> Path | None:
+    for folder in (path, path / split):
+        for name in ("metadata.jsonl", "metadata.csv"):
+            if (folder / name).is_file():
+                return folder / name
+    found = _visible(list(path.rglob("metadata.jsonl")) + list(path.rglob("metadata.csv")), path)
+    if len(found) > 1:
+        raise DataError(
+            f"--train_data_dir {path} has several metadata files ({', '.join(str(f) for f in found[:5])}) — "
+            f"point --train_data_dir at the folder of the one to train on"
+        )
+    return found[0] if found else None
+
+
+def _metadata_columns(metadata: Path) -> list[str]:
+    try:
+        with metadata.open(newline="", encoding="utf-8") as handle:
+            if metadata.suffix == ".csv":
+                return next(csv.reader(handle), [])
+            first = next((line for line in handle if line.strip()), "{}")
+            row = json.loads(first)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{metadata}, line 1: cannot parse ({err}) — each line must be one JSON object") from err
+    if not isinstance(row, dict):
+        raise DataError(f"{metadata}, line 1: expected a JSON object with column names, got {type(row).__name__}")
+    return list(row)
+
+
+def _undecoded(dataset: Any) -> Any:
+    """Cast decoded Image columns to Image(decode=False): decoding happens per sample, later."""
+    import datasets
+
+    features = dataset.features
+    for column, feature in (features or {}).items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+_PREFERRED = {"image": "image", "conditioning_image": "conditioning_image", "caption": "text"}
+_POSITION = {"image": 0, "caption": 1, "conditioning_image": 2}  # the diffusers defaults
+_FLAGS = {"image": "--image_column", "conditioning_image": "--conditioning_image_column", "caption": "--caption_column"}
+
+
+def resolve_columns(
+    column_names: list[str],
+    image_column: str | None = None,
+    conditioning_image_column: str | None = None,
+    caption_column: str | None = None,
+) -> tuple[str, str, str]:
+    """(image, conditioning_image, caption) column names.
+
+    A name given by the user must exist. Otherwise the standard names (``image``,
+    ``conditioning_image``, ``text``) win when present, so extra columns (fill50k's
+    ``circle_*``) do not shift anything; failing that, the diffusers positions (image
+    first, caption second, conditioning third), skipping columns already taken.
+    """
+    columns = list(column_names)
+    given = {"image": image_column, "conditioning_image": conditioning_image_column, "caption": caption_column}
+    for role, name in given.items():
+        if name is not None and name not in columns:
+            raise DataError(
+                f"{_FLAGS[role]} {name!r} not in the data set's columns: {', '.join(columns) or '(none)'} — "
+                f"pass one of those"
+            )
+    chosen = {role: name for role, name in given.items() if name is not None}
+    for role in given:
+        if role not in chosen and _PREFERRED[role] in columns and _PREFERRED[role] not in chosen.values():
+            chosen[role] = _PREFERRED[role]
+    for role in ("image", "caption", "conditioning_image"):
+        if role in chosen:
+            continue
+        free = [c for c in columns if c not in chosen.values()]
+        if not free:
+            raise DataError(
+                f"the data set has only {len(columns)} column(s) ({', '.join(columns) or 'none'}); training needs "
+                f"an image, a conditioning image and a caption column — set {_FLAGS[role]}"
+            )
+        position = _POSITION[role]
+        at = columns[position] if position < len(columns) else None
+        chosen[role] = at if at in free else free[0]
+    return chosen["image"], chosen["conditioning_image"], chosen["caption"]
+
+
+def select_samples(table: Table, max_train_samples: int | None, seed: int, buffer_size: int = 1000) -> Table:
+    """Shuffle with ``seed`` and keep the first ``max_train_samples`` (diffusers semantics).
+
+    Streaming data sets shuffle within a ``buffer_size`` window, then ``take``.
+    """
+    if max_train_samples is None:
+        return table
+    if isinstance(max_train_samples, bool) or not isinstance(max_train_samples, int) or max_train_samples <= 0:
+        raise ConfigError(f"--max_train_samples {max_train_samples!r} must be a positive integer")
+    if table.streaming:
+        dataset = table.dataset.shuffle(seed=seed, buffer_size=buffer_size).take(max_train_samples)
+    else:
+        count = min(max_train_samples, len(table.dataset))
+        # keep_in_memory: never write index caches into the user's data folder.
+        dataset = table.dataset.shuffle(seed=seed, keep_in_memory=True).select(range(count), keep_in_memory=True)
+    return replace(table, dataset=dataset, description=f"{table.description} (first {max_train_samples} after shuffle)")

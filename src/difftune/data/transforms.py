@@ -1,0 +1,80 @@
+"""Image transforms of the ControlNet recipe: resize + centre crop, then to tensors.
+
+The target image and the conditioning image go through the *same* geometric transform
+(resize the shorter side, centre crop), so a control signal stays aligned with its
+target. Only the value range differs: targets are mapped to [-1, 1] because that is what
+the VAE encoder was trained on, conditioning images to [0, 1] as in the ControlNet paper
+(Zhang & Agrawala 2023) and diffusers. torchvision is not a dependency; PIL does the
+resampling (PIL always antialiases, like ``torchvision.transforms.Resize`` on PIL input).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from difftune.errors import ConfigError
+
+_INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def check_resolution(resolution: int) -> None:
+    """Reject resolutions the VAE cannot map to whole latent pixels (it downsamples by 8)."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
+        raise ConfigError(f"--resolution {resolution!r} must be a positive whole number of pixels, e.g. 512")
+    if resolution % 8 != 0:
+        lower, upper = resolution // 8 * 8, (resolution // 8 + 1) * 8
+        suggestion = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+        raise ConfigError(
+            f"--resolution {resolution} is not divisible by 8: the VAE downsamples by 8, so "
+            f"use a multiple of 8 such as {suggestion}"
+        )
+
+
+def resize_center_crop(img: Image.Image, resolution: int, interpolation: str = "bilinear") -> Image.Image:
+    """Resize the shorter side to ``resolution``, then crop the centre square.
+
+    Sizes follow torchvision's ``Resize(int)`` + ``CenterCrop`` (long side truncated,
+    crop offset rounded) so results match the diffusers scripts pixel-for-pixel geometry.
+    """
+    if interpolation not in _INTERPOLATIONS:
+        raise ConfigError(
+            f"unknown interpolation {interpolation!r}: use one of {', '.join(_INTERPOLATIONS)}"
+        )
+    width, height = img.size
+    if width == resolution and height == resolution:
+        return img
+    short, long = (width, height) if width <= height else (height, width)
+    if short != resolution:
+        new_long = int(resolution * long / short)
+        new_size = (resolution, new_long) if width <= height else (new_long, resolution)
+        img = img.resize(new_size, _INTERPOLATIONS[interpolation])
+        width, height = img.size
+    left = int(round((width - resolution) / 2.0))
+    top = int(round((height - resolution) / 2.0))
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def _to_chw_uint8(img: Image.Image) -> torch.Tensor:
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    array = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image to a float tensor [3, H, W] in [-1, 1] (the VAE's input range)."""
+    return _to_chw_uint8(img).float().div_(127.5).sub_(1.0)
+
+
+def conditioning_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB conditioning image to a float tensor [3, H, W] in [0, 1] (ControlNet's input range)."""
+    return _to_chw_uint8(img).float().div_(255.0)
