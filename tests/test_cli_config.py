@@ -152,3 +152,11 @@ def test_every_recipe_builds():
         values.setdefault("model", {})["pretrained_model_name_or_path"] = "m"
         values.setdefault("data", {})["train_data_dir"] = "d"
         assert isinstance(from_dict(ControlNetConfig, values), ControlNetConfig), name
+
+
+def test_data_check_cli(fill_dir, tiny_model_dir, capsys):
+    assert main(["data", "check", "--train_data_dir", str(fill_dir), "--resolution", "64",
+                 "--pretrained_model_name_or_path", str(tiny_model_dir)]) == 0
+    assert "ready to train" in capsys.readouterr().out
+    assert main(["data", "check", "--train_data_dir", str(fill_dir), "--resolution", "128"]) == 0  # warnings only
+    assert "smaller than" in capsys.readouterr().out

@@ -175,3 +175,15 @@ def test_corrupt_sample_is_skipped_and_counted(tiny_model_dir, tmp_path):
                                            train_batch_size=4))
     assert summary["global_step"] == 2 and summary["skipped_samples"] == 1
     shutil.rmtree(tmp_path / "run")
+
+
+def test_continue_from_existing_controlnet(tiny_model_dir, fill_dir, tmp_path):
+    from difftune.methods.controlnet import ControlNetMethod
+
+    first = tmp_path / "first"
+    train_controlnet(make_config(tiny_model_dir, fill_dir, first, max_train_steps=2))
+    method = ControlNetMethod(make_config(tiny_model_dir, fill_dir, tmp_path / "second",
+                                          controlnet_model_name_or_path=str(first)))
+    saved = _weights(first)
+    assert all(torch.equal(v, saved[k]) for k, v in method.controlnet.state_dict().items())
+    assert torch.count_nonzero(method.controlnet.controlnet_mid_block.weight) > 0

@@ -86,6 +86,8 @@ def generate(
             raise UserError("--cpu_offload only makes sense with a CUDA device.")
         pipe.to(dtype=dtype)
         pipe.enable_model_cpu_offload()
+    elif dtype == torch.float32:
+        pipe.to(device)
     else:
         pipe.to(device, dtype=dtype)
     if enable_xformers_memory_efficient_attention:

@@ -93,7 +93,9 @@ def load_controlnet(name_or_path: str, revision: str | None = None, cache_dir: s
     from diffusers import ControlNetModel
 
     try:
-        return ControlNetModel.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir)
+        return ControlNetModel.from_pretrained(
+            name_or_path, revision=revision, cache_dir=cache_dir, torch_dtype=torch.float32
+        )
     except (OSError, ValueError) as e:
         if Path(name_or_path).exists():
             raise ModelLoadError(f"Could not load the ControlNet in {name_or_path}: {e}") from None

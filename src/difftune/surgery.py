@@ -15,7 +15,9 @@ def controlnet_from_unet(unet: torch.nn.Module, conditioning_channels: int = 3):
     from diffusers import ControlNetModel
 
     controlnet = ControlNetModel.from_unet(unet, conditioning_channels=conditioning_channels)
-    return controlnet.to(torch.float32)
+    if controlnet.dtype != torch.float32:  # trainable weights are fp32 masters whatever the base's dtype
+        controlnet.to(dtype=torch.float32)
+    return controlnet
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:

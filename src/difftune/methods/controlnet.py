@@ -41,7 +41,7 @@ class ControlNetMethod:
             m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir
         )
         if m.controlnet_model_name_or_path:
-            self.controlnet = load_controlnet(m.controlnet_model_name_or_path, cache_dir=m.cache_dir).to(torch.float32)
+            self.controlnet = load_controlnet(m.controlnet_model_name_or_path, cache_dir=m.cache_dir)
         else:
             # the conditioning embedding is randomly initialised: same seed, same ControlNet
             with torch.random.fork_rng(devices=[]):
