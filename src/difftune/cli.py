@@ -140,6 +140,37 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_controlnet(args: argparse.Namespace) -> int:
+    from .eval.run import eval_controlnet, format_table
+
+    result = eval_controlnet(args.pretrained_model_name_or_path, args.controlnet, data=args.data, n=args.n,
+                             steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
+                             out=args.out, baseline=not args.no_baseline)
+    print(format_table(result))
+    print(f"details: {Path(args.out) / 'eval_controlnet.json'}, grid (condition | ControlNet | base alone): "
+          f"{Path(args.out) / 'eval_controlnet.png'}")
+    return 0
+
+
+def cmd_eval_base(args: argparse.Namespace) -> int:
+    from .eval.run import eval_base, format_table
+
+    result = eval_base(args.pretrained_model_name_or_path, n_prompts=args.n_prompts, per_prompt=args.per_prompt,
+                       steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
+                       out=args.out)
+    print(format_table(result))
+    print(f"details: {Path(args.out) / 'eval_base.json'}, grid: {Path(args.out) / 'eval_base.png'}")
+    return 0
+
+
+def cmd_pretrain_base(args: argparse.Namespace) -> int:
+    from .pretrain import pretrain_base
+
+    print(pretrain_base(args.out, n_images=args.n_images, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                        seed=args.seed))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -201,6 +232,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_make_tiny_model)
+
+    ev = sub.add_parser("eval", help="measured quality").add_subparsers(dest="what", required=True)
+    e = ev.add_parser("controlnet", help="condition fidelity on held-out conditions (fill50k: circle IoU)")
+    e.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
+    e.add_argument("--controlnet", required=True, help="trained ControlNet folder")
+    e.add_argument("--data", help="fill50k folder to take the conditions from (default: fresh held-out circles)")
+    e.add_argument("--n", type=int, default=200)
+    e.add_argument("--no_baseline", action="store_true", help="skip the base-model-alone baseline")
+    eb = ev.add_parser("base", help="does the base model draw the prompt's shape and colours?")
+    eb.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
+    eb.add_argument("--n_prompts", type=int, default=30)
+    eb.add_argument("--per_prompt", type=int, default=8)
+    for q in (e, eb):
+        q.add_argument("--num_inference_steps", type=int, default=20)
+        q.add_argument("--guidance_scale", type=float, default=7.5)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--out", default="eval", help="folder for the JSON and the PNG grid")
+    e.set_defaults(func=cmd_eval_controlnet)
+    eb.set_defaults(func=cmd_eval_base)
+
+    pb = sub.add_parser("pretrain-base", help="train the tiny-shapes base model from scratch (what ships)")
+    pb.add_argument("--out", required=True)
+    pb.add_argument("--n_images", type=int, default=20000)
+    pb.add_argument("--vae_steps", type=int, default=1500)
+    pb.add_argument("--unet_steps", type=int, default=4500)
+    pb.add_argument("--seed", type=int, default=0)
+    pb.set_defaults(func=cmd_pretrain_base)
 
     d = sub.add_parser("demo", help="end to end on the embedded default: data, train, sample")
     d.add_argument("--out", default="difftune-demo")

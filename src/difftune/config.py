@@ -32,7 +32,9 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, fa
 @dataclass
 class ModelConfig:
     pretrained_model_name_or_path: str | None = opt(
-        None, "Base model: a diffusers-layout folder or a Hugging Face Hub id (needs network)."
+        "tiny-shapes",
+        "Base model: a diffusers-layout folder, a Hugging Face Hub id (needs network), or the built-in "
+        "'tiny-shapes' (64 px, ships with difftune).",
     )
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     variant: str | None = opt(None, "Weight variant of the base model files, e.g. 'fp16'.")

@@ -31,6 +31,22 @@ class BaseModel:
         return [self.text_encoder, self.vae, self.unet]
 
 
+BUILTIN_MODELS = {"tiny-shapes": "assets/tiny-shapes"}
+DEFAULT_MODEL = "tiny-shapes"
+
+
+def resolve_builtin(name_or_path: str) -> str:
+    """A short built-in name ("tiny-shapes") becomes the folder shipped inside the package."""
+    if name_or_path in BUILTIN_MODELS and not Path(name_or_path).exists():
+        from importlib.resources import files
+
+        folder = Path(str(files("difftune") / BUILTIN_MODELS[name_or_path]))
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"The built-in model '{name_or_path}' is missing from this install ({folder}).")
+        return str(folder)
+    return name_or_path
+
+
 def _hub_hint(name: str, err: Exception) -> ModelLoadError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     why = "HF_HUB_OFFLINE is set" if offline else "no network or no such repository"
@@ -61,6 +77,7 @@ def load_base_model(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    name_or_path = resolve_builtin(name_or_path)
     local = Path(name_or_path).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -106,6 +123,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, cache_dir: st
     """The base model's tokenizer alone (for data checks)."""
     from transformers import AutoTokenizer
 
+    name_or_path = resolve_builtin(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", revision=revision, cache_dir=cache_dir)
     except (OSError, ValueError) as e:

@@ -11,7 +11,6 @@ from typing import Any
 
 from PIL import Image
 
-from .config import ValidationConfig
 from .errors import ConfigError
 
 
@@ -27,8 +26,13 @@ def image_grid(rows: list[list[Image.Image]], pad: int = 2, background=(255, 255
     return grid
 
 
-def load_validation_images(cfg: ValidationConfig) -> list[tuple[str, Image.Image]]:
-    """Read the (prompt, conditioning image) pairs up front: a missing file fails before training."""
+def load_validation_images(cfg: Any) -> list[tuple[str, Image.Image | None]]:
+    """Read the (prompt, conditioning image) pairs up front: a missing file fails before training.
+
+    A config without ``validation_image`` (text-to-image methods) gives (prompt, None) pairs.
+    """
+    if not hasattr(cfg, "validation_image"):
+        return [(p, None) for p in (cfg.validation_prompt or [])]
     pairs = []
     for prompt, path in cfg.pairs():
         if not Path(path).is_file():
@@ -42,7 +46,7 @@ def load_validation_images(cfg: ValidationConfig) -> list[tuple[str, Image.Image
 
 
 class Validator:
-    def __init__(self, cfg: ValidationConfig, method: Any, output_dir: Path, trackers: Any, seed: int):
+    def __init__(self, cfg: Any, method: Any, output_dir: Path, trackers: Any, seed: int):
         self.cfg = cfg
         self.method = method
         self.folder = Path(output_dir) / "validation"
@@ -61,7 +65,8 @@ class Validator:
         samples = self.method.sample(
             prompts, conditions, self.cfg.num_validation_images, self.seed, self.cfg.num_validation_inference_steps
         )
-        rows = [[cond.resize(imgs[0].size), *imgs] for cond, imgs in zip(conditions, samples)]
+        rows = [([cond.resize(imgs[0].size)] if cond is not None else []) + list(imgs)
+                for cond, imgs in zip(conditions, samples)]
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step-{step:07d}.png"
         image_grid(rows).save(path)

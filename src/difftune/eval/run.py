@@ -1,0 +1,167 @@
+"""``difftune eval``: measured quality of a base model and of a trained ControlNet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.shapes import MIN_CONTRAST, srgb_to_lab
+from .metrics import CONDITION_METRICS, delta_e, shape_scores
+
+
+def _generators(seed: int, n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def _base_resolution(base) -> int:
+    return int(base.unet.config.sample_size) * 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
+def text2image_pipeline(base):
+    from diffusers import StableDiffusionPipeline
+
+    from ..pipelines import unipc_from
+
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=unipc_from(base.noise_scheduler), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate_batched(pipe, prompts: list[str], seed: int, steps: int, resolution: int, guidance_scale: float,
+                     conditions: list | None = None, batch: int = 25, desc: str = "sampling") -> list[np.ndarray]:
+    """Images for each prompt; image i uses a generator seeded ``seed + i`` (so batching never changes it)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch"):
+        kw = dict(prompt=prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
+                  height=resolution, width=resolution, generator=_generators(seed + i, len(prompts[i : i + batch])),
+                  output_type="np")
+        if conditions is not None:
+            kw["image"] = conditions[i : i + batch]
+        images = pipe(**kw).images
+        out += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
+    return out
+
+
+def eval_circles(n: int, resolution: int, seed: int, data: str | Path | None = None) -> list[dict]:
+    """Held-out fill50k targets: fresh circles (seed ``10_000 + seed``) or the rows of a fill50k folder.
+
+    Pairs whose colours are hard to tell apart (Delta E < MIN_CONTRAST) are left out: no
+    image can show where such a circle is.
+    """
+    from ..data.fill50k import render_circle, sample_circles
+
+    targets = []
+    if data is not None:
+        import datasets
+
+        ds = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in Path(data).glob("train/*.parquet")),
+                                   split="train")
+        rows = iter(ds)
+        make = lambda row: dict(cx=row["circle_cx"], cy=row["circle_cy"], r=row["circle_r"],  # noqa: E731
+                                color=tuple(row["circle_color"]), background=tuple(row["circle_background"]),
+                                prompt=row["text"], condition=row["conditioning_image"].convert("RGB"))
+    else:
+        circles = iter(sample_circles(20 * n, resolution, 10_000 + seed))
+        rows = circles
+        make = lambda c: dict(cx=c.cx, cy=c.cy, r=c.r, color=c.color, background=c.background,  # noqa: E731
+                              prompt=c.prompt, condition=render_circle(c, resolution)[1])
+    for row in rows:
+        t = make(row)
+        if delta_e(srgb_to_lab(np.array(t["color"])), srgb_to_lab(np.array(t["background"]))) >= MIN_CONTRAST:
+            targets.append(t)
+        if len(targets) == n:
+            break
+    return targets
+
+
+def _summary(scores: list[dict]) -> dict:
+    keys = scores[0].keys() if scores else []
+    return {k: float(np.nanmean([s[k] for s in scores])) for k in keys}
+
+
+def eval_controlnet(pretrained_model_name_or_path: str, controlnet: str | Path, data: str | Path | None = None,
+                    n: int = 200, steps: int = 20, seed: int = 0, guidance_scale: float = 7.5,
+                    out: str | Path | None = None, metric: str = "fill50k", baseline: bool = True) -> dict:
+    """Condition fidelity of a ControlNet on held-out conditions, with the base model alone as baseline."""
+    from ..models import load_base_model, load_controlnet
+    from ..pipelines import controlnet_pipeline
+    from ..validation import image_grid
+
+    base = load_base_model(pretrained_model_name_or_path)
+    res = _base_resolution(base)
+    targets = eval_circles(n, res, seed, data)
+    prompts = [t["prompt"] for t in targets]
+    scorer = CONDITION_METRICS[metric]()
+    pipe = controlnet_pipeline(base, load_controlnet(str(controlnet)))
+    with_cn = generate_batched(pipe, prompts, seed, steps, res, guidance_scale,
+                               [t["condition"] for t in targets], desc="with ControlNet")
+    result = {"n": len(targets), "metric": scorer.name, "controlnet": _summary(
+        [scorer.score(im, t) for im, t in zip(with_cn, targets)])}
+    if baseline:
+        alone = generate_batched(text2image_pipeline(base), prompts, seed, steps, res, guidance_scale,
+                                 desc="base alone")
+        result["base_alone"] = _summary([scorer.score(im, t) for im, t in zip(alone, targets)])
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [[t["condition"], Image.fromarray(a)] + ([Image.fromarray(b)] if baseline else [])
+                for t, a, b in zip(targets[:16], with_cn, (alone if baseline else with_cn))]
+        image_grid(rows).save(out / "eval_controlnet.png")
+        (out / "eval_controlnet.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def eval_base(pretrained_model_name_or_path: str, n_prompts: int = 30, per_prompt: int = 8, steps: int = 20,
+              seed: int = 0, guidance_scale: float = 7.5, out: str | Path | None = None,
+              shapes: tuple[str, ...] | None = None) -> dict:
+    """How often the base model draws the prompt's shape kind, shape colour and background colour."""
+    from ..data.shapes import BASE_SHAPES, sample_shapes
+    from ..models import load_base_model
+    from ..validation import image_grid
+
+    base = load_base_model(pretrained_model_name_or_path)
+    res = _base_resolution(base)
+    specs = sample_shapes(n_prompts, res, 20_000 + seed, shapes or BASE_SHAPES)
+    prompts = [s.prompt for s in specs for _ in range(per_prompt)]
+    images = generate_batched(text2image_pipeline(base), prompts, seed, steps, res, guidance_scale, desc="base")
+    scores = [shape_scores(im, s.shape, s.color, s.background)
+              for im, s in zip(images, (s for s in specs for _ in range(per_prompt)))]
+    result = {"n_images": len(images), "n_prompts": n_prompts, **_summary(scores), "by_shape": {}}
+    for kind in sorted({s.shape for s in specs}):
+        picked = [sc for sc, s in zip(scores, (s for s in specs for _ in range(per_prompt))) if s.shape == kind]
+        result["by_shape"][kind] = _summary(picked)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [[Image.fromarray(im) for im in images[i * per_prompt : (i + 1) * per_prompt]] for i in range(min(12, n_prompts))]
+        image_grid(rows).save(out / "eval_base.png")
+        (out / "eval_base.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A readable table of an eval result."""
+    lines = []
+    if "controlnet" in result:
+        cols = list(result["controlnet"])
+        lines.append(f"{'':14s}" + "".join(f"{c:>20s}" for c in cols))
+        for name in ("controlnet", "base_alone"):
+            if name in result:
+                lines.append(f"{name:14s}" + "".join(f"{result[name][c]:20.3f}" for c in cols))
+        lines.append(f"({result['n']} held-out conditions, metric {result['metric']})")
+    else:
+        cols = ["background_ok", "shape_color_ok", "shape_kind_ok", "background_delta_e", "shape_delta_e"]
+        lines.append(f"{'':10s}" + "".join(f"{c:>20s}" for c in cols))
+        lines.append(f"{'all':10s}" + "".join(f"{result[c]:20.3f}" for c in cols))
+        for kind, vals in result["by_shape"].items():
+            lines.append(f"{kind:10s}" + "".join(f"{vals[c]:20.3f}" for c in cols))
+        lines.append(f"({result['n_images']} images, {result['n_prompts']} prompts)")
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""Train the bundled tiny base model ("tiny-shapes") from scratch on the shapes world.
+
+Reproducible: ``difftune pretrain-base --out DIR [--seed 0]`` (the defaults are what was
+shipped). Two stages, each saved before the next starts, so a killed run continues:
+
+1. VAE (``AutoencoderKL``, 64 px -> 8x8x4 latents): reconstruction MSE + a small KL term.
+   The latent scaling factor is then set to 1/std of the data's latents, as SD did.
+2. Text encoder (``CLIPTextModel``) and UNet (``UNet2DConditionModel``) jointly, on cached
+   latent distributions, with the SD noise schedule, epsilon prediction, Min-SNR-5
+   weighting, 10% empty captions (for classifier-free guidance) and an EMA of the weights,
+   which is what is exported.
+
+This is a one-off tool that builds an asset, not an adapter trainer, so it keeps its own
+short loops instead of the method loop in ``trainer.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.shapes import BASE_SHAPES, render_batch, sample_shapes
+from .noising import DiffusionObjective
+from .tiny import SD_SCHEDULER, default_words, write_tokenizer
+
+RESOLUTION = 64
+MAX_TOKENS = 24
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+    latent_channels=4, norm_num_groups=1, sample_size=RESOLUTION,
+)
+TEXT_CONFIG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu", projection_dim=64,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+UNET_CONFIG = dict(
+    sample_size=RESOLUTION // 8, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(64, 128), layers_per_block=2, norm_num_groups=8,
+    cross_attention_dim=64, attention_head_dim=8,
+)
+
+
+def _log(path: Path, **row) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _images_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int = 32, lr: float = 3e-4):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05,
+                                                anneal_strategy="cos", div_factor=10, final_div_factor=10)
+    g = np.random.default_rng(seed)
+    log, t0 = out / "pretrain_log.jsonl", time.time()
+    for step in range(1, steps + 1):
+        x = _images_to_tensor(images[g.integers(len(images), size=batch)])
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + F.l1_loss(recon, x) + 1e-6 * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps:
+            _log(log, stage="vae", step=step, mse=round(mse.item(), 5), seconds=round(time.time() - t0, 1))
+    return vae.eval()
+
+
+@torch.no_grad()
+def latent_moments_of(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(_images_to_tensor(images[i : i + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: int, scaling_factor: float,
+                   batch: int = 64,
+                   lr: float = 1e-3, ema_decay: float = 0.999, empty_prob: float = 0.1):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG))
+    modules = torch.nn.ModuleList([unet, text_encoder])
+    ema = torch.nn.ModuleList([UNet2DConditionModel(**UNET_CONFIG),
+                               CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG))])
+    ema.load_state_dict(modules.state_dict())
+    ema.requires_grad_(False)
+    objective = DiffusionObjective(DDPMScheduler(**SD_SCHEDULER), "epsilon", snr_gamma=5.0)
+    ids_all = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, min(200, steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.9 + 0.1)
+    )
+    g = torch.Generator().manual_seed(seed)
+    log, t0, running = out / "pretrain_log.jsonl", time.time(), []
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(mean), (batch,), generator=g)
+        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling_factor
+        ids = ids_all[idx].clone()
+        drop = torch.rand(batch, generator=g) < empty_prob
+        ids[drop] = empty_ids
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, objective.num_timesteps, (batch,), generator=g)
+        hidden = text_encoder(ids)[0]
+        pred = unet(objective.add_noise(latents, noise, t), t, encoder_hidden_states=hidden).sample
+        loss = objective.loss(pred, noise, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), modules.parameters()):
+                e.lerp_(p, 1 - decay)
+        running.append(loss.item())
+        if step % 100 == 0 or step == steps:
+            _log(log, stage="unet", step=step, loss=round(sum(running) / len(running), 5),
+                 lr=sched.get_last_lr()[0], seconds=round(time.time() - t0, 1))
+            running = []
+        if step % 1000 == 0 or step == steps:
+            yield step, ema
+
+
+def save_pipeline(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDPMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    tmp = folder.with_name(folder.name + ".tmp")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500, unet_steps: int = 4500,
+                  seed: int = 0) -> Path:
+    """Build the tiny-shapes base model in ``out/model`` (diffusers layout); returns that path."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    samples = sample_shapes(n_images, RESOLUTION, seed, BASE_SHAPES)
+    images = render_batch(samples, RESOLUTION)
+    captions = [s.prompt for s in samples]
+    tok_dir = out / "tokenizer"
+    write_tokenizer(tok_dir, default_words())
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=MAX_TOKENS)
+    tokenizer.model_max_length = MAX_TOKENS
+
+    vae_dir = out / "vae"
+    if (vae_dir / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    else:
+        vae = train_vae(out, images, vae_steps, seed)
+        mean, _ = latent_moments_of(vae, images[:2000])
+        vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+        vae.save_pretrained(vae_dir)
+    mean, std = latent_moments_of(vae, images)
+    scale = float(vae.config.scaling_factor)
+    _log(out / "pretrain_log.jsonl", stage="latents", scaling_factor=scale, latent_std=float((mean * scale).std()))
+    for step, ema in train_denoiser(out, tokenizer, mean, std, captions, unet_steps, seed + 1, scale):
+        unet, text_encoder = ema[0], ema[1]
+        save_pipeline(out / "model", vae, text_encoder, unet, tokenizer)
+        _log(out / "pretrain_log.jsonl", stage="saved", step=step)
+    return out / "model"

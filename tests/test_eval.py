@@ -1,0 +1,57 @@
+"""The quality metrics read ground truth correctly, and the eval commands run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from difftune.data.fill50k import render_circle, sample_circles
+from difftune.data.shapes import BASE_SHAPES, render_shape, sample_shapes
+from difftune.eval.metrics import CircleIoU, shape_scores
+
+
+def test_shape_metrics_read_rendered_shapes_perfectly():
+    for s in sample_shapes(90, 64, seed=3, shapes=BASE_SHAPES):
+        scores = shape_scores(np.asarray(render_shape(s, 64)), s.shape, s.color, s.background)
+        assert scores["background_ok"] == scores["shape_color_ok"] == scores["shape_kind_ok"] == 1.0, s
+
+
+def test_shape_metrics_notice_wrong_colour_and_kind():
+    s = sample_shapes(1, 64, seed=5, shapes=("square",))[0]
+    image = np.asarray(render_shape(s, 64))
+    assert shape_scores(image, "triangle", s.color, s.background)["shape_kind_ok"] == 0.0
+    assert shape_scores(image, "square", s.background, s.color)["shape_color_ok"] == 0.0
+    flat = np.full_like(image, 128)
+    assert shape_scores(flat, "square", s.color, s.background)["shape_color_ok"] == 0.0
+
+
+def test_circle_iou_of_ground_truth_is_high_and_of_a_moved_circle_low():
+    metric = CircleIoU()
+    ious, moved = [], []
+    for c in sample_circles(60, 64, 0):
+        image = np.asarray(render_circle(c, 64)[0])
+        target = dict(cx=c.cx, cy=c.cy, r=c.r, color=c.color, background=c.background)
+        ious.append(metric.score(image, target)["iou"])
+        moved.append(metric.score(np.roll(image, 32, axis=1), target)["iou"])
+    assert np.mean(ious) > 0.95
+    assert np.mean(moved) < 0.3
+
+
+def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, capsys):
+    from difftune.api import train_controlnet
+    from difftune.cli import main
+    from conftest import make_config
+
+    run = tmp_path / "cn"
+    train_controlnet(make_config(tiny_model_dir, fill_dir, run, max_train_steps=1))
+    assert main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet",
+                 str(run), "--n", "3", "--num_inference_steps", "2", "--out", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev" / "eval_controlnet.json").read_text())
+    assert result["n"] == 3 and 0.0 <= result["controlnet"]["iou"] <= 1.0 and "base_alone" in result
+    assert (tmp_path / "ev" / "eval_controlnet.png").is_file()
+    assert main(["eval", "base", "--pretrained_model_name_or_path", str(tiny_model_dir), "--n_prompts", "2",
+                 "--per_prompt", "2", "--num_inference_steps", "2", "--out", str(tmp_path / "eb")]) == 0
+    result = json.loads((tmp_path / "eb" / "eval_base.json").read_text())
+    assert result["n_images"] == 4 and set(result["by_shape"]) <= set(BASE_SHAPES)
+    assert "shape_kind_ok" in capsys.readouterr().out
