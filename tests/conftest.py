@@ -12,8 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
-torch.set_flush_denormal(True)
+# One thread: on a 2-core machine, two test processes (or a test run beside a training run)
+# with two OpenMP threads each slow each other down several-fold.
+torch.set_num_threads(int(os.environ.get("DIFFTUNE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

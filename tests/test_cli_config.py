@@ -160,3 +160,27 @@ def test_data_check_cli(fill_dir, tiny_model_dir, capsys):
     assert "ready to train" in capsys.readouterr().out
     assert main(["data", "check", "--train_data_dir", str(fill_dir), "--resolution", "128"]) == 0  # warnings only
     assert "smaller than" in capsys.readouterr().out
+
+
+TRAIN_CUSTOM_DIFFUSION_FLAGS = sorted("""
+adam_beta1 adam_beta2 adam_epsilon adam_weight_decay allow_tf32 cache_dir center_crop checkpointing_steps
+checkpoints_total_limit class_data_dir class_prompt concepts_list config controlnet_model_name_or_path
+dataloader_num_workers enable_xformers_memory_efficient_attention freeze_model gradient_accumulation_steps
+gradient_checkpointing hflip hub_model_id hub_token initializer_token instance_data_dir instance_prompt
+learning_rate logging_dir lr_num_cycles lr_power lr_scheduler lr_warmup_steps max_grad_norm max_train_steps
+mixed_precision modifier_token nan_policy no_safe_serialization noaug num_class_images
+num_class_inference_steps num_train_epochs num_validation_images num_validation_inference_steps output_dir
+prediction_type pretrained_model_name_or_path prior_generation_precision prior_loss_weight push_to_hub
+real_prior recipe report_to resolution resume_from_checkpoint revision sample_batch_size scale_lr seed
+set_grads_to_none snr_gamma tokenizer_name tracker_project_name train_batch_size use_8bit_adam
+validation_prompt validation_steps variant with_prior_preservation
+""".split())
+
+
+def test_train_custom_diffusion_flag_set_is_locked():
+    flags = sorted(
+        opt[2:] for a in _subparser("train", "custom-diffusion")._actions for opt in a.option_strings
+        if opt.startswith("--")
+    )
+    flags.remove("help")
+    assert flags == TRAIN_CUSTOM_DIFFUSION_FLAGS

@@ -42,6 +42,28 @@ def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
     return summary
 
 
+def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
+    """Train Custom Diffusion concept(s) as configured (a ``CustomDiffusionConfig``); returns the run summary.
+
+    ``--scale_lr`` multiplies the learning rate by GPUs x batch x accumulation, and by 2 more
+    with prior preservation (each example then carries a class image too), as diffusers does
+    (``CustomDiffusionMethod.lr_scale``).
+    """
+    from .hub import push_folder
+    from .methods.custom_diffusion import CustomDiffusionMethod
+    from .trainer import Trainer
+
+    cfg = resolve_seed(cfg)
+    method = CustomDiffusionMethod(cfg, base=base)
+    summary = Trainer(method, cfg).fit()
+    if cfg.train.push_to_hub:
+        summary["hub_url"] = push_folder(
+            Path(cfg.train.output_dir), cfg.train.hub_model_id, cfg.train.hub_token,
+            ignore=["checkpoints/*", "logs/*", ".*"],
+        )
+    return summary
+
+
 def _open_condition(path: str | Path) -> Image.Image:
     p = Path(path)
     if not p.is_file():
@@ -55,8 +77,8 @@ def _open_condition(path: str | Path) -> Image.Image:
 
 def generate(
     pretrained_model_name_or_path: str,
-    controlnet: str | Path,
-    image: str | Path | Image.Image,
+    controlnet: str | Path | None,
+    image: str | Path | Image.Image | None,
     prompt: str,
     num_inference_steps: int = 20,
     seed: int = 0,
@@ -68,8 +90,12 @@ def generate(
     device: str | None = None,
     cpu_offload: bool = False,
     enable_xformers_memory_efficient_attention: bool = False,
+    custom_diffusion: str | Path | None = None,
+    weight_name: str | None = None,
 ) -> list[Image.Image]:
-    """Images for ``prompt`` conditioned on ``image`` with a trained ControlNet (UniPC sampler).
+    """Images for ``prompt`` conditioned on ``image`` with a trained ControlNet (UniPC sampler),
+    or, with ``custom_diffusion`` (and no ControlNet), text-to-image with a Custom Diffusion folder's
+    processors and tokens (several concepts together when the folder holds several).
 
     fp16 on CUDA, fp32 on the CPU; the same seed gives the same images.
     """
@@ -79,8 +105,16 @@ def generate(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base = load_base_model(pretrained_model_name_or_path)
-    net = load_controlnet(str(controlnet))
-    pipe = controlnet_pipeline(base, net)
+    if controlnet is None:
+        if custom_diffusion is None:
+            raise UserError("generate needs a ControlNet (--controlnet) or a Custom Diffusion folder (--custom_diffusion).")
+        from .custom_diffusion.class_images import text2image_pipeline
+        from .custom_diffusion.export import load_custom_diffusion
+
+        pipe = text2image_pipeline(base)
+        load_custom_diffusion(pipe, custom_diffusion, weight_name)
+    else:
+        pipe = controlnet_pipeline(base, load_controlnet(str(controlnet)))
     if cpu_offload:
         if not device.startswith("cuda"):
             raise UserError("--cpu_offload only makes sense with a CUDA device.")
@@ -92,8 +126,13 @@ def generate(
         pipe.to(device, dtype=dtype)
     if enable_xformers_memory_efficient_attention:
         pipe.enable_xformers_memory_efficient_attention()
-    cond = image if isinstance(image, Image.Image) else _open_condition(image)
     res = resolution or int(base.unet.config.sample_size) * 2 ** (len(base.vae.config.block_out_channels) - 1)
+    if controlnet is None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        return list(pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, height=res, width=res, num_images_per_prompt=num_images,
+                         generator=gen).images)
+    cond = image if isinstance(image, Image.Image) else _open_condition(image)
     return run_controlnet_pipeline(
         pipe, [prompt], [cond], num_images, seed, num_inference_steps, res, guidance_scale,
         controlnet_conditioning_scale, negative_prompt,

@@ -84,8 +84,13 @@ def cmd_train_controlnet(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import generate
 
+    if bool(args.controlnet) == bool(args.custom_diffusion):
+        raise UserError("generate needs either --controlnet DIR (with --image) or --custom_diffusion DIR.")
+    if args.controlnet and not args.image:
+        raise UserError("--controlnet needs --image (the conditioning image).")
     images = generate(
         args.pretrained_model_name_or_path, args.controlnet, args.image, args.prompt,
+        custom_diffusion=args.custom_diffusion, weight_name=args.weight_name,
         num_inference_steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
         controlnet_conditioning_scale=args.controlnet_conditioning_scale, num_images=args.num_images,
         resolution=args.resolution, negative_prompt=args.negative_prompt, device=args.device,
@@ -182,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import ControlNetConfig
     from .recipes import RECIPES
 
-    p = argparse.ArgumentParser(prog="difftune", description="Train ControlNet adapters on frozen Stable Diffusion models.")
+    p = argparse.ArgumentParser(prog="difftune", description="Train ControlNet and Custom Diffusion adapters on frozen Stable Diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train an adapter").add_subparsers(dest="method", required=True)
@@ -191,11 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (flags override it)")
     add_config_flags(cn, ControlNetConfig)
     cn.set_defaults(func=cmd_train_controlnet)
+    from .cli_custom_diffusion import register as register_custom_diffusion
 
-    g = sub.add_parser("generate", help="generate images with a trained ControlNet")
+    g = sub.add_parser("generate", help="generate images with a trained ControlNet or Custom Diffusion concept")
     g.add_argument("--pretrained_model_name_or_path", required=True, help="base model folder or hub id")
-    g.add_argument("--controlnet", required=True, help="trained ControlNet folder (the training --output_dir)")
-    g.add_argument("--image", required=True, help="conditioning image")
+    g.add_argument("--controlnet", help="trained ControlNet folder (the training --output_dir)")
+    g.add_argument("--image", help="conditioning image (with --controlnet)")
+    g.add_argument("--custom_diffusion", help="trained Custom Diffusion folder; use its tokens in --prompt")
+    g.add_argument("--weight_name", help="weight file in the --custom_diffusion folder (default: the trained one)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative_prompt")
     g.add_argument("--num_inference_steps", type=int, default=20)
@@ -251,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", default="eval", help="folder for the JSON and the PNG grid")
     e.set_defaults(func=cmd_eval_controlnet)
     eb.set_defaults(func=cmd_eval_base)
+    register_custom_diffusion(sub, train, ev)
 
     pb = sub.add_parser("pretrain-base", help="train the tiny-shapes base model from scratch (what ships)")
     pb.add_argument("--out", required=True)

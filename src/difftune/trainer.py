@@ -132,6 +132,8 @@ class Trainer:
         lr = effective_learning_rate(
             self.optim_cfg, cfg.train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes
         )
+        if self.optim_cfg.scale_lr:  # a method whose examples carry several images (e.g. + a class image)
+            lr *= float(getattr(self.method, "lr_scale", 1.0))
         optimizer = build_optimizer(self.method.param_groups(), self.optim_cfg, lr, accelerator.device.type)
         *prepared, optimizer, loader = accelerator.prepare(*modules, optimizer, loader)
         self.method.bind(prepared)

@@ -87,10 +87,10 @@ def _summary(scores: list[dict]) -> dict:
     return {k: float(np.nanmean([s[k] for s in scores])) for k in keys}
 
 
-def eval_controlnet(pretrained_model_name_or_path: str, controlnet: str | Path, data: str | Path | None = None,
+def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | Path | None = None,
                     n: int = 200, steps: int = 20, seed: int = 0, guidance_scale: float = 7.5,
                     out: str | Path | None = None, metric: str = "fill50k", baseline: bool = True) -> dict:
-    """Condition fidelity of a ControlNet on held-out conditions, with the base model alone as baseline."""
+    """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline."""
     from ..models import load_base_model, load_controlnet
     from ..pipelines import controlnet_pipeline
     from ..validation import image_grid
@@ -100,7 +100,8 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet: str | Path, 
     targets = eval_circles(n, res, seed, data)
     prompts = [t["prompt"] for t in targets]
     scorer = CONDITION_METRICS[metric]()
-    pipe = controlnet_pipeline(base, load_controlnet(str(controlnet)))
+    net = controlnet if isinstance(controlnet, torch.nn.Module) else load_controlnet(str(controlnet))
+    pipe = controlnet_pipeline(base, net)
     with_cn = generate_batched(pipe, prompts, seed, steps, res, guidance_scale,
                                [t["condition"] for t in targets], desc="with ControlNet")
     result = {"n": len(targets), "metric": scorer.name, "controlnet": _summary(

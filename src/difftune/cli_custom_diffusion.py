@@ -1,0 +1,123 @@
+"""Custom Diffusion commands: ``train custom-diffusion``, ``retrieve``, ``custom-diffusion merge|compress``,
+``eval custom-diffusion``. Flags of training come from ``CustomDiffusionConfig``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import train_custom_diffusion
+    from .cli import config_from_args
+    from .config import merge
+    from .config_custom_diffusion import CustomDiffusionConfig, custom_diffusion_defaults
+    from .recipes import RECIPES
+
+    recipe = merge(custom_diffusion_defaults(), RECIPES[args.recipe]() if args.recipe else {})
+    cfg = config_from_args(CustomDiffusionConfig, args, recipe)
+    summary = train_custom_diffusion(cfg)
+    print(json.dumps({k: summary[k] for k in ("global_step", "final_loss", "seconds", "exported") if k in summary},
+                     indent=2))
+    print(f"Custom Diffusion weights saved in {cfg.train.output_dir}")
+    return 0
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from .custom_diffusion.retrieve import retrieve
+
+    out = retrieve(args.class_prompt, args.class_data_dir, args.num_class_images, args.backend,
+                   indice_name=args.indice_name, timeout=args.timeout)
+    print(f"real prior in {out} (images.txt, caption.txt, urls.txt): train with --real_prior "
+          f"--class_data_dir {out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .custom_diffusion.merge import merge_concepts
+    from .models import load_base_model
+
+    prompts = None
+    if args.regularization_prompts:
+        from .errors import ConfigError
+
+        p = Path(args.regularization_prompts)
+        if not p.is_file():
+            raise ConfigError(f"--regularization_prompts {p} does not exist (one caption per line).")
+        prompts = [x.strip() for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    info = merge_concepts(args.concepts, load_base_model(args.pretrained_model_name_or_path), args.output_dir,
+                          prompts, safe=not args.no_safe_serialization)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .custom_diffusion.compress import compress
+    from .models import load_base_model
+
+    base = load_base_model(args.pretrained_model_name_or_path)
+    print(json.dumps(compress(args.custom_diffusion, base.unet, args.output_dir, args.rank, args.energy), indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .custom_diffusion.eval import eval_custom_diffusion, format_table
+
+    result = eval_custom_diffusion(args.pretrained_model_name_or_path, args.custom_diffusion, n=args.n,
+                                   steps=args.num_inference_steps, seed=args.seed,
+                                   guidance_scale=args.guidance_scale, out=args.out, weight_name=args.weight_name)
+    print(format_table(result))
+    print(f"details: {Path(args.out) / 'eval_custom_diffusion.json'}, grid: {Path(args.out) / 'eval_custom_diffusion.png'}")
+    return 0
+
+
+def register(sub, train_sub, eval_sub=None) -> None:
+    """Add the Custom Diffusion commands to the top-level, ``train`` and ``eval`` sub-parsers."""
+    from .cli import add_config_flags
+    from .config_custom_diffusion import CustomDiffusionConfig
+    from .recipes import RECIPES
+
+    t = train_sub.add_parser("custom-diffusion", help="train Custom Diffusion concept(s) (flags as diffusers' "
+                                                      "train_custom_diffusion.py)")
+    t.add_argument("--config", help="YAML/TOML/JSON file of settings (flags override it)")
+    t.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (flags override it)")
+    add_config_flags(t, CustomDiffusionConfig)
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("retrieve", help="download a real prior from a clip-retrieval kNN back-end")
+    r.add_argument("--class_prompt", required=True)
+    r.add_argument("--class_data_dir", required=True)
+    r.add_argument("--num_class_images", type=int, default=200)
+    r.add_argument("--backend", required=True, help="URL of a clip-retrieval kNN service (self-hosted), e.g. "
+                                                    "http://HOST:1234/knn-service")
+    r.add_argument("--indice_name", default="laion5B-L-14")
+    r.add_argument("--timeout", type=float, default=30.0)
+    r.set_defaults(func=cmd_retrieve)
+
+    cd = sub.add_parser("custom-diffusion", help="Custom Diffusion tools").add_subparsers(dest="tool", required=True)
+    m = cd.add_parser("merge", help="merge separately trained concepts (closed form, paper eq. 4)")
+    m.add_argument("--concepts", nargs="+", required=True, help="two or more Custom Diffusion output folders")
+    m.add_argument("--regularization_prompts", help="text file, one caption per line (default: built-in captions)")
+    m.add_argument("--no_safe_serialization", action="store_true")
+    c = cd.add_parser("compress", help="low-rank compression of the weight deltas (top singular values)")
+    c.add_argument("--custom_diffusion", required=True, help="Custom Diffusion output folder")
+    c.add_argument("--rank", type=int)
+    c.add_argument("--energy", type=float, help="keep the fewest singular values with this share of sum(S^2)")
+    for q in (m, c):
+        q.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
+        q.add_argument("--output_dir", required=True)
+    m.set_defaults(func=cmd_merge)
+    c.set_defaults(func=cmd_compress)
+
+    if eval_sub is not None:
+        e = eval_sub.add_parser("custom-diffusion", help="concept fidelity and prior drift of a trained concept")
+        e.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
+        e.add_argument("--custom_diffusion", required=True, help="Custom Diffusion output folder")
+        e.add_argument("--weight_name", help="weight file in the folder (default: from custom_diffusion.json)")
+        e.add_argument("--n", type=int, default=16, help="images per prompt")
+        e.add_argument("--num_inference_steps", type=int, default=20)
+        e.add_argument("--guidance_scale", type=float, default=7.5)
+        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--out", default="eval", help="folder for the JSON and the PNG grid")
+        e.set_defaults(func=cmd_eval)

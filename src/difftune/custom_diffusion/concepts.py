@@ -1,0 +1,158 @@
+"""The concepts a run learns, resolved from flags or ``--concepts_list``, and checked up front.
+
+A concept is (instance images + a prompt with its modifier token) and, with prior
+preservation, (class images + a class prompt). Every problem a user can fix is reported
+before any training starts, naming the flag, the file or the list entry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CONCEPT_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
+
+
+@dataclass
+class Concept:
+    instance_prompt: str
+    instance_data_dir: str
+    class_prompt: str | None = None
+    class_data_dir: str | None = None
+    where: str = "the flags"  # for messages: "--concepts_list FILE, entry 2"
+    modifier_tokens: list[str] = field(default_factory=list)
+
+    @property
+    def class_word(self) -> str | None:
+        """The class noun, taken as the last word of the class prompt ('photo of a cat' -> 'cat')."""
+        return self.class_prompt.split()[-1] if self.class_prompt and self.class_prompt.split() else None
+
+
+def read_concepts_list(path: str | Path) -> list[Concept]:
+    """Concepts from a JSON list of {instance_prompt, class_prompt, instance_data_dir, class_data_dir}."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--concepts_list {p} does not exist.")
+    try:
+        entries = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--concepts_list {p} is not valid JSON ({e}). It must be a list of objects with the "
+                          f"keys {', '.join(CONCEPT_KEYS)}.") from None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"--concepts_list {p} must hold a non-empty JSON list of concept objects.")
+    concepts = []
+    for i, entry in enumerate(entries):
+        where = f"--concepts_list {p}, entry {i}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} is not an object with the keys {', '.join(CONCEPT_KEYS)}.")
+        unknown = set(entry) - set(CONCEPT_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(CONCEPT_KEYS)}.")
+        for key in ("instance_prompt", "instance_data_dir"):
+            if not isinstance(entry.get(key), str) or not entry[key].strip():
+                raise ConfigError(f"{where} has no '{key}'.")
+        concepts.append(Concept(entry["instance_prompt"], entry["instance_data_dir"], entry.get("class_prompt"),
+                                entry.get("class_data_dir"), where=where))
+    return concepts
+
+
+def resolve_concepts(data_cfg: Any, modifier_tokens: list[str]) -> list[Concept]:
+    """The run's concepts, checked against the modifier tokens and prior-preservation settings."""
+    if data_cfg.concepts_list:
+        concepts = read_concepts_list(data_cfg.concepts_list)
+    else:
+        concepts = [Concept(data_cfg.instance_prompt, data_cfg.instance_data_dir, data_cfg.class_prompt,
+                            data_cfg.class_data_dir)]
+    for c in concepts:
+        c.modifier_tokens = [t for t in modifier_tokens if t in c.instance_prompt]
+        if not c.modifier_tokens:
+            raise ConfigError(
+                f"{c.where}: the instance prompt {c.instance_prompt!r} contains none of the modifier tokens "
+                f"({', '.join(modifier_tokens)}). Put the token in the prompt, e.g. 'photo of a "
+                f"{modifier_tokens[0]} {c.class_word or 'cat'}' - otherwise it never learns the concept.")
+        if data_cfg.with_prior_preservation:
+            if not c.class_data_dir:
+                raise ConfigError(f"{c.where}: --with_prior_preservation needs a class_data_dir.")
+            if not c.class_prompt and not data_cfg.real_prior:
+                raise ConfigError(f"{c.where}: --with_prior_preservation needs a class_prompt.")
+    unused = [t for t in modifier_tokens if not any(t in c.modifier_tokens for c in concepts)]
+    if unused:
+        raise ConfigError(f"--modifier_token {'+'.join(modifier_tokens)}: {', '.join(unused)} appears in no "
+                          "instance prompt, so it would never train. Use it in a prompt or drop it.")
+    return concepts
+
+
+def default_initializers(concepts: list[Concept], modifier_tokens: list[str]) -> list[str]:
+    """Without --initializer_token, each new token starts from its concept's class word: the last
+    word of the class prompt, else the last word of the instance prompt that is not a modifier token."""
+    out = []
+    for token in modifier_tokens:
+        concept = next(c for c in concepts if token in c.modifier_tokens)
+        words = [w for w in concept.instance_prompt.split() if not any(t in w for t in modifier_tokens)]
+        word = concept.class_word or (words[-1] if words else None)
+        if not word:
+            raise ConfigError(f"{concept.where}: no --initializer_token and no class word to start {token} from. "
+                              "Give --initializer_token WORD (one token, e.g. 'cat').")
+        out.append(word)
+    return out
+
+
+def list_images(folder: str | Path, flag: str) -> list[Path]:
+    """Image files directly in ``folder`` (sorted); a clear error if there are none."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise DataError(f"{flag} {d} is not a folder.")
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{flag} {d} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); put the concept's "
+                        "4-20 pictures there.")
+    return files
+
+
+def check_image(path: Path, flag: str) -> None:
+    """Decode ``path`` fully; a DataError naming the file if it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{flag}: cannot read image {path} ({type(e).__name__}: {e}); fix or remove the file.") from None
+
+
+def real_prior_pairs(folder: str | Path) -> list[tuple[Path, str]]:
+    """(image, caption) pairs of a real prior folder.
+
+    Accepted layouts: ``images.txt`` + ``caption.txt`` (one line per image, as ``difftune
+    retrieve`` and diffusers' ``retrieve.py`` write; paths absolute or relative to the folder or
+    to ``images/``), or image files each with a same-name ``.txt`` caption.
+    """
+    d = Path(folder)
+    images_txt, captions_txt = d / "images.txt", d / "caption.txt"
+    if images_txt.is_file() and captions_txt.is_file():
+        paths = [line.strip() for line in images_txt.read_text(encoding="utf-8").splitlines() if line.strip()]
+        caps = [line.strip() for line in captions_txt.read_text(encoding="utf-8").splitlines()]
+        if len(caps) < len(paths):
+            raise DataError(f"--real_prior: {captions_txt} has {len(caps)} lines for {len(paths)} images in "
+                            f"{images_txt}; one caption per image.")
+        pairs = []
+        for line, cap in zip(paths, caps):
+            p = Path(line)
+            candidates = [p, d / p, d / "images" / p.name] if not p.is_absolute() else [p, d / "images" / p.name]
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                raise DataError(f"--real_prior: {images_txt} lists {line}, which does not exist.")
+            pairs.append((found, cap))
+        return pairs
+    if d.is_dir():
+        pairs = [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip())
+                 for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file()]
+        if pairs:
+            return pairs
+    raise DataError(f"--real_prior: {d} has neither images.txt + caption.txt nor images with same-name .txt "
+                    f"captions. Fetch a real prior with `difftune retrieve --class_prompt ... --class_data_dir {d}`.")

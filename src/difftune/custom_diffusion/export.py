@@ -1,0 +1,143 @@
+"""Diffusers-loadable Custom Diffusion files, and loading them back.
+
+Written to the output folder:
+
+- ``pytorch_custom_diffusion_weights.safetensors`` (``.bin`` with ``--no_safe_serialization``):
+  every attention processor of the UNet, keyed as diffusers' ``save_attn_procs`` keys them;
+- ``<new1>.safetensors`` (``.bin``) per modifier token: ``{token: embedding}``, the
+  textual-inversion layout ``pipe.load_textual_inversion`` reads;
+- ``custom_diffusion.json``: tokens, prompts and settings (for ``generate``, merge, eval).
+
+Two defects of diffusers (issue huggingface/diffusers#9320, present in 0.42) are handled:
+
+1. ``save_attn_procs(safe_serialization=True)`` drops the weightless self-attention
+   processors (safetensors cannot store ``{}``), and ``load_attn_procs`` then builds too few
+   processors and fails ("number of processors 6 does not match ... 12"). We store those
+   entries as zero-length tensors: diffusers' loader tests ``len(value) == 0`` and builds a
+   weightless processor for them, so the file loads.
+2. ``load_attn_procs`` installs the processors only when called with ``_pipeline=...``; a
+   plain ``pipe.unet.load_attn_procs(dir, weight_name=...)`` silently does nothing. Pass
+   ``_pipeline=pipe`` with such versions, or use ``load_custom_diffusion`` here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ConfigError, ModelLoadError
+
+WEIGHTS_SAFE = "pytorch_custom_diffusion_weights.safetensors"
+WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"
+META = "custom_diffusion.json"
+
+
+def _atomic(path: Path, write) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def full_processor_dict(unet: torch.nn.Module, weights: dict[str, torch.Tensor], safe: bool) -> dict[str, Any]:
+    """``weights`` plus an entry for every weightless processor (zero-length tensor, or ``{}`` for .bin)."""
+    out: dict[str, Any] = {k: v.detach().float().cpu().contiguous() for k, v in weights.items()}
+    for name in unet.attn_processors:
+        if not any(k.startswith(name + ".") for k in weights):
+            out[name] = torch.zeros(0) if safe else {}
+    return out
+
+
+def save_custom_diffusion(output_dir: str | Path, unet: torch.nn.Module, weights: dict[str, torch.Tensor],
+                          embeddings: dict[str, torch.Tensor], meta: dict, safe: bool = True) -> list[Path]:
+    """Write the weight file, one embedding file per token and the metadata; return the paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = full_processor_dict(unet, weights, safe)
+    written = []
+    if safe:
+        written.append(_atomic(out / WEIGHTS_SAFE, lambda p: save_file(state, str(p), metadata={"format": "pt"})))
+    else:
+        written.append(_atomic(out / WEIGHTS_BIN, lambda p: torch.save(state, p)))
+    for token, row in embeddings.items():
+        name = f"{token}.{'safetensors' if safe else 'bin'}"
+        tensors = {token: row.detach().float().cpu().contiguous()}
+        written.append(_atomic(out / name, (lambda p, t=tensors: save_file(t, str(p))) if safe
+                               else (lambda p, t=tensors: torch.save(t, p))))
+    meta = dict(meta, weight_name=written[0].name, embeddings={t: f"{t}.{'safetensors' if safe else 'bin'}"
+                                                               for t in embeddings})
+    written.append(_atomic(out / META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")))
+    return written
+
+
+def read_meta(folder: str | Path) -> dict:
+    path = Path(folder) / META
+    if not path.is_file():
+        raise ModelLoadError(f"--custom_diffusion {folder}: no {META}; is this a difftune Custom Diffusion output "
+                             "folder?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _weight_file(folder: Path, weight_name: str | None) -> Path:
+    if weight_name:
+        path = folder / weight_name
+    else:
+        path = next((folder / n for n in (WEIGHTS_SAFE, WEIGHTS_BIN) if (folder / n).is_file()), folder / WEIGHTS_SAFE)
+    if not path.is_file():
+        raise ModelLoadError(f"--custom_diffusion {folder}: no weight file {path.name}.")
+    return path
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A weight file as tensors. ``.bin`` files are read with ``weights_only=True`` (no arbitrary
+    unpickling); empty entries are dropped."""
+    if path.suffix == ".safetensors":
+        tensors = load_file(str(path))
+    else:
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"{path} is not a readable weight file: {e}") from None
+    return {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.numel() > 0}
+
+
+def read_weights(folder: str | Path, weight_name: str | None = None, base_unet: torch.nn.Module | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The processor weights of an output folder (low-rank files are expanded against ``base_unet``)."""
+    from .compress import expand_lowrank, is_lowrank
+
+    path = _weight_file(Path(folder), weight_name)
+    tensors = read_tensors(path)
+    if is_lowrank(tensors):
+        if base_unet is None:
+            raise ConfigError(f"{path} holds low-rank deltas; the base UNet is needed to expand them.")
+        tensors = expand_lowrank(tensors, base_unet)
+    return tensors
+
+
+def load_custom_diffusion(pipe: Any, folder: str | Path, weight_name: str | None = None) -> list[str]:
+    """Install a folder's processors and tokens into a diffusers text-to-image pipeline; return the tokens.
+
+    Equivalent to ``pipe.unet.load_attn_procs`` + ``pipe.load_textual_inversion`` for each
+    token, but independent of the diffusers defects described above, and it also reads
+    low-rank (``difftune custom-diffusion compress``) files.
+    """
+    from .surgery import install_processors, load_processor_state_dict
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    weights = read_weights(folder, weight_name or meta.get("weight_name"), base_unet=pipe.unet)
+    freeze = "crossattn" if any("to_q_custom_diffusion" in k for k in weights) else "crossattn_kv"
+    install_processors(pipe.unet, freeze)
+    load_processor_state_dict(pipe.unet, weights)
+    pipe.unet.to(pipe.unet.device)
+    tokens = []
+    for token, file in meta.get("embeddings", {}).items():
+        pipe.load_textual_inversion(str(folder), weight_name=file, token=token)
+        tokens.append(token)
+    return tokens

@@ -1,0 +1,145 @@
+"""Merge separately trained concepts into one model (``difftune custom-diffusion merge``).
+
+Kumari et al. 2023, sec. 3.2 ("Constrained optimization to merge concepts"), eq. 4: for each
+cross-attention key/value projection, find the W closest to the base W0 on regularisation
+text features C_reg (rows: token features of generic captions) while reproducing every
+fine-tuned model's output on its own concept's features C_n:
+
+    W^ = argmin_W || W C_reg^T - W0 C_reg^T ||_F   s.t.   W C^T = V,
+    C = [C_1; ...; C_N],   V = [W_1 C_1^T, ..., W_N C_N^T].
+
+Closed form (Lagrange multipliers), with M = C_reg^T C_reg:
+
+    W^ = W0 + (V - W0 C^T) (C M^-1 C^T)^-1 C M^-1.
+
+A small ridge keeps M invertible, and a pseudo-inverse handles constraints that conflict or
+outnumber the feature dimension. The constraint rows are the features of each concept's
+instance prompts from its modifier token to the end-of-text token: the positions whose
+features the new token changes (earlier positions are shared by all prompts, as CLIP is causal).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..noising import tokenize
+from .export import read_meta, read_tensors, read_weights, save_custom_diffusion
+from .surgery import add_tokens, set_embeddings
+
+
+def default_regularization_prompts(class_prompts: list[str], n: int = 200) -> list[str]:
+    """Generic captions: the shapes world's (what the bundled base model knows) and the class prompts.
+
+    For a real Stable Diffusion model pass ``--regularization_prompts`` (e.g. a few hundred
+    LAION-style captions, as the paper does).
+    """
+    from ..data.shapes import BASE_SHAPES, sample_shapes
+
+    return [s.prompt for s in sample_shapes(n, 64, 12345, BASE_SHAPES)] + [p for p in class_prompts if p]
+
+
+@torch.no_grad()
+def token_features(tokenizer: Any, text_encoder: torch.nn.Module, prompts: list[str]) -> torch.Tensor:
+    """All 77 positions' text features of ``prompts``: ``[len(prompts) * 77, D]`` (fp64)."""
+    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
+    return text_encoder(ids, return_dict=False)[0].reshape(-1, text_encoder.config.hidden_size).double().cpu()
+
+
+@torch.no_grad()
+def concept_features(tokenizer: Any, text_encoder: torch.nn.Module, prompts: list[str], token_ids: list[int]
+                     ) -> torch.Tensor:
+    """Features at the positions from the first modifier token to EOS: ``[m, D]`` (fp64)."""
+    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
+    feats = text_encoder(ids, return_dict=False)[0].double().cpu()
+    rows = []
+    for i in range(len(prompts)):
+        row = ids[i].tolist()
+        starts = [j for j, t in enumerate(row) if t in token_ids]
+        if not starts:
+            raise ConfigError(f"merge: the prompt {prompts[i]!r} contains none of its concept's tokens.")
+        end = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row) - 1
+        rows.append(feats[i, starts[0] : end + 1])
+    return torch.cat(rows)
+
+
+def merged_weight(w0: torch.Tensor, targets: list[tuple[torch.Tensor, torch.Tensor]], c_reg: torch.Tensor,
+                  ridge: float = 1e-4) -> torch.Tensor:
+    """Closed-form solution of eq. 4 for one projection. ``targets``: (W_n [out, D], C_n [m_n, D])."""
+    w0 = w0.double()
+    C = torch.cat([c for _, c in targets])  # [m, D]
+    V = torch.cat([w.double() @ c.T for w, c in targets], dim=1)  # [out, m]
+    M = c_reg.T @ c_reg
+    M = M + ridge * M.diagonal().mean() * torch.eye(M.shape[0], dtype=M.dtype)
+    D = torch.linalg.solve(M, C.T).T  # C M^-1, [m, D] (M is symmetric)
+    A = D @ C.T  # [m, m]
+    return (w0 + (V - w0 @ C.T) @ torch.linalg.pinv(A, hermitian=True) @ D).float()
+
+
+def _rename(prompt: str, mapping: dict[str, str]) -> str:
+    for old, new in mapping.items():
+        prompt = re.sub(re.escape(old), new, prompt)
+    return prompt
+
+
+def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
+                   regularization_prompts: list[str] | None = None, safe: bool = True) -> dict:
+    """Merge Custom Diffusion folders (each trained with crossattn_kv on ``base``) into ``output_dir``."""
+    from .compress import base_weight
+
+    if len(folders) < 2:
+        raise ConfigError("merge needs at least two Custom Diffusion folders.")
+    base = copy.deepcopy(base)
+    parts, used, all_tokens, rows, concepts = [], set(), [], [], []
+    for folder in folders:
+        meta = read_meta(folder)
+        if meta.get("freeze_model") != "crossattn_kv":
+            raise ConfigError(f"merge: {folder} was trained with --freeze_model {meta.get('freeze_model')}; the "
+                              "closed-form merge combines key/value projections only (crossattn_kv).")
+        mapping = {}
+        for token in meta["modifier_tokens"]:
+            new = token
+            k = 1
+            while new in used:  # separately trained folders usually both call their token <new1>
+                new, k = f"<new{k}>", k + 1
+            used.add(new)
+            mapping[token] = new
+        embeds = {mapping[t]: read_tensors(Path(folder) / f)[t] for t, f in meta["embeddings"].items()}
+        prompts = [_rename(c["instance_prompt"], mapping) for c in meta["concepts"]]
+        concepts += [dict(c, instance_prompt=_rename(c["instance_prompt"], mapping),
+                          modifier_tokens=[mapping[t] for t in c.get("modifier_tokens", [])]) for c in meta["concepts"]]
+        parts.append((read_weights(folder, meta.get("weight_name"), base.unet), list(embeds), prompts))
+        all_tokens += list(embeds)
+        rows += [embeds[t] for t in embeds]
+    ids = add_tokens(base.tokenizer, base.text_encoder, all_tokens)
+    set_embeddings(base.text_encoder, ids, rows)
+    token_id = dict(zip(all_tokens, ids))
+    reg = regularization_prompts or default_regularization_prompts([c.get("class_prompt") for c in concepts])
+    c_reg = token_features(base.tokenizer, base.text_encoder, reg)
+    feats = [concept_features(base.tokenizer, base.text_encoder, prompts, [token_id[t] for t in toks])
+             for _, toks, prompts in parts]
+    keys = sorted(parts[0][0])
+    for w, _, _ in parts[1:]:
+        if sorted(w) != keys:
+            raise ConfigError("merge: the folders' weights cover different layers: were they trained on one base model?")
+    merged = {k: merged_weight(base_weight(base.unet, k), [(w[k], f) for (w, _, _), f in zip(parts, feats)], c_reg)
+              for k in keys}
+    first = read_meta(folders[0])
+    meta = dict(first, modifier_tokens=all_tokens, initializer_tokens=[], concepts=concepts,
+                merged_from=[str(f) for f in folders])
+    save_custom_diffusion(output_dir, base.unet, merged, dict(zip(all_tokens, rows)), meta, safe=safe)
+    errors = {}
+    for (w, toks, _), f in zip(parts, feats):  # how well each concept's constraint holds, relative
+        num = sum(float(((merged[k].double() - w[k].double()) @ f.T).norm() ** 2) for k in keys)
+        den = sum(float((w[k].double() @ f.T).norm() ** 2) for k in keys)
+        errors["+".join(toks)] = (num / den) ** 0.5
+    info = {"tokens": all_tokens, "constraint_relative_error": errors, "regularization_prompts": len(reg),
+            "output_dir": str(output_dir)}
+    (Path(output_dir) / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info

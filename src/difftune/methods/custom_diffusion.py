@@ -1,0 +1,254 @@
+"""Custom Diffusion (Kumari et al. 2023, arXiv 2212.04488) as a method of the generic loop.
+
+Trainable (fp32): the cross-attention K/V projections (all cross-attention weights with
+``--freeze_model crossattn``), held by Custom Diffusion attention processors inside the UNet,
+and the new tokens' rows of the text encoder's embedding table. Frozen: everything else.
+
+Loss (paper eq. 1 plus prior preservation, sec. 3.1):
+    L = E ||eps - eps_theta(x_t, t, c)||^2 over the augmentation mask (instance images)
+      + prior_loss_weight * E ||eps - eps_theta(x'_t, t', c')||^2 (class images).
+Both terms are per-element means. (diffusers sums the masked instance term over the four
+latent channels but averages the prior term, which weights the prior 4x less than the flag
+says; the paper's code treats both alike, and so do we.)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config_custom_diffusion import CustomDiffusionConfig
+from ..custom_diffusion import concepts as cc
+from ..custom_diffusion import data as cd
+from ..custom_diffusion import surgery
+from ..custom_diffusion.class_images import ensure_class_images, text2image_pipeline
+from ..custom_diffusion.export import save_custom_diffusion
+from ..errors import ConfigError
+from ..models import BaseModel, load_base_model
+from ..noising import DiffusionObjective, latent_moments, sample_latents, tokenize
+from .controlnet import weight_dtype_for
+
+EMBED_PREFIX = "text_embeddings."
+
+
+class CustomDiffusionMethod:
+    name = "custom_diffusion"
+
+    def __init__(self, cfg: CustomDiffusionConfig, base: BaseModel | None = None):
+        self.cfg = cfg
+        m, c = cfg.model, cfg.custom
+        # surgery changes the tokenizer, the embedding table and the UNet's processors: never
+        # those of a model object the caller keeps using
+        self.base = copy.deepcopy(base) if base is not None else load_base_model(
+            m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir)
+        self.modifier_tokens = c.modifier_tokens()
+        self.concepts = cc.resolve_concepts(cfg.data, self.modifier_tokens)
+        inits = c.initializer_tokens() or cc.default_initializers(self.concepts, self.modifier_tokens)
+        flag = "--initializer_token" if c.initializer_tokens() else "the default initializer (no --initializer_token)"
+        self.token_ids = surgery.add_modifier_tokens(self.base.tokenizer, self.base.text_encoder,
+                                                     self.modifier_tokens, inits, flag)
+        self.initializers = inits[: len(self.modifier_tokens)]
+        self.processors = surgery.install_processors(self.base.unet, c.freeze_model,
+                                                     cfg.train.enable_xformers_memory_efficient_attention)
+        self.embedding = self.base.text_encoder.get_input_embeddings().weight
+        self.embedding.requires_grad_(True)
+        self._hook = surgery.restrict_to_rows(self.embedding, self.token_ids)
+        self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma)
+        vae_cfg = self.base.vae.config
+        self.vae_scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        self.latent_channels = int(vae_cfg.latent_channels)
+        self.scaling_factor = float(vae_cfg.scaling_factor)
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32
+        self.unet, self.text_encoder = self.base.unet, self.base.text_encoder  # possibly wrapped by prepare
+        self._accelerator = None
+        # --scale_lr: each example also carries a class image with prior preservation (diffusers' x2)
+        self.lr_scale = 2.0 if cfg.data.with_prior_preservation else 1.0
+
+    # ---------------------------------------------------------------- plumbing for the loop
+    def setup(self, accelerator: Any) -> list[torch.nn.Module]:
+        self._accelerator = accelerator
+        self.device = accelerator.device
+        self.weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+        if self.cfg.train.enable_xformers_memory_efficient_attention:
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers: pip install "
+                                  "'difftune[xformers]'. PyTorch's scaled-dot-product attention is the default.") from None
+        self.base.vae.to(self.device, dtype=self.weight_dtype)
+        # processors are registered sub-modules of the UNet: its own weights go to the weight
+        # dtype, the processors' trainable copies stay fp32 masters
+        trainable = {id(p) for proc in self.processors.values() for p in proc.parameters()}
+        for prm in self.base.unet.parameters():
+            if id(prm) not in trainable:
+                prm.data = prm.data.to(self.device, self.weight_dtype)
+        for proc in self.processors.values():
+            proc.to(self.device, torch.float32)
+        for module in self.base.unet.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                setattr(module, name, buf.to(self.device))
+        self.base.text_encoder.to(self.device)  # fp32: its embedding table trains
+        if self.cfg.train.gradient_checkpointing:
+            self.base.unet.enable_gradient_checkpointing()
+            self.base.text_encoder.gradient_checkpointing_enable()
+        self.base.unet.train()
+        self.base.text_encoder.train()
+        return [self.base.unet, self.base.text_encoder]
+
+    def bind(self, prepared: list[torch.nn.Module]) -> None:
+        self.unet, self.text_encoder = prepared
+
+    def param_groups(self) -> list[dict]:
+        procs = [p for proc in self.processors.values() for p in proc.parameters()]
+        # no weight decay on the table: decay would move the rows that must stay bit-identical
+        return [{"params": procs}, {"params": [self.embedding], "weight_decay": 0.0}]
+
+    def train_dataset(self):
+        d = self.cfg.data
+        instances = []
+        for c in self.concepts:
+            files = cc.list_images(c.instance_data_dir, f"{c.where}: instance_data_dir" if c.where != "the flags"
+                                   else "--instance_data_dir")
+            for f in files:
+                cc.check_image(f, "--instance_data_dir")
+            instances += [(f, c.instance_prompt) for f in files]
+        classes = self._class_images() if d.with_prior_preservation else None
+        return cd.CustomDiffusionExamples(instances, classes, d.resolution, d.center_crop, aug=not d.noaug)
+
+    def _class_images(self) -> list[tuple[Path, str]]:
+        d, acc = self.cfg.data, self._accelerator
+        pairs: list[tuple[Path, str]] = []
+        for c in self.concepts:
+            if d.real_prior:
+                found = cc.real_prior_pairs(c.class_data_dir)[: d.num_class_images]
+            else:
+                if acc is None or acc.is_main_process:
+                    ensure_class_images(self.base, c.class_data_dir, c.class_prompt, d.num_class_images, d.resolution,
+                                        d.sample_batch_size, d.num_class_inference_steps, self.cfg.train.seed or 0,
+                                        d.prior_generation_precision, self.device)
+                if acc is not None:
+                    acc.wait_for_everyone()
+                files = cc.list_images(c.class_data_dir, "--class_data_dir")[: d.num_class_images]
+                found = [(f, c.class_prompt) for f in files]
+            for f, _ in found:
+                cc.check_image(f, "--class_data_dir")
+            pairs += found
+        return pairs
+
+    def collate(self, items: list) -> dict:
+        return cd.collate(items)
+
+    # ---------------------------------------------------------------- the objective
+    def _draw(self, generator: torch.Generator, n: int, latent_shape: tuple[int, ...], prior: bool):
+        """Per sample, in this order: augmentation, instance noise, class noise (accumulation-exact)."""
+        aug, inst, cls = [], [], []
+        for _ in range(n):
+            aug.append(cd.draw_augmentation(generator))
+            inst.append(self.objective.draw(generator, 1, latent_shape))
+            if prior:
+                cls.append(self.objective.draw(generator, 1, latent_shape))
+        return aug, inst, cls
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = tokenize(self.base.tokenizer, captions).to(self.device)
+        return self.text_encoder(ids, return_dict=False)[0]
+
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        d = self.cfg.data
+        R, f = d.resolution, self.vae_scale
+        prior = "class_images" in batch
+        n = batch["pixel_values"].shape[0]
+        shape = (self.latent_channels, R // f, R // f)
+        aug, inst, cls = self._draw(generator, n, shape, prior)
+        done = [cd.augment_instance(im, p, u, R, f, not d.noaug, d.hflip)
+                for im, p, u in zip(batch["pixel_values"], batch["instance_prompts"], aug)]
+        pixels = [a.pixels for a in done]
+        captions = [a.prompt for a in done]
+        draws = inst
+        if prior:
+            pixels += [cd.crop_class(im, u, R, d.hflip) for im, u in zip(batch["class_images"], aug)]
+            captions += list(batch["class_prompts"])
+            draws = inst + cls
+        pixels_t = torch.stack(pixels).to(self.device, self.weight_dtype)
+        eps = torch.cat([x.latent_eps for x in draws])
+        noise = torch.cat([x.noise for x in draws]).to(self.device)
+        timesteps = torch.cat([x.timesteps for x in draws]).to(self.device)
+        mean, std = latent_moments(self.base.vae, pixels_t)
+        latents = sample_latents(mean, std, eps, self.scaling_factor)
+        noise = noise.to(latents.dtype)
+        noisy = self.objective.add_noise(latents, noise, timesteps)
+        prompt_embeds = self.encode_text(captions)
+        pred = self.unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.to(self.weight_dtype),
+                         return_dict=False)[0]
+        target = self.objective.target(latents, noise, timesteps)
+        mask = torch.stack([a.mask for a in done]).to(self.device)
+        loss = self.objective.loss(pred[:n], target[:n], timesteps[:n], mask=mask)
+        if prior:
+            loss = loss + d.prior_loss_weight * self.objective.loss(pred[n:], target[n:], timesteps[n:])
+        return loss
+
+    # ---------------------------------------------------------------- state and outputs
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {k: v.detach().clone() for k, v in surgery.processor_state_dict(self.base.unet).items()}
+        for token, row in surgery.learned_embeddings(self.base.text_encoder, self.modifier_tokens,
+                                                     self.token_ids).items():
+            out[EMBED_PREFIX + token] = row
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        weights = {k: v for k, v in tensors.items() if not k.startswith(EMBED_PREFIX)}
+        surgery.load_processor_state_dict(self.base.unet, weights)
+        missing = [t for t in self.modifier_tokens if EMBED_PREFIX + t not in tensors]
+        if missing:
+            raise ConfigError(f"The checkpoint has no embedding for {', '.join(missing)}: it was made with other "
+                              "--modifier_token values.")
+        surgery.set_embeddings(self.base.text_encoder, self.token_ids,
+                               [tensors[EMBED_PREFIX + t] for t in self.modifier_tokens])
+
+    def metadata(self) -> dict:
+        c = self.cfg
+        return {
+            "format": "difftune-custom-diffusion/1",
+            "base_model": c.model.pretrained_model_name_or_path,
+            "modifier_tokens": self.modifier_tokens,
+            "initializer_tokens": self.initializers,
+            "freeze_model": c.custom.freeze_model,
+            "resolution": c.data.resolution,
+            "concepts": [dataclasses.asdict(x) for x in self.concepts],
+        }
+
+    def export(self, output_dir: Path) -> list[Path]:
+        embeddings = surgery.learned_embeddings(self.base.text_encoder, self.modifier_tokens, self.token_ids)
+        return save_custom_diffusion(output_dir, self.base.unet, surgery.processor_state_dict(self.base.unet),
+                                     embeddings, self.metadata(), safe=not self.cfg.custom.no_safe_serialization)
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], images: list, num_images: int, seed: int, steps: int,
+               guidance_scale: float = 7.5) -> list[list]:
+        was_training = self.base.unet.training
+        self.base.unet.eval()
+        self.base.text_encoder.eval()
+        try:
+            pipe = text2image_pipeline(self.base)
+            ctx = self._accelerator.autocast() if self._accelerator else torch.autocast("cpu", enabled=False)
+            out = []
+            with ctx:
+                for prompt in prompts:
+                    gen = torch.Generator().manual_seed(seed)
+                    out.append(list(pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                                         height=self.cfg.data.resolution, width=self.cfg.data.resolution,
+                                         num_images_per_prompt=num_images, generator=gen).images))
+            return out
+        finally:
+            self.base.unet.train(was_training)
+            self.base.text_encoder.train(was_training)
+
+    def model_card(self, output_dir: Path, summary: dict) -> str:
+        from ..custom_diffusion.card import model_card
+
+        return model_card(self, output_dir, summary)

@@ -1,0 +1,244 @@
+"""Custom Diffusion: surgery, augmentation, training through the generic loop, export and diffusers interop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from custom_diffusion_helpers import cd_config, write_concept
+from difftune import checkpoint as ckpt
+from difftune.api import train_custom_diffusion
+from difftune.custom_diffusion import data as cd
+from difftune.custom_diffusion import surgery
+from difftune.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def star_dir(tmp_path_factory):
+    return write_concept(tmp_path_factory.mktemp("cd") / "star")
+
+
+@pytest.fixture(scope="module")
+def heart_dir(tmp_path_factory):
+    return write_concept(tmp_path_factory.mktemp("cd") / "heart", "heart", (220, 20, 60), (240, 255, 240))
+
+
+def _unet_out(unet, tiny_base, prompt="star with red background"):
+    from difftune.noising import encode_prompt, tokenize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    emb = encode_prompt(tiny_base.text_encoder, tokenize(tiny_base.tokenizer, [prompt, ""]))
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 700]), encoder_hidden_states=emb).sample
+
+
+@pytest.mark.parametrize("freeze_model", ["crossattn_kv", "crossattn"])
+def test_fresh_processors_reproduce_base_attention(tiny_base, freeze_model):
+    import copy
+
+    unet = copy.deepcopy(tiny_base.unet)
+    before = _unet_out(unet, tiny_base)
+    trainable = surgery.install_processors(unet, freeze_model)
+    assert trainable and all(name.endswith("attn2.processor") for name in trainable)
+    names = {k.split(".processor.")[1] for k in surgery.processor_state_dict(unet)}
+    expected = {"to_k_custom_diffusion.weight", "to_v_custom_diffusion.weight"}
+    if freeze_model == "crossattn":
+        expected |= {"to_q_custom_diffusion.weight", "to_out_custom_diffusion.0.weight", "to_out_custom_diffusion.0.bias"}
+    assert names == expected
+    torch.testing.assert_close(_unet_out(unet, tiny_base), before, rtol=0, atol=1e-6)
+
+
+def test_initializer_must_be_one_token(tiny_base):
+    # 'ktn' is several tokens; tokenizer.encode(['ktn']) has length 1 under transformers 5 and fooled diffusers
+    assert len(tiny_base.tokenizer.encode(["ktn"], add_special_tokens=False)) == 1
+    with pytest.raises(ConfigError, match=r"--initializer_token 'ktn' is 3 tokens"):
+        surgery.single_token_id(tiny_base.tokenizer, "ktn")
+    assert surgery.single_token_id(tiny_base.tokenizer, "star") > 0
+
+
+@pytest.mark.parametrize("resolution", [64, 512])
+def test_augmentation_mask_never_empty_and_prompts_say_the_scale(resolution):
+    stored = torch.full((3, int(np.ceil(1.4 * resolution))), 200, dtype=torch.uint8)[..., None].expand(-1, -1, int(np.ceil(1.4 * resolution)))
+    g = torch.Generator().manual_seed(0)
+    prefixes = set()
+    for _ in range(200):
+        a = cd.augment_instance(stored, "<new1> star", cd.draw_augmentation(g), resolution, 8, aug=True, hflip=True)
+        assert a.pixels.shape == (3, resolution, resolution) and a.mask.shape == (1, resolution // 8, resolution // 8)
+        assert a.mask.sum() >= 1
+        prefixes.add(a.prompt.replace("<new1> star", ""))
+    assert prefixes == {"", "a far away ", "very small ", "zoomed in ", "close up "}
+    # the smallest rescale at 64 px: diffusers' mask has no cell left (NaN loss); ours keeps one
+    assert cd.valid_cells(0, 64 // 3, 8, 8)[1] > cd.valid_cells(0, 64 // 3, 8, 8)[0]
+
+
+def test_one_step_changes_only_kv_and_new_rows(tiny_base, tiny_model_dir, star_dir, tmp_path):
+    from difftune.methods.custom_diffusion import CustomDiffusionMethod
+    from difftune.trainer import Trainer
+
+    cfg = cd_config(tiny_model_dir, tmp_path / "run", instance_data_dir=str(star_dir), instance_prompt="<new1> star",
+                    max_train_steps=1, adam_weight_decay=0.5)
+    method = CustomDiffusionMethod(cfg, base=tiny_base)
+    start = {k: v.clone() for k, v in surgery.processor_state_dict(method.base.unet).items()}
+    Trainer(method, cfg).fit()
+    assert len(tiny_base.tokenizer) + 1 == len(method.base.tokenizer)  # the caller's model is untouched
+    procs = surgery.processor_state_dict(method.base.unet)
+    assert all(not torch.equal(procs[k], start[k]) for k in procs)  # every K/V copy trained
+    proc_ids = {id(p) for p in method.base.unet.parameters() if p.requires_grad}
+    base_params = dict(tiny_base.unet.named_parameters())
+    for name, p in method.base.unet.named_parameters():
+        if id(p) not in proc_ids:
+            assert torch.equal(p, base_params[name]), name  # the UNet's own weights: untouched
+    old = tiny_base.text_encoder.get_input_embeddings().weight
+    new = method.base.text_encoder.get_input_embeddings().weight
+    assert torch.equal(new[: old.shape[0]], old)  # every old row bit-identical, despite weight decay 0.5
+    star = tiny_base.tokenizer.convert_tokens_to_ids("star</w>")
+    assert not torch.equal(new[method.token_ids[0]], old[star])  # the new row (initialised from 'star') moved
+    base_te = dict(tiny_base.text_encoder.named_parameters())
+    for name, p in method.base.text_encoder.named_parameters():
+        if "token_embedding" not in name:
+            assert torch.equal(p, base_te[name]), name
+
+
+def test_bad_inputs_give_clear_errors(tiny_base, tiny_model_dir, star_dir, tmp_path):
+    from difftune.methods.custom_diffusion import CustomDiffusionMethod
+
+    def build(**kw):
+        cfg = cd_config(tiny_model_dir, tmp_path / "o", **kw)
+        return CustomDiffusionMethod(cfg, base=tiny_base).train_dataset()
+
+    with pytest.raises(ConfigError, match="contains none of the modifier tokens"):
+        build(instance_data_dir=str(star_dir), instance_prompt="a star")
+    with pytest.raises(ConfigError, match="'ktn' is 3 tokens"):
+        build(instance_data_dir=str(star_dir), instance_prompt="<new1> star", initializer_token="ktn")
+    with pytest.raises(ConfigError, match=r"default initializer \(no --initializer_token\) 'thing' is 3 tokens"):  # the default initializer: the prompt's noun
+        build(instance_data_dir=str(star_dir), instance_prompt="<new1> thing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        build(instance_data_dir=str(tmp_path / "empty"), instance_prompt="<new1> star", initializer_token="star")
+    bad = write_concept(tmp_path / "bad")
+    (bad / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(DataError, match=r"cannot read image .*9\.png"):
+        build(instance_data_dir=str(bad), instance_prompt="<new1> star")
+    (tmp_path / "c.json").write_text("[{'instance_prompt': 1}")
+    with pytest.raises(ConfigError, match=r"--concepts_list .*c\.json is not valid JSON"):
+        build(concepts_list=str(tmp_path / "c.json"))
+    (tmp_path / "d.json").write_text(json.dumps([{"instance_prompt": "<new1> star"}]))
+    with pytest.raises(ConfigError, match="entry 0 has no 'instance_data_dir'"):
+        build(concepts_list=str(tmp_path / "d.json"))
+    with pytest.raises(ConfigError, match="<new2> appears in no instance prompt"):
+        build(instance_data_dir=str(star_dir), instance_prompt="<new1> star", modifier_token="<new1>+<new2>")
+    with pytest.raises(ConfigError, match="--with_prior_preservation needs --class_prompt"):
+        cd_config(tiny_model_dir, tmp_path, instance_data_dir="x", instance_prompt="<new1> star",
+                  with_prior_preservation=True, class_data_dir="c")
+
+
+def test_multi_concept_with_generated_prior(tiny_model_dir, star_dir, heart_dir, tmp_path):
+    concepts = [
+        {"instance_prompt": "<new1> star", "class_prompt": "star", "instance_data_dir": str(star_dir),
+         "class_data_dir": str(tmp_path / "cls-star")},
+        {"instance_prompt": "<new2> heart", "class_prompt": "heart", "instance_data_dir": str(heart_dir),
+         "class_data_dir": str(tmp_path / "cls-heart")},
+    ]
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    out = tmp_path / "run"
+    summary = train_custom_diffusion(cd_config(
+        tiny_model_dir, out, concepts_list=str(tmp_path / "concepts.json"), modifier_token="<new1>+<new2>",
+        with_prior_preservation=True, num_class_images=3, validation_prompt=["<new1> star and <new2> heart"],
+        num_validation_images=1, num_validation_inference_steps=2))
+    assert summary["global_step"] == 2 and np.isfinite(summary["final_loss"])
+    assert len(list((tmp_path / "cls-star").glob("class-*.png"))) == 3
+    meta = json.loads((out / "custom_diffusion.json").read_text())
+    assert meta["modifier_tokens"] == ["<new1>", "<new2>"] and meta["initializer_tokens"] == ["star", "heart"]
+    assert (out / "<new1>.safetensors").is_file() and (out / "<new2>.safetensors").is_file()
+    assert "<new2>" in (out / "README.md").read_text()
+
+
+def test_class_images_resume_keeps_existing(tiny_base, tmp_path):
+    from difftune.custom_diffusion.class_images import ensure_class_images
+
+    kw = dict(resolution=64, sample_batch_size=2, steps=2, seed=0, progress=False)
+    first = ensure_class_images(tiny_base, tmp_path / "a", "star", 2, **kw)
+    kept = {p.name: p.read_bytes() for p in first}
+    resumed = ensure_class_images(tiny_base, tmp_path / "a", "star", 3, **kw)
+    once = ensure_class_images(tiny_base, tmp_path / "b", "star", 3, **kw)
+    assert all(p.read_bytes() == kept[p.name] for p in resumed[:2])
+    assert [p.read_bytes() for p in resumed] == [p.read_bytes() for p in once]
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_outputs_load_in_diffusers_and_give_the_same_image(tiny_model_dir, star_dir, tmp_path, safe):
+    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+
+    from difftune.custom_diffusion.export import load_custom_diffusion
+    from difftune.methods.custom_diffusion import CustomDiffusionMethod
+    from difftune.trainer import Trainer
+
+    out = tmp_path / "run"
+    cfg = cd_config(tiny_model_dir, out, instance_data_dir=str(star_dir), instance_prompt="<new1> star",
+                    no_safe_serialization=not safe, learning_rate=5e-2)
+    method = CustomDiffusionMethod(cfg)
+    Trainer(method, cfg).fit()
+    ext = "safetensors" if safe else "bin"
+    prompt = "<new1> star with white background"
+    ours = np.asarray(method.sample([prompt], [None], 1, seed=3, steps=4)[0][0], dtype=np.int16)
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    plain = pipe(prompt="star", num_inference_steps=4, generator=torch.Generator().manual_seed(3), height=64,
+                 width=64).images[0]
+    # diffusers' own loaders; _pipeline=pipe works around huggingface/diffusers#9320 (a no-op otherwise)
+    pipe.unet.load_attn_procs(str(out), weight_name=f"pytorch_custom_diffusion_weights.{ext}", _pipeline=pipe)
+    pipe.load_textual_inversion(str(out), weight_name=f"<new1>.{ext}")
+    kinds = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+    assert kinds == {"CustomDiffusionAttnProcessor"}
+    theirs = pipe(prompt=prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(3), height=64,
+                  width=64).images[0]
+    diff = np.abs(np.asarray(theirs, dtype=np.int16) - ours)
+    assert diff.max() <= 2, diff.max()  # SDPA vs. baddbmm attention: rounding only
+    assert plain.size == theirs.size
+
+    pipe2 = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
+    pipe2.scheduler = UniPCMultistepScheduler.from_config(pipe2.scheduler.config)
+    assert load_custom_diffusion(pipe2, out) == ["<new1>"]
+    again = pipe2(prompt=prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(3), height=64,
+                  width=64).images[0]
+    assert np.abs(np.asarray(again, dtype=np.int16) - ours).max() <= 1
+
+
+def test_resume_equals_uninterrupted(tiny_model_dir, star_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    kw = dict(instance_data_dir=str(star_dir), instance_prompt="<new1> star", max_train_steps=5, checkpointing_steps=2,
+              with_prior_preservation=True, class_prompt="star", class_data_dir=str(tmp_path / "cls"),
+              num_class_images=3, hflip=True, lr_scheduler="cosine")
+    train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "full", **kw))
+    real = ckpt.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "part", **kw))
+    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "part", resume_from_checkpoint="latest", **kw))
+    for name in ("pytorch_custom_diffusion_weights.safetensors", "<new1>.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "part" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_accumulation_2x2_equals_batch_4(tiny_model_dir, star_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(instance_data_dir=str(star_dir), instance_prompt="<new1> star", max_train_steps=1, max_grad_norm=0.0)
+    train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "b4", train_batch_size=4, **kw))
+    train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "b2x2", train_batch_size=2,
+                                     gradient_accumulation_steps=2, **kw))
+    name = "pytorch_custom_diffusion_weights.safetensors"
+    a, b = load_file(str(tmp_path / "b4" / name)), load_file(str(tmp_path / "b2x2" / name))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a if a[k].numel()) < 1e-5  # float summation order only

@@ -1,0 +1,179 @@
+"""Custom Diffusion tools: retrieval client, real prior, merge, compression, eval and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from custom_diffusion_helpers import cd_config, write_concept
+from difftune.api import train_custom_diffusion
+from difftune.cli import main
+
+
+@pytest.fixture(scope="module")
+def knn_server():
+    """A local stand-in for a clip-retrieval back-end: POST /knn-service, images under /img/."""
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(png, format="PNG")
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body)
+            host = f"http://127.0.0.1:{self.server.server_port}"
+            results = [{"url": f"{host}/img/dead.png", "caption": "gone", "similarity": 0.9}]
+            results += [{"url": f"{host}/img/not-an-image.png", "caption": "html", "similarity": 0.9}]
+            results += [{"url": f"{host}/img/{i}.png", "caption": f"a {body['text']} number {i}",
+                         "similarity": 0.8, "id": i} for i in range(body["num_images"])]
+            data = json.dumps(results).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.endswith("dead.png"):
+                self.send_error(404)
+                return
+            data = b"<html>nope</html>" if "not-an-image" in self.path else png.getvalue()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/knn-service", seen
+    server.shutdown()
+
+
+def test_retrieve_writes_the_real_prior_layout(knn_server, tmp_path, capsys):
+    from difftune.custom_diffusion.concepts import real_prior_pairs
+
+    url, seen = knn_server
+    out = tmp_path / "real"
+    assert main(["retrieve", "--class_prompt", "cat", "--class_data_dir", str(out), "--num_class_images", "5",
+                 "--backend", url]) == 0
+    assert seen[-1]["text"] == "cat" and seen[-1]["num_images"] == 7 and seen[-1]["modality"] == "image"
+    lines = {n: (out / n).read_text().splitlines() for n in ("images.txt", "caption.txt", "urls.txt")}
+    assert all(len(v) == 5 for v in lines.values())
+    assert lines["caption.txt"][0] == "a cat number 0" and "dead" not in "".join(lines["urls.txt"])
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i}.jpg" for i in range(5)]
+    pairs = real_prior_pairs(out)
+    assert len(pairs) == 5 and pairs[2][1] == "a cat number 2"
+
+
+def test_unreachable_backend_is_a_clear_error(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["retrieve", "--class_prompt", "cat", "--class_data_dir", str(tmp_path / "r"),
+                 "--backend", f"http://127.0.0.1:{port}/knn-service", "--timeout", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be reached" in err and "clip-retrieval back" in err
+
+
+def test_real_prior_from_a_captioned_folder_trains(tiny_model_dir, tmp_path):
+    star = write_concept(tmp_path / "star")
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    for i in range(3):
+        Image.new("RGB", (80, 64), (i * 60, 100, 100)).save(prior / f"p{i}.png")
+        (prior / f"p{i}.txt").write_text(f"a star number {i}\n")
+    summary = train_custom_diffusion(cd_config(
+        tiny_model_dir, tmp_path / "run", instance_data_dir=str(star), instance_prompt="<new1> star",
+        with_prior_preservation=True, real_prior=True, class_data_dir=str(prior), scale_lr=True))
+    assert np.isfinite(summary["final_loss"])
+    cfg = json.loads((tmp_path / "run" / "difftune_config.json").read_text())
+    assert cfg["optim"]["learning_rate"] == 1e-3  # stored unscaled; the loop scales (x2 x batch 2)
+
+
+@pytest.fixture(scope="module")
+def two_concepts(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    outs = []
+    for shape, colour in (("star", (255, 215, 0)), ("heart", (220, 20, 60))):
+        d = write_concept(root / shape, shape, colour)
+        out = root / f"run-{shape}"
+        train_custom_diffusion(cd_config(tiny_model_dir, out, instance_data_dir=str(d),
+                                         instance_prompt=f"<new1> {shape}", max_train_steps=3, learning_rate=3e-2))
+        outs.append(out)
+    return outs
+
+
+def test_merge_keeps_both_concepts_and_loads(tiny_model_dir, two_concepts, tmp_path):
+    from difftune.api import generate
+
+    out = tmp_path / "merged"
+    assert main(["custom-diffusion", "merge", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                 "--concepts", *map(str, two_concepts), "--output_dir", str(out)]) == 0
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["tokens"] == ["<new1>", "<new2>"]  # the second concept's <new1> was renamed
+    assert max(info["constraint_relative_error"].values()) < 1e-3
+    meta = json.loads((out / "custom_diffusion.json").read_text())
+    assert [c["instance_prompt"] for c in meta["concepts"]] == ["<new1> star", "<new2> heart"]
+    images = generate(str(tiny_model_dir), None, None, "<new1> star and <new2> heart", num_inference_steps=2,
+                      custom_diffusion=out)
+    assert images[0].size == (64, 64)
+
+
+def test_compress_rank_trades_size_for_error(tiny_model_dir, two_concepts, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from difftune.custom_diffusion.compress import LOWRANK
+
+    errors = []
+    for rank in (1, 4):
+        out = tmp_path / f"r{rank}"
+        assert main(["custom-diffusion", "compress", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                     "--custom_diffusion", str(two_concepts[0]), "--rank", str(rank), "--output_dir", str(out)]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["parameters_lowrank"] < info["parameters_full"]
+        errors.append(info["relative_delta_error"])
+    assert errors[1] < errors[0] < 1.0
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
+    pipe.unet.load_attn_procs(str(tmp_path / "r4"), weight_name="pytorch_custom_diffusion_weights.safetensors",
+                              _pipeline=pipe)
+    assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--custom_diffusion",
+                 str(tmp_path / "r4"), "--weight_name", LOWRANK, "--prompt", "<new1> star",
+                 "--num_inference_steps", "2", "--out", str(tmp_path / "g.png")]) == 0
+    assert Image.open(tmp_path / "g.png").size == (64, 64)
+
+
+def test_eval_command_reports_fidelity_and_drift(tiny_model_dir, two_concepts, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "custom-diffusion", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                 "--custom_diffusion", str(two_concepts[0]), "--n", "2", "--num_inference_steps", "2",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "eval_custom_diffusion.json").read_text())
+    r = result["concepts"]["<new1> star"]
+    assert r["reference"]["kind"] == "star" and 0 <= r["fidelity"]["concept_ok"] <= 1
+    assert r["class_drift_delta_e"] >= 0 and result["unrelated"]["drift_delta_e"] >= 0
+    assert "concept_ok" in capsys.readouterr().out and (out / "eval_custom_diffusion.png").is_file()
+
+
+def test_cli_trains_and_generate_needs_one_adapter(tiny_model_dir, tmp_path, capsys):
+    star = write_concept(tmp_path / "star")
+    out = tmp_path / "run"
+    assert main(["train", "custom-diffusion", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                 "--instance_data_dir", str(star), "--instance_prompt", "<new1> star", "--resolution", "64",
+                 "--max_train_steps", "1", "--train_batch_size", "1", "--output_dir", str(out), "--seed", "0",
+                 "--freeze_model", "crossattn", "--noaug"]) == 0
+    saved = json.loads((out / "difftune_config.json").read_text())
+    assert saved["train"]["tracker_project_name"] == "custom-diffusion" and saved["optim"]["learning_rate"] == 1e-5
+    assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--prompt", "x"]) == 2
+    assert "either --controlnet" in capsys.readouterr().err
+    code = main(["train", "custom-diffusion", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                 "--instance_data_dir", str(star), "--instance_prompt", "a star", "--output_dir", str(tmp_path / "x")])
+    assert code == 2 and "contains none of the modifier tokens" in capsys.readouterr().err

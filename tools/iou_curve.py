@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Circle IoU against training steps: evaluate every checkpoint of a ControlNet run.
+
+    python tools/iou_curve.py RUN_DIR [--n 200] [--base tiny-shapes]
+
+RUN_DIR is a finished `difftune train controlnet` output folder (its config.json gives the
+architecture; each checkpoints/checkpoint-N/trainable.safetensors gives the weights).
+Prints a table and writes RUN_DIR/iou_curve.json. Used for the README's curve and to look
+for the ControlNet paper's "sudden convergence".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--base", default="tiny-shapes")
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+
+    from diffusers import ControlNetModel
+
+    from difftune.checkpoint import list_checkpoints
+    from difftune.eval.run import eval_controlnet
+
+    run = Path(args.run_dir)
+    net = ControlNetModel.from_pretrained(run)
+    rows = []
+    for ckpt in list_checkpoints(run / "checkpoints"):
+        net.load_state_dict(load_file(str(ckpt / "trainable.safetensors")))
+        r = eval_controlnet(args.base, net, n=args.n, steps=args.steps, baseline=not rows)
+        step = int(ckpt.name.split("-")[1])
+        rows.append({"step": step, "iou": r["controlnet"]["iou"], "circle_color_ok": r["controlnet"]["circle_color_ok"],
+                     **({"base_alone_iou": r["base_alone"]["iou"]} if "base_alone" in r else {})})
+        print(json.dumps(rows[-1]), flush=True)
+    (run / "iou_curve.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
