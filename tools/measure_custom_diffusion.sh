@@ -1,9 +1,9 @@
 #!/bin/bash
-# Measurement on a tiny base model; MODEL=path (default: the random tiny model)
+# Custom Diffusion quality on a tiny base: MODEL (default tiny-shapes), STEPS, N, WORK (output folder), PY (python with difftune)
 set -e
 mkdir -p "${WORK:-/tmp/cdmeasure}"; cd "${WORK:-/tmp/cdmeasure}"
-M=${MODEL:-/tmp/cdwork/tiny}
-PY=/tmp/venv/bin/python
+M=${MODEL:-tiny-shapes}
+PY=${PY:-python}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 $PY - <<'PY'
 from pathlib import Path
@@ -11,7 +11,7 @@ from difftune.data.shapes import ShapeSample, render_shape
 import numpy as np
 rng = np.random.default_rng(0)
 for shape, col, bg, name in (("star", (255, 215, 0), (25, 25, 112), "star"), ("heart", (220, 20, 60), (240, 255, 240), "heart")):
-    d = Path(f"${WORK:-/tmp/cdmeasure}/inst-{name}"); d.mkdir(exist_ok=True)
+    d = Path(f"inst-{name}"); d.mkdir(exist_ok=True)
     for i in range(6):
         size = rng.uniform(12, 20); cx, cy = rng.uniform(size, 64 - size, 2)
         render_shape(ShapeSample(shape, cx, cy, size, "c", col, "b", bg), 64).save(d / f"{i}.png")
