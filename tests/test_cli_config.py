@@ -23,7 +23,8 @@ pretrained_model_name_or_path proportion_empty_prompts push_to_hub recipe report
 resume_from_checkpoint revision scale_lr seed set_grads_to_none snr_gamma streaming tokenizer_name
 tracker_project_name train_batch_size train_data_dir use_8bit_adam validation_image validation_prompt
 validation_steps variant
-""".split())
+model_family pretrained_vae_model_name_or_path crops_coords_top_left_h crops_coords_top_left_w image_interpolation_mode
+""".split())  # last line: SDXL support (issue 6)
 
 
 def _subparser(*path):

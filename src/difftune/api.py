@@ -33,7 +33,7 @@ def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
 
     cfg = resolve_seed(cfg)
     method = ControlNetMethod(cfg, base=base)
-    summary = Trainer(method, cfg).fit()
+    summary = Trainer(method, method.cfg).fit()  # method.cfg: family and resolution resolved
     if cfg.train.push_to_hub:
         summary["hub_url"] = push_folder(
             Path(cfg.train.output_dir), cfg.train.hub_model_id, cfg.train.hub_token,

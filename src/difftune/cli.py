@@ -139,9 +139,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny import save_tiny_model
+    from .tiny import save_tiny_model, save_tiny_sdxl_model
 
-    print(save_tiny_model(args.out, seed=args.seed))
+    save = save_tiny_sdxl_model if args.family == "sdxl" else save_tiny_model
+    print(save(args.out, seed=args.seed))
     return 0
 
 
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_custom_diffusion import register as register_custom_diffusion
 
     g = sub.add_parser("generate", help="generate images with a trained ControlNet or Custom Diffusion concept")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="base model folder or hub id")
+    g.add_argument("--pretrained_model_name_or_path", default="tiny-shapes", help="base model folder, hub id or built-in name (default: tiny-shapes)")
     g.add_argument("--controlnet", help="trained ControlNet folder (the training --output_dir)")
     g.add_argument("--image", help="conditioning image (with --controlnet)")
     g.add_argument("--custom_diffusion", help="trained Custom Diffusion folder; use its tokens in --prompt")
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("make-tiny-model", help="write a tiny random-weight SD model folder (tests, smoke runs)")
     t.add_argument("--out", required=True)
+    t.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="SD 1.x layout or SDXL layout")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_make_tiny_model)
 

@@ -46,6 +46,25 @@ class ModelConfig:
 
 
 @dataclass
+class ControlNetModelConfig(ModelConfig):
+    """ControlNet's model section: the shared one plus what only a ControlNet run chooses (SDXL bases)."""
+
+    model_family: str = opt(
+        "auto",
+        "Base model family: auto (from model_index.json / the UNet config), sd (SD 1.x/2.x) or sdxl.",
+        choices=("auto", "sd", "sdxl"),
+    )
+    pretrained_vae_model_name_or_path: str | None = opt(
+        None,
+        "A VAE (folder or hub id) to use instead of the base's, e.g. an fp16-safe SDXL VAE. Without one, an "
+        "SDXL base's own VAE stays in fp32 under --mixed_precision (the stock SDXL VAE overflows in fp16).",
+    )
+
+
+INTERPOLATION_MODES = ("bilinear", "bicubic", "lanczos", "nearest", "nearest-exact", "box", "hamming")
+
+
+@dataclass
 class DataConfig:
     dataset_name: str | None = opt(None, "Hub data set id (needs network; cached copies work offline).")
     dataset_config_name: str | None = opt(None, "Config name of the hub data set.")
@@ -61,16 +80,30 @@ class DataConfig:
     caption_column: str | None = opt(None, "Column with the captions (default: 'text' or the 2nd).")
     max_train_samples: int | None = opt(None, "Train on at most this many samples (shuffled with --seed).")
     streaming: bool = opt(False, "Stream the data set instead of loading it (needs --max_train_samples).")
-    resolution: int = opt(512, "Training resolution: resize (bilinear) and centre crop; divisible by 8.")
+    resolution: int | None = opt(
+        None, "Training resolution: resize and centre crop; divisible by 8 (default: 512 for SD, 1024 for SDXL)."
+    )
+    image_interpolation_mode: str = opt(
+        "bilinear", "Resampling filter of the resize (images and conditioning images alike).", choices=INTERPOLATION_MODES
+    )
+    crops_coords_top_left_h: int | None = opt(
+        None, "SDXL: crop top coordinate given to the model as micro-conditioning (default: the real crop offset)."
+    )
+    crops_coords_top_left_w: int | None = opt(
+        None, "SDXL: crop left coordinate given to the model as micro-conditioning (default: the real crop offset)."
+    )
     proportion_empty_prompts: float = opt(0.0, "Fraction of captions replaced by '' (0 to 1).")
     dataloader_num_workers: int = opt(0, "Data loading worker processes (0: in the main process).")
 
     def __post_init__(self) -> None:
-        if self.resolution <= 0 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise ConfigError(
                 f"--resolution {self.resolution} is not a positive multiple of 8: the VAE down-samples "
                 f"by 8, so use e.g. {max(8, self.resolution // 8 * 8)}."
             )
+        for flag in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
+            if (getattr(self, flag) or 0) < 0:
+                raise ConfigError(f"--{flag} must be >= 0 (pixels from the top/left), got {getattr(self, flag)}.")
         if not 0.0 <= self.proportion_empty_prompts <= 1.0:
             raise ConfigError(f"--proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
         if self.streaming and not self.max_train_samples:
@@ -187,7 +220,7 @@ class ValidationConfig:
 class ControlNetConfig:
     """Everything a ControlNet training run needs."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ControlNetModelConfig = field(default_factory=ControlNetModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -18,7 +18,11 @@ from .errors import ModelLoadError
 
 @dataclass
 class BaseModel:
-    """The frozen parts of a Stable Diffusion 1.x/2.x model."""
+    """The frozen parts of a Stable Diffusion model: SD 1.x/2.x, or SDXL (``family="sdxl"``).
+
+    SDXL adds a second tokenizer and text encoder (OpenCLIP bigG with projection); what a
+    family does with them is in ``difftune.families``.
+    """
 
     tokenizer: Any
     text_encoder: torch.nn.Module
@@ -26,9 +30,16 @@ class BaseModel:
     unet: torch.nn.Module
     noise_scheduler: Any
     source: str
+    tokenizer_2: Any = None
+    text_encoder_2: torch.nn.Module | None = None
+    family: str = "sd"
+    # The stock SDXL VAE overflows in fp16: it stays in fp32 under mixed precision unless a
+    # separate (fp16-safe) VAE was given, as diffusers' SDXL scripts do.
+    vae_in_fp32: bool = False
 
     def frozen_modules(self) -> list[torch.nn.Module]:
-        return [self.text_encoder, self.vae, self.unet]
+        encoders = [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+        return [*encoders, self.vae, self.unet]
 
 
 BUILTIN_MODELS = {"tiny-shapes": "assets/tiny-shapes"}
@@ -72,17 +83,30 @@ def load_base_model(
     variant: str | None = None,
     tokenizer_name: str | None = None,
     cache_dir: str | None = None,
+    family: str = "auto",
+    vae_name_or_path: str | None = None,
 ) -> BaseModel:
-    """Load the frozen components of an SD 1.x/2.x model in fp32 on the CPU."""
+    """Load the frozen components of an SD 1.x/2.x or SDXL model in fp32 on the CPU.
+
+    ``family`` "auto" reads it from the folder (``difftune.families.detect_family``);
+    ``vae_name_or_path`` replaces the base's VAE (a folder with the VAE at its root or in ``vae/``).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    from .families import FAMILIES, check_unet_family, detect_family
+
     name_or_path = resolve_builtin(name_or_path)
     local = Path(name_or_path).expanduser()
+    if family not in ("auto", *FAMILIES):
+        raise ModelLoadError(f"--model_family {family!r}: choose auto, {', '.join(FAMILIES)}.")
+    if family == "auto":
+        family = detect_family(name_or_path, revision, cache_dir)
+    fam = FAMILIES[family]
     if local.exists():
         if not local.is_dir():
             raise ModelLoadError(f"--pretrained_model_name_or_path {local} is a file; give the model folder.")
-        check_local_folder(local, ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+        check_local_folder(local, ("unet", "vae", "text_encoder", "tokenizer", "scheduler", *fam.extra_subfolders))
         name_or_path = str(local)
     elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ModelLoadError(f"Model folder {name_or_path} does not exist.")
@@ -92,17 +116,39 @@ def load_base_model(
             tokenizer_name or name_or_path, subfolder=None if tokenizer_name else "tokenizer", **common
         )
         text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", variant=variant, **common)
-        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **common)
+        extra = fam.load_extra_encoders(name_or_path, variant, common)
+        if vae_name_or_path is None:
+            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **common)
         unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **common)
         noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **common)
     except (OSError, ValueError) as e:
         if local.exists():
             raise ModelLoadError(f"Could not load the model in {local}: {e}") from None
         raise _hub_hint(name_or_path, e) from None
-    for module in (text_encoder, vae, unet):
-        module.requires_grad_(False)
-        module.eval()
-    return BaseModel(tokenizer, text_encoder, vae, unet, noise_scheduler, source=name_or_path)
+    if vae_name_or_path is not None:
+        vae = load_vae(vae_name_or_path, revision, cache_dir)
+    check_unet_family(unet, family, name_or_path)
+    for module in (text_encoder, vae, unet, *extra.values()):
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
+    return BaseModel(tokenizer, text_encoder, vae, unet, noise_scheduler, source=name_or_path, family=family,
+                     vae_in_fp32=fam.vae_needs_fp32 and vae_name_or_path is None, **extra)
+
+
+def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):
+    """A separate VAE (``--pretrained_vae_model_name_or_path``): its files at the root, or in ``vae/``."""
+    from diffusers import AutoencoderKL
+
+    local = Path(name_or_path).expanduser()
+    subfolder = "vae" if (local / "vae" / "config.json").is_file() else None
+    try:
+        return AutoencoderKL.from_pretrained(str(local) if local.exists() else name_or_path, subfolder=subfolder,
+                                             revision=revision, cache_dir=cache_dir)
+    except (OSError, ValueError) as e:
+        if local.exists():
+            raise ModelLoadError(f"Could not load the VAE in {local}: {e}") from None
+        raise _hub_hint(name_or_path, e) from None
 
 
 def load_controlnet(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):

@@ -18,20 +18,20 @@ def unipc_from(noise_scheduler: Any):
 
 
 def controlnet_pipeline(base: Any, controlnet: torch.nn.Module):
-    """``StableDiffusionControlNetPipeline`` over a ``BaseModel`` and a ControlNet."""
-    from diffusers import StableDiffusionControlNetPipeline
+    """The base family's ControlNet pipeline (``StableDiffusionControlNetPipeline`` or
+    ``StableDiffusionXLControlNetPipeline``) over a ``BaseModel`` and a ControlNet."""
+    from .families import family_of
 
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        controlnet=controlnet,
-        scheduler=unipc_from(base.noise_scheduler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = family_of(base).controlnet_pipeline(base, controlnet, unipc_from(base.noise_scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def text2image_pipeline(base: Any):
+    """The base family's text-to-image pipeline (no ControlNet), with the same UniPC scheduler."""
+    from .families import family_of
+
+    pipe = family_of(base).text2image_pipeline(base, unipc_from(base.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -183,3 +183,67 @@ def save_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         json.dumps({"note": "random weights from difftune.tiny; not a trained model", "seed": seed})
     )
     return out
+
+
+# SDXL's layout at toy size: no attention in the first block, two transformer layers in the
+# second, text_time additional embedding fed by 6 time ids x 8 + the 32-d pooled embedding,
+# cross-attention over both encoders' hidden states concatenated (32 + 32).
+TINY_SDXL_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4),
+    cross_attention_dim=64,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,
+    norm_num_groups=32,
+)
+
+
+def build_tiny_sdxl_components(seed: int = 0) -> dict:
+    """The parts of a tiny random SDXL: two tokenizers/encoders (the second with projection), VAE, UNet."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="difftune_tok_") as tmp:
+        write_tokenizer(tmp, default_words())
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tmp, pad_token="!")  # SDXL's second tokenizer pads with "!"
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**TINY_VAE)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TINY_TEXT))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(tokenizer_2), **TINY_TEXT))
+    return dict(tokenizer=tokenizer, tokenizer_2=tokenizer_2, text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2, vae=vae, unet=unet,
+                scheduler=DDPMScheduler(**SD_SCHEDULER, timestep_spacing="leading"))
+
+
+def save_tiny_sdxl_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the tiny random SDXL and save it as a diffusers ``StableDiffusionXLPipeline`` folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed), add_watermarker=False)
+    out = Path(out_dir)
+    pipe.save_pretrained(out, safe_serialization=True)
+    with tempfile.TemporaryDirectory(prefix="difftune_tok_") as tmp:  # slow-tokenizer files, as save_tiny_model
+        write_tokenizer(tmp, default_words())
+        for sub in ("tokenizer", "tokenizer_2"):
+            for name in ("vocab.json", "merges.txt"):
+                if not (out / sub / name).exists():
+                    (out / sub / name).write_bytes((Path(tmp) / name).read_bytes())
+    (out / "RANDOM_WEIGHTS.json").write_text(
+        json.dumps({"note": "random weights from difftune.tiny (SDXL layout); not a trained model", "seed": seed})
+    )
+    return out

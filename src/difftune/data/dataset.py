@@ -24,6 +24,7 @@ from difftune.data.transforms import (
     conditioning_to_tensor,
     image_to_tensor,
     resize_center_crop,
+    resize_center_crop_geometry,
 )
 from difftune.errors import ConfigError, DataError
 
@@ -42,6 +43,7 @@ class _ExampleBuilder:
         resolution: int,
         proportion_empty_prompts: float = 0.0,
         seed: int = 0,
+        interpolation: str = "bilinear",
     ) -> None:
         check_resolution(resolution)
         if not 0.0 <= proportion_empty_prompts <= 1.0:
@@ -58,6 +60,7 @@ class _ExampleBuilder:
         self.resolution = resolution
         self.proportion_empty_prompts = proportion_empty_prompts
         self.seed = seed
+        self.interpolation = interpolation
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -92,11 +95,16 @@ class _ExampleBuilder:
         except ImageLoadError as err:
             logger.warning("skipping a sample: %s", err)
             return None
+        r, mode = self.resolution, self.interpolation
+        _, crop_top_left = resize_center_crop_geometry(image.size, r)
         return {
-            "pixel_values": image_to_tensor(resize_center_crop(image, self.resolution)),
-            "conditioning_pixel_values": conditioning_to_tensor(resize_center_crop(conditioning, self.resolution)),
+            "pixel_values": image_to_tensor(resize_center_crop(image, r, mode)),
+            "conditioning_pixel_values": conditioning_to_tensor(resize_center_crop(conditioning, r, mode)),
             "caption": self.caption(row[self.caption_column], index),
             "index": index,
+            # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): size before resizing, crop offset
+            "original_size": (image.height, image.width),
+            "crop_top_left": crop_top_left,
         }
 
 
@@ -104,7 +112,8 @@ class ControlNetExamples(torch.utils.data.Dataset):
     """Map-style dataset over a non-streaming Table.
 
     Item ``i``: ``{"pixel_values": [3,R,R] in [-1,1], "conditioning_pixel_values":
-    [3,R,R] in [0,1], "caption": str, "index": i}``, or ``None`` if an image is unreadable.
+    [3,R,R] in [0,1], "caption": str, "index": i, "original_size": (h, w), "crop_top_left": (top, left)}``,
+    or ``None`` if an image is unreadable.
     """
 
     def __init__(
@@ -116,11 +125,13 @@ class ControlNetExamples(torch.utils.data.Dataset):
         resolution: int,
         proportion_empty_prompts: float = 0.0,
         seed: int = 0,
+        interpolation: str = "bilinear",
     ) -> None:
         if table.streaming:
             raise DataError(f"{table.description} is streaming: use StreamingControlNetExamples")
         self._builder = _ExampleBuilder(
-            table, image_column, conditioning_image_column, caption_column, resolution, proportion_empty_prompts, seed
+            table, image_column, conditioning_image_column, caption_column, resolution, proportion_empty_prompts, seed,
+            interpolation,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -154,10 +165,12 @@ class StreamingControlNetExamples(torch.utils.data.IterableDataset):
         proportion_empty_prompts: float = 0.0,
         seed: int = 0,
         skipped: int = 0,
+        interpolation: str = "bilinear",
     ) -> None:
         super().__init__()
         self._builder = _ExampleBuilder(
-            table, image_column, conditioning_image_column, caption_column, resolution, proportion_empty_prompts, seed
+            table, image_column, conditioning_image_column, caption_column, resolution, proportion_empty_prompts, seed,
+            interpolation,
         )
         self._skipped = int(skipped)
 
@@ -169,7 +182,7 @@ class StreamingControlNetExamples(torch.utils.data.IterableDataset):
         b = self._builder
         copy = StreamingControlNetExamples(
             b.table, b.image_column, b.conditioning_image_column, b.caption_column, b.resolution,
-            b.proportion_empty_prompts, b.seed, skipped=self._skipped + int(n),
+            b.proportion_empty_prompts, b.seed, skipped=self._skipped + int(n), interpolation=b.interpolation,
         )
         copy.set_epoch(b.epoch)
         return copy
@@ -195,7 +208,8 @@ def collate_examples(items: list[dict | None]) -> dict:
     """Stack the readable examples; ``n_skipped`` counts the unreadable ones.
 
     Returns ``{"pixel_values": [B,3,R,R], "conditioning_pixel_values": [B,3,R,R],
-    "captions": list[str], "indices": LongTensor[B], "n_skipped": int}``, or
+    "captions": list[str], "indices": LongTensor[B], "original_sizes": LongTensor[B, 2] (h, w),
+    "crop_top_lefts": LongTensor[B, 2] (top, left), "n_skipped": int}``, or
     ``{"empty": True, "n_skipped": k}`` when no item of the batch could be read.
     """
     kept = [item for item in items if item is not None]
@@ -207,5 +221,7 @@ def collate_examples(items: list[dict | None]) -> dict:
         "conditioning_pixel_values": torch.stack([i["conditioning_pixel_values"] for i in kept]).contiguous().float(),
         "captions": [i["caption"] for i in kept],
         "indices": torch.tensor([i["index"] for i in kept], dtype=torch.long),
+        "original_sizes": torch.tensor([i["original_size"] for i in kept], dtype=torch.long),
+        "crop_top_lefts": torch.tensor([i["crop_top_left"] for i in kept], dtype=torch.long),
         "n_skipped": n_skipped,
     }

@@ -18,6 +18,7 @@ from difftune.errors import ConfigError
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
+    "nearest-exact": Image.Resampling.NEAREST,  # torchvision's name; on PIL images it is PIL's NEAREST too
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
@@ -52,15 +53,24 @@ def resize_center_crop(img: Image.Image, resolution: int, interpolation: str = "
     width, height = img.size
     if width == resolution and height == resolution:
         return img
+    new_size, (top, left) = resize_center_crop_geometry(img.size, resolution)
+    if new_size != img.size:
+        img = img.resize(new_size, _INTERPOLATIONS[interpolation])
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def resize_center_crop_geometry(size: tuple[int, int], resolution: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((width, height) after the resize, (top, left) offset of the centre crop in it)`` for a PIL ``size``.
+
+    The crop offset is what SDXL's micro-conditioning calls ``crop_top_left`` (Podell et al.
+    2023, sec. 2.2): the model is told where in the resized image its training crop was.
+    """
+    width, height = size
     short, long = (width, height) if width <= height else (height, width)
     if short != resolution:
         new_long = int(resolution * long / short)
-        new_size = (resolution, new_long) if width <= height else (new_long, resolution)
-        img = img.resize(new_size, _INTERPOLATIONS[interpolation])
-        width, height = img.size
-    left = int(round((width - resolution) / 2.0))
-    top = int(round((height - resolution) / 2.0))
-    return img.crop((left, top, left + resolution, top + resolution))
+        width, height = (resolution, new_long) if width <= height else (new_long, resolution)
+    return (width, height), (int(round((height - resolution) / 2.0)), int(round((width - resolution) / 2.0)))
 
 
 def _to_chw_uint8(img: Image.Image) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ..data.shapes import MIN_CONTRAST, srgb_to_lab
+from ..pipelines import text2image_pipeline
 from .metrics import CONDITION_METRICS, delta_e, shape_scores
 
 
@@ -19,18 +20,6 @@ def _generators(seed: int, n: int) -> list[torch.Generator]:
 
 def _base_resolution(base) -> int:
     return int(base.unet.config.sample_size) * 2 ** (len(base.vae.config.block_out_channels) - 1)
-
-
-def text2image_pipeline(base):
-    from diffusers import StableDiffusionPipeline
-
-    from ..pipelines import unipc_from
-
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=unipc_from(base.noise_scheduler), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate_batched(pipe, prompts: list[str], seed: int, steps: int, resolution: int, guidance_scale: float,

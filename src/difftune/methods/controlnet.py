@@ -1,13 +1,16 @@
 """ControlNet (Zhang & Agrawala 2023, arXiv 2302.05543) as a method of the generic loop.
 
 Trainable: a copy of the UNet's encoder with zero-initialised output convolutions, in fp32
-master weights. Frozen, in the weight dtype: VAE, text encoder, UNet. The loss is the base
+master weights. Frozen, in the weight dtype: VAE, text encoder(s), UNet. The loss is the base
 model's own denoising objective with the ControlNet's residuals added to the UNet's skip
-connections.
+connections. What depends on the base (SD 1.x/2.x or SDXL: text conditioning, SDXL's
+size/crop time ids, an fp32 VAE) is asked of its model family (``difftune.families``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -19,8 +22,9 @@ from ..config import ControlNetConfig
 from ..data import ControlNetExamples, collate_examples, load_table, resolve_columns, select_samples
 from ..data.materialize import materialize
 from ..errors import ConfigError
+from ..families import family_of, micro_conditions
 from ..models import BaseModel, load_base_model, load_controlnet
-from ..noising import DiffusionObjective, encode_prompt, latent_moments, sample_latents, tokenize, drop_captions
+from ..noising import DiffusionObjective, latent_moments, sample_latents, drop_captions
 from ..pipelines import controlnet_pipeline, run_controlnet_pipeline
 from ..surgery import controlnet_from_unet, count_parameters
 
@@ -38,7 +42,15 @@ class ControlNetMethod:
         self.cfg = cfg
         m = cfg.model
         self.base = base or load_base_model(
-            m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir
+            m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir,
+            family=m.model_family, vae_name_or_path=m.pretrained_vae_model_name_or_path,
+        )
+        self.family = family_of(self.base)
+        self.resolution = cfg.data.resolution or self.family.default_resolution
+        # the resolved config (what Trainer saves) names the family and resolution actually used
+        self.cfg = cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(m, model_family=self.family.name),
+            data=dataclasses.replace(cfg.data, resolution=self.resolution),
         )
         if m.controlnet_model_name_or_path:
             self.controlnet = load_controlnet(m.controlnet_model_name_or_path, cache_dir=m.cache_dir)
@@ -65,7 +77,7 @@ class ControlNetMethod:
         self.weight_dtype = weight_dtype_for(accelerator.mixed_precision)
         for module in self.base.frozen_modules():
             module.to(self.device)
-            if self.weight_dtype != torch.float32:
+            if self.weight_dtype != torch.float32 and not (module is self.base.vae and self.base.vae_in_fp32):
                 module.to(dtype=self.weight_dtype)
         self.controlnet.to(self.device)
         t = self.cfg.train
@@ -105,34 +117,44 @@ class ControlNetMethod:
         columns = resolve_columns(
             table.column_names, d.image_column, d.conditioning_image_column, d.caption_column
         )
-        return ControlNetExamples(table, *columns, resolution=d.resolution)
+        return ControlNetExamples(table, *columns, resolution=self.resolution, interpolation=d.image_interpolation_mode)
 
     def collate(self, items: list) -> dict:
         return collate_examples(items)
 
     # ---------------------------------------------------------------- the objective
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        pixels = batch["pixel_values"].to(self.device, self.weight_dtype)
+        d = self.cfg.data
+        vae_dtype = self.base.vae.dtype
+        pixels = batch["pixel_values"].to(self.device, vae_dtype)
         n, _, h, w = pixels.shape
         draws = self.objective.draw(generator, n, (self.latent_channels, h // self.vae_scale, w // self.vae_scale))
-        mean, std = latent_moments(self.base.vae, pixels)
-        latents = sample_latents(mean, std, draws.latent_eps, self.scaling_factor)
-        captions = drop_captions(batch["captions"], self.cfg.data.proportion_empty_prompts, draws.uniform)
-        prompt_embeds = encode_prompt(self.base.text_encoder, tokenize(self.base.tokenizer, captions).to(self.device))
+        # a VAE kept in fp32 under mixed precision (stock SDXL) must also compute in fp32:
+        # keep the loop's autocast away from it
+        fp32_vae = vae_dtype != self.weight_dtype
+        with torch.autocast(self.device.type, enabled=False) if fp32_vae else contextlib.nullcontext():
+            mean, std = latent_moments(self.base.vae, pixels)
+        latents = sample_latents(mean, std, draws.latent_eps, self.scaling_factor).to(self.weight_dtype)
+        captions = drop_captions(batch["captions"], d.proportion_empty_prompts, draws.uniform)
+        prompt = self.family.encode_prompts(self.base, captions, self.device)
+        micro = micro_conditions(batch, self.resolution, d.crops_coords_top_left_h, d.crops_coords_top_left_w)
+        added = self.family.added_cond_kwargs(prompt, micro, self.weight_dtype)  # None for SD 1.x/2.x
         noise = draws.noise.to(self.device, latents.dtype)
         timesteps = draws.timesteps.to(self.device)
         noisy = self.objective.add_noise(latents, noise, timesteps)
         down, mid = self.trained(
             noisy,
             timesteps,
-            encoder_hidden_states=prompt_embeds,
+            encoder_hidden_states=prompt.encoder_hidden_states,
             controlnet_cond=batch["conditioning_pixel_values"].to(self.device),
+            added_cond_kwargs=added,
             return_dict=False,
         )
         pred = self.base.unet(
             noisy,
             timesteps,
-            encoder_hidden_states=prompt_embeds,
+            encoder_hidden_states=prompt.encoder_hidden_states,
+            added_cond_kwargs=added,
             down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
             mid_block_additional_residual=mid.to(self.weight_dtype),
             return_dict=False,
@@ -171,7 +193,7 @@ class ControlNetMethod:
             ctx = self._accelerator.autocast() if self._accelerator else torch.autocast("cpu", enabled=False)
             with ctx:
                 return run_controlnet_pipeline(
-                    pipe, prompts, images, num_images, seed, steps, self.cfg.data.resolution
+                    pipe, prompts, images, num_images, seed, steps, self.resolution
                 )
         finally:
             self.controlnet.train(was_training)
@@ -180,27 +202,29 @@ class ControlNetMethod:
         c = self.cfg
         data = c.data.train_data_dir or c.data.dataset_name
         grid = summary.get("validation_grid")
+        pipe_cls = self.family.controlnet_pipeline_name
+        extra = ", safety_checker=None" if self.family.name == "sd" else ""
         lines = [
             "---",
             f"base_model: {c.model.pretrained_model_name_or_path}",
             "library_name: diffusers",
-            "tags: [controlnet, stable-diffusion, difftune]",
+            f"tags: [controlnet, {'stable-diffusion-xl' if self.family.name == 'sdxl' else 'stable-diffusion'}, difftune]",
             "---",
             "",
             "# ControlNet trained with difftune",
             "",
             f"- Base model: `{c.model.pretrained_model_name_or_path}`",
-            f"- Data: `{data}` at {c.data.resolution} px",
+            f"- Data: `{data}` at {self.resolution} px",
             f"- Optimizer steps: {summary.get('global_step')} (batch {c.train.train_batch_size} x "
             f"accumulation {c.train.gradient_accumulation_steps}), learning rate {c.optim.learning_rate}",
             f"- Final loss: {summary.get('final_loss'):.4f}" if summary.get("final_loss") is not None else "",
             f"- Trainable parameters: {count_parameters(self.controlnet):,}",
             "",
             "```python",
-            "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler",
+            f"from diffusers import ControlNetModel, {pipe_cls}, UniPCMultistepScheduler",
             f'controlnet = ControlNetModel.from_pretrained("{output_dir}")',
-            "pipe = StableDiffusionControlNetPipeline.from_pretrained(",
-            f'    "{c.model.pretrained_model_name_or_path}", controlnet=controlnet, safety_checker=None)',
+            f"pipe = {pipe_cls}.from_pretrained(",
+            f'    "{c.model.pretrained_model_name_or_path}", controlnet=controlnet{extra})',
             "pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)",
             "```",
         ]

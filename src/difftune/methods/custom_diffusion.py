@@ -45,6 +45,9 @@ class CustomDiffusionMethod:
         # those of a model object the caller keeps using
         self.base = copy.deepcopy(base) if base is not None else load_base_model(
             m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir)
+        if getattr(self.base, "family", "sd") != "sd":  # one text encoder is assumed throughout (tokens, embeddings, eval)
+            raise ConfigError(f"Custom Diffusion supports SD 1.x/2.x bases; {m.pretrained_model_name_or_path} is "
+                              "SDXL, which is not supported yet.")
         self.modifier_tokens = c.modifier_tokens()
         self.concepts = cc.resolve_concepts(cfg.data, self.modifier_tokens)
         inits = c.initializer_tokens() or cc.default_initializers(self.concepts, self.modifier_tokens)

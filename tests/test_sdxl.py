@@ -1,0 +1,255 @@
+"""SDXL as a model family of the same ControlNet method: the SD 1.x battery, on a tiny SDXL.
+
+The tiny SDXL (``difftune.tiny.save_tiny_sdxl_model``) has SDXL's layout at toy size: two
+text encoders (the second with projection), a ``text_time`` UNet, DDPM with leading spacing.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import make_config
+from difftune import checkpoint as ckpt
+
+PROMPT = "red circle with blue background"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    from difftune.tiny import save_tiny_sdxl_model
+
+    return save_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_base(tiny_sdxl_dir):
+    from difftune.models import load_base_model
+
+    return load_base_model(str(tiny_sdxl_dir))
+
+
+def _inputs(base, n=2):
+    from difftune.families import FAMILIES, MicroConditions
+
+    fam = FAMILIES["sdxl"]
+    g = torch.Generator().manual_seed(0)
+    prompt = fam.encode_prompts(base, [PROMPT, ""][:n], torch.device("cpu"))
+    micro = MicroConditions(torch.tensor([[64, 96], [80, 64]][:n]), torch.tensor([[0, 16], [8, 0]][:n]), (64, 64))
+    added = fam.added_cond_kwargs(prompt, micro, torch.float32)
+    return torch.randn(n, 4, 8, 8, generator=g), prompt.encoder_hidden_states, added, torch.rand(n, 3, 64, 64, generator=g)
+
+
+def test_family_detection_loading_and_resolution(tiny_sdxl_dir, tiny_model_dir, sdxl_base, fill_dir, tmp_path):
+    from difftune.errors import ModelLoadError
+    from difftune.families import detect_family
+    from difftune.methods.controlnet import ControlNetMethod
+    from difftune.models import load_base_model
+
+    assert detect_family(str(tiny_sdxl_dir)) == "sdxl" and detect_family(str(tiny_model_dir)) == "sd"
+    assert sdxl_base.family == "sdxl" and sdxl_base.tokenizer_2.pad_token == "!"
+    assert sdxl_base.vae_in_fp32 and len(sdxl_base.frozen_modules()) == 4
+    with pytest.raises(ModelLoadError, match="SDXL UNet.*--model_family is sd"):
+        load_base_model(str(tiny_sdxl_dir), family="sd")
+    # a separate VAE (folder with vae/ or the VAE at its root) is trusted in the weight dtype
+    assert not load_base_model(str(tiny_sdxl_dir), vae_name_or_path=str(tiny_sdxl_dir / "vae")).vae_in_fp32
+    # --resolution defaults to the family's: 1024 for SDXL (diffusers' SDXL script), 512 for SD
+    method = ControlNetMethod(make_config(tiny_sdxl_dir, fill_dir, tmp_path, resolution=None), base=sdxl_base)
+    assert method.resolution == 1024 and method.cfg.model.model_family == "sdxl"
+    assert method.cfg.data.resolution == 1024  # what the saved config records
+    assert ControlNetMethod(make_config(tiny_model_dir, fill_dir, tmp_path, resolution=None)).resolution == 512
+
+
+@torch.no_grad()
+def test_prompt_embeds_pooled_and_time_ids_match_the_diffusers_pipeline(sdxl_base):
+    from diffusers import StableDiffusionXLPipeline
+
+    from difftune.families import FAMILIES, MicroConditions
+
+    b = sdxl_base
+    pipe = StableDiffusionXLPipeline(vae=b.vae, text_encoder=b.text_encoder, text_encoder_2=b.text_encoder_2,
+                                     tokenizer=b.tokenizer, tokenizer_2=b.tokenizer_2, unet=b.unet,
+                                     scheduler=b.noise_scheduler, add_watermarker=False)
+    ours = FAMILIES["sdxl"].encode_prompts(b, [PROMPT, ""], torch.device("cpu"))
+    # '' (a dropped caption) goes through both encoders alike, as in the pipeline
+    embeds, _, pooled, _ = pipe.encode_prompt([PROMPT, ""], device="cpu", do_classifier_free_guidance=False)
+    assert torch.equal(ours.encoder_hidden_states, embeds) and torch.equal(ours.pooled, pooled)
+    assert ours.encoder_hidden_states.shape == (2, 77, 64) and ours.pooled.shape == (2, 32)
+
+    sizes, crops, target = [(64, 96), (1024, 768)], [(0, 16), (128, 0)], (64, 64)
+    micro = MicroConditions(torch.tensor(sizes), torch.tensor(crops), target)
+    added = FAMILIES["sdxl"].added_cond_kwargs(ours, micro, torch.float32)
+    for i in range(2):
+        theirs = pipe._get_add_time_ids(sizes[i], crops[i], target, dtype=torch.float32,
+                                        text_encoder_projection_dim=b.text_encoder_2.config.projection_dim)
+        assert torch.equal(added["time_ids"][i : i + 1], theirs)
+    assert added["text_embeds"] is not None and torch.equal(added["text_embeds"], ours.pooled)
+
+
+@torch.no_grad()
+def test_zero_initialised_controlnet_leaves_sdxl_unet_output_unchanged(sdxl_base):
+    from difftune.surgery import controlnet_from_unet
+
+    unet = sdxl_base.unet
+    controlnet = controlnet_from_unet(unet)
+    assert controlnet.config.addition_embed_type == "text_time"
+    latents, ehs, added, cond = _inputs(sdxl_base)
+    t = torch.tensor([10, 700])
+    plain = unet(latents, t, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
+    down, mid = controlnet(latents, t, encoder_hidden_states=ehs, controlnet_cond=cond, added_cond_kwargs=added,
+                           return_dict=False)
+    assert all(torch.count_nonzero(r) == 0 for r in down) and torch.count_nonzero(mid) == 0
+    joined = unet(latents, t, encoder_hidden_states=ehs, added_cond_kwargs=added,
+                  down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    assert torch.equal(plain, joined)
+    # the size/crop conditioning reaches the UNet: other time ids, other output
+    other = dict(added, time_ids=added["time_ids"] + 8)
+    assert not torch.equal(plain, unet(latents, t, encoder_hidden_states=ehs, added_cond_kwargs=other).sample)
+    assert torch.equal(controlnet.add_embedding.linear_1.weight, unet.add_embedding.linear_1.weight)
+
+
+def test_backward_touches_only_controlnet_parameters_and_vae_stays_fp32(tiny_sdxl_dir, sdxl_base, fill_dir, tmp_path):
+    from difftune.methods.controlnet import ControlNetMethod
+
+    method = ControlNetMethod(make_config(tiny_sdxl_dir, fill_dir, tmp_path, proportion_empty_prompts=0.5))
+    batch = method.collate([method.train_dataset()[i] for i in range(2)])
+    assert batch["original_sizes"].tolist() == [[64, 64]] * 2 and batch["crop_top_lefts"].tolist() == [[0, 0]] * 2
+    loss = method.loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    frozen = [p for m in method.base.frozen_modules() for p in m.parameters()]
+    assert all(p.grad is None and not p.requires_grad for p in frozen)
+    grads = [p.grad for p in method.controlnet.parameters()]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+    # mixed precision: the stock SDXL VAE stays fp32 (it overflows in fp16), the rest goes bf16
+    # (what setup reads of an Accelerator; a real one would fix accelerate's process-wide state to bf16)
+    method.setup(SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16"))
+    assert method.base.vae.dtype == torch.float32 and method.base.unet.dtype == torch.bfloat16
+    assert method.base.text_encoder_2.dtype == torch.bfloat16 and method.controlnet.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert torch.isfinite(method.loss(batch, torch.Generator().manual_seed(0)))
+
+
+def test_examples_carry_original_size_and_crop_offsets(tmp_path):
+    from difftune.data import ControlNetExamples, collate_examples, load_table
+    from difftune.families import micro_conditions
+
+    root = tmp_path / "wide"
+    root.mkdir()
+    Image.new("RGB", (96, 64), (255, 0, 0)).save(root / "t.png")
+    Image.new("RGB", (96, 64), (255, 255, 255)).save(root / "c.png")
+    (root / "metadata.jsonl").write_text(json.dumps({"image": "t.png", "conditioning_image": "c.png", "text": "x"}))
+    table = load_table(train_data_dir=root, cache_dir=str(tmp_path / "cache"))
+    item = ControlNetExamples(table, "image", "conditioning_image", "text", resolution=32, interpolation="lanczos")[0]
+    # 96x64 -> 48x32, centre crop 32x32 starts 8 px from the left
+    assert item["original_size"] == (64, 96) and item["crop_top_left"] == (0, 8)
+    batch = collate_examples([item])
+    assert micro_conditions(batch, 32).crop_top_lefts.tolist() == [[0, 8]]
+    fixed = micro_conditions(batch, 32, crop_h=0, crop_w=0)  # --crops_coords_top_left_h/_w, as diffusers
+    assert fixed.crop_top_lefts.tolist() == [[0, 0]] and fixed.original_sizes.tolist() == [[64, 96]]
+
+
+def test_resume_equals_uninterrupted(tiny_sdxl_dir, fill_dir, tmp_path, monkeypatch):
+    from difftune.api import train_controlnet
+
+    kw = dict(max_train_steps=4, checkpointing_steps=2, train_batch_size=2, proportion_empty_prompts=0.5,
+              lr_scheduler="cosine", max_train_samples=6)
+    train_controlnet(make_config(tiny_sdxl_dir, fill_dir, tmp_path / "full", **kw))
+    part = tmp_path / "part"
+    real = ckpt.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_controlnet(make_config(tiny_sdxl_dir, fill_dir, part, **kw))
+    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    summary = train_controlnet(make_config(tiny_sdxl_dir, fill_dir, part, resume_from_checkpoint="latest", **kw))
+    assert summary["global_step"] == 4
+    full, resumed = (load_file(str(d / "diffusion_pytorch_model.safetensors")) for d in (tmp_path / "full", part))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+@pytest.fixture(scope="module")
+def cli_trained(tiny_sdxl_dir, fill_dir, tmp_path_factory):
+    """An SDXL ControlNet trained through the CLI with diffusers' SDXL flags."""
+    from difftune.cli import main
+
+    out = tmp_path_factory.mktemp("sdxl") / "run"
+    code = main(["train", "controlnet", "--pretrained_model_name_or_path", str(tiny_sdxl_dir),
+                 "--pretrained_vae_model_name_or_path", str(tiny_sdxl_dir / "vae"), "--train_data_dir", str(fill_dir),
+                 "--output_dir", str(out), "--resolution", "64", "--crops_coords_top_left_h", "0",
+                 "--crops_coords_top_left_w", "0", "--image_interpolation_mode", "bicubic", "--train_batch_size", "4",
+                 "--max_train_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--seed", "0",
+                 "--validation_prompt", PROMPT, "--validation_image", str(fill_dir / "validation" / "conditioning_0.png"),
+                 "--num_validation_images", "1", "--num_validation_inference_steps", "2"])
+    assert code == 0
+    return out
+
+
+def test_cli_run_exports_a_controlnet_that_loads_in_the_sdxl_pipeline(cli_trained, tiny_sdxl_dir, fill_dir, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler
+
+    from difftune.api import generate
+    from difftune.cli import main
+
+    out = cli_trained
+    saved = json.loads((out / "difftune_config.json").read_text())
+    assert saved["model"]["model_family"] == "sdxl" and saved["data"]["crops_coords_top_left_h"] == 0
+    assert (out / "validation" / "step-0000002.png").is_file()
+    assert "StableDiffusionXLControlNetPipeline" in (out / "README.md").read_text()
+    loaded = ControlNetModel.from_pretrained(out)
+    assert torch.count_nonzero(loaded.controlnet_mid_block.weight) > 0
+
+    cond = Image.open(fill_dir / "validation" / "conditioning_1.png").convert("RGB")
+    ours = generate(str(tiny_sdxl_dir), out, cond, PROMPT, num_inference_steps=3, seed=5, device="cpu")[0]
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl_dir, controlnet=loaded)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPT, image=cond, num_inference_steps=3, height=64, width=64, guidance_scale=7.5,
+                  generator=torch.Generator().manual_seed(5)).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs)) and ours.size == (64, 64)
+    args = ["generate", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--controlnet", str(out), "--image",
+            str(fill_dir / "validation" / "conditioning_1.png"), "--prompt", PROMPT, "--num_inference_steps", "3",
+            "--seed", "5", "--device", "cpu", "--out", str(tmp_path / "g.png")]
+    assert main(args) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(ours))
+
+
+def test_in_memory_sampling_equals_the_exported_model(tiny_sdxl_dir, sdxl_base, fill_dir, tmp_path):
+    from diffusers import ControlNetModel
+
+    from difftune.api import resolve_seed
+    from difftune.methods.controlnet import ControlNetMethod
+    from difftune.trainer import Trainer
+
+    cfg = resolve_seed(make_config(tiny_sdxl_dir, fill_dir, tmp_path / "run", max_train_steps=1, train_batch_size=2))
+    method = ControlNetMethod(cfg)
+    Trainer(method, method.cfg).fit()
+    loaded = ControlNetModel.from_pretrained(tmp_path / "run")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in method.controlnet.state_dict().items())
+    cond = Image.open(fill_dir / "validation" / "conditioning_0.png").convert("RGB")
+    ours = method.sample([PROMPT], [cond], num_images=1, seed=3, steps=2)[0][0]
+    from difftune.pipelines import controlnet_pipeline, run_controlnet_pipeline
+
+    theirs = run_controlnet_pipeline(controlnet_pipeline(sdxl_base, loaded), [PROMPT], [cond], 1, 3, 2, 64)[0][0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_eval_controlnet_runs_on_an_sdxl_base(cli_trained, tiny_sdxl_dir, tmp_path):
+    from difftune.cli import main
+
+    # --no_baseline: the base-alone baseline of eval/run.py builds an SD text-to-image pipeline
+    # (switching it to difftune.pipelines.text2image_pipeline makes it family-aware)
+    assert main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--controlnet",
+                 str(cli_trained), "--n", "2", "--num_inference_steps", "2", "--no_baseline",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "eval_controlnet.json").read_text())
+    assert result["n"] == 2 and 0.0 <= result["controlnet"]["iou"] <= 1.0
