@@ -173,7 +173,7 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
     from .pretrain import pretrain_base
 
     print(pretrain_base(args.out, n_images=args.n_images, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                        seed=args.seed))
+                        seed=args.seed, stop_at_step=args.stop_at_step))
     return 0
 
 
@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--vae_steps", type=int, default=1500)
     pb.add_argument("--unet_steps", type=int, default=4500)
     pb.add_argument("--seed", type=int, default=0)
+    pb.add_argument("--stop_at_step", type=int, default=3000, help="end after the EMA export at this UNet step")
     pb.set_defaults(func=cmd_pretrain_base)
 
     d = sub.add_parser("demo", help="end to end on the embedded default: data, train, sample")

@@ -165,8 +165,13 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
 
 
 def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500, unet_steps: int = 4500,
-                  seed: int = 0) -> Path:
-    """Build the tiny-shapes base model in ``out/model`` (diffusers layout); returns that path."""
+                  seed: int = 0, stop_at_step: int | None = 3000) -> Path:
+    """Build the tiny-shapes base model in ``out/model`` (diffusers layout); returns that path.
+
+    The UNet's learning-rate schedule spans ``unet_steps``; the EMA weights are exported every
+    1000 steps, and ``stop_at_step`` ends the run after that export. The shipped model is the
+    step-3000 export of a 4500-step schedule (the session that built it had no more CPU time).
+    """
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
@@ -196,4 +201,6 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
         unet, text_encoder = ema[0], ema[1]
         save_pipeline(out / "model", vae, text_encoder, unet, tokenizer)
         _log(out / "pretrain_log.jsonl", stage="saved", step=step)
+        if stop_at_step is not None and step >= stop_at_step:
+            break
     return out / "model"

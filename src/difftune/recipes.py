@@ -18,13 +18,13 @@ def controlnet_fill50k() -> dict:
 
 
 def controlnet_tiny_demo() -> dict:
-    """The offline demo: the tiny 64 px model on fill50k, a few minutes on a laptop CPU."""
+    """The offline demo: a ControlNet on the bundled 64 px tiny-shapes base, ~5 minutes on 2 CPU cores."""
     return {
         "data": {"resolution": 64},
         "optim": {"learning_rate": 1e-3, "lr_warmup_steps": 20, "lr_scheduler": "constant_with_warmup"},
-        "train": {"train_batch_size": 16, "max_train_steps": 300, "checkpointing_steps": 100,
+        "train": {"train_batch_size": 16, "max_train_steps": 1000, "checkpointing_steps": 200,
                   "checkpoints_total_limit": 2, "seed": 0},
-        "validation": {"validation_steps": 100, "num_validation_images": 2, "num_validation_inference_steps": 20},
+        "validation": {"validation_steps": 200, "num_validation_images": 2, "num_validation_inference_steps": 20},
     }
 
 

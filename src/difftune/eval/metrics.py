@@ -122,7 +122,7 @@ def shape_scores(image: np.ndarray, shape: str, color: tuple, background: tuple)
     reading = read_shape(image)
     bg_err = float(delta_e(reading.background_lab, srgb_to_lab(np.array(background))))
     fg_err = (float(delta_e(reading.foreground_lab, srgb_to_lab(np.array(color))))
-              if reading.foreground_lab is not None else float("inf"))
+              if reading.foreground_lab is not None else float("nan"))  # no shape: counted as wrong
     return {
         "background_ok": float(bg_err < COLOR_TOLERANCE),
         "shape_color_ok": float(fg_err < COLOR_TOLERANCE),
