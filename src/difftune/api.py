@@ -126,7 +126,7 @@ def generate(
         pipe.to(device, dtype=dtype)
     if enable_xformers_memory_efficient_attention:
         pipe.enable_xformers_memory_efficient_attention()
-    res = resolution or int(base.unet.config.sample_size) * 2 ** (len(base.vae.config.block_out_channels) - 1)
+    res = resolution or base.native_resolution
     if controlnet is None:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         return list(pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,

@@ -41,6 +41,24 @@ class BaseModel:
         encoders = [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
         return [*encoders, self.vae, self.unet]
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SD): each VAE block after the first halves the size."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def native_resolution(self) -> int:
+        """The image size the UNet was configured for (512 for SD 1.5, 64 for tiny-shapes)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
 
 BUILTIN_MODELS = {"tiny-shapes": "assets/tiny-shapes"}
 DEFAULT_MODEL = "tiny-shapes"

@@ -19,7 +19,7 @@ def _generators(seed: int, n: int) -> list[torch.Generator]:
 
 
 def _base_resolution(base) -> int:
-    return int(base.unet.config.sample_size) * 2 ** (len(base.vae.config.block_out_channels) - 1)
+    return base.native_resolution
 
 
 def generate_batched(pipe, prompts: list[str], seed: int, steps: int, resolution: int, guidance_scale: float,

@@ -61,10 +61,9 @@ class ControlNetMethod:
                 self.controlnet = controlnet_from_unet(self.base.unet)
         self.controlnet.requires_grad_(True)
         self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma)
-        vae_cfg = self.base.vae.config
-        self.vae_scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
-        self.latent_channels = int(vae_cfg.latent_channels)
-        self.scaling_factor = float(vae_cfg.scaling_factor)
+        self.vae_scale = self.base.vae_scale_factor
+        self.latent_channels = self.base.latent_channels
+        self.scaling_factor = self.base.scaling_factor
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
         self.trained = self.controlnet  # the (possibly DDP-wrapped) module used in forward
