@@ -61,9 +61,6 @@ class ControlNetMethod:
                 self.controlnet = controlnet_from_unet(self.base.unet)
         self.controlnet.requires_grad_(True)
         self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma)
-        self.vae_scale = self.base.vae_scale_factor
-        self.latent_channels = self.base.latent_channels
-        self.scaling_factor = self.base.scaling_factor
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
         self.trained = self.controlnet  # the (possibly DDP-wrapped) module used in forward
@@ -127,13 +124,14 @@ class ControlNetMethod:
         vae_dtype = self.base.vae.dtype
         pixels = batch["pixel_values"].to(self.device, vae_dtype)
         n, _, h, w = pixels.shape
-        draws = self.objective.draw(generator, n, (self.latent_channels, h // self.vae_scale, w // self.vae_scale))
+        f = self.base.vae_scale_factor
+        draws = self.objective.draw(generator, n, (self.base.latent_channels, h // f, w // f))
         # a VAE kept in fp32 under mixed precision (stock SDXL) must also compute in fp32:
         # keep the loop's autocast away from it
         fp32_vae = vae_dtype != self.weight_dtype
         with torch.autocast(self.device.type, enabled=False) if fp32_vae else contextlib.nullcontext():
             mean, std = latent_moments(self.base.vae, pixels)
-        latents = sample_latents(mean, std, draws.latent_eps, self.scaling_factor).to(self.weight_dtype)
+        latents = sample_latents(mean, std, draws.latent_eps, self.base.scaling_factor).to(self.weight_dtype)
         captions = drop_captions(batch["captions"], d.proportion_empty_prompts, draws.uniform)
         prompt = self.family.encode_prompts(self.base, captions, self.device)
         micro = micro_conditions(batch, self.resolution, d.crops_coords_top_left_h, d.crops_coords_top_left_w)

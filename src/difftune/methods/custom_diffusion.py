@@ -61,9 +61,6 @@ class CustomDiffusionMethod:
         self.embedding.requires_grad_(True)
         self._hook = surgery.restrict_to_rows(self.embedding, self.token_ids)
         self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma)
-        self.vae_scale = self.base.vae_scale_factor
-        self.latent_channels = self.base.latent_channels
-        self.scaling_factor = self.base.scaling_factor
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
         self.unet, self.text_encoder = self.base.unet, self.base.text_encoder  # possibly wrapped by prepare
@@ -162,10 +159,10 @@ class CustomDiffusionMethod:
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         d = self.cfg.data
-        R, f = d.resolution, self.vae_scale
+        R, f = d.resolution, self.base.vae_scale_factor
         prior = "class_images" in batch
         n = batch["pixel_values"].shape[0]
-        shape = (self.latent_channels, R // f, R // f)
+        shape = (self.base.latent_channels, R // f, R // f)
         aug, inst, cls = self._draw(generator, n, shape, prior)
         done = [cd.augment_instance(im, p, u, R, f, not d.noaug, d.hflip)
                 for im, p, u in zip(batch["pixel_values"], batch["instance_prompts"], aug)]
@@ -181,7 +178,7 @@ class CustomDiffusionMethod:
         noise = torch.cat([x.noise for x in draws]).to(self.device)
         timesteps = torch.cat([x.timesteps for x in draws]).to(self.device)
         mean, std = latent_moments(self.base.vae, pixels_t)
-        latents = sample_latents(mean, std, eps, self.scaling_factor)
+        latents = sample_latents(mean, std, eps, self.base.scaling_factor)
         noise = noise.to(latents.dtype)
         noisy = self.objective.add_noise(latents, noise, timesteps)
         prompt_embeds = self.encode_text(captions)
