@@ -253,3 +253,21 @@ def test_eval_controlnet_runs_on_an_sdxl_base(cli_trained, tiny_sdxl_dir, tmp_pa
                  "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "eval_controlnet.json").read_text())
     assert result["n"] == 2 and 0.0 <= result["controlnet"]["iou"] <= 1.0
+
+
+def test_cached_latents_and_embeddings_train_the_same_sdxl_controlnet(tiny_sdxl_dir, fill_dir, tmp_path):
+    """The encoded cache holds SDXL's pooled embeddings and each image's size/crop conditioning too."""
+    import json
+
+    from difftune.api import train_controlnet
+
+    kw = dict(max_train_steps=3, train_batch_size=2, proportion_empty_prompts=0.5, max_train_samples=6,
+              max_grad_norm=0.0)
+    train_controlnet(make_config(tiny_sdxl_dir, fill_dir, tmp_path / "plain", **kw))
+    train_controlnet(make_config(tiny_sdxl_dir, fill_dir, tmp_path / "cached", cache_latents=True, **kw))
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("plain", "cached")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    (folder,) = (tmp_path / "cached" / "encoded-cache").iterdir()
+    text = load_file(str(folder / "text.safetensors"))
+    assert text["pooled"].shape[0] == text["hidden"].shape[0]

@@ -133,6 +133,12 @@ class OptimConfig:
     max_grad_norm: float = opt(1.0, "Clip gradients to this norm (0: no clipping).")
     use_8bit_adam: bool = opt(False, "8-bit AdamW from bitsandbytes (pip install 'difftune[bnb]').")
     set_grads_to_none: bool = opt(False, "Free gradients after each step instead of zeroing them (less memory).")
+    optimizer_in_backward: bool = opt(
+        False,
+        "Step each parameter inside backward as soon as its gradient is ready, then free that gradient: the "
+        "full set of gradients never exists at once (less memory). Needs --max_grad_norm 0, "
+        "--gradient_accumulation_steps 1, one process and no fp16 loss scaling.",
+    )
 
 
 @dataclass
@@ -163,6 +169,13 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = opt(
         False, "Use xFormers attention (PyTorch's SDPA is already the default)."
     )
+    channels_last: bool = opt(False, "Keep the UNet and the trained model in channels-last memory format.")
+    torch_compile: str = opt(
+        "no",
+        "torch.compile the UNet and the trained model: 'blocks' compiles each repeated block (fast to compile), "
+        "'full' the whole models.",
+        choices=("no", "blocks", "full"),
+    )
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = opt(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder to resume from.")
@@ -186,6 +199,19 @@ class TrainConfig:
             raise ConfigError("--checkpoints_total_limit must be >= 1.")
         if self.report_to not in ("none", "all", "tensorboard", "wandb"):
             raise ConfigError(f"--report_to {self.report_to!r}: choose tensorboard, wandb, all or none.")
+
+
+@dataclass
+class ControlNetTrainConfig(TrainConfig):
+    """ControlNet's train section: the shared one plus encoder caching (its transforms are deterministic)."""
+
+    cache_latents: bool = opt(
+        False,
+        "Encode every training image (VAE latent mean and std) and every distinct caption (text encoders) once "
+        "before training, on disk under --latent_cache_dir; training then samples latents from the cached "
+        "distribution and the encoders stay off the GPU. Resumable; reused by later runs on the same model and data.",
+    )
+    latent_cache_dir: str | None = opt(None, "Where --cache_latents writes (default: OUTPUT_DIR/encoded-cache).")
 
 
 @dataclass
@@ -224,7 +250,7 @@ class ControlNetConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:

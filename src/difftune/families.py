@@ -53,7 +53,7 @@ def micro_conditions(batch: dict, resolution: int, crop_h: int | None = None, cr
     ``(resolution, resolution)`` as the original size; its SDXL text-to-image script, like the
     SDXL paper, passes the real ones. We pass the real ones unless the crop flags are set.
     """
-    n = batch["pixel_values"].shape[0]
+    n = len(batch["captions"])
     full = torch.tensor([[resolution, resolution]] * n, dtype=torch.long)
     sizes = batch.get("original_sizes", full)
     crops = batch.get("crop_top_lefts", torch.zeros(n, 2, dtype=torch.long))

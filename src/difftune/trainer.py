@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, ValidationConfig, save_resolved, to_dict
 from .errors import UserError
-from .optim import build_lr_scheduler, build_optimizer, effective_learning_rate
+from .optim import build_lr_scheduler, build_optimizer, check_optimizer_in_backward, effective_learning_rate
 from .trackers import Trackers, requested_trackers
 from .validation import Validator
 
@@ -49,6 +49,11 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def images_in(batch: dict) -> int:
+    """Images in a collated batch: ``n_images`` if the method counts them, else the pixel batch size."""
+    return int(batch["n_images"]) if "n_images" in batch else int(batch["pixel_values"].shape[0])
 
 
 def make_accelerator(cfg: TrainConfig, trackers: list[str]):
@@ -127,6 +132,9 @@ class Trainer:
             ckpt.clean_partial(root)
             save_resolved(self.run_config, self.out)
 
+        check_optimizer_in_backward(self.optim_cfg, cfg.gradient_accumulation_steps, accelerator.mixed_precision,
+                                    accelerator.num_processes)
+        t_setup = time.perf_counter()
         modules = self.method.setup(accelerator)
         loader = self._data(accelerator, seed)
         lr = effective_learning_rate(
@@ -153,8 +161,12 @@ class Trainer:
 
         trackers = Trackers(accelerator, self.out, tracker_names, cfg.tracker_project_name, to_dict(self.run_config))
         validator = Validator(self.val_cfg, self.method, self.out, trackers, seed)
+        setup_seconds = time.perf_counter() - t_setup
         summary = self._loop(accelerator, prepared, optimizer, lr_scheduler, loader, generator, state, max_steps,
                              trackers, validator, root)
+        summary["setup_seconds"] = round(setup_seconds, 3)
+        if getattr(self.method, "cache_build_seconds", None) is not None:
+            summary["cache_build_seconds"] = round(self.method.cache_build_seconds, 3)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             summary["validation_grid"] = str(validator.run(state.global_step) or "") or None
@@ -176,10 +188,14 @@ class Trainer:
                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
         t_start, images_seen, last_loss = time.perf_counter(), 0, float("nan")
         while state.global_step < max_steps:
+            t_step = time.perf_counter()
+            data_wait = 0.0
             loss_sum = torch.zeros((), device=accelerator.device)
             step_images = 0
             for micro in range(accum):
+                t_data = time.perf_counter()
                 batch = next(stream)
+                data_wait += time.perf_counter() - t_data
                 state.micro_batches += 1
                 state.skipped_samples += int(batch.get("n_skipped", 0))
                 if batch.get("empty"):
@@ -193,10 +209,10 @@ class Trainer:
                         loss = self.method.loss(batch, generator)
                     accelerator.backward(loss / accum)
                 loss_sum += loss.detach().float()
-                step_images += int(batch["pixel_values"].shape[0])
+                step_images += images_in(batch)
             finite = bool(torch.isfinite(accelerator.reduce(loss_sum, reduction="sum")).item())
             if finite:
-                if self.optim_cfg.max_grad_norm > 0:
+                if self.optim_cfg.max_grad_norm > 0 and not self.optim_cfg.optimizer_in_backward:
                     accelerator.clip_grad_norm_(params, self.optim_cfg.max_grad_norm)
                 optimizer.step()
                 if not accelerator.optimizer_step_was_skipped:
@@ -213,9 +229,11 @@ class Trainer:
             optimizer.zero_grad(set_to_none=self.optim_cfg.set_grads_to_none)
             state.global_step += 1
             images_seen += step_images * accelerator.num_processes
-            last_loss = loss_sum.item() / accum
-            elapsed = time.perf_counter() - t_start
-            scalars = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_seen / elapsed}
+            last_loss = loss_sum.item() / accum  # .item() waits for the device: the step is done
+            now = time.perf_counter()
+            scalars = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
+                       "images_per_s": images_seen / (now - t_start),
+                       "step_seconds": round(now - t_step, 5), "data_wait_seconds": round(data_wait, 5)}
             if state.skipped_samples:
                 scalars["skipped_samples"] = state.skipped_samples
             if state.nonfinite_steps:
@@ -240,6 +258,7 @@ class Trainer:
         }
         if torch.cuda.is_available():
             summary["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            summary["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         return summary
 
     def _save(self, accelerator, optimizer, lr_scheduler, generator, state, root) -> None:

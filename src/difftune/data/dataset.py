@@ -85,10 +85,13 @@ class _ExampleBuilder:
             return ""
         return caption
 
-    def build(self, row: dict, index: int) -> dict | None:
+    def build(self, row: dict, index: int, with_image: bool = True) -> dict | None:
+        """The example of ``row``; ``with_image=False`` leaves out the target image (and its
+        geometry): an encoded cache (``difftune.encoded_cache``) already holds its latents."""
         base = self.table.base_dir
         try:
-            image = load_image(row[self.image_column], base, f"row {index}, column {self.image_column!r}")
+            image = (load_image(row[self.image_column], base, f"row {index}, column {self.image_column!r}")
+                     if with_image else None)
             conditioning = load_image(
                 row[self.conditioning_image_column], base, f"row {index}, column {self.conditioning_image_column!r}"
             )
@@ -96,16 +99,18 @@ class _ExampleBuilder:
             logger.warning("skipping a sample: %s", err)
             return None
         r, mode = self.resolution, self.interpolation
-        _, crop_top_left = resize_center_crop_geometry(image.size, r)
-        return {
-            "pixel_values": image_to_tensor(resize_center_crop(image, r, mode)),
+        example = {
             "conditioning_pixel_values": conditioning_to_tensor(resize_center_crop(conditioning, r, mode)),
             "caption": self.caption(row[self.caption_column], index),
             "index": index,
-            # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): size before resizing, crop offset
-            "original_size": (image.height, image.width),
-            "crop_top_left": crop_top_left,
         }
+        if image is not None:
+            _, crop_top_left = resize_center_crop_geometry(image.size, r)
+            example["pixel_values"] = image_to_tensor(resize_center_crop(image, r, mode))
+            # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): size before resizing, crop offset
+            example["original_size"] = (image.height, image.width)
+            example["crop_top_left"] = crop_top_left
+        return example
 
 
 class ControlNetExamples(torch.utils.data.Dataset):
@@ -141,9 +146,17 @@ class ControlNetExamples(torch.utils.data.Dataset):
         return len(self._builder.table.dataset)
 
     def __getitem__(self, index: int) -> dict | None:
+        return self.example(index)
+
+    def example(self, index: int, with_image: bool = True) -> dict | None:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return self._builder.build(self._builder.table.dataset[int(index)], int(index))
+        return self._builder.build(self._builder.table.dataset[int(index)], int(index), with_image)
+
+    def caption_values(self) -> list:
+        """The caption column's raw values (strings or lists of strings), for caching their embeddings."""
+        b = self._builder
+        return list(b.table.dataset[b.caption_column])
 
 
 class StreamingControlNetExamples(torch.utils.data.IterableDataset):
@@ -207,7 +220,8 @@ class StreamingControlNetExamples(torch.utils.data.IterableDataset):
 def collate_examples(items: list[dict | None]) -> dict:
     """Stack the readable examples; ``n_skipped`` counts the unreadable ones.
 
-    Returns ``{"pixel_values": [B,3,R,R], "conditioning_pixel_values": [B,3,R,R],
+    Returns ``{"pixel_values": [B,3,R,R] (or "latent_mean"/"latent_std" [B,C,h,w] from a cache),
+    "conditioning_pixel_values": [B,3,R,R], "n_images": B,
     "captions": list[str], "indices": LongTensor[B], "original_sizes": LongTensor[B, 2] (h, w),
     "crop_top_lefts": LongTensor[B, 2] (top, left), "n_skipped": int}``, or
     ``{"empty": True, "n_skipped": k}`` when no item of the batch could be read.
@@ -216,12 +230,18 @@ def collate_examples(items: list[dict | None]) -> dict:
     n_skipped = len(items) - len(kept)
     if not kept:
         return {"empty": True, "n_skipped": n_skipped}
-    return {
-        "pixel_values": torch.stack([i["pixel_values"] for i in kept]).contiguous().float(),
+    batch = {
         "conditioning_pixel_values": torch.stack([i["conditioning_pixel_values"] for i in kept]).contiguous().float(),
         "captions": [i["caption"] for i in kept],
         "indices": torch.tensor([i["index"] for i in kept], dtype=torch.long),
         "original_sizes": torch.tensor([i["original_size"] for i in kept], dtype=torch.long),
         "crop_top_lefts": torch.tensor([i["crop_top_left"] for i in kept], dtype=torch.long),
+        "n_images": len(kept),
         "n_skipped": n_skipped,
     }
+    if "pixel_values" in kept[0]:
+        batch["pixel_values"] = torch.stack([i["pixel_values"] for i in kept]).contiguous().float()
+    else:  # from an encoded cache: the latent distribution instead of the pixels
+        batch["latent_mean"] = torch.stack([i["latent_mean"] for i in kept]).contiguous()
+        batch["latent_std"] = torch.stack([i["latent_std"] for i in kept]).contiguous()
+    return batch

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,7 +27,14 @@ from ..families import family_of, micro_conditions
 from ..models import BaseModel, load_base_model, load_controlnet
 from ..noising import DiffusionObjective, latent_moments, sample_latents, drop_captions
 from ..pipelines import controlnet_pipeline, run_controlnet_pipeline
+from ..encoded_cache import (
+    CachedExamples, LatentCache, TextCache, build_latent_shards, build_text_cache, cache_key, distinct_captions,
+    is_complete, load_text_cache, weights_probe, write_meta,
+)
+from ..speed import apply_compile, to_channels_last
 from ..surgery import controlnet_from_unet, count_parameters
+
+log = logging.getLogger("difftune")
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -65,18 +73,24 @@ class ControlNetMethod:
         self.weight_dtype = torch.float32
         self.trained = self.controlnet  # the (possibly DDP-wrapped) module used in forward
         self._accelerator = None
+        self.text_cache: TextCache | None = None
+        self.cache_build_seconds: float | None = None
 
     # ---------------------------------------------------------------- plumbing for the loop
     def setup(self, accelerator: Any) -> list[torch.nn.Module]:
         self._accelerator = accelerator
         self.device = accelerator.device
         self.weight_dtype = weight_dtype_for(accelerator.mixed_precision)
+        t = self.cfg.train
         for module in self.base.frozen_modules():
-            module.to(self.device)
+            # with an encoded cache the encoders only go to the device to fill it (train_dataset)
+            if not (t.cache_latents and module in self._encoders()):
+                module.to(self.device)
             if self.weight_dtype != torch.float32 and not (module is self.base.vae and self.base.vae_in_fp32):
                 module.to(dtype=self.weight_dtype)
         self.controlnet.to(self.device)
-        t = self.cfg.train
+        if t.channels_last:
+            to_channels_last(self.base.unet, self.controlnet)
         if t.gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()
             self.base.unet.enable_gradient_checkpointing()
@@ -90,8 +104,41 @@ class ControlNetMethod:
                 ) from None
             self.base.unet.enable_xformers_memory_efficient_attention()
             self.controlnet.enable_xformers_memory_efficient_attention()
+        apply_compile(t.torch_compile, self.base.unet, self.controlnet)
         self.controlnet.train()
         return [self.controlnet]
+
+    def _encoders(self) -> list[torch.nn.Module]:
+        """The frozen parts an encoded cache replaces during training: VAE and text encoder(s)."""
+        return [m for m in (self.base.vae, self.base.text_encoder, self.base.text_encoder_2) if m is not None]
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self):
+        """Encoders on the training device for a while (filling the cache, validation), then back to the host."""
+        if not self.cfg.train.cache_latents:
+            yield
+            return
+        for m in self._encoders():
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in self._encoders():
+                m.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the VAE's latent distribution of ``pixels`` in [-1, 1] (unscaled)."""
+        vae_dtype = self.base.vae.dtype
+        # a VAE kept in fp32 under mixed precision (stock SDXL) must also compute in fp32:
+        # keep the loop's autocast away from it
+        fp32_vae = vae_dtype != self.weight_dtype
+        with torch.autocast(self.device.type, enabled=False) if fp32_vae else contextlib.nullcontext():
+            return latent_moments(self.base.vae, pixels.to(self.device, vae_dtype))
+
+    def _autocast(self):
+        return self._accelerator.autocast() if self._accelerator else contextlib.nullcontext()
 
     def bind(self, prepared: list[torch.nn.Module]) -> None:
         self.trained = prepared[0]
@@ -113,7 +160,50 @@ class ControlNetMethod:
         columns = resolve_columns(
             table.column_names, d.image_column, d.conditioning_image_column, d.caption_column
         )
-        return ControlNetExamples(table, *columns, resolution=self.resolution, interpolation=d.image_interpolation_mode)
+        examples = ControlNetExamples(table, *columns, resolution=self.resolution,
+                                      interpolation=d.image_interpolation_mode)
+        if not self.cfg.train.cache_latents:
+            return examples
+        return self._cached(examples, table, columns)
+
+    def _cached(self, examples: ControlNetExamples, table, columns) -> CachedExamples:
+        """Fill (or reuse) the encoded cache of this model + data, and read training examples from it."""
+        import time
+
+        d, t = self.cfg.data, self.cfg.train
+        text_encoders = [m for m in self._encoders() if m is not self.base.vae]
+        fields = {
+            "model": self.base.source, "family": self.family.name,
+            "vae": weights_probe(self.base.vae), "text_encoders": weights_probe(*text_encoders),
+            "vae_dtype": str(self.base.vae.dtype), "text_dtype": str(self.weight_dtype),
+            "data": table.description, "rows": len(examples), "columns": list(columns),
+            "fingerprint": getattr(table.dataset, "_fingerprint", None),
+            "selection": [d.max_train_samples, t.seed] if d.max_train_samples else None,
+            "resolution": self.resolution, "interpolation": d.image_interpolation_mode,
+        }
+        root = Path(t.latent_cache_dir or Path(t.output_dir) / "encoded-cache")
+        folder = root / cache_key(fields)
+        acc = self._accelerator
+        started = time.perf_counter()
+        if not is_complete(folder, len(examples)):
+            log.info("encoding %d images and their captions into %s", len(examples), folder)
+            rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
+            if rank == 0:
+                write_meta(folder, fields)
+            with self._encoders_on_device(), torch.no_grad(), self._autocast():
+                per_batch = max(1, min(64, 8 * (512 // self.resolution) ** 2))
+                build_latent_shards(folder, examples, self.encode_images, per_batch,
+                                    self.cfg.data.dataloader_num_workers, rank, world,
+                                    progress=acc is None or acc.is_local_main_process)
+                if rank == 0:
+                    captions = distinct_captions(examples.caption_values())
+                    build_text_cache(folder, captions,
+                                     lambda c: self.family.encode_prompts(self.base, c, self.device))
+            if acc is not None:
+                acc.wait_for_everyone()
+        self.cache_build_seconds = time.perf_counter() - started
+        self.text_cache = load_text_cache(folder)
+        return CachedExamples(examples, LatentCache(folder, len(examples)))
 
     def collate(self, items: list) -> dict:
         return collate_examples(items)
@@ -121,19 +211,18 @@ class ControlNetMethod:
     # ---------------------------------------------------------------- the objective
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         d = self.cfg.data
-        vae_dtype = self.base.vae.dtype
-        pixels = batch["pixel_values"].to(self.device, vae_dtype)
-        n, _, h, w = pixels.shape
-        f = self.base.vae_scale_factor
-        draws = self.objective.draw(generator, n, (self.base.latent_channels, h // f, w // f))
-        # a VAE kept in fp32 under mixed precision (stock SDXL) must also compute in fp32:
-        # keep the loop's autocast away from it
-        fp32_vae = vae_dtype != self.weight_dtype
-        with torch.autocast(self.device.type, enabled=False) if fp32_vae else contextlib.nullcontext():
-            mean, std = latent_moments(self.base.vae, pixels)
+        if "latent_mean" in batch:  # from the encoded cache
+            mean = batch["latent_mean"].to(self.device, non_blocking=True)
+            std = batch["latent_std"].to(self.device, non_blocking=True)
+        else:
+            mean, std = self.encode_images(batch["pixel_values"])
+        draws = self.objective.draw(generator, mean.shape[0], tuple(mean.shape[1:]))
         latents = sample_latents(mean, std, draws.latent_eps, self.base.scaling_factor).to(self.weight_dtype)
         captions = drop_captions(batch["captions"], d.proportion_empty_prompts, draws.uniform)
-        prompt = self.family.encode_prompts(self.base, captions, self.device)
+        if self.text_cache is not None:
+            prompt = self.text_cache.lookup(captions, self.device)
+        else:
+            prompt = self.family.encode_prompts(self.base, captions, self.device)
         micro = micro_conditions(batch, self.resolution, d.crops_coords_top_left_h, d.crops_coords_top_left_w)
         added = self.family.added_cond_kwargs(prompt, micro, self.weight_dtype)  # None for SD 1.x/2.x
         noise = draws.noise.to(self.device, latents.dtype)
@@ -188,7 +277,7 @@ class ControlNetMethod:
         try:
             pipe = controlnet_pipeline(self.base, self.controlnet)
             ctx = self._accelerator.autocast() if self._accelerator else torch.autocast("cpu", enabled=False)
-            with ctx:
+            with ctx, self._encoders_on_device():
                 return run_controlnet_pipeline(
                     pipe, prompts, images, num_images, seed, steps, self.resolution
                 )

@@ -30,6 +30,7 @@ from ..custom_diffusion.export import save_custom_diffusion
 from ..errors import ConfigError
 from ..models import BaseModel, load_base_model
 from ..noising import DiffusionObjective, latent_moments, sample_latents, tokenize
+from ..speed import apply_compile, to_channels_last
 from .controlnet import weight_dtype_for
 
 EMBED_PREFIX = "text_embeddings."
@@ -95,6 +96,9 @@ class CustomDiffusionMethod:
         if self.cfg.train.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
             self.base.text_encoder.gradient_checkpointing_enable()
+        if self.cfg.train.channels_last:
+            to_channels_last(self.base.unet)
+        apply_compile(self.cfg.train.torch_compile, self.base.unet)
         self.base.unet.train()
         self.base.text_encoder.train()
         return [self.base.unet, self.base.text_encoder]

@@ -1,0 +1,257 @@
+"""Encode once, train many times: cached VAE latent distributions and text embeddings.
+
+The frozen VAE encoder is 37% of the reference ControlNet trainer's work per image
+(``../shared/bench/ANCHORS.md``) and fill50k's 50k images share a few thousand captions.
+With ``--cache_latents`` both are encoded once, before training, and the encoders stay off
+the GPU. The semantics do not change: the cache holds the latent *distribution* (mean and
+std of the VAE's diagonal Gaussian), and each step draws its latent sample from it with
+the same generator draws the uncached path uses, so a cached and an uncached run train the
+same thing (``tests/test_speed_options.py`` checks their losses agree).
+
+Only deterministic transforms can be cached: difftune's ControlNet data is resized and
+centre-cropped, never flipped or randomly cropped.
+
+A cache folder is keyed by what its contents depend on (model weights, data, resolution,
+interpolation, dtype), so a stale cache is never read: another key is another folder.
+
+    meta.json                      what the cache was built from
+    latents-00000.safetensors      samples [0, k): mean, std [k,C,h,w]; ok [k] (0: unreadable
+                                   image); original_size, crop_top_left [k,2] (SDXL conditioning)
+    text.safetensors + text.json   embeddings of each distinct caption ('' included)
+
+Every file is written under a temporary name, fsynced and renamed: an interrupted build
+leaves whole shards only, and running again encodes just the missing ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.utils.data
+from safetensors.torch import load_file, save_file
+
+from .errors import DataError
+from .families import PromptEmbeds
+
+log = logging.getLogger("difftune")
+
+SHARD_SIZE = 1024
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def weights_probe(*modules: torch.nn.Module) -> list[float]:
+    """A cheap fingerprint of weights: the sum of each module's first and last parameter."""
+    out = []
+    for m in modules:
+        params = [p for p in m.parameters()]
+        for p in (params[0], params[-1]):
+            out.append(round(float(p.detach().float().sum()), 6))
+    return out
+
+
+def cache_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def distinct_captions(values: list[Any]) -> list[str]:
+    """Every caption a data set can yield (a row may hold a list of them), plus '' (dropped prompts)."""
+    seen = {"": None}
+    for v in values:
+        for c in ([v] if isinstance(v, str) else v if isinstance(v, (list, tuple)) else []):
+            if isinstance(c, str):
+                seen.setdefault(c, None)
+    return list(seen)
+
+
+class TextCache:
+    """Embeddings of known captions, looked up per batch (kept in host memory)."""
+
+    def __init__(self, captions: list[str], hidden: torch.Tensor, pooled: torch.Tensor | None):
+        self.row = {c: i for i, c in enumerate(captions)}
+        self.hidden, self.pooled = hidden, pooled
+
+    def lookup(self, captions: list[str], device: torch.device) -> PromptEmbeds:
+        missing = [c for c in captions if c not in self.row]
+        if missing:  # pragma: no cover - the cache is built from the same column
+            raise KeyError(f"caption {missing[0]!r} is not in the encoded cache; delete the cache folder and rerun")
+        rows = torch.tensor([self.row[c] for c in captions])
+        pooled = self.pooled[rows].to(device, non_blocking=True) if self.pooled is not None else None
+        return PromptEmbeds(self.hidden[rows].to(device, non_blocking=True), pooled)
+
+
+class LatentCache:
+    """Latent mean/std per sample, from the shard files (kept in host memory)."""
+
+    def __init__(self, folder: Path, n: int):
+        self.n = n
+        self.shards = [load_file(str(folder / _shard_name(s))) for s in range(_n_shards(n))]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, index: int) -> dict | None:
+        shard, i = divmod(index, SHARD_SIZE)
+        t = self.shards[shard]
+        if not bool(t["ok"][i]):
+            return None
+        return {
+            "latent_mean": t["mean"][i],
+            "latent_std": t["std"][i],
+            "original_size": tuple(int(x) for x in t["original_size"][i]),
+            "crop_top_left": tuple(int(x) for x in t["crop_top_left"][i]),
+        }
+
+
+def _n_shards(n: int) -> int:
+    return (n + SHARD_SIZE - 1) // SHARD_SIZE
+
+
+def _shard_name(s: int) -> str:
+    return f"latents-{s:05d}.safetensors"
+
+
+def _collate_pixels(items: list[dict | None]) -> list[dict | None]:
+    return items
+
+
+def build_latent_shards(
+    folder: Path,
+    examples: torch.utils.data.Dataset,
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    num_workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> int:
+    """Encode the missing shards this process owns (shard ``s`` belongs to rank ``s % world``).
+
+    ``examples[i]`` is a training example with ``pixel_values`` (or ``None`` if unreadable);
+    ``encode(pixels)`` returns the latent mean and std. Returns the number of shards written.
+    """
+    from tqdm.auto import tqdm
+
+    n = len(examples)
+    todo = [s for s in range(_n_shards(n)) if s % world == rank and not (folder / _shard_name(s)).exists()]
+    bar = tqdm(total=sum(min(SHARD_SIZE, n - s * SHARD_SIZE) for s in todo), desc="encode images", unit="img",
+               disable=not progress, dynamic_ncols=True)
+    for s in todo:
+        indices = list(range(s * SHARD_SIZE, min(n, (s + 1) * SHARD_SIZE)))
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(examples, indices), batch_size=batch_size, num_workers=num_workers,
+            collate_fn=_collate_pixels,
+        )
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("mean", "std", "ok", "original_size", "crop_top_left")}
+        template = None
+        for items in loader:
+            good = [it for it in items if it is not None]
+            if good:
+                mean, std = encode(torch.stack([it["pixel_values"] for it in good]))
+                mean, std = mean.cpu(), std.cpu()
+                template = template if template is not None else torch.zeros_like(mean[0])
+            k = 0
+            for it in items:
+                if it is None:
+                    parts["ok"].append(torch.tensor(0, dtype=torch.uint8))
+                    parts["mean"].append(None)  # filled in once the latent shape is known
+                    parts["std"].append(None)
+                    parts["original_size"].append(torch.zeros(2, dtype=torch.long))
+                    parts["crop_top_left"].append(torch.zeros(2, dtype=torch.long))
+                else:
+                    parts["ok"].append(torch.tensor(1, dtype=torch.uint8))
+                    parts["mean"].append(mean[k])
+                    parts["std"].append(std[k])
+                    parts["original_size"].append(torch.tensor(it["original_size"], dtype=torch.long))
+                    parts["crop_top_left"].append(torch.tensor(it["crop_top_left"], dtype=torch.long))
+                    k += 1
+            bar.update(len(items))
+        if template is None:
+            raise DataError(f"none of the images of rows {indices[0]}..{indices[-1]} could be read: check the "
+                            "data (`difftune data check`) before caching it")
+        for key in ("mean", "std"):
+            parts[key] = [template if t is None else t for t in parts[key]]
+        _atomic_save({k: torch.stack(v) for k, v in parts.items()}, folder / _shard_name(s))
+    bar.close()
+    return len(todo)
+
+
+def build_text_cache(
+    folder: Path,
+    captions: list[str],
+    encode: Callable[[list[str]], PromptEmbeds],
+    batch_size: int = 64,
+) -> None:
+    """Encode ``captions`` into ``text.safetensors`` + ``text.json`` (skipped if both exist)."""
+    if (folder / "text.json").exists() and (folder / "text.safetensors").exists():
+        return
+    hidden, pooled = [], []
+    for i in range(0, len(captions), batch_size):
+        p = encode(captions[i : i + batch_size])
+        hidden.append(p.encoder_hidden_states.cpu())
+        if p.pooled is not None:
+            pooled.append(p.pooled.cpu())
+    tensors = {"hidden": torch.cat(hidden)}
+    if pooled:
+        tensors["pooled"] = torch.cat(pooled)
+    _atomic_save(tensors, folder / "text.safetensors")
+    _atomic_write_text(json.dumps(captions), folder / "text.json")
+
+
+def load_text_cache(folder: Path) -> TextCache:
+    t = load_file(str(folder / "text.safetensors"))
+    captions = json.loads((folder / "text.json").read_text(encoding="utf-8"))
+    return TextCache(captions, t["hidden"], t.get("pooled"))
+
+
+def write_meta(folder: Path, fields: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "meta.json").exists():
+        _atomic_write_text(json.dumps(fields, indent=2, default=str) + "\n", folder / "meta.json")
+
+
+def is_complete(folder: Path, n: int) -> bool:
+    return (folder / "text.json").exists() and all((folder / _shard_name(s)).exists() for s in range(_n_shards(n)))
+
+
+class CachedExamples(torch.utils.data.Dataset):
+    """Training examples with the target image replaced by its cached latent distribution."""
+
+    def __init__(self, examples: Any, latents: LatentCache):
+        if len(examples) != len(latents):
+            raise ValueError(f"the data set has {len(examples)} rows but the cache {len(latents)}")
+        self.examples, self.latents = examples, latents
+
+    def set_epoch(self, epoch: int) -> None:
+        self.examples.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, index: int) -> dict | None:
+        cached = self.latents.get(int(index))
+        if cached is None:
+            return None
+        example = self.examples.example(int(index), with_image=False)
+        return None if example is None else {**example, **cached}
