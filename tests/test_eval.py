@@ -54,4 +54,5 @@ def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, c
                  "--per_prompt", "2", "--num_inference_steps", "2", "--out", str(tmp_path / "eb")]) == 0
     result = json.loads((tmp_path / "eb" / "eval_base.json").read_text())
     assert result["n_images"] == 4 and set(result["by_shape"]) <= set(BASE_SHAPES)
+    assert 0.0 <= result["vae_ceiling"]["shape_kind_ok"] <= 1.0  # the truth through the VAE
     assert "shape_kind_ok" in capsys.readouterr().out

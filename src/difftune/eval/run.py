@@ -128,6 +128,7 @@ def eval_base(pretrained_model_name_or_path: str, n_prompts: int = 30, per_promp
     for kind in sorted({s.shape for s in specs}):
         picked = [sc for sc, s in zip(scores, (s for s in specs for _ in range(per_prompt))) if s.shape == kind]
         result["by_shape"][kind] = _summary(picked)
+    result["vae_ceiling"] = vae_ceiling(base, specs, res)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +136,26 @@ def eval_base(pretrained_model_name_or_path: str, n_prompts: int = 30, per_promp
         image_grid(rows).save(out / "eval_base.png")
         (out / "eval_base.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+@torch.no_grad()
+def vae_ceiling(base, specs: list, resolution: int, batch: int = 32) -> dict:
+    """The same scores on the prompts' true images passed through the VAE (encode, decode the mean).
+
+    The base model generates through its VAE decoder, so it cannot score better than its
+    VAE reproduces the truth: this is the ceiling of the numbers above, and tells a weak
+    VAE from a weak UNet.
+    """
+    from ..data.shapes import render_batch
+
+    truth = render_batch(specs, resolution)
+    x = torch.from_numpy(truth).permute(0, 3, 1, 2).to(base.vae.dtype) / 127.5 - 1.0
+    decoded = []
+    for i in range(0, len(x), batch):
+        mean = base.vae.encode(x[i : i + batch].to(base.vae.device)).latent_dist.mean
+        decoded.append(base.vae.decode(mean).sample.float().cpu())
+    images = ((torch.cat(decoded).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return _summary([shape_scores(im, s.shape, s.color, s.background) for im, s in zip(images, specs)])
 
 
 def format_table(result: dict) -> str:
@@ -153,5 +174,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{'all':10s}" + "".join(f"{result[c]:20.3f}" for c in cols))
         for kind, vals in result["by_shape"].items():
             lines.append(f"{kind:10s}" + "".join(f"{vals[c]:20.3f}" for c in cols))
+        if "vae_ceiling" in result:  # the true images through the VAE: the best the base could score
+            lines.append(f"{'VAE only':10s}" + "".join(f"{result['vae_ceiling'][c]:20.3f}" for c in cols))
         lines.append(f"({result['n_images']} images, {result['n_prompts']} prompts)")
     return "\n".join(lines)
