@@ -156,6 +156,15 @@ def test_every_recipe_builds():
         assert isinstance(from_dict(ControlNetConfig, values), ControlNetConfig), name
 
 
+def test_custom_diffusion_offers_only_recipes_it_can_run():
+    from difftune.config_custom_diffusion import CustomDiffusionConfig
+    from difftune.recipes import recipes_for
+
+    usable = recipes_for(CustomDiffusionConfig)
+    assert "debug" in usable and "fast" not in usable  # fast caches encoders: ControlNet only
+    assert "low_memory" not in usable
+
+
 def test_data_check_cli(fill_dir, tiny_model_dir, capsys):
     assert main(["data", "check", "--train_data_dir", str(fill_dir), "--resolution", "64",
                  "--pretrained_model_name_or_path", str(tiny_model_dir)]) == 0

@@ -13,9 +13,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .cli import config_from_args
     from .config import merge
     from .config_custom_diffusion import CustomDiffusionConfig, custom_diffusion_defaults
-    from .recipes import RECIPES
+    from .recipes import recipes_for
 
-    recipe = merge(custom_diffusion_defaults(), RECIPES[args.recipe]() if args.recipe else {})
+    recipes = recipes_for(CustomDiffusionConfig)
+    recipe = merge(custom_diffusion_defaults(), recipes[args.recipe]() if args.recipe else {})
     cfg = config_from_args(CustomDiffusionConfig, args, recipe)
     summary = train_custom_diffusion(cfg)
     print(json.dumps({k: summary[k] for k in ("global_step", "final_loss", "seconds", "exported") if k in summary},
@@ -76,12 +77,13 @@ def register(sub, train_sub, eval_sub=None) -> None:
     """Add the Custom Diffusion commands to the top-level, ``train`` and ``eval`` sub-parsers."""
     from .cli import add_config_flags
     from .config_custom_diffusion import CustomDiffusionConfig
-    from .recipes import RECIPES
+    from .recipes import recipes_for
 
     t = train_sub.add_parser("custom-diffusion", help="train Custom Diffusion concept(s) (flags as diffusers' "
                                                       "train_custom_diffusion.py)")
     t.add_argument("--config", help="YAML/TOML/JSON file of settings (flags override it)")
-    t.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (flags override it)")
+    t.add_argument("--recipe", choices=sorted(recipes_for(CustomDiffusionConfig)),
+                   help="start from a named recipe (flags override it)")
     add_config_flags(t, CustomDiffusionConfig)
     t.set_defaults(func=cmd_train)
 

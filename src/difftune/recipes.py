@@ -28,6 +28,25 @@ def controlnet_tiny_demo() -> dict:
     }
 
 
+def fast() -> dict:
+    """Throughput on a recent NVIDIA GPU: bf16 frozen parts, encoders cached, TF32, channels-last,
+    regional compilation. Same training as the plain loop (each option is tested for it)."""
+    return {
+        "train": {"mixed_precision": "bf16", "cache_latents": True, "allow_tf32": True, "channels_last": True,
+                  "torch_compile": "blocks"},
+    }
+
+
+def low_memory() -> dict:
+    """Smallest GPU memory: bf16 frozen parts, encoders cached (never on the GPU), activations
+    recomputed, each parameter stepped inside backward so full gradients never exist.
+    Clipping by the global norm is off (it needs all gradients at once)."""
+    return {
+        "train": {"mixed_precision": "bf16", "cache_latents": True, "gradient_checkpointing": True},
+        "optim": {"optimizer_in_backward": True, "set_grads_to_none": True, "max_grad_norm": 0.0},
+    }
+
+
 def debug() -> dict:
     """Smallest possible run to check a set-up end to end: 4 steps, checkpoint every 2."""
     return {
@@ -37,4 +56,21 @@ def debug() -> dict:
     }
 
 
-RECIPES = {"controlnet_fill50k": controlnet_fill50k, "controlnet_tiny_demo": controlnet_tiny_demo, "debug": debug}
+RECIPES = {"controlnet_fill50k": controlnet_fill50k, "controlnet_tiny_demo": controlnet_tiny_demo, "debug": debug,
+           "fast": fast, "low_memory": low_memory}
+
+
+def recipes_for(cfg_cls: type) -> dict:
+    """The recipes whose every setting exists in the run config ``cfg_cls`` (e.g. no encoder
+    caching for Custom Diffusion, whose images are augmented differently at every step)."""
+    from .config import nest
+    from .errors import ConfigError
+
+    usable = {}
+    for name, recipe in RECIPES.items():
+        try:
+            nest(cfg_cls, recipe())
+        except ConfigError:
+            continue
+        usable[name] = recipe
+    return usable
