@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max_train_steps", type=int, default=None)
     d.add_argument("--n", type=int, default=None, help="fill50k samples to generate")
     d.set_defaults(func=cmd_demo)
+    from .bench.cli import register as register_bench
+
+    register_bench(sub)
     return p
 
 

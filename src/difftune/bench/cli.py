@@ -1,0 +1,65 @@
+"""``difftune bench``: flags -> ``run_bench``; prints the table."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from ..errors import UserError
+
+
+def _extra_configs(specs: list[str] | None) -> dict[str, list[str]]:
+    extra = {}
+    for spec in specs or []:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--add_config {spec!r}: write NAME='--flag value ...'.")
+        extra[name.strip()] = shlex.split(flags)
+    return extra
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .report import format_table
+    from .runner import CONFIGS
+    from .suite import run_bench
+
+    extra = _extra_configs(args.add_config)
+    if args.list_configs:
+        for name, flags in {**CONFIGS, **extra}.items():
+            print(f"{name:16s} {' '.join(flags) or '(batch 4, fp32)'}")
+        return 0
+    result = run_bench(
+        args.arch, [c.strip() for c in args.configs.split(",") if c.strip()], args.out, steps=args.steps,
+        warmup=args.warmup, resolution=args.resolution, n_samples=args.n_samples, model=args.model, data=args.data,
+        device=args.device, steptimer=args.steptimer, reference_script=args.reference_script,
+        peak_tflops=args.peak_tflops, extra_configs=extra, timeout_s=args.timeout,
+    )
+    print(format_table(result))
+    print(f"\nwritten: {args.out}/bench.json, {args.out}/bench.md (logs and run folders in {args.out}/runs)")
+    return 0 if all(r["status"] == "ok" for r in result["records"]) else 1
+
+
+def register(sub) -> None:
+    """Add ``difftune bench`` to the top-level sub-parsers."""
+    from .architectures import ARCHS
+
+    b = sub.add_parser("bench", help="time named training configurations (s/step, images/s, memory, MFU)")
+    b.add_argument("--arch", choices=ARCHS, default="sd15", help="random-weight model architecture (default: sd15)")
+    b.add_argument("--configs", default="bf16", help="comma-separated configuration names, or 'all' (--list_configs)")
+    b.add_argument("--add_config", action="append", metavar="NAME=FLAGS",
+                   help="an extra configuration: NAME='--flag value ...' (repeatable)")
+    b.add_argument("--list_configs", action="store_true", help="print the configurations and their flags")
+    b.add_argument("--steps", type=int, default=40, help="optimizer steps per configuration")
+    b.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compile, cache warm-up)")
+    b.add_argument("--resolution", type=int, help="default: 64 tiny, 512 sd15, 1024 sdxl")
+    b.add_argument("--n_samples", type=int, help="fill50k samples to generate (default: 2000 sd15, 500 sdxl)")
+    b.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md, the model, data and runs")
+    b.add_argument("--model", help="existing diffusers model folder (default: build a random one in --out)")
+    b.add_argument("--data", help="existing fill50k folder (default: generate one in --out)")
+    b.add_argument("--device", choices=("cuda", "cpu"), help="where the random model's weights are initialised (default: cuda if any)")
+    b.add_argument("--steptimer", help="shared steptimer folder: also time each run from outside, as the reference")
+    b.add_argument("--reference_script",
+                   help="diffusers train_controlnet.py: run it too, with the same flags (needs --steptimer)")
+    b.add_argument("--peak_tflops", type=float, help="peak rate for MFU (default: 790 on H100/H200, else no MFU)")
+    b.add_argument("--timeout", type=float, help="seconds before a configuration's run is stopped")
+    b.set_defaults(func=cmd_bench)

@@ -1,0 +1,173 @@
+"""``run_bench``: model, data, FLOPs, every configuration, then ``bench.json`` and ``bench.md``.
+
+Burn-in then timed steps (nanoGPT's ``bench.py``): each configuration trains ``steps``
+optimizer steps and is scored by the median seconds per step after ``warmup`` of them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from .architectures import ARCHS, build_random_model
+from .flops import training_flops_breakdown
+from .report import format_table
+from .runner import CONFIGS, BenchPlan, run_config, run_reference
+
+DEFAULT_RESOLUTION = {"tiny": 64, "tiny-sdxl": 64, "sd15": 512, "sdxl": 1024}
+DEFAULT_SAMPLES = {"tiny": 256, "tiny-sdxl": 256, "sd15": 2000, "sdxl": 500}  # as the reference's data
+# dense bf16 matrix rate measured on an H100 (shared/bench/ANCHORS.md); H200 has the same compute
+PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
+
+
+def default_peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def environment(device: str) -> dict:
+    import accelerate
+    import diffusers
+    import torch
+    import transformers
+
+    import difftune
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(difftune.__file__).parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__, "python": platform.python_version(),
+        "difftune": difftune.__version__, "difftune_commit": commit,
+    }
+
+
+def resolve_configs(names: list[str], extra: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Flags of each named configuration ("all": every predefined one); unknown names are an error."""
+    known = {**CONFIGS, **(extra or {})}
+    if names == ["all"]:
+        names = list(CONFIGS) + [n for n in (extra or {}) if n not in CONFIGS]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(known)} "
+                        "(or add one with --add_config NAME='--flag ...').")
+    return {n: known[n] for n in names}
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare_inputs(arch: str, out: Path, resolution: int, n_samples: int, model: str | None, data: str | None,
+                   device: str, seed: int = 0) -> tuple[Path, Path, dict]:
+    """The model and data folders (built under ``out`` unless given, reused if already there)."""
+    from ..data import write_fill50k
+
+    timings: dict = {}
+    model_dir = Path(model) if model else out / f"model-{arch}"
+    if not (model_dir / "model_index.json").is_file():
+        if model:
+            raise UserError(f"--model {model_dir}: no model_index.json there (a diffusers model folder).")
+        _log(f"building a random {arch} model in {model_dir} on {device}")
+        start = time.perf_counter()
+        build_random_model(arch, model_dir, seed=seed, device=device)
+        timings["model_build_seconds"] = round(time.perf_counter() - start, 2)
+        if device == "cuda":  # the parent keeps no GPU memory while the runs measure theirs
+            import torch
+
+            torch.cuda.empty_cache()
+    data_dir = Path(data) if data else out / f"fill50k-{resolution}px-{n_samples}"
+    if not data_dir.is_dir():
+        if data:
+            raise UserError(f"--data {data_dir} does not exist.")
+        _log(f"writing {n_samples} fill50k samples at {resolution} px to {data_dir}")
+        start = time.perf_counter()
+        write_fill50k(data_dir, n=n_samples, resolution=resolution, seed=0, workers=min(8, os.cpu_count() or 1),
+                      progress=False)
+        timings["data_seconds"] = round(time.perf_counter() - start, 2)
+    return model_dir, data_dir, timings
+
+
+def run_bench(arch: str, configs: list[str], out: str | os.PathLike, *, steps: int = 40, warmup: int = 10,
+              resolution: int | None = None, n_samples: int | None = None, model: str | None = None,
+              data: str | None = None, device: str | None = None, steptimer: str | None = None,
+              reference_script: str | None = None, peak_tflops: float | None = None,
+              extra_configs: dict[str, list[str]] | None = None, timeout_s: float | None = None) -> dict:
+    """Benchmark ``configs`` of ``difftune train controlnet`` on ``arch``; writes ``out/bench.json``, ``bench.md``.
+
+    The model and data are built in ``out`` unless given (``model``, ``data``) and reused by a
+    later call. Every configuration runs in its own process; the returned dict is ``bench.json``.
+    """
+    import torch
+
+    if arch not in ARCHS:
+        raise UserError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}.")
+    if steps < 2 or not 0 <= warmup < steps:
+        raise UserError(f"--steps {steps} --warmup {warmup}: need steps >= 2 and 0 <= warmup < steps.")
+    if reference_script and not steptimer:
+        raise UserError("--reference_script is timed by the shared steptimer: give --steptimer DIR too.")
+    for flag, path in (("--steptimer", steptimer), ("--reference_script", reference_script)):
+        if path and not Path(path).exists():
+            raise UserError(f"{flag} {path} does not exist.")
+    chosen = resolve_configs(configs, extra_configs)
+    train_device = "cuda" if torch.cuda.is_available() else "cpu"  # where accelerate will put the runs
+    if device == "cuda" and train_device != "cuda":
+        raise UserError("--device cuda: no CUDA device is available here.")
+    resolution = resolution or DEFAULT_RESOLUTION[arch]
+    n_samples = n_samples or DEFAULT_SAMPLES[arch]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model_dir, data_dir, timings = prepare_inputs(arch, out, resolution, n_samples, model, data,
+                                                  device or train_device)
+    env = environment(train_device)
+    if peak_tflops is None:
+        peak_tflops = default_peak_tflops(env["device"])
+    try:
+        flops = training_flops_breakdown(model_dir, resolution)
+    except Exception as e:  # a model the counter cannot build: report without MFU, do not lose the timings
+        _log(f"FLOP count failed: {e!r}")
+        flops = {}
+    plan = BenchPlan(model_dir=model_dir.resolve(), data_dir=data_dir.resolve(), out_dir=out.resolve(),
+                     resolution=resolution, steps=steps, warmup=warmup, workers=4 if train_device == "cuda" else 0,
+                     steptimer=Path(steptimer).resolve() if steptimer else None, timeout_s=timeout_s)
+    result = {
+        "environment": env,
+        "bench": {"arch": arch, "resolution": resolution, "steps": steps, "warmup": warmup, "n_samples": n_samples,
+                  "model_dir": str(model_dir), "data_dir": str(data_dir), "peak_tflops": peak_tflops,
+                  "flops_per_image": flops.get("total"), "flops_breakdown": flops, **timings},
+        "records": [],
+    }
+    jobs = [(name, flags, None) for name, flags in chosen.items()]
+    if reference_script:
+        jobs += [(name, flags, Path(reference_script)) for name, flags in chosen.items()]
+    for name, flags, script in jobs:
+        _log(f"{'reference ' if script else ''}{name}: {' '.join(flags) or '(defaults)'}")
+        record = run_reference(name, flags, plan, script) if script else run_config(name, flags, plan)
+        if record["status"] == "ok" and peak_tflops and flops.get("total") and record.get("images_per_s"):
+            record["mfu"] = record["images_per_s"] * flops["total"] / (peak_tflops * 1e12)
+        _log(f"{record['config']}: {record['status']}"
+             + (f", {record['s_per_step']:.4f} s/step" if record["status"] == "ok" else f" ({record['error']})"))
+        result["records"].append(record)
+        (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")  # a killed bench keeps what it had
+    (out / "bench.md").write_text(format_table(result) + "\n")
+    return result

@@ -1,0 +1,126 @@
+"""``difftune bench``: architectures, FLOP counting, read-back arithmetic, and a CPU smoke run.
+
+No timing assertions: the smoke run checks that every number is there and sane, not how big.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from difftune.bench.runner import CONFIGS, reference_flags, summarize
+from difftune.cli import main
+from difftune.errors import UserError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_runs():
+    """The runs are subprocesses: as conftest does in-process, one thread each, or a busy 2-core machine crawls."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", os.environ.get("DIFFTUNE_TEST_THREADS", "1"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    rc = main(["bench", "--arch", "tiny", "--configs", "fp32,fast_nocompile", "--steps", "4", "--warmup", "1",
+               "--resolution", "64", "--n_samples", "16", "--out", str(out)])
+    return out, rc
+
+
+def test_smoke_run_writes_json_and_table(bench_out):
+    out, rc = bench_out
+    assert rc == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["bench"]["arch"] == "tiny" and result["bench"]["resolution"] == 64
+    assert result["environment"]["torch"] and result["environment"]["device"]
+    assert result["bench"]["flops_per_image"] > 0
+    records = {r["config"]: r for r in result["records"]}
+    assert list(records) == ["fp32", "fast_nocompile"]
+    for r in records.values():
+        assert r["status"] == "ok", r.get("error")
+        assert r["n_steps"] == 4 and r["n_measured"] == 3 and r["images_per_step"] == 4
+        assert r["s_per_step"] > 0 and r["images_per_s"] > 0 and r["final_loss"] > 0
+        assert 0 <= r.get("data_wait_fraction", 0) < 1
+        assert "mfu" not in r  # no peak rate on a CPU
+    assert records["fast_nocompile"]["flags"] == CONFIGS["fast_nocompile"]
+    table = (out / "bench.md").read_text()
+    assert "| fp32 | ok |" in table and "| fast_nocompile | ok |" in table and "images/s" in table
+
+
+def test_unknown_flag_is_an_error_record_not_a_crash(bench_out, tmp_path):
+    out, _ = bench_out
+    rc = main(["bench", "--arch", "tiny", "--configs", "bogus", "--add_config", "bogus=--no_such_flag --seed 1",
+               "--steps", "4", "--warmup", "1", "--model", str(out / "model-tiny"),
+               "--data", str(out / "fill50k-64px-16"), "--out", str(tmp_path), "--peak_tflops", "1"])
+    assert rc == 1
+    (record,) = json.loads((tmp_path / "bench.json").read_text())["records"]
+    assert record["status"] == "error" and record["flags"] == ["--no_such_flag", "--seed", "1"]
+    assert "--no_such_flag" in record["error"] and "--no_such_flag" in record["stderr_tail"]
+    assert "| bogus | error |" in (tmp_path / "bench.md").read_text()
+
+
+def test_unknown_config_name_is_refused_before_any_work(tmp_path):
+    from difftune.bench.suite import run_bench
+
+    with pytest.raises(UserError, match="unknown nope"):
+        run_bench("tiny", ["fp32", "nope"], tmp_path)
+    assert not (tmp_path / "model-tiny").exists()
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("sd15", {"unet": 859.52, "text_encoder": 123.06, "vae": 83.65}),
+    ("sdxl", {"unet": 2567.46, "text_encoder": 123.06, "text_encoder_2": 694.66, "vae": 83.65}),
+])
+def test_architectures_have_the_published_parameter_counts(arch, expected):
+    from difftune.bench.architectures import build_components, parameter_counts
+
+    parts = build_components(arch, device="meta")  # shapes only: nothing allocated
+    counts = {k: round(v / 1e6, 2) for k, v in parameter_counts(parts).items()}
+    assert counts == expected
+    assert parts["tokenizer"].model_max_length == 77
+    assert parts["vae"].config.scaling_factor == (0.13025 if arch == "sdxl" else 0.18215)
+
+
+def test_sd15_flops_match_the_reference_count(tmp_path):
+    """ANCHORS.md: 1.84 TFLOP/image at 512 px without attention products; VAE encode 1.08."""
+    from difftune.bench.architectures import build_components
+    from difftune.bench.flops import training_flops_breakdown
+
+    parts = build_components("sd15", device="meta")
+    parts["unet"].save_config(tmp_path / "unet")
+    parts["vae"].save_config(tmp_path / "vae")
+    f = training_flops_breakdown(tmp_path, 512)
+    assert f["total_without_attention"] / 1e12 == pytest.approx(1.84, abs=0.01)
+    assert f["vae_encode"] > 1.08e12  # counted apart: not in "total"
+    assert f["total"] == pytest.approx(f["controlnet_forward"] + f["unet_forward"] + f["backward"])
+    assert 0 < f["attention"] < f["total"] * 0.3
+
+
+def test_summary_arithmetic():
+    records = [{"step": i + 1, "loss": 0.5, "step_seconds": s, "data_wait_seconds": 0.01}
+               for i, s in enumerate([5.0, 3.0, 1.0, 1.2, 0.8, 1.0])]
+    r = summarize(records, {"final_loss": 0.4, "peak_allocated_gib": 2.0}, images_per_step=4, warmup=2)
+    assert r["s_per_step"] == 1.0 and r["images_per_s"] == 4.0 and r["n_measured"] == 4
+    assert r["warmup_overhead_s"] == pytest.approx(5.0 + 3.0 - 2 * 1.0)
+    assert r["data_wait_fraction"] == pytest.approx(0.04 / 4.0)
+    assert r["final_loss"] == 0.4 and r["peak_allocated_gib"] == 2.0 and r["timing_source"] == "step_seconds"
+    # without step_seconds: derived from the cumulative images_per_s the trainer logs
+    legacy = [{"step": k, "loss": 0.5, "images_per_s": 4 * k / t} for k, t in ((1, 2.0), (2, 3.0), (3, 4.0))]
+    r = summarize(legacy, {}, images_per_step=4, warmup=1)
+    assert r["s_per_step"] == pytest.approx(1.0) and r["timing_source"] == "images_per_s"
+    assert "data_wait_fraction" not in r
+
+
+def test_reference_flags_keep_what_diffusers_has(tmp_path):
+    from difftune.bench.runner import BenchPlan
+
+    plan = BenchPlan(model_dir=tmp_path / "m", data_dir=tmp_path / "d", out_dir=tmp_path, resolution=512)
+    flags, dropped = reference_flags(plan, tmp_path / "o", CONFIGS["lowmem_8bit"])
+    assert dropped == ["--cache_latents", "--optimizer_in_backward", "--max_grad_norm 0"]
+    assert flags[-5:] == ["--mixed_precision", "bf16", "--gradient_checkpointing", "--set_grads_to_none",
+                          "--use_8bit_adam"]
+    assert flags[flags.index("--train_data_dir") + 1] == str(tmp_path / "d")  # no train/ split folder there
