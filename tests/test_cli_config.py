@@ -134,6 +134,17 @@ def test_optional_packages_give_install_hints(tiny_model_dir, fill_dir, tmp_path
                                          enable_xformers_memory_efficient_attention=True))
 
 
+def test_fp16_without_a_gpu_is_refused_with_the_alternative(tiny_model_dir, fill_dir, tmp_path):
+    import torch
+
+    from difftune.api import train_controlnet
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on a GPU")
+    with pytest.raises(UserError, match="--mixed_precision fp16 needs a GPU.*bf16"):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "fp16", mixed_precision="fp16"))
+
+
 def test_push_to_hub_offline_fails_clearly_and_keeps_outputs(tiny_model_dir, fill_dir, tmp_path):
     from difftune.api import train_controlnet
 

@@ -76,8 +76,10 @@ def cmd_train_controlnet(args: argparse.Namespace) -> int:
     recipe = RECIPES[args.recipe]() if args.recipe else None
     cfg = config_from_args(ControlNetConfig, args, recipe)
     summary = train_controlnet(cfg)
-    print(json.dumps({k: summary[k] for k in ("global_step", "final_loss", "seconds", "exported") if k in summary}, indent=2))
-    print(f"ControlNet saved in {cfg.train.output_dir}")
+    if os.environ.get("RANK", "0") == "0":  # one report per run, not per process
+        keys = ("global_step", "final_loss", "seconds", "exported")
+        print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+        print(f"ControlNet saved in {cfg.train.output_dir}")
     return 0
 
 

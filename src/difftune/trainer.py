@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,26 @@ def make_accelerator(cfg: TrainConfig, trackers: list[str]):
     )
     if cfg.mixed_precision is not None:
         kwargs["mixed_precision"] = cfg.mixed_precision
+    fp16_refused = UserError("--mixed_precision fp16 needs a GPU: this run is on the CPU, which has no fp16 "
+                             "autocast. Use --mixed_precision bf16 or no.")
+    if cfg.mixed_precision == "fp16" and not _has_gpu():
+        raise fp16_refused
     try:
-        return Accelerator(**kwargs)
-    except ValueError as e:  # e.g. fp16 requested on a machine without a GPU
+        accelerator = Accelerator(**kwargs)
+    except ValueError as e:  # e.g. a second run in one process asking for another precision
         raise UserError(f"--mixed_precision {cfg.mixed_precision}: {e}") from None
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise fp16_refused
+    return accelerator
+
+
+def _has_gpu() -> bool:
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return False
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return (torch.cuda.is_available() or bool(xpu and xpu.is_available())
+            or bool(mps and mps.is_available()))
 
 
 class Trainer:
