@@ -116,6 +116,16 @@ def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) ->
         torch.cuda.set_rng_state(tensors["torch_cuda"])
 
 
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` a file beside ``path``, fsync it, rename it over ``path``, fsync the folder:
+    a reader sees the old file or the whole new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def save_checkpoint(
     root: Path,
     state: TrainState,
@@ -155,11 +165,7 @@ def save_checkpoint(
     else:
         tmp.rename(final)
     _fsync_dir(root)
-    pointer_tmp = root / f".latest.tmp-{os.getpid()}"
-    pointer_tmp.write_text(final.name + "\n")
-    _fsync_file(pointer_tmp)
-    os.replace(pointer_tmp, root / "latest")
-    _fsync_dir(root)
+    atomic_write(root / "latest", lambda p: p.write_text(final.name + "\n"))
     if total_limit:
         for old in list_checkpoints(root)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)

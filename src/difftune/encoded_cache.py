@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +35,7 @@ import torch
 import torch.utils.data
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import atomic_write
 from .errors import DataError
 from .families import PromptEmbeds
 
@@ -44,21 +44,12 @@ log = logging.getLogger("difftune")
 SHARD_SIZE = 1024
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _save_text(text: str, path: Path) -> None:
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def weights_probe(*modules: torch.nn.Module) -> list[float]:
@@ -163,36 +154,29 @@ def build_latent_shards(
             torch.utils.data.Subset(examples, indices), batch_size=batch_size, num_workers=num_workers,
             collate_fn=_collate_pixels,
         )
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("mean", "std", "ok", "original_size", "crop_top_left")}
-        template = None
+        # (mean, std, original size, crop offset) per sample; None for an unreadable image
+        encoded: list[tuple | None] = []
         for items in loader:
             good = [it for it in items if it is not None]
             if good:
                 mean, std = encode(torch.stack([it["pixel_values"] for it in good]))
-                mean, std = mean.cpu(), std.cpu()
-                template = template if template is not None else torch.zeros_like(mean[0])
-            k = 0
-            for it in items:
-                if it is None:
-                    parts["ok"].append(torch.tensor(0, dtype=torch.uint8))
-                    parts["mean"].append(None)  # filled in once the latent shape is known
-                    parts["std"].append(None)
-                    parts["original_size"].append(torch.zeros(2, dtype=torch.long))
-                    parts["crop_top_left"].append(torch.zeros(2, dtype=torch.long))
-                else:
-                    parts["ok"].append(torch.tensor(1, dtype=torch.uint8))
-                    parts["mean"].append(mean[k])
-                    parts["std"].append(std[k])
-                    parts["original_size"].append(torch.tensor(it["original_size"], dtype=torch.long))
-                    parts["crop_top_left"].append(torch.tensor(it["crop_top_left"], dtype=torch.long))
-                    k += 1
+                moments = zip(mean.cpu(), std.cpu())
+            encoded += [None if it is None else (*next(moments), it["original_size"], it["crop_top_left"])
+                        for it in items]
             bar.update(len(items))
-        if template is None:
+        first = next((e for e in encoded if e is not None), None)
+        if first is None:
             raise DataError(f"none of the images of rows {indices[0]}..{indices[-1]} could be read: check the "
                             "data (`difftune data check`) before caching it")
-        for key in ("mean", "std"):
-            parts[key] = [template if t is None else t for t in parts[key]]
-        _atomic_save({k: torch.stack(v) for k, v in parts.items()}, folder / _shard_name(s))
+        blank = (torch.zeros_like(first[0]), torch.zeros_like(first[1]), (0, 0), (0, 0))
+        rows = [blank if e is None else e for e in encoded]
+        _save_tensors({
+            "mean": torch.stack([r[0] for r in rows]),
+            "std": torch.stack([r[1] for r in rows]),
+            "ok": torch.tensor([e is not None for e in encoded], dtype=torch.uint8),
+            "original_size": torch.tensor([r[2] for r in rows], dtype=torch.long),
+            "crop_top_left": torch.tensor([r[3] for r in rows], dtype=torch.long),
+        }, folder / _shard_name(s))
     bar.close()
     return len(todo)
 
@@ -215,8 +199,8 @@ def build_text_cache(
     tensors = {"hidden": torch.cat(hidden)}
     if pooled:
         tensors["pooled"] = torch.cat(pooled)
-    _atomic_save(tensors, folder / "text.safetensors")
-    _atomic_write_text(json.dumps(captions), folder / "text.json")
+    _save_tensors(tensors, folder / "text.safetensors")
+    _save_text(json.dumps(captions), folder / "text.json")
 
 
 def load_text_cache(folder: Path) -> TextCache:
@@ -228,7 +212,7 @@ def load_text_cache(folder: Path) -> TextCache:
 def write_meta(folder: Path, fields: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "meta.json").exists():
-        _atomic_write_text(json.dumps(fields, indent=2, default=str) + "\n", folder / "meta.json")
+        _save_text(json.dumps(fields, indent=2, default=str) + "\n", folder / "meta.json")
 
 
 def is_complete(folder: Path, n: int) -> bool:

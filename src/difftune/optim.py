@@ -118,10 +118,12 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             group.update({k: v for k, v in saved.items() if k != "params"})
         params = self._params()
         for i, entry in state_dict["state"].items():
-            p = params[int(i)]
-            inner = self._inner[p][1]
-            inner.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and k != "step" else v)
-                              for k, v in entry.items()}
+            inner = self._inner[params[int(i)]][1]
+            # through the inner optimizer's own loader: it places each state tensor (e.g. a
+            # fused AdamW's step counter on the GPU) where that optimizer expects it
+            inner_state = inner.state_dict()
+            inner_state["state"] = {0: entry}
+            inner.load_state_dict(inner_state)
 
     def remove_hooks(self) -> None:
         for h in self._handles:

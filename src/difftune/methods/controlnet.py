@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +169,6 @@ class ControlNetMethod:
 
     def _cached(self, examples: ControlNetExamples, table, columns) -> CachedExamples:
         """Fill (or reuse) the encoded cache of this model + data, and read training examples from it."""
-        import time
-
         d, t = self.cfg.data, self.cfg.train
         text_encoders = [m for m in self._encoders() if m is not self.base.vae]
         fields = {
