@@ -1,6 +1,6 @@
 """``difftune eval custom-diffusion``: concept fidelity and prior drift, measured.
 
-- Concept fidelity: images of "<token> <class word>" are read (``metrics.read_any_shape``)
+- Concept fidelity: images of "<token> <class word>" are read (``eval.metrics.read_shape``, all six kinds)
   and compared with the concept's own instance images: is the shape of the same kind, is its
   colour within ``COLOR_TOLERANCE`` (CIELAB Delta E) of theirs? ``concept_ok`` needs both.
   The base model alone on "<class word>" is the baseline (what the class prompt gives anyway).
@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.shapes import BASE_SHAPES, sample_shapes, srgb_to_lab
-from ..eval.metrics import COLOR_TOLERANCE, delta_e, shape_scores
+from ..data.shapes import ALL_SHAPES, BASE_SHAPES, sample_shapes, srgb_to_lab
+from ..eval.metrics import COLOR_TOLERANCE, delta_e, read_shape, shape_scores
 from .concepts import list_images
-from .metrics import read_any_shape
 
 
 def _load(path: Path, resolution: int) -> np.ndarray:
@@ -32,21 +31,21 @@ def _load(path: Path, resolution: int) -> np.ndarray:
 
 def concept_reference(instance_dir: str | Path, resolution: int) -> dict:
     """Shape kind (majority) and median shape/background colours of a concept's instance images."""
-    readings = [read_any_shape(_load(p, resolution)) for p in list_images(instance_dir, "instance_data_dir")]
-    kinds = [r["kind"] for r in readings if r["kind"]]
-    fg = [r["foreground_lab"] for r in readings if r["foreground_lab"] is not None]
+    readings = [read_shape(_load(p, resolution), ALL_SHAPES) for p in list_images(instance_dir, "instance_data_dir")]
+    kinds = [r.kind for r in readings if r.kind]
+    fg = [r.foreground_lab for r in readings if r.foreground_lab is not None]
     return {"kind": max(set(kinds), key=kinds.count) if kinds else None,
             "foreground_lab": np.median(fg, axis=0) if fg else None,
-            "background_lab": np.median([r["background_lab"] for r in readings], axis=0)}
+            "background_lab": np.median([r.background_lab for r in readings], axis=0)}
 
 
 def fidelity(images: list[np.ndarray], ref: dict) -> dict[str, float]:
     kind_ok, color_ok, both = [], [], []
     for im in images:
-        r = read_any_shape(im)
-        k = float(r["kind"] == ref["kind"])
-        c = float(r["foreground_lab"] is not None and ref["foreground_lab"] is not None
-                  and float(delta_e(r["foreground_lab"], ref["foreground_lab"])) < COLOR_TOLERANCE)
+        r = read_shape(im, ALL_SHAPES)
+        k = float(r.kind == ref["kind"])
+        c = float(r.foreground_lab is not None and ref["foreground_lab"] is not None
+                  and float(delta_e(r.foreground_lab, ref["foreground_lab"])) < COLOR_TOLERANCE)
         kind_ok.append(k)
         color_ok.append(c)
         both.append(k * c)

@@ -7,9 +7,13 @@ by hand:
   lies within ``COLOR_TOLERANCE`` of the named colour (a just-noticeable difference is ~2.3;
   neighbouring CSS names are often 5-15 apart, so 25 means "the same colour to a person");
 - the background colour is the median of a 2-pixel border ring;
-- the shape is the set of pixels farther than ``FOREGROUND_MIN`` from that background;
-- the shape kind is read from the shape's fill ratio (area / bounding-box area): a disk fills
-  pi/4 = 0.785 of its box, an axis-aligned square 1.0, an upright equilateral triangle 0.5;
+- the shape is the largest 4-connected region of pixels farther than ``FOREGROUND_MIN`` from
+  that background (stray speckles elsewhere are ignored);
+- the shape colour is the median of that region's interior (the region less its one-pixel
+  rim, where a blurred edge mixes the two colours);
+- the shape kind is the kind whose ideal outline, drawn with the region's area at the region's
+  centroid, overlaps the region best (IoU) -- a template match that only needs the area and
+  centroid, so it stays right on soft or slightly ragged shapes where a bounding box does not;
 - condition fidelity for fill50k is the IoU between the generated circle (pixels closer to
   the prompt's circle colour than to its background colour) and the disk the outline gives.
 
@@ -20,15 +24,16 @@ Condition metrics share one small interface (``ConditionMetric``) so that other 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
 
-from ..data.shapes import srgb_to_lab
+from ..data.shapes import ShapeSample, render_shape, srgb_to_lab
 
 COLOR_TOLERANCE = 25.0
 FOREGROUND_MIN = 20.0
-FILL_RATIOS = {"circle": float(np.pi / 4), "square": 1.0, "triangle": 0.5}
+BASE_KINDS = ("circle", "square", "triangle")
 
 
 def delta_e(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -47,23 +52,83 @@ class ShapeReading:
     background_lab: np.ndarray
     foreground_lab: np.ndarray | None
     mask: np.ndarray
-    fill_ratio: float | None
     kind: str | None
+    fit: float | None  # IoU of the region with the best kind's ideal outline
 
 
-def read_shape(image: np.ndarray, kinds: tuple[str, ...] = tuple(FILL_RATIOS)) -> ShapeReading:
-    """Background colour, shape mask, shape colour and shape kind of an ``[H, W, 3]`` uint8 image."""
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (an empty mask stays empty)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_size, current = 0, 0, 0
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        current += 1
+        labels[y0, x0] = current
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = current
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = current, size
+    return labels == best if best else np.zeros_like(mask)
+
+
+def erode(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` whose four neighbours are all in ``mask`` too."""
+    p = np.pad(mask, 1)
+    return mask & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+
+
+@lru_cache(maxsize=None)
+def kind_geometry(kind: str) -> tuple[float, float, float]:
+    """(area / size**2, centroid offset x / size, y / size) of a kind, measured on a large rendering.
+
+    ``size`` is the circumradius ``data.shapes`` draws with; the offset is from the drawing
+    centre to the centroid (zero for symmetric kinds, non-zero for the heart).
+    """
+    res, size = 512, 200.0
+    mask = _render_mask(kind, res / 2, res / 2, size, res)
+    ys, xs = np.nonzero(mask)
+    return float(len(ys) / size**2), float((xs.mean() - res / 2) / size), float((ys.mean() - res / 2) / size)
+
+
+def _render_mask(kind: str, cx: float, cy: float, size: float, resolution: int) -> np.ndarray:
+    sample = ShapeSample(kind, cx, cy, size, "white", (255, 255, 255), "black", (0, 0, 0))
+    return np.asarray(render_shape(sample, resolution))[..., 0] > 127
+
+
+def fit_kind(mask: np.ndarray, kinds: tuple[str, ...]) -> tuple[str, float]:
+    """The kind whose ideal outline, with the mask's area at the mask's centroid, has the highest IoU."""
+    ys, xs = np.nonzero(mask)
+    area, mx, my = float(len(ys)), float(xs.mean()), float(ys.mean())
+    fits = {}
+    for kind in kinds:
+        k_area, ox, oy = kind_geometry(kind)
+        size = float(np.sqrt(area / k_area))
+        # pixel i covers [i, i+1) in the renderer's coordinates: its centre is at i + 0.5
+        template = _render_mask(kind, mx + 0.5 - ox * size, my + 0.5 - oy * size, size, mask.shape[0])
+        fits[kind] = iou(template, mask)
+    kind = max(fits, key=fits.get)
+    return kind, fits[kind]
+
+
+def read_shape(image: np.ndarray, kinds: tuple[str, ...] = BASE_KINDS) -> ShapeReading:
+    """Background colour, shape region, shape colour and shape kind of an ``[H, W, 3]`` uint8 image."""
     lab = srgb_to_lab(image)
     bg = border_color_lab(lab)
-    mask = delta_e(lab, bg) > FOREGROUND_MIN
+    mask = largest_component(delta_e(lab, bg) > FOREGROUND_MIN)
     if mask.sum() < 4:
         return ShapeReading(bg, None, mask, None, None)
-    fg = np.median(lab[mask], axis=0)
-    ys, xs = np.nonzero(mask)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    ratio = float(mask.sum() / box)
-    kind = min(kinds, key=lambda k: abs(FILL_RATIOS[k] - ratio))
-    return ShapeReading(bg, fg, mask, ratio, kind)
+    core = erode(mask)
+    fg = np.median(lab[core if core.sum() >= 4 else mask], axis=0)
+    kind, fit = fit_kind(mask, kinds)
+    return ShapeReading(bg, fg, mask, kind, fit)
 
 
 def disk_mask(shape: tuple[int, int], cx: float, cy: float, r: float) -> np.ndarray:
