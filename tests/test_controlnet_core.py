@@ -74,3 +74,45 @@ def test_min_snr_weights_and_v_target(tiny_base):
     expected = a.sqrt().view(-1, 1, 1, 1) * noise - (1 - a).sqrt().view(-1, 1, 1, 1) * x0
     torch.testing.assert_close(v.target(x0, noise, t), expected)
     assert eps.target(x0, noise, t) is noise
+
+
+def test_conditioning_encoder_lands_on_the_latent_grid_of_any_vae():
+    import pytest
+
+    from difftune.surgery import conditioning_embedding_channels
+
+    assert conditioning_embedding_channels(8) == (16, 32, 96, 256)  # diffusers' default, SD's VAE
+    assert conditioning_embedding_channels(4) == (16, 32, 96)
+    with pytest.raises(ValueError, match="scale factor 6"):
+        conditioning_embedding_channels(6)
+
+
+@torch.no_grad()
+def test_controlnet_for_a_factor_4_vae_runs_in_the_diffusers_pipeline(tiny_base):
+    """The 16x16-latent tiny-shapes layout (pretrain-base --latent_downsample 4): the ControlNet's
+    conditioning encoder must shrink the 64 px outline to 16x16, and the diffusers pipeline must accept it."""
+    from diffusers import AutoencoderKL, StableDiffusionControlNetPipeline, UNet2DConditionModel
+
+    from difftune.pretrain import architecture
+
+    torch.manual_seed(0)
+    vae_config, unet_config = architecture(4)
+    unet = UNet2DConditionModel(**dict(unet_config, cross_attention_dim=32)).eval()  # the tiny text encoder's width
+    vae = AutoencoderKL(**vae_config).eval()
+    controlnet = controlnet_from_unet(unet, vae_scale_factor=4)
+    g = torch.Generator().manual_seed(0)
+    latents, cond = torch.randn(1, 4, 16, 16, generator=g), torch.rand(1, 3, 64, 64, generator=g)
+    ids = tiny_base.tokenizer(["red circle"], padding="max_length", max_length=tiny_base.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+    ehs = tiny_base.text_encoder(ids)[0]
+    down, mid = controlnet(latents, 5, encoder_hidden_states=ehs, controlnet_cond=cond, return_dict=False)
+    assert down[0].shape[-2:] == (16, 16) and mid.shape[-2:] == (4, 4)
+    assert torch.equal(unet(latents, 5, encoder_hidden_states=ehs).sample,
+                       unet(latents, 5, encoder_hidden_states=ehs, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid).sample)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=vae, text_encoder=tiny_base.text_encoder, tokenizer=tiny_base.tokenizer, unet=unet, controlnet=controlnet,
+        scheduler=tiny_base.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    image = pipe("red circle", image=torch.rand(1, 3, 64, 64, generator=g), num_inference_steps=2, height=64, width=64,
+                 output_type="np").images
+    assert image.shape == (1, 64, 64, 3)

@@ -50,6 +50,26 @@ UNET_CONFIG = dict(
 )
 
 
+def architecture(latent_downsample: int = 8) -> tuple[dict, dict]:
+    """VAE and UNet configs for latents ``RESOLUTION / latent_downsample`` pixels wide.
+
+    8 (what ships): 8x8x4 latents, the SD layout in miniature. 4: 16x16x4 latents from a
+    three-level VAE, which keeps small shapes and their colours (see README, base model), and
+    a three-level UNet whose extra 16x16 level is narrow (32 channels, no attention) so that a
+    step costs about 1.5x the shipped one rather than 4x.
+    """
+    if latent_downsample == 8:
+        return dict(VAE_CONFIG), dict(UNET_CONFIG)
+    if latent_downsample == 4:
+        vae = dict(VAE_CONFIG, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                   block_out_channels=(32, 64, 64))
+        unet = dict(UNET_CONFIG, sample_size=RESOLUTION // 4, block_out_channels=(32, 64, 128),
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+        return vae, unet
+    raise ValueError(f"latent_downsample must be 4 or 8, not {latent_downsample}")
+
+
 def _log(path: Path, **row) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -59,11 +79,12 @@ def _images_to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int = 32, lr: float = 3e-4):
+def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int = 32, lr: float = 3e-4,
+              config: dict = VAE_CONFIG):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**config)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05,
                                                 anneal_strategy="cos", div_factor=10, final_div_factor=10)
@@ -96,16 +117,16 @@ def latent_moments_of(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.
 
 
 def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: int, scaling_factor: float,
-                   batch: int = 64,
-                   lr: float = 1e-3, ema_decay: float = 0.999, empty_prob: float = 0.1):
+                   batch: int = 64, lr: float = 1e-3, ema_decay: float = 0.999, empty_prob: float = 0.1,
+                   unet_config: dict = UNET_CONFIG):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**unet_config)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG))
     modules = torch.nn.ModuleList([unet, text_encoder])
-    ema = torch.nn.ModuleList([UNet2DConditionModel(**UNET_CONFIG),
+    ema = torch.nn.ModuleList([UNet2DConditionModel(**unet_config),
                                CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG))])
     ema.load_state_dict(modules.state_dict())
     ema.requires_grad_(False)
@@ -165,12 +186,13 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
 
 
 def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500, unet_steps: int = 4500,
-                  seed: int = 0, stop_at_step: int | None = 3000) -> Path:
+                  seed: int = 0, stop_at_step: int | None = 3000, latent_downsample: int = 8) -> Path:
     """Build the tiny-shapes base model in ``out/model`` (diffusers layout); returns that path.
 
     The UNet's learning-rate schedule spans ``unet_steps``; the EMA weights are exported every
     1000 steps, and ``stop_at_step`` ends the run after that export. The shipped model is the
     step-3000 export of a 4500-step schedule (the session that built it had no more CPU time).
+    ``unet_steps=0`` stops after the VAE and returns its folder (``out/vae``), e.g. to measure it.
     """
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
@@ -186,18 +208,25 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=MAX_TOKENS)
     tokenizer.model_max_length = MAX_TOKENS
 
+    vae_config, unet_config = architecture(latent_downsample)
     vae_dir = out / "vae"
     if (vae_dir / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        if list(vae.config.block_out_channels) != list(vae_config["block_out_channels"]):
+            raise ValueError(f"{vae_dir} holds a VAE of another latent size than --latent_downsample "
+                             f"{latent_downsample}; use a new --out folder")
     else:
-        vae = train_vae(out, images, vae_steps, seed)
+        vae = train_vae(out, images, vae_steps, seed, config=vae_config)
         mean, _ = latent_moments_of(vae, images[:2000])
         vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
         vae.save_pretrained(vae_dir)
+    if unet_steps == 0:
+        return vae_dir
     mean, std = latent_moments_of(vae, images)
     scale = float(vae.config.scaling_factor)
     _log(out / "pretrain_log.jsonl", stage="latents", scaling_factor=scale, latent_std=float((mean * scale).std()))
-    for step, ema in train_denoiser(out, tokenizer, mean, std, captions, unet_steps, seed + 1, scale):
+    for step, ema in train_denoiser(out, tokenizer, mean, std, captions, unet_steps, seed + 1, scale,
+                                    unet_config=unet_config):
         unet, text_encoder = ema[0], ema[1]
         save_pipeline(out / "model", vae, text_encoder, unet, tokenizer)
         _log(out / "pretrain_log.jsonl", stage="saved", step=step)

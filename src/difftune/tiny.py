@@ -21,8 +21,8 @@ from typing import Iterable
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
-# Four VAE blocks so that latents are 1/8 of the image, as in SD: the ControlNet's
-# conditioning embedding always down-samples the condition image by 8.
+# Four VAE blocks so that latents are 1/8 of the image, as in SD (and as the ControlNet's
+# default conditioning embedding expects).
 TINY_UNET = dict(
     sample_size=8,
     in_channels=4,

@@ -67,7 +67,7 @@ class ControlNetMethod:
             # the conditioning embedding is randomly initialised: same seed, same ControlNet
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed or 0)
-                self.controlnet = controlnet_from_unet(self.base.unet)
+                self.controlnet = controlnet_from_unet(self.base.unet, vae_scale_factor=self.base.vae_scale_factor)
         self.controlnet.requires_grad_(True)
         self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma)
         self.device = torch.device("cpu")
