@@ -33,7 +33,7 @@ def test_bundled_base_is_the_default_and_loads():
     assert ModelConfig().pretrained_model_name_or_path == "tiny-shapes"
     assert "tiny-shapes" in BUILTIN_MODELS
     base = load_base_model("tiny-shapes")
-    assert base.unet.config.sample_size * 8 == 64
+    assert base.native_resolution == 64
     assert resolve_builtin("tiny-shapes").endswith("tiny-shapes")
 
 

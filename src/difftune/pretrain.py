@@ -3,7 +3,8 @@
 Reproducible: ``difftune pretrain-base --out DIR [--seed 0]`` (the defaults are what was
 shipped). Two stages, each saved before the next starts, so a killed run continues:
 
-1. VAE (``AutoencoderKL``, 64 px -> 8x8x4 latents): reconstruction MSE + a small KL term.
+1. VAE (``AutoencoderKL``, 64 px -> 8x8x4 latents, or 16x16x4 with ``latent_downsample=4``):
+   reconstruction MSE + L1 + a small KL term.
    The latent scaling factor is then set to 1/std of the data's latents, as SD did.
 2. Text encoder (``CLIPTextModel``) and UNet (``UNet2DConditionModel``) jointly, on cached
    latent distributions, with the SD noise schedule, epsilon prediction, Min-SNR-5
