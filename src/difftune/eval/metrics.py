@@ -29,11 +29,10 @@ from typing import Protocol
 
 import numpy as np
 
-from ..data.shapes import ShapeSample, render_shape, srgb_to_lab
+from ..data.shapes import BASE_SHAPES, ShapeSample, render_shape, srgb_to_lab
 
 COLOR_TOLERANCE = 25.0
 FOREGROUND_MIN = 20.0
-BASE_KINDS = ("circle", "square", "triangle")
 
 
 def delta_e(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -118,7 +117,7 @@ def fit_kind(mask: np.ndarray, kinds: tuple[str, ...]) -> tuple[str, float]:
     return kind, fits[kind]
 
 
-def read_shape(image: np.ndarray, kinds: tuple[str, ...] = BASE_KINDS) -> ShapeReading:
+def read_shape(image: np.ndarray, kinds: tuple[str, ...] = BASE_SHAPES) -> ShapeReading:
     """Background colour, shape region, shape colour and shape kind of an ``[H, W, 3]`` uint8 image."""
     lab = srgb_to_lab(image)
     bg = border_color_lab(lab)
