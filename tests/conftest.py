@@ -58,3 +58,18 @@ def make_config(model_dir, data_dir, out_dir, **overrides):
     )
     values.update(overrides)
     return from_dict(ControlNetConfig, values)
+
+
+def assert_same_training(a: dict, b: dict, lr: float) -> None:
+    """Two runs that should train the same weights, up to float summation order.
+
+    Adam's first steps move each weight by about ``lr`` whatever the gradient's size, so a
+    gradient that is ~0 can tip either way between two summation orders (this differs between
+    CPUs). What a real mistake (a missing or extra optimizer step, a batch seen twice) does is
+    move most weights by ~lr; so: no weight apart by lr/4, and almost all within 1e-5.
+    """
+    import torch
+
+    diffs = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a if a[k].numel()])
+    worst, off = float(diffs.max()), float((diffs > 1e-5).float().mean())
+    assert worst < lr / 4 and off < 0.01, f"max difference {worst:.3g}, {off:.2%} of weights differ by > 1e-5"

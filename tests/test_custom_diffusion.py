@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_same_training
 from custom_diffusion_helpers import cd_config, write_concept
 from difftune import checkpoint as ckpt
 from difftune.api import train_custom_diffusion
@@ -241,4 +242,4 @@ def test_accumulation_2x2_equals_batch_4(tiny_model_dir, star_dir, tmp_path):
                                      gradient_accumulation_steps=2, **kw))
     name = "pytorch_custom_diffusion_weights.safetensors"
     a, b = load_file(str(tmp_path / "b4" / name)), load_file(str(tmp_path / "b2x2" / name))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a if a[k].numel()) < 1e-5  # float summation order only
+    assert_same_training(a, b, lr=1e-3)
