@@ -76,6 +76,20 @@ def test_augmentation_mask_never_empty_and_prompts_say_the_scale(resolution):
     assert cd.valid_cells(0, 64 // 3, 8, 8)[1] > cd.valid_cells(0, 64 // 3, 8, 8)[0]
 
 
+
+def test_augmentation_stays_on_the_image_device():
+    """A prepared data loader puts the instance images on the GPU; the padded canvas of a
+    zoomed-out crop must be made there too. 'meta' stands in for the accelerator (it refuses
+    mixing with CPU tensors the same way)."""
+    stored = torch.zeros(3, 72, 72, dtype=torch.uint8, device="meta")
+    shrink = torch.tensor([0.9, 0.1, 0.0, 0.5, 0.5, 0.9, 0.0, 0.0, 0.9], dtype=torch.float64)  # u[1] < 0.66: smaller
+    grow = shrink.clone()
+    grow[1] = 0.9  # larger than the crop
+    for u in (shrink, grow):
+        a = cd.augment_instance(stored, "<new1> star", u, 64, 8, aug=True, hflip=True)
+        assert a.pixels.device.type == "meta" and a.mask.device.type == "meta"
+    assert cd.crop_class(stored, shrink, 64, hflip=True).device.type == "meta"
+
 def test_one_step_changes_only_kv_and_new_rows(tiny_base, tiny_model_dir, star_dir, tmp_path):
     from difftune.methods.custom_diffusion import CustomDiffusionMethod
     from difftune.trainer import Trainer

@@ -271,3 +271,17 @@ def test_cached_latents_and_embeddings_train_the_same_sdxl_controlnet(tiny_sdxl_
     (folder,) = (tmp_path / "cached" / "encoded-cache").iterdir()
     text = load_file(str(folder / "text.safetensors"))
     assert text["pooled"].shape[0] == text["hidden"].shape[0]
+
+
+@pytest.mark.parametrize("crop_flags", [{}, {"crop_h": 0, "crop_w": 4}])
+def test_time_ids_stay_on_the_batch_device(crop_flags):
+    """A prepared data loader puts the batch on the GPU: every time-id part must follow it there
+    (an H200 run stopped at the first step with a CPU tensor in the concatenation). 'meta'
+    stands in for the accelerator: it refuses CPU tensors the same way."""
+    from difftune.families import SDXLFamily, micro_conditions
+
+    batch = {"captions": ["a", "b"], "original_sizes": torch.tensor([[64, 96], [32, 32]], device="meta"),
+             "crop_top_lefts": torch.zeros(2, 2, dtype=torch.long, device="meta")}
+    micro = micro_conditions(batch, 32, **crop_flags)
+    ids = SDXLFamily.time_ids(micro)
+    assert ids.device.type == "meta" and ids.shape == (2, 6)

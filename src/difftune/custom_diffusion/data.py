@@ -147,7 +147,7 @@ def augment_instance(image: torch.Tensor, prompt: str, u: torch.Tensor, resoluti
     if scale != x.shape[-1]:
         x = F.interpolate(x[None], size=(scale, scale), mode="bilinear", antialias=True, align_corners=False)[0]
     cells = R // factor
-    mask = torch.zeros(1, cells, cells)
+    mask = torch.zeros(1, cells, cells, device=x.device)  # the batch may be on the accelerator already
     if scale >= R:
         off = scale - R
         top, left = _randint(float(u[3]), 0, off + 1), _randint(float(u[4]), 0, off + 1)
@@ -155,7 +155,7 @@ def augment_instance(image: torch.Tensor, prompt: str, u: torch.Tensor, resoluti
         mask[:] = 1.0
     else:
         top, left = _randint(float(u[3]), 0, R - scale + 1), _randint(float(u[4]), 0, R - scale + 1)
-        pixels = torch.zeros(3, R, R)
+        pixels = torch.zeros(3, R, R, device=x.device)
         pixels[:, top : top + scale, left : left + scale] = x
         r0, r1 = valid_cells(top, scale, factor, cells)
         c0, c1 = valid_cells(left, scale, factor, cells)
