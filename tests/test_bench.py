@@ -124,3 +124,31 @@ def test_reference_flags_keep_what_diffusers_has(tmp_path):
     assert flags[-5:] == ["--mixed_precision", "bf16", "--gradient_checkpointing", "--set_grads_to_none",
                           "--use_8bit_adam"]
     assert flags[flags.index("--train_data_dir") + 1] == str(tmp_path / "d")  # no train/ split folder there
+
+
+def test_custom_diffusion_smoke_run(bench_out, tmp_path):
+    """The same bench trains Custom Diffusion: one concept, batch 2 + 2 class images per step."""
+    out, _ = bench_out
+    rc = main(["bench", "--method", "custom-diffusion", "--arch", "tiny", "--configs", "plain",
+               "--add_config", "plain=", "--steps", "3", "--warmup", "1", "--n_samples", "6",
+               "--model", str(out / "model-tiny"), "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["bench"]["method"] == "custom-diffusion" and result["bench"]["flops_per_image"] is None
+    (record,) = result["records"]
+    assert record["status"] == "ok", record.get("error")
+    assert record["images_per_step"] == 4 and record["n_steps"] == 3 and record["s_per_step"] > 0
+    assert len(list((tmp_path / "concept-64px-6" / "class").glob("*.png"))) == 6
+    assert len(list((tmp_path / "concept-64px-6" / "instance").glob("*.png"))) == 5
+    assert (tmp_path / "runs" / "plain" / "pytorch_custom_diffusion_weights.safetensors").is_file()
+    assert "Custom Diffusion" in (tmp_path / "bench.md").read_text()
+
+
+def test_reference_options_are_checked_before_any_work(tmp_path):
+    from difftune.bench.suite import run_bench
+
+    with pytest.raises(UserError, match="only diffusers' train_controlnet.py"):
+        run_bench("tiny", ["bf16"], tmp_path, method="custom-diffusion", reference_script="x.py", steptimer=".")
+    with pytest.raises(UserError, match="--reference_configs fast"):
+        run_bench("tiny", ["bf16"], tmp_path, reference_script=__file__, steptimer=".", reference_configs=["fast"])
+    assert not (tmp_path / "model-tiny").exists()

@@ -18,21 +18,27 @@ def _extra_configs(specs: list[str] | None) -> dict[str, list[str]]:
     return extra
 
 
+def _names(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .report import format_table
-    from .runner import CONFIGS
+    from .runner import METHODS
     from .suite import run_bench
 
     extra = _extra_configs(args.add_config)
     if args.list_configs:
-        for name, flags in {**CONFIGS, **extra}.items():
-            print(f"{name:16s} {' '.join(flags) or '(batch 4, fp32)'}")
+        base = "(batch 2 + 2 class images, fp32)" if args.method == "custom-diffusion" else "(batch 4, fp32)"
+        for name, flags in {**METHODS[args.method], **extra}.items():
+            print(f"{name:16s} {' '.join(flags) or base}")
         return 0
     result = run_bench(
-        args.arch, [c.strip() for c in args.configs.split(",") if c.strip()], args.out, steps=args.steps,
+        args.arch, _names(args.configs), args.out, steps=args.steps,
         warmup=args.warmup, resolution=args.resolution, n_samples=args.n_samples, model=args.model, data=args.data,
         device=args.device, steptimer=args.steptimer, reference_script=args.reference_script,
-        peak_tflops=args.peak_tflops, extra_configs=extra, timeout_s=args.timeout,
+        peak_tflops=args.peak_tflops, extra_configs=extra, timeout_s=args.timeout, method=args.method,
+        reference_configs=_names(args.reference_configs) if args.reference_configs else None,
     )
     print(format_table(result))
     print(f"\nwritten: {args.out}/bench.json, {args.out}/bench.md (logs and run folders in {args.out}/runs)")
@@ -44,6 +50,9 @@ def register(sub) -> None:
     from .architectures import ARCHS
 
     b = sub.add_parser("bench", help="time named training configurations (s/step, images/s, memory, MFU)")
+    b.add_argument("--method", choices=("controlnet", "custom-diffusion"), default="controlnet",
+                   help="what is trained: ControlNet (fill50k, batch 4) or Custom Diffusion (one concept, "
+                        "batch 2 + prior preservation on --n_samples class images)")
     b.add_argument("--arch", choices=ARCHS, default="sd15", help="random-weight model architecture (default: sd15)")
     b.add_argument("--configs", default="bf16", help="comma-separated configuration names, or 'all' (--list_configs)")
     b.add_argument("--add_config", action="append", metavar="NAME=FLAGS",
@@ -52,7 +61,8 @@ def register(sub) -> None:
     b.add_argument("--steps", type=int, default=40, help="optimizer steps per configuration")
     b.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compile, cache warm-up)")
     b.add_argument("--resolution", type=int, help="default: 64 tiny, 512 sd15, 1024 sdxl")
-    b.add_argument("--n_samples", type=int, help="fill50k samples to generate (default: 2000 sd15, 500 sdxl)")
+    b.add_argument("--n_samples", type=int, help="fill50k samples to generate (default: 2000 sd15, 500 sdxl); "
+                                                  "Custom Diffusion: class images (default 200)")
     b.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md, the model, data and runs")
     b.add_argument("--model", help="existing diffusers model folder (default: build a random one in --out)")
     b.add_argument("--data", help="existing fill50k folder (default: generate one in --out)")
@@ -60,6 +70,7 @@ def register(sub) -> None:
     b.add_argument("--steptimer", help="shared steptimer folder: also time each run from outside, as the reference")
     b.add_argument("--reference_script",
                    help="diffusers train_controlnet.py: run it too, with the same flags (needs --steptimer)")
+    b.add_argument("--reference_configs", help="which of --configs the reference runs (default: all of them)")
     b.add_argument("--peak_tflops", type=float, help="peak rate for MFU (default: 790 on H100/H200, else no MFU)")
     b.add_argument("--timeout", type=float, help="seconds before a configuration's run is stopped")
     b.set_defaults(func=cmd_bench)

@@ -7,6 +7,8 @@ def _num(value, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+TITLES = {"controlnet": "ControlNet",
+          "custom-diffusion": "Custom Diffusion (one concept, batch 2 + 2 class images)"}
 COLUMNS = (  # header, record key, format
     ("s/step", "s_per_step", ".4f"),
     ("images/s", "images_per_s", ".1f"),
@@ -28,7 +30,7 @@ def format_table(result: dict) -> str:
         columns.insert(1, ("steptimer s/step", "steptimer_s_per_step", ".4f"))
     flops = b.get("flops_per_image")
     lines = [
-        f"# difftune bench: ControlNet, {b['arch']}, {b['resolution']} px",
+        f"# difftune bench: {TITLES.get(b.get('method', 'controlnet'))}, {b['arch']}, {b['resolution']} px",
         "",
         f"{env['device']}; torch {env['torch']}, diffusers {env['diffusers']}; difftune {env['difftune']}"
         + (f" ({env['difftune_commit']})" if env.get("difftune_commit") else "") + f"; {env['date']}.",

@@ -1,7 +1,9 @@
 """Run named training configurations, one subprocess each, and read back what they measured.
 
-Each configuration is a list of ``difftune train controlnet`` flags on top of the common
-ones (batch 4, ``--max_train_steps``, no mid-run checkpoint, no validation, seed 0). A
+Each configuration is a list of ``difftune train controlnet`` (or ``custom-diffusion``) flags
+on top of the common ones (ControlNet: batch 4; Custom Diffusion: one concept, batch 2 with
+prior preservation, so 2 instance + 2 class images a step; ``--max_train_steps``, no mid-run
+checkpoint, no validation, seed 0). A
 fresh process per configuration keeps peak memory, the CUDA caching allocator and
 ``torch.compile``'s caches from leaking between them. A configuration whose flags the CLI
 does not know (or that fails in any other way) becomes a record with ``status: error`` and
@@ -44,6 +46,18 @@ CONFIGS: dict[str, list[str]] = {
     "accum4": ["--train_batch_size", "1", "--gradient_accumulation_steps", "4", "--mixed_precision", "fp16"],
 }
 
+# Custom Diffusion, as the reference's measured settings (fp16, batch 2, prior preservation) and ours
+CD_CONFIGS: dict[str, list[str]] = {
+    "fp16": ["--mixed_precision", "fp16"],
+    "bf16": ["--mixed_precision", "bf16"],
+    "fast_nocompile": ["--mixed_precision", "bf16", "--allow_tf32", "--channels_last"],
+    "lowmem": ["--mixed_precision", "bf16", "--gradient_checkpointing", "--set_grads_to_none"],
+    "lowmem_8bit": ["--mixed_precision", "bf16", "--gradient_checkpointing", "--set_grads_to_none",
+                    "--use_8bit_adam"],
+}
+METHODS = {"controlnet": CONFIGS, "custom-diffusion": CD_CONFIGS}
+CD_INSTANCE_PROMPT, CD_CLASS_PROMPT = "<new1> star", "star"
+
 # flags of difftune's that diffusers' train_controlnet.py also has (the rest are dropped for it)
 REFERENCE_FLAGS = {"--mixed_precision": 1, "--train_batch_size": 1, "--gradient_accumulation_steps": 1,
                    "--gradient_checkpointing": 0, "--use_8bit_adam": 0, "--set_grads_to_none": 0, "--allow_tf32": 0}
@@ -58,6 +72,8 @@ class BenchPlan:
     data_dir: Path
     out_dir: Path
     resolution: int
+    method: str = "controlnet"
+    n_class_images: int = 0  # Custom Diffusion: class images in data_dir/class
     steps: int = 40
     warmup: int = 10
     workers: int = 0
@@ -67,9 +83,16 @@ class BenchPlan:
 
 
 def common_flags(plan: BenchPlan, output_dir: Path) -> list[str]:
+    if plan.method == "custom-diffusion":
+        data = ["--instance_data_dir", str(plan.data_dir / "instance"), "--instance_prompt", CD_INSTANCE_PROMPT,
+                "--modifier_token", "<new1>", "--with_prior_preservation", "--class_data_dir",
+                str(plan.data_dir / "class"), "--class_prompt", CD_CLASS_PROMPT,
+                "--num_class_images", str(plan.n_class_images), "--train_batch_size", "2"]
+    else:
+        data = ["--train_data_dir", str(plan.data_dir), "--train_batch_size", "4"]
     return [
-        "--pretrained_model_name_or_path", str(plan.model_dir), "--train_data_dir", str(plan.data_dir),
-        "--output_dir", str(output_dir), "--resolution", str(plan.resolution), "--train_batch_size", "4",
+        "--pretrained_model_name_or_path", str(plan.model_dir), *data,
+        "--output_dir", str(output_dir), "--resolution", str(plan.resolution),
         "--max_train_steps", str(plan.steps), "--checkpointing_steps", str(plan.steps + 1), "--seed", "0",
         "--learning_rate", "1e-5", "--lr_warmup_steps", "0", "--dataloader_num_workers", str(plan.workers),
         "--report_to", "none",
@@ -191,14 +214,18 @@ def summarize(records: list[dict], summary: dict, images_per_step: int, warmup: 
 
 
 def _images_per_step(output_dir: Path, flags: list[str]) -> int:
-    """Batch x accumulation, from the run's resolved config (or the flags if it never got that far)."""
+    """Batch x accumulation (x 2 with prior preservation: a class image beside each instance image),
+    from the run's resolved config (or the flags if it never got that far)."""
     try:
-        train = json.loads((output_dir / "difftune_config.json").read_text())["train"]
-        return int(train["train_batch_size"]) * int(train["gradient_accumulation_steps"])
+        config = json.loads((output_dir / "difftune_config.json").read_text())
+        train = config["train"]
+        prior = 2 if config.get("data", {}).get("with_prior_preservation") else 1
+        return int(train["train_batch_size"]) * int(train["gradient_accumulation_steps"]) * prior
     except (OSError, ValueError, KeyError):
         names = ("--train_batch_size", "--gradient_accumulation_steps")
         last = {f: int(v) for f, v in zip(flags, flags[1:]) if f in names}
-        return last.get("--train_batch_size", 4) * last.get("--gradient_accumulation_steps", 1)
+        prior = 2 if "--with_prior_preservation" in flags else 1
+        return last.get("--train_batch_size", 4) * last.get("--gradient_accumulation_steps", 1) * prior
 
 
 def _steptimer_result(path: Path | None) -> dict:
@@ -218,12 +245,17 @@ def run_config(name: str, flags: list[str], plan: BenchPlan) -> dict:
     shutil.rmtree(output_dir, ignore_errors=True)  # stale metrics.jsonl lines or checkpoints would be read back
     runs.mkdir(parents=True, exist_ok=True)
     all_flags = common_flags(plan, output_dir) + list(flags)
-    steptimer_out = runs / f"{name}.steptimer.json" if plan.steptimer else None
+    # --optimizer_in_backward steps one optimizer per parameter: the steptimer would synchronise the
+    # device after each of them (hundreds a step), slowing the very run it times; it stays out
+    in_backward = "--optimizer_in_backward" in all_flags
+    steptimer_out = runs / f"{name}.steptimer.json" if plan.steptimer and not in_backward else None
     if steptimer_out is not None:
         steptimer_out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "difftune", "train", "controlnet", *all_flags]
+    cmd = [sys.executable, "-m", "difftune", "train", plan.method, *all_flags]
     proc = _launch(cmd, plan, runs / name, steptimer_out)
     record = {"config": name, "flags": list(flags), "wall_seconds": proc["wall_seconds"], "output_dir": str(output_dir)}
+    if plan.steptimer and in_backward:
+        record["steptimer_note"] = "not attached: --optimizer_in_backward (one optimizer step per parameter)"
     summary_path = output_dir / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     measured = summarize(read_metrics(output_dir), summary, _images_per_step(output_dir, all_flags), plan.warmup)
@@ -233,7 +265,6 @@ def run_config(name: str, flags: list[str], plan: BenchPlan) -> dict:
                 "stderr_tail": proc["stderr_tail"]}
     st = _steptimer_result(steptimer_out)
     if st and st["steptimer_n_steps"] != measured["n_steps"]:
-        # e.g. --optimizer_in_backward: one optimizer per parameter, each step() seen by the steptimer
         st["steptimer_note"] = (f"the steptimer saw {st['steptimer_n_steps']} optimizer steps in "
                                 f"{measured['n_steps']} training steps: its median is not seconds per step")
         st["steptimer_s_per_step"] = None

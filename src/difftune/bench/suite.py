@@ -19,10 +19,12 @@ from ..errors import UserError
 from .architectures import ARCHS, build_random_model
 from .flops import training_flops_breakdown
 from .report import format_table
-from .runner import CONFIGS, BenchPlan, run_config, run_reference
+from .runner import METHODS, BenchPlan, run_config, run_reference
 
 DEFAULT_RESOLUTION = {"tiny": 64, "tiny-sdxl": 64, "sd15": 512, "sdxl": 1024}
 DEFAULT_SAMPLES = {"tiny": 256, "tiny-sdxl": 256, "sd15": 2000, "sdxl": 500}  # as the reference's data
+DEFAULT_CLASS_IMAGES = 200  # Custom Diffusion: as the reference's measurement (--real_prior, 200 images)
+CD_INSTANCE_IMAGES = 5
 # dense bf16 matrix rate measured on an H100 (shared/bench/ANCHORS.md); H200 has the same compute
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
 
@@ -61,16 +63,39 @@ def environment(device: str) -> dict:
     }
 
 
-def resolve_configs(names: list[str], extra: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+def resolve_configs(names: list[str], extra: dict[str, list[str]] | None = None,
+                    method: str = "controlnet") -> dict[str, list[str]]:
     """Flags of each named configuration ("all": every predefined one); unknown names are an error."""
-    known = {**CONFIGS, **(extra or {})}
+    predefined = METHODS[method]
+    known = {**predefined, **(extra or {})}
     if names == ["all"]:
-        names = list(CONFIGS) + [n for n in (extra or {}) if n not in CONFIGS]
+        names = list(predefined) + [n for n in (extra or {}) if n not in predefined]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise UserError(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(known)} "
+        raise UserError(f"--configs: unknown {', '.join(unknown)} for {method}; known: {', '.join(known)} "
                         "(or add one with --add_config NAME='--flag ...').")
     return {n: known[n] for n in names}
+
+
+def write_concept_data(folder: Path, resolution: int, n_class: int, seed: int = 0) -> None:
+    """Custom Diffusion inputs: ``instance/`` (one gold star on midnight blue, varied place and size)
+    and ``class/`` (``n_class`` stars of random colours), both PNGs at ``resolution``."""
+    import numpy as np
+
+    from ..data.shapes import ShapeSample, render_shape, sample_shapes
+
+    tmp = folder.with_name(folder.name + ".partial")
+    for sub in ("instance", "class"):
+        (tmp / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(CD_INSTANCE_IMAGES):
+        size = float(rng.uniform(0.2, 0.3)) * resolution
+        cx, cy = (float(v) for v in rng.uniform(size, resolution - size, size=2))
+        sample = ShapeSample("star", cx, cy, size, "gold", (255, 215, 0), "midnightblue", (25, 25, 112))
+        render_shape(sample, resolution).save(tmp / "instance" / f"{i:02d}.png")
+    for i, sample in enumerate(sample_shapes(n_class, resolution, seed + 1, shapes=("star",))):
+        render_shape(sample, resolution).save(tmp / "class" / f"{i:04d}.png")
+    tmp.rename(folder)  # a folder that exists is complete
 
 
 def _log(msg: str) -> None:
@@ -78,7 +103,7 @@ def _log(msg: str) -> None:
 
 
 def prepare_inputs(arch: str, out: Path, resolution: int, n_samples: int, model: str | None, data: str | None,
-                   device: str, seed: int = 0) -> tuple[Path, Path, dict]:
+                   device: str, seed: int = 0, method: str = "controlnet") -> tuple[Path, Path, dict]:
     """The model and data folders (built under ``out`` unless given, reused if already there)."""
     from ..data import write_fill50k
 
@@ -95,15 +120,23 @@ def prepare_inputs(arch: str, out: Path, resolution: int, n_samples: int, model:
             import torch
 
             torch.cuda.empty_cache()
-    data_dir = Path(data) if data else out / f"fill50k-{resolution}px-{n_samples}"
+    cd = method == "custom-diffusion"
+    data_dir = Path(data) if data else out / (f"concept-{resolution}px-{n_samples}" if cd
+                                              else f"fill50k-{resolution}px-{n_samples}")
     if not data_dir.is_dir():
         if data:
             raise UserError(f"--data {data_dir} does not exist.")
-        _log(f"writing {n_samples} fill50k samples at {resolution} px to {data_dir}")
         start = time.perf_counter()
-        write_fill50k(data_dir, n=n_samples, resolution=resolution, seed=0, workers=min(8, os.cpu_count() or 1),
-                      progress=False)
+        if cd:
+            _log(f"writing {CD_INSTANCE_IMAGES} instance and {n_samples} class images at {resolution} px to {data_dir}")
+            write_concept_data(data_dir, resolution, n_samples, seed)
+        else:
+            _log(f"writing {n_samples} fill50k samples at {resolution} px to {data_dir}")
+            write_fill50k(data_dir, n=n_samples, resolution=resolution, seed=0,
+                          workers=min(8, os.cpu_count() or 1), progress=False)
         timings["data_seconds"] = round(time.perf_counter() - start, 2)
+    elif cd and not ((data_dir / "instance").is_dir() and (data_dir / "class").is_dir()):
+        raise UserError(f"--data {data_dir}: Custom Diffusion needs instance/ and class/ image folders there.")
     return model_dir, data_dir, timings
 
 
@@ -111,55 +144,67 @@ def run_bench(arch: str, configs: list[str], out: str | os.PathLike, *, steps: i
               resolution: int | None = None, n_samples: int | None = None, model: str | None = None,
               data: str | None = None, device: str | None = None, steptimer: str | None = None,
               reference_script: str | None = None, peak_tflops: float | None = None,
-              extra_configs: dict[str, list[str]] | None = None, timeout_s: float | None = None) -> dict:
-    """Benchmark ``configs`` of ``difftune train controlnet`` on ``arch``; writes ``out/bench.json``, ``bench.md``.
+              extra_configs: dict[str, list[str]] | None = None, timeout_s: float | None = None,
+              method: str = "controlnet", reference_configs: list[str] | None = None) -> dict:
+    """Benchmark ``configs`` of ``difftune train METHOD`` on ``arch``; writes ``out/bench.json``, ``bench.md``.
 
     The model and data are built in ``out`` unless given (``model``, ``data``) and reused by a
     later call. Every configuration runs in its own process; the returned dict is ``bench.json``.
+    ``reference_configs`` (default: all of ``configs``) are also run with ``reference_script``.
     """
     import torch
 
+    if method not in METHODS:
+        raise UserError(f"--method {method!r}: choose one of {', '.join(METHODS)}.")
     if arch not in ARCHS:
         raise UserError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}.")
     if steps < 2 or not 0 <= warmup < steps:
         raise UserError(f"--steps {steps} --warmup {warmup}: need steps >= 2 and 0 <= warmup < steps.")
+    if reference_script and method != "controlnet":
+        raise UserError("--reference_script: only diffusers' train_controlnet.py is supported (--method controlnet).")
     if reference_script and not steptimer:
         raise UserError("--reference_script is timed by the shared steptimer: give --steptimer DIR too.")
     for flag, path in (("--steptimer", steptimer), ("--reference_script", reference_script)):
         if path and not Path(path).exists():
             raise UserError(f"{flag} {path} does not exist.")
-    chosen = resolve_configs(configs, extra_configs)
+    chosen = resolve_configs(configs, extra_configs, method)
+    if reference_configs is None:
+        reference_configs = list(chosen)
+    elif not set(reference_configs) <= set(chosen):
+        raise UserError(f"--reference_configs {','.join(reference_configs)}: each must be one of --configs "
+                        f"({','.join(chosen)}).")
     train_device = "cuda" if torch.cuda.is_available() else "cpu"  # where accelerate will put the runs
     if device == "cuda" and train_device != "cuda":
         raise UserError("--device cuda: no CUDA device is available here.")
     resolution = resolution or DEFAULT_RESOLUTION[arch]
-    n_samples = n_samples or DEFAULT_SAMPLES[arch]
+    n_samples = n_samples or (DEFAULT_CLASS_IMAGES if method == "custom-diffusion" else DEFAULT_SAMPLES[arch])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     model_dir, data_dir, timings = prepare_inputs(arch, out, resolution, n_samples, model, data,
-                                                  device or train_device)
+                                                  device or train_device, method=method)
     env = environment(train_device)
     if peak_tflops is None:
         peak_tflops = default_peak_tflops(env["device"])
-    try:
-        flops = training_flops_breakdown(model_dir, resolution)
+    try:  # ControlNet's work per image; Custom Diffusion's is not counted (no MFU for it)
+        flops = training_flops_breakdown(model_dir, resolution) if method == "controlnet" else {}
     except Exception as e:  # a model the counter cannot build: report without MFU, do not lose the timings
         _log(f"FLOP count failed: {e!r}")
         flops = {}
     plan = BenchPlan(model_dir=model_dir.resolve(), data_dir=data_dir.resolve(), out_dir=out.resolve(),
-                     resolution=resolution, steps=steps, warmup=warmup, workers=4 if train_device == "cuda" else 0,
+                     resolution=resolution, method=method, n_class_images=n_samples, steps=steps, warmup=warmup, workers=4 if train_device == "cuda" else 0,
                      steptimer=Path(steptimer).resolve() if steptimer else None, timeout_s=timeout_s)
     result = {
         "environment": env,
-        "bench": {"arch": arch, "resolution": resolution, "steps": steps, "warmup": warmup, "n_samples": n_samples,
+        "bench": {"method": method, "arch": arch, "resolution": resolution, "steps": steps, "warmup": warmup,
+                  "n_samples": n_samples,
                   "model_dir": str(model_dir), "data_dir": str(data_dir), "peak_tflops": peak_tflops,
                   "flops_per_image": flops.get("total"), "flops_breakdown": flops, **timings},
         "records": [],
     }
     jobs = [(name, flags, None) for name, flags in chosen.items()]
     if reference_script:
-        jobs += [(name, flags, Path(reference_script)) for name, flags in chosen.items()]
+        jobs += [(name, chosen[name], Path(reference_script)) for name in reference_configs]
     for name, flags, script in jobs:
         _log(f"{'reference ' if script else ''}{name}: {' '.join(flags) or '(defaults)'}")
         record = run_reference(name, flags, plan, script) if script else run_config(name, flags, plan)

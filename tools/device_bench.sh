@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU measurements behind the README's Performance tables, as one script for a short lease
+# on a GPU machine without network.
+#
+#   bash tools/device_bench.sh PART...      PART: sd15 | cd | sd15fast | sdxl (in the order given)
+#
+# sd15:     ControlNet on the SD 1.5 architecture at 512 px, difftune's configurations and diffusers'
+#           train_controlnet.py (bf16, its fastest) side by side, both timed by the shared steptimer;
+# cd:       Custom Diffusion, 250 steps at 512 px, batch 2 + 2 class images, on sd15's model;
+# sd15fast: the `fast` configuration (torch.compile) on sd15's model and data (apart: it compiles);
+# sdxl:     ControlNet on the SDXL architecture at 1024 px.
+#
+# Inputs beside the repository (git-ignored, carried to the GPU machine):
+#   .whl/*.whl          wheels the machine lacks (diffusers, datasets, ...), installed to /tmp/site;
+#   .whl/bnb_site/      bitsandbytes unpacked (its CUDA 13 library only), for --use_8bit_adam;
+#   .ref/steptimer/     ../shared/bench/steptimer;  .ref/train_controlnet.py  the diffusers script.
+# A CPU rehearsal of the script's logic: DEVICE=cpu SD15_ARCH=tiny SDXL_ARCH=tiny-sdxl
+# BENCH_EXTRA='--steps 3 --warmup 1 --resolution 64' (later flags override earlier ones).
+# NO_WHEELS=1 PYTHON=.venv/bin/python.
+# Results: $OUT/PART.json (bench.json; `difftune bench` prints its table into PART.log), copied every 10 s while a part
+# runs, so a run stopped at its time limit still returns what it measured; $OUT/PART.log.
+set -u
+OUT=${OUT:-device-out}
+W=${BENCH_WORK:-/tmp/difftune-bench}
+mkdir -p "$OUT" "$W"
+if [ -z "${NO_WHEELS:-}" ] && [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.installed || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD/.whl/bnb_site:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+DEVICE=${DEVICE:-cuda} SD15_ARCH=${SD15_ARCH:-sd15} SDXL_ARCH=${SDXL_ARCH:-sdxl}
+read -r -a EXTRA <<< "${BENCH_EXTRA:-}"
+PY=${PYTHON:-python3}
+$PY -c "import torch, diffusers, transformers, datasets; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__)"
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
+
+REF=()
+[ -f .ref/train_controlnet.py ] && [ -d .ref/steptimer ] \
+  && REF=(--steptimer .ref/steptimer --reference_script .ref/train_controlnet.py --reference_configs bf16)
+
+run_part() {  # NAME, then difftune bench flags
+  local name=$1; shift
+  local dir=$W/$name
+  ( while sleep 10; do cp "$dir/bench.json" "$OUT/$name.json" 2>/dev/null; done ) &
+  local copier=$!
+  local start=$SECONDS
+  $PY -m difftune bench --device "$DEVICE" --out "$dir" "$@" "${EXTRA[@]}" 2>&1 | tee "$OUT/$name.log"
+  kill $copier 2>/dev/null
+  cp "$dir/bench.json" "$OUT/$name.json" 2>/dev/null
+  echo "[device_bench] $name took $((SECONDS - start)) s"
+}
+
+M15=(--model "$W/sd15/model-$SD15_ARCH")
+for part in "$@"; do
+  case $part in
+    sd15) run_part sd15 --arch "$SD15_ARCH" --configs bf16,lowmem_8bit,fast_nocompile "${REF[@]}" \
+            --steps 30 --warmup 10 --n_samples 500 --timeout 150 ;;
+    sd15fast) run_part sd15fast --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" --configs fast \
+            --steps 30 --warmup 10 --timeout 270 ;;
+    cd)   run_part cd --method custom-diffusion --arch "$SD15_ARCH" "${M15[@]}" --configs fast_nocompile \
+            --steps 250 --warmup 10 --timeout 150 ;;
+    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs bf16,lowmem_8bit,fast_nocompile,fast --steps 20 --warmup 5 \
+            --n_samples 100 --timeout 200 ;;
+    *) echo "unknown part $part (sd15, sd15fast, cd, sdxl)"; exit 2 ;;
+  esac
+done
