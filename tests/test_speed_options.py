@@ -184,3 +184,29 @@ def test_compiled_models_train_the_same_thing(plain_run, tiny_model_dir, fill_di
     torch._dynamo.reset()
     assert counts["stats"]["unique_graphs"] > 0  # something was really compiled
     _same_training(out, plain_run, 1e-4)
+
+
+def test_mixed_precision_autocasts_only_the_trained_controlnet(tiny_model_dir, fill_dir, tmp_path):
+    """Under bf16 the frozen UNet, VAE and text encoder run in their own dtype outside autocast
+    (autocast would run their group norms in fp32: more bytes and a cast per op, and slower than
+    diffusers' script on an H200); the fp32 ControlNet runs under autocast."""
+    seen = {"frozen": set(), "trained": set()}
+
+    def record(module, args, output):
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
+            role = "trained" if module.weight.requires_grad else "frozen"
+            seen[role].add((module.weight.dtype, torch.is_autocast_enabled("cpu"), output.dtype))
+
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one precision per process: earlier tests' runs set "no"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        _run(tiny_model_dir, fill_dir, tmp_path / "bf16", mixed_precision="bf16", max_train_steps=1)
+    finally:
+        handle.remove()
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen["frozen"] == {(torch.bfloat16, False, torch.bfloat16)}
+    assert {autocast for _, autocast, _ in seen["trained"]} == {True}
+    assert {dtype for dtype, _, _ in seen["trained"]} == {torch.float32}

@@ -179,9 +179,15 @@ class Trainer:
         trackers = Trackers(accelerator, self.out, tracker_names, cfg.tracker_project_name, to_dict(self.run_config))
         validator = Validator(self.val_cfg, self.method, self.out, trackers, seed)
         setup_seconds = time.perf_counter() - t_setup
+        setup_peak = None
+        if torch.cuda.is_available():  # the loop's peak apart from the set-up's (e.g. a latent-cache build)
+            setup_peak = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         summary = self._loop(accelerator, prepared, optimizer, lr_scheduler, loader, generator, state, max_steps,
                              trackers, validator, root)
         summary["setup_seconds"] = round(setup_seconds, 3)
+        if setup_peak is not None:
+            summary["setup_peak_allocated_gib"] = setup_peak
         if getattr(self.method, "cache_build_seconds", None) is not None:
             summary["cache_build_seconds"] = round(self.method.cache_build_seconds, 3)
         accelerator.wait_for_everyone()

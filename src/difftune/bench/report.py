@@ -14,6 +14,7 @@ COLUMNS = (  # header, record key, format
     ("images/s", "images_per_s", ".1f"),
     ("peak alloc GiB", "peak_allocated_gib", ".2f"),
     ("peak reserved GiB", "peak_reserved_gib", ".2f"),
+    ("set-up peak GiB", "setup_peak_allocated_gib", ".2f"),
     ("warm-up/compile s", "warmup_overhead_s", ".1f"),
     ("cache build s", "cache_build_seconds", ".1f"),
     ("data wait", "data_wait_fraction", ".1%"),

@@ -12,7 +12,8 @@ the tail of its stderr; the benchmark goes on.
 What a run is read back from (the trainer's contract): ``metrics.jsonl``, one object per
 optimizer step with ``step``, ``loss``, ``step_seconds`` (after a device sync) and
 ``data_wait_seconds``; ``train_summary.json`` with ``peak_allocated_gib``,
-``peak_reserved_gib``, ``setup_seconds``, ``cache_build_seconds``; ``difftune_config.json``
+``peak_reserved_gib`` (of the training loop), ``setup_peak_allocated_gib`` (of the set-up before
+it, e.g. a latent-cache build), ``setup_seconds``, ``cache_build_seconds``; ``difftune_config.json``
 (the resolved batch size and accumulation). Optionally the shared ``steptimer`` times the
 same run from outside, the way the diffusers reference was timed.
 """
@@ -39,8 +40,8 @@ CONFIGS: dict[str, list[str]] = {
     "fp32": [],
     "bf16": ["--mixed_precision", "bf16"],
     "fp16": ["--mixed_precision", "fp16"],
-    "fast": BF16_FAST + ["--torch_compile", "blocks"],
-    "fast_nocompile": BF16_FAST,
+    "fast": BF16_FAST,  # as --recipe fast
+    "fast_compile": BF16_FAST + ["--torch_compile", "blocks"],
     "lowmem": LOWMEM,
     "lowmem_8bit": LOWMEM + ["--use_8bit_adam"],
     "accum4": ["--train_batch_size", "1", "--gradient_accumulation_steps", "4", "--mixed_precision", "fp16"],
@@ -50,7 +51,7 @@ CONFIGS: dict[str, list[str]] = {
 CD_CONFIGS: dict[str, list[str]] = {
     "fp16": ["--mixed_precision", "fp16"],
     "bf16": ["--mixed_precision", "bf16"],
-    "fast_nocompile": ["--mixed_precision", "bf16", "--allow_tf32", "--channels_last"],
+    "fast": ["--mixed_precision", "bf16", "--allow_tf32", "--channels_last"],
     "lowmem": ["--mixed_precision", "bf16", "--gradient_checkpointing", "--set_grads_to_none"],
     "lowmem_8bit": ["--mixed_precision", "bf16", "--gradient_checkpointing", "--set_grads_to_none",
                     "--use_8bit_adam"],
@@ -208,7 +209,8 @@ def summarize(records: list[dict], summary: dict, images_per_step: int, warmup: 
     waits = [r.get("data_wait_seconds") for r in records[warm:]]
     if waits and all(w is not None for w in waits):
         result["data_wait_fraction"] = sum(waits) / sum(measured)
-    for key in ("peak_allocated_gib", "peak_reserved_gib", "setup_seconds", "cache_build_seconds"):
+    for key in ("peak_allocated_gib", "peak_reserved_gib", "setup_peak_allocated_gib", "setup_seconds",
+                "cache_build_seconds"):
         result[key] = summary.get(key)
     return result
 

@@ -131,15 +131,18 @@ class ControlNetMethod:
 
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of the VAE's latent distribution of ``pixels`` in [-1, 1] (unscaled)."""
-        vae_dtype = self.base.vae.dtype
-        # a VAE kept in fp32 under mixed precision (stock SDXL) must also compute in fp32:
-        # keep the loop's autocast away from it
-        fp32_vae = vae_dtype != self.weight_dtype
-        with torch.autocast(self.device.type, enabled=False) if fp32_vae else contextlib.nullcontext():
-            return latent_moments(self.base.vae, pixels.to(self.device, vae_dtype))
+        with self._frozen():  # also keeps a VAE held in fp32 (stock SDXL) computing in fp32
+            return latent_moments(self.base.vae, pixels.to(self.device, self.base.vae.dtype))
 
     def _autocast(self):
         return self._accelerator.autocast() if self._accelerator else contextlib.nullcontext()
+
+    def _frozen(self):
+        """Frozen modules compute in the dtype they are held in, outside the loop's autocast, as
+        diffusers' scripts run them: autocast would run their normalisations in fp32 (twice the
+        bytes through the largest activations, kept for backward too) and add a cast per op.
+        Only the trained ControlNet runs under autocast, over its fp32 master weights."""
+        return torch.autocast(self.device.type, enabled=False)
 
     def bind(self, prepared: list[torch.nn.Module]) -> None:
         self.trained = prepared[0]
@@ -190,7 +193,10 @@ class ControlNetMethod:
             if rank == 0:
                 write_meta(folder, fields)
             with self._encoders_on_device(), torch.no_grad(), self._autocast():
-                per_batch = max(1, min(64, 8 * (512 // self.resolution) ** 2))
+                # images per VAE pass: 8 at 512 px; 2 when the run asks to save memory, so that filling
+                # the cache does not need more than training does
+                per_image = 2 if t.gradient_checkpointing else 8
+                per_batch = max(1, min(64, per_image * (512 // self.resolution) ** 2))
                 build_latent_shards(folder, examples, self.encode_images, per_batch,
                                     self.cfg.data.dataloader_num_workers, rank, world,
                                     progress=acc is None or acc.is_local_main_process)
@@ -221,7 +227,8 @@ class ControlNetMethod:
         if self.text_cache is not None:
             prompt = self.text_cache.lookup(captions, self.device)
         else:
-            prompt = self.family.encode_prompts(self.base, captions, self.device)
+            with self._frozen():
+                prompt = self.family.encode_prompts(self.base, captions, self.device)
         micro = micro_conditions(batch, self.resolution, d.crops_coords_top_left_h, d.crops_coords_top_left_w)
         added = self.family.added_cond_kwargs(prompt, micro, self.weight_dtype)  # None for SD 1.x/2.x
         noise = draws.noise.to(self.device, latents.dtype)
@@ -235,15 +242,16 @@ class ControlNetMethod:
             added_cond_kwargs=added,
             return_dict=False,
         )
-        pred = self.base.unet(
-            noisy,
-            timesteps,
-            encoder_hidden_states=prompt.encoder_hidden_states,
-            added_cond_kwargs=added,
-            down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
-            mid_block_additional_residual=mid.to(self.weight_dtype),
-            return_dict=False,
-        )[0]
+        with self._frozen():
+            pred = self.base.unet(
+                noisy,
+                timesteps,
+                encoder_hidden_states=prompt.encoder_hidden_states,
+                added_cond_kwargs=added,
+                down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
+                mid_block_additional_residual=mid.to(self.weight_dtype),
+                return_dict=False,
+            )[0]
         return self.objective.loss(pred, self.objective.target(latents, noise, timesteps), timesteps)
 
     # ---------------------------------------------------------------- state and outputs
