@@ -26,7 +26,7 @@ def one_thread_runs():
 @pytest.fixture(scope="module")
 def bench_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
-    rc = main(["bench", "--arch", "tiny", "--configs", "fp32,fast_nocompile", "--steps", "4", "--warmup", "1",
+    rc = main(["bench", "--arch", "tiny", "--configs", "fp32,fast", "--steps", "4", "--warmup", "1",
                "--resolution", "64", "--n_samples", "16", "--out", str(out)])
     return out, rc
 
@@ -39,16 +39,16 @@ def test_smoke_run_writes_json_and_table(bench_out):
     assert result["environment"]["torch"] and result["environment"]["device"]
     assert result["bench"]["flops_per_image"] > 0
     records = {r["config"]: r for r in result["records"]}
-    assert list(records) == ["fp32", "fast_nocompile"]
+    assert list(records) == ["fp32", "fast"]
     for r in records.values():
         assert r["status"] == "ok", r.get("error")
         assert r["n_steps"] == 4 and r["n_measured"] == 3 and r["images_per_step"] == 4
         assert r["s_per_step"] > 0 and r["images_per_s"] > 0 and r["final_loss"] > 0
         assert 0 <= r.get("data_wait_fraction", 0) < 1
         assert "mfu" not in r  # no peak rate on a CPU
-    assert records["fast_nocompile"]["flags"] == CONFIGS["fast_nocompile"]
+    assert records["fast"]["flags"] == CONFIGS["fast"]
     table = (out / "bench.md").read_text()
-    assert "| fp32 | ok |" in table and "| fast_nocompile | ok |" in table and "images/s" in table
+    assert "| fp32 | ok |" in table and "| fast | ok |" in table and "images/s" in table
 
 
 def test_unknown_flag_is_an_error_record_not_a_crash(bench_out, tmp_path):

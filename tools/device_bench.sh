@@ -7,7 +7,7 @@
 # sd15:     ControlNet on the SD 1.5 architecture at 512 px, difftune's configurations and diffusers'
 #           train_controlnet.py (bf16, its fastest) side by side, both timed by the shared steptimer;
 # cd:       Custom Diffusion, 250 steps at 512 px, batch 2 + 2 class images, on sd15's model;
-# sd15fast: the `fast` configuration (torch.compile) on sd15's model and data (apart: it compiles);
+# sd15fast: `fast_compile` (torch.compile of the blocks) on sd15's model and data (apart: it compiles);
 # sdxl:     ControlNet on the SDXL architecture at 1024 px.
 #
 # Inputs beside the repository (git-ignored, carried to the GPU machine):
@@ -53,13 +53,13 @@ run_part() {  # NAME, then difftune bench flags
 M15=(--model "$W/sd15/model-$SD15_ARCH")
 for part in "$@"; do
   case $part in
-    sd15) run_part sd15 --arch "$SD15_ARCH" --configs bf16,lowmem_8bit,fast_nocompile "${REF[@]}" \
+    sd15) run_part sd15 --arch "$SD15_ARCH" --configs bf16,lowmem_8bit,fast "${REF[@]}" \
             --steps 30 --warmup 10 --n_samples 500 --timeout 150 ;;
-    sd15fast) run_part sd15fast --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" --configs fast \
+    sd15fast) run_part sd15fast --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" --configs fast_compile \
             --steps 30 --warmup 10 --timeout 270 ;;
-    cd)   run_part cd --method custom-diffusion --arch "$SD15_ARCH" "${M15[@]}" --configs fast_nocompile \
+    cd)   run_part cd --method custom-diffusion --arch "$SD15_ARCH" "${M15[@]}" --configs fast \
             --steps 250 --warmup 10 --timeout 150 ;;
-    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs bf16,lowmem_8bit,fast_nocompile,fast --steps 20 --warmup 5 \
+    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs bf16,lowmem_8bit,fast,fast_compile --steps 20 --warmup 5 \
             --n_samples 100 --timeout 200 ;;
     *) echo "unknown part $part (sd15, sd15fast, cd, sdxl)"; exit 2 ;;
   esac
