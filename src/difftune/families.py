@@ -54,14 +54,12 @@ def micro_conditions(batch: dict, resolution: int, crop_h: int | None = None, cr
     SDXL paper, passes the real ones. We pass the real ones unless the crop flags are set.
     """
     n = len(batch["captions"])
-    # the batch's tensors may already be on the accelerator (a prepared data loader moves them)
-    device = next((batch[k].device for k in ("original_sizes", "crop_top_lefts") if k in batch), None)
-    full = torch.tensor([[resolution, resolution]] * n, dtype=torch.long, device=device)
+    full = torch.tensor([[resolution, resolution]] * n, dtype=torch.long)
     sizes = batch.get("original_sizes", full)
-    crops = batch.get("crop_top_lefts", torch.zeros(n, 2, dtype=torch.long, device=device))
+    crops = batch.get("crop_top_lefts", torch.zeros(n, 2, dtype=torch.long))
     if crop_h is not None or crop_w is not None:
-        crops = torch.tensor([[crop_h or 0, crop_w or 0]] * n, dtype=torch.long, device=device)
-    return MicroConditions(sizes, crops.to(sizes.device), (resolution, resolution))
+        crops = torch.tensor([[crop_h or 0, crop_w or 0]] * n, dtype=torch.long)
+    return MicroConditions(sizes, crops, (resolution, resolution))
 
 
 class SDFamily:
@@ -136,7 +134,7 @@ class SDXLFamily(SDFamily):
     @staticmethod
     def time_ids(micro: MicroConditions) -> torch.Tensor:
         """``[B, 6]``: original (h, w), crop (top, left), target (h, w) — the pipeline's ``add_time_ids``."""
-        sizes = micro.original_sizes
+        sizes = micro.original_sizes  # on the accelerator when a prepared data loader moved the batch there
         target = torch.tensor([micro.target_size], dtype=torch.long, device=sizes.device).expand(sizes.shape[0], 2)
         return torch.cat([sizes, micro.crop_top_lefts.to(sizes.device), target], dim=1)
 

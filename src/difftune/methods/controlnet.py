@@ -134,9 +134,6 @@ class ControlNetMethod:
         with self._frozen():  # also keeps a VAE held in fp32 (stock SDXL) computing in fp32
             return latent_moments(self.base.vae, pixels.to(self.device, self.base.vae.dtype))
 
-    def _autocast(self):
-        return self._accelerator.autocast() if self._accelerator else contextlib.nullcontext()
-
     def _frozen(self):
         """Frozen modules compute in the dtype they are held in, outside the loop's autocast, as
         diffusers' scripts run them: autocast would run their normalisations in fp32 (twice the
@@ -192,7 +189,8 @@ class ControlNetMethod:
             rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
             if rank == 0:
                 write_meta(folder, fields)
-            with self._encoders_on_device(), torch.no_grad(), self._autocast():
+            # the same precision as the uncached path's encoders (``loss``): cached and uncached train alike
+            with self._encoders_on_device(), torch.no_grad(), self._frozen():
                 # images per VAE pass: 8 at 512 px; 2 when the run asks to save memory, so that filling
                 # the cache does not need more than training does
                 per_image = 2 if t.gradient_checkpointing else 8
