@@ -186,11 +186,22 @@ def test_compiled_models_train_the_same_thing(plain_run, tiny_model_dir, fill_di
     _same_training(out, plain_run, 1e-4)
 
 
-def test_mixed_precision_autocasts_only_the_trained_controlnet(tiny_model_dir, fill_dir, tmp_path):
+def test_mixed_precision_autocasts_only_the_trained_controlnet(tiny_model_dir, fill_dir, tmp_path, monkeypatch):
     """Under bf16 the frozen UNet, VAE and text encoder run in their own dtype outside autocast
     (autocast would run their group norms in fp32: more bytes and a cast per op, and slower than
-    diffusers' script on an H200); the fp32 ControlNet runs under autocast."""
-    seen = {"frozen": set(), "trained": set()}
+    diffusers' script on an H200); the fp32 ControlNet runs under autocast. The noising runs
+    outside autocast too: CUDA autocast computes the scheduler's ``alphas ** 0.5`` in fp32, which
+    made the noisy latents fp32 and the bf16 UNet fail on an H200 (CPU autocast does not)."""
+    from difftune.noising import DiffusionObjective
+
+    seen = {"frozen": set(), "trained": set(), "noising": set()}
+    add_noise = DiffusionObjective.add_noise
+
+    def recording_add_noise(self, latents, noise, timesteps):
+        seen["noising"].add((torch.is_autocast_enabled("cpu"), latents.dtype))
+        return add_noise(self, latents, noise, timesteps)
+
+    monkeypatch.setattr(DiffusionObjective, "add_noise", recording_add_noise)
 
     def record(module, args, output):
         if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
@@ -208,5 +219,6 @@ def test_mixed_precision_autocasts_only_the_trained_controlnet(tiny_model_dir, f
         handle.remove()
         AcceleratorState._reset_state(reset_partial_state=True)
     assert seen["frozen"] == {(torch.bfloat16, False, torch.bfloat16)}
+    assert seen["noising"] == {(False, torch.bfloat16)}
     assert {autocast for _, autocast, _ in seen["trained"]} == {True}
     assert {dtype for dtype, _, _ in seen["trained"]} == {torch.float32}

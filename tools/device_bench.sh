@@ -17,6 +17,8 @@
 # A CPU rehearsal of the script's logic: DEVICE=cpu SD15_ARCH=tiny SDXL_ARCH=tiny-sdxl
 # BENCH_EXTRA='--steps 3 --warmup 1 --resolution 64' (later flags override earlier ones).
 # NO_WHEELS=1 PYTHON=.venv/bin/python.
+# A shorter lease: SD15_CONFIGS / SDXL_CONFIGS (comma-separated bench configs), SD15_SAMPLES / SDXL_SAMPLES,
+# REF_CONFIGS (which of SD15_CONFIGS diffusers' script also runs; default bf16).
 # Results: $OUT/PART.json (bench.json; `difftune bench` prints its table into PART.log), copied every 10 s while a part
 # runs, so a run stopped at its time limit still returns what it measured; $OUT/PART.log.
 set -u
@@ -36,7 +38,7 @@ $PY -c "import torch, diffusers, transformers, datasets; print('torch', torch.__
 
 REF=()
 [ -f .ref/train_controlnet.py ] && [ -d .ref/steptimer ] \
-  && REF=(--steptimer .ref/steptimer --reference_script .ref/train_controlnet.py --reference_configs bf16)
+  && REF=(--steptimer .ref/steptimer --reference_script .ref/train_controlnet.py --reference_configs "${REF_CONFIGS:-bf16}")
 
 run_part() {  # NAME, then difftune bench flags
   local name=$1; shift
@@ -53,14 +55,14 @@ run_part() {  # NAME, then difftune bench flags
 M15=(--model "$W/sd15/model-$SD15_ARCH")
 for part in "$@"; do
   case $part in
-    sd15) run_part sd15 --arch "$SD15_ARCH" --configs bf16,lowmem_8bit,fast "${REF[@]}" \
-            --steps 30 --warmup 10 --n_samples 500 --timeout 150 ;;
+    sd15) run_part sd15 --arch "$SD15_ARCH" --configs "${SD15_CONFIGS:-bf16,lowmem_8bit,fast}" "${REF[@]}" \
+            --steps 30 --warmup 10 --n_samples "${SD15_SAMPLES:-500}" --timeout 150 ;;
     sd15fast) run_part sd15fast --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" --configs fast_compile \
             --steps 30 --warmup 10 --timeout 270 ;;
     cd)   run_part cd --method custom-diffusion --arch "$SD15_ARCH" "${M15[@]}" --configs fast \
             --steps 250 --warmup 10 --timeout 150 ;;
-    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs bf16,lowmem_8bit,fast,fast_compile --steps 20 --warmup 5 \
-            --n_samples 100 --timeout 200 ;;
+    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs "${SDXL_CONFIGS:-bf16,lowmem_8bit,fast}" --steps 20 --warmup 5 \
+            --n_samples "${SDXL_SAMPLES:-100}" --timeout 200 ;;
     *) echo "unknown part $part (sd15, sd15fast, cd, sdxl)"; exit 2 ;;
   esac
 done

@@ -231,7 +231,9 @@ class ControlNetMethod:
         added = self.family.added_cond_kwargs(prompt, micro, self.weight_dtype)  # None for SD 1.x/2.x
         noise = draws.noise.to(self.device, latents.dtype)
         timesteps = draws.timesteps.to(self.device)
-        noisy = self.objective.add_noise(latents, noise, timesteps)
+        with self._frozen():  # CUDA autocast runs add_noise's pow in fp32: noisy latents would come out fp32
+            noisy = self.objective.add_noise(latents, noise, timesteps)
+            target = self.objective.target(latents, noise, timesteps)
         down, mid = self.trained(
             noisy,
             timesteps,
@@ -250,7 +252,7 @@ class ControlNetMethod:
                 mid_block_additional_residual=mid.to(self.weight_dtype),
                 return_dict=False,
             )[0]
-        return self.objective.loss(pred, self.objective.target(latents, noise, timesteps), timesteps)
+        return self.objective.loss(pred, target, timesteps)
 
     # ---------------------------------------------------------------- state and outputs
     def state_tensors(self) -> dict[str, torch.Tensor]:
