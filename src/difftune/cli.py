@@ -269,11 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--out", required=True)
     pb.add_argument("--n_images", type=int, default=20000)
     pb.add_argument("--vae_steps", type=int, default=1500)
-    pb.add_argument("--unet_steps", type=int, default=4500, help="0: train and save the VAE only (out/vae)")
+    pb.add_argument("--unet_steps", type=int, default=2000, help="0: train and save the VAE only (out/vae)")
     pb.add_argument("--seed", type=int, default=0)
-    pb.add_argument("--stop_at_step", type=int, default=3000, help="end after the EMA export at this UNet step")
-    pb.add_argument("--latent_downsample", type=int, choices=(4, 8), default=8,
-                    help="image pixels per latent pixel: 8 ships (8x8 latents); 4 gives 16x16 latents")
+    pb.add_argument("--stop_at_step", type=int, default=None,
+                    help="end after the EMA export at this UNet step (default: at --unet_steps)")
+    pb.add_argument("--latent_downsample", type=int, choices=(4, 8), default=4,
+                    help="image pixels per latent pixel: 4 ships (16x16 latents); 8 gives 8x8 latents")
     pb.set_defaults(func=cmd_pretrain_base)
 
     d = sub.add_parser("demo", help="end to end on the embedded default: data, train, sample")

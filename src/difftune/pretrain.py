@@ -3,7 +3,7 @@
 Reproducible: ``difftune pretrain-base --out DIR [--seed 0]`` (the defaults are what was
 shipped). Two stages, each saved before the next starts, so a killed run continues:
 
-1. VAE (``AutoencoderKL``, 64 px -> 8x8x4 latents, or 16x16x4 with ``latent_downsample=4``):
+1. VAE (``AutoencoderKL``, 64 px -> 16x16x4 latents, or 8x8x4 with ``latent_downsample=8``):
    reconstruction MSE + L1 + a small KL term.
    The latent scaling factor is then set to 1/std of the data's latents, as SD did.
 2. Text encoder (``CLIPTextModel``) and UNet (``UNet2DConditionModel``) jointly, on cached
@@ -54,8 +54,8 @@ UNET_CONFIG = dict(
 def architecture(latent_downsample: int = 8) -> tuple[dict, dict]:
     """VAE and UNet configs for latents ``RESOLUTION / latent_downsample`` pixels wide.
 
-    8 (what ships): 8x8x4 latents, the SD layout in miniature. 4: 16x16x4 latents from a
-    three-level VAE, which keeps small shapes and their colours (see README, base model), and
+    8: 8x8x4 latents, the SD layout in miniature (shipped until 2026-11-30; its VAE lost small
+    shapes and their colours). 4 (what ships): 16x16x4 latents from a three-level VAE, and
     a three-level UNet whose extra 16x16 level is narrow (32 channels, no attention) so that a
     step costs about 1.5x the shipped one rather than 4x.
     """
@@ -186,13 +186,13 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
     tmp.rename(folder)
 
 
-def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500, unet_steps: int = 4500,
-                  seed: int = 0, stop_at_step: int | None = 3000, latent_downsample: int = 8) -> Path:
+def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500, unet_steps: int = 2000,
+                  seed: int = 0, stop_at_step: int | None = None, latent_downsample: int = 4) -> Path:
     """Build the tiny-shapes base model in ``out/model`` (diffusers layout); returns that path.
 
     The UNet's learning-rate schedule spans ``unet_steps``; the EMA weights are exported every
-    1000 steps, and ``stop_at_step`` ends the run after that export. The shipped model is the
-    step-3000 export of a 4500-step schedule (the session that built it had no more CPU time).
+    1000 steps, and ``stop_at_step`` ends the run after that export. The defaults are what ships:
+    16x16x4 latents, 1,500 VAE steps, 2,000 UNet + text encoder steps (about 3 hours on 2 cores).
     ``unet_steps=0`` stops after the VAE and returns its folder (``out/vae``), e.g. to measure it.
     """
     from diffusers import AutoencoderKL
