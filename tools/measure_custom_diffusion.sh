@@ -1,5 +1,5 @@
 #!/bin/bash
-# Custom Diffusion quality on a tiny base: MODEL (default tiny-shapes), STEPS, N, WORK (output folder), PY (python with difftune)
+# Custom Diffusion quality on a tiny base: MODEL (default tiny-shapes), STEPS, N, LR (default 2e-3), WORK (output folder), PY (python with difftune)
 set -e
 mkdir -p "${WORK:-/tmp/cdmeasure}"; cd "${WORK:-/tmp/cdmeasure}"
 M=${MODEL:-tiny-shapes}
@@ -20,7 +20,7 @@ cat > concepts.json <<J
 [{"instance_prompt": "<new1> star", "class_prompt": "star", "instance_data_dir": "${WORK:-/tmp/cdmeasure}/inst-star", "class_data_dir": "${WORK:-/tmp/cdmeasure}/cls-star"},
  {"instance_prompt": "<new2> heart", "class_prompt": "heart", "instance_data_dir": "${WORK:-/tmp/cdmeasure}/inst-heart", "class_data_dir": "${WORK:-/tmp/cdmeasure}/cls-heart"}]
 J
-COMMON="--pretrained_model_name_or_path $M --resolution 64 --train_batch_size 4 --learning_rate 2e-3 --max_train_steps ${STEPS:-150} --seed 0 --num_class_images 24 --sample_batch_size 8 --checkpointing_steps 1000"
+COMMON="--pretrained_model_name_or_path $M --resolution 64 --train_batch_size 4 --learning_rate ${LR:-2e-3} --max_train_steps ${STEPS:-150} --seed 0 --num_class_images 24 --sample_batch_size 8 --checkpointing_steps 1000"
 T="$PY -m difftune.cli"
 $T train custom-diffusion $COMMON --instance_data_dir inst-star --instance_prompt "<new1> star" --output_dir star-noprior
 $T train custom-diffusion $COMMON --instance_data_dir inst-star --instance_prompt "<new1> star" --class_prompt star --class_data_dir cls-star --with_prior_preservation --output_dir star-prior
