@@ -68,6 +68,7 @@ def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, c
                  str(run), "--n", "3", "--num_inference_steps", "2", "--out", str(tmp_path / "ev")]) == 0
     result = json.loads((tmp_path / "ev" / "eval_controlnet.json").read_text())
     assert result["n"] == 3 and 0.0 <= result["controlnet"]["iou"] <= 1.0 and "base_alone" in result
+    assert 0.0 <= result["vae_ceiling"]["iou"] <= 1.0  # the true images through the VAE
     assert (tmp_path / "ev" / "eval_controlnet.png").is_file()
     assert main(["eval", "base", "--pretrained_model_name_or_path", str(tiny_model_dir), "--n_prompts", "2",
                  "--per_prompt", "2", "--num_inference_steps", "2", "--out", str(tmp_path / "eb")]) == 0

@@ -52,6 +52,7 @@ def run_demo(out: Path, steps: int | None = None, n: int | None = None, eval_n: 
     report = {
         "circle_iou_controlnet": round(result["controlnet"]["iou"], 3),
         "circle_iou_base_alone": round(result["base_alone"]["iou"], 3),
+        "circle_iou_vae_ceiling": round(result["vae_ceiling"]["iou"], 3),
         "circle_color_ok_controlnet": round(result["controlnet"]["circle_color_ok"], 3),
         "steps": summary["global_step"],
         "train_seconds": summary["seconds"],

@@ -42,6 +42,9 @@ def generate_batched(pipe, prompts: list[str], seed: int, steps: int, resolution
 def eval_circles(n: int, resolution: int, seed: int, data: str | Path | None = None) -> list[dict]:
     """Held-out fill50k targets: fresh circles (seed ``10_000 + seed``) or the rows of a fill50k folder.
 
+Each target holds the circle (``cx, cy, r``, RGB ``color`` and ``background``), its
+``prompt``, the outline (``condition``) and the true ``image``.
+
     Pairs whose colours are hard to tell apart (Delta E < MIN_CONTRAST) are left out: no
     image can show where such a circle is.
     """
@@ -56,12 +59,13 @@ def eval_circles(n: int, resolution: int, seed: int, data: str | Path | None = N
         rows = iter(ds)
         make = lambda row: dict(cx=row["circle_cx"], cy=row["circle_cy"], r=row["circle_r"],  # noqa: E731
                                 color=tuple(row["circle_color"]), background=tuple(row["circle_background"]),
-                                prompt=row["text"], condition=row["conditioning_image"].convert("RGB"))
+                                prompt=row["text"], condition=row["conditioning_image"].convert("RGB"),
+                                image=row["image"].convert("RGB"))
     else:
         circles = iter(sample_circles(20 * n, resolution, 10_000 + seed))
         rows = circles
         make = lambda c: dict(cx=c.cx, cy=c.cy, r=c.r, color=c.color, background=c.background,  # noqa: E731
-                              prompt=c.prompt, condition=render_circle(c, resolution)[1])
+                              prompt=c.prompt, **dict(zip(("image", "condition"), render_circle(c, resolution))))
     for row in rows:
         t = make(row)
         if delta_e(srgb_to_lab(np.array(t["color"])), srgb_to_lab(np.array(t["background"]))) >= MIN_CONTRAST:
@@ -99,6 +103,9 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
         alone = generate_batched(text2image_pipeline(base), prompts, seed, steps, res, guidance_scale,
                                  desc="base alone")
         result["base_alone"] = _summary([scorer.score(im, t) for im, t in zip(alone, targets)])
+    # the true images through the VAE: generation decodes through it, so this is the best score reachable
+    truth_rt = vae_round_trip(base, np.stack([np.asarray(t["image"]) for t in targets]))
+    result["vae_ceiling"] = _summary([scorer.score(im, t) for im, t in zip(truth_rt, targets)])
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -151,14 +158,19 @@ def vae_ceiling(base, specs: list, resolution: int, batch: int = 32) -> dict:
     """
     from ..data.shapes import render_batch
 
-    truth = render_batch(specs, resolution)
-    x = torch.from_numpy(truth).permute(0, 3, 1, 2).to(base.vae.dtype) / 127.5 - 1.0
+    images = vae_round_trip(base, render_batch(specs, resolution), batch)
+    return _summary([shape_scores(im, s.shape, s.color, s.background) for im, s in zip(images, specs)])
+
+
+@torch.no_grad()
+def vae_round_trip(base, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` images encoded by the base's VAE and decoded from the latent mean."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(base.vae.dtype) / 127.5 - 1.0
     decoded = []
     for i in range(0, len(x), batch):
         mean = base.vae.encode(x[i : i + batch].to(base.vae.device)).latent_dist.mean
         decoded.append(base.vae.decode(mean).sample.float().cpu())
-    images = ((torch.cat(decoded).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return _summary([shape_scores(im, s.shape, s.color, s.background) for im, s in zip(images, specs)])
+    return ((torch.cat(decoded).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def format_table(result: dict) -> str:
@@ -167,10 +179,11 @@ def format_table(result: dict) -> str:
     if "controlnet" in result:
         cols = list(result["controlnet"])
         lines.append(f"{'':14s}" + "".join(f"{c:>20s}" for c in cols))
-        for name in ("controlnet", "base_alone"):
+        for name in ("controlnet", "base_alone", "vae_ceiling"):
             if name in result:
                 lines.append(f"{name:14s}" + "".join(f"{result[name][c]:20.3f}" for c in cols))
-        lines.append(f"({result['n']} held-out conditions, metric {result['metric']})")
+        lines.append(f"({result['n']} held-out conditions, metric {result['metric']}; vae_ceiling: the true "
+                     "images encoded and decoded, the best a model generating through this VAE can score)")
     else:
         cols = ["background_ok", "shape_color_ok", "shape_kind_ok", "background_delta_e", "shape_delta_e"]
         lines.append(f"{'':10s}" + "".join(f"{c:>20s}" for c in cols))
