@@ -20,3 +20,32 @@ def test_pretrain_base_with_16x16_latents_builds_a_loadable_model_and_guards_its
     # a second run reuses out/vae, so asking it for another latent size must stop, not mix the two
     with pytest.raises(ValueError, match="latent size"):
         pretrain_base(out, n_images=64, vae_steps=2, unet_steps=2, stop_at_step=None, latent_downsample=8)
+
+
+def test_wide_world_adds_fill50k_geometry_and_keeps_the_standard_half():
+    from difftune.data.fill50k import radius_range
+    from difftune.data.shapes import sample_shapes
+    from difftune.pretrain import RESOLUTION, world_samples
+
+    standard = world_samples(400, seed=3, world="standard")
+    assert standard == sample_shapes(400, RESOLUTION, 3)  # what shipped is unchanged
+    assert all(s.size <= s.cx <= RESOLUTION - s.size for s in standard)
+    wide = world_samples(400, seed=3, world="wide")
+    assert wide[:200] == standard[:200]
+    extra = wide[200:]
+    cut = [s for s in extra if min(s.cx, s.cy) < s.size or max(s.cx, s.cy) > RESOLUTION - s.size]
+    assert len(cut) > 50  # cut by the border, as fill50k's circles are
+    assert min(s.size for s in extra) < radius_range(RESOLUTION)[0] + 1  # down to fill50k's smallest circle
+    with pytest.raises(ValueError, match="world"):
+        world_samples(4, seed=0, world="round")
+
+
+def test_pretrain_refuses_a_gpu_it_cannot_see(tmp_path, monkeypatch):
+    import torch
+
+    from difftune.pretrain import pretrain_base, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="--device cpu"):
+        pretrain_base(tmp_path / "b", n_images=8, vae_steps=1, unet_steps=1, device="cuda")

@@ -175,7 +175,8 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
     from .pretrain import pretrain_base
 
     print(pretrain_base(args.out, n_images=args.n_images, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                        seed=args.seed, stop_at_step=args.stop_at_step, latent_downsample=args.latent_downsample))
+                        seed=args.seed, stop_at_step=args.stop_at_step, latent_downsample=args.latent_downsample,
+                        world=args.world, vae_batch=args.vae_batch, unet_batch=args.unet_batch, device=args.device))
     return 0
 
 
@@ -275,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="end after the EMA export at this UNet step (default: at --unet_steps)")
     pb.add_argument("--latent_downsample", type=int, choices=(4, 8), default=4,
                     help="image pixels per latent pixel: 4 ships (16x16 latents); 8 gives 8x8 latents")
+    pb.add_argument("--world", choices=("standard", "wide"), default="standard",
+                    help="standard (ships): shapes fully in frame; wide: half of the images with fill50k's "
+                         "geometry too (smaller shapes, cut by the border)")
+    pb.add_argument("--vae_batch", type=int, default=32)
+    pb.add_argument("--unet_batch", type=int, default=64)
+    pb.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one), cpu, cuda, cuda:N")
     pb.set_defaults(func=cmd_pretrain_base)
 
     d = sub.add_parser("demo", help="end to end on the embedded default: data, train, sample")

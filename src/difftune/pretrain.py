@@ -81,18 +81,18 @@ def _images_to_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int = 32, lr: float = 3e-4,
-              config: dict = VAE_CONFIG):
+              config: dict = VAE_CONFIG, device: str = "cpu"):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**config)
+    vae = AutoencoderKL(**config).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05,
                                                 anneal_strategy="cos", div_factor=10, final_div_factor=10)
     g = np.random.default_rng(seed)
     log, t0 = out / "pretrain_log.jsonl", time.time()
     for step in range(1, steps + 1):
-        x = _images_to_tensor(images[g.integers(len(images), size=batch)])
+        x = _images_to_tensor(images[g.integers(len(images), size=batch)]).to(device)
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
         mse = F.mse_loss(recon, x)
@@ -109,9 +109,11 @@ def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int =
 
 @torch.no_grad()
 def latent_moments_of(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of each image's latent distribution, on the VAE's device."""
     means, stds = [], []
+    device = next(vae.parameters()).device
     for i in range(0, len(images), batch):
-        dist = vae.encode(_images_to_tensor(images[i : i + batch])).latent_dist
+        dist = vae.encode(_images_to_tensor(images[i : i + batch]).to(device)).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)
@@ -124,11 +126,12 @@ def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: 
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
+    device = mean.device
     unet = UNet2DConditionModel(**unet_config)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG))
-    modules = torch.nn.ModuleList([unet, text_encoder])
+    modules = torch.nn.ModuleList([unet, text_encoder]).to(device)
     ema = torch.nn.ModuleList([UNet2DConditionModel(**unet_config),
-                               CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG))])
+                               CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG))]).to(device)
     ema.load_state_dict(modules.state_dict())
     ema.requires_grad_(False)
     objective = DiffusionObjective(DDPMScheduler(**SD_SCHEDULER), "epsilon", snr_gamma=5.0)
@@ -143,13 +146,16 @@ def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: 
     g = torch.Generator().manual_seed(seed)
     log, t0, running = out / "pretrain_log.jsonl", time.time(), []
     for step in range(1, steps + 1):
+        # every random draw comes from one CPU generator, so a run is the same on any device
         idx = torch.randint(len(mean), (batch,), generator=g)
-        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling_factor
+        eps = torch.randn((batch, *mean.shape[1:]), generator=g).to(device)
+        latents = (mean[idx.to(device)] + std[idx.to(device)] * eps) * scaling_factor
         ids = ids_all[idx].clone()
         drop = torch.rand(batch, generator=g) < empty_prob
         ids[drop] = empty_ids
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, objective.num_timesteps, (batch,), generator=g)
+        noise = torch.randn(latents.shape, generator=g).to(device)
+        t = torch.randint(0, objective.num_timesteps, (batch,), generator=g).to(device)
+        ids = ids.to(device)
         hidden = text_encoder(ids)[0]
         pred = unet(objective.add_noise(latents, noise, t), t, encoder_hidden_states=hidden).sample
         loss = objective.loss(pred, noise, t)
@@ -186,22 +192,51 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
     tmp.rename(folder)
 
 
+def world_samples(n_images: int, seed: int, world: str = "standard") -> list:
+    """The pretraining images' specs. ``standard`` (what ships): every shape fully in frame and at
+    least 9% of the image wide. ``wide``: half of them so, half with fill50k's geometry (sizes down
+    to its smallest circle, centres anywhere, so shapes may be cut by the border), so that fill50k
+    is the circle subset of what the base model (and above all its VAE) was trained on."""
+    if world == "standard":
+        return sample_shapes(n_images, RESOLUTION, seed, BASE_SHAPES)
+    if world == "wide":
+        half = n_images // 2
+        return (sample_shapes(n_images - half, RESOLUTION, seed, BASE_SHAPES)
+                + sample_shapes(half, RESOLUTION, seed + 1_000_003, BASE_SHAPES, wide=True))
+    raise ValueError(f"world must be 'standard' or 'wide', not {world!r}")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
+    return device
+
+
 def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500, unet_steps: int = 2000,
-                  seed: int = 0, stop_at_step: int | None = None, latent_downsample: int = 4) -> Path:
+                  seed: int = 0, stop_at_step: int | None = None, latent_downsample: int = 4,
+                  world: str = "standard", vae_batch: int = 32, unet_batch: int = 64, device: str = "auto") -> Path:
     """Build the tiny-shapes base model in ``out/model`` (diffusers layout); returns that path.
 
     The UNet's learning-rate schedule spans ``unet_steps``; the EMA weights are exported every
     1000 steps, and ``stop_at_step`` ends the run after that export. The defaults are what ships:
-    16x16x4 latents, 1,500 VAE steps, 2,000 UNet + text encoder steps (about 3 hours on 2 cores).
-    ``unet_steps=0`` stops after the VAE and returns its folder (``out/vae``), e.g. to measure it.
+    16x16x4 latents, 1,500 VAE steps, 2,000 UNet + text encoder steps (about 3 hours on 2 cores),
+    the ``standard`` world. ``unet_steps=0`` stops after the VAE and returns its folder
+    (``out/vae``), e.g. to measure it. ``device`` "auto" takes a CUDA GPU when torch sees one
+    (fp32 with TF32 matmuls there); the random draws come from CPU generators either way.
     """
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    samples = sample_shapes(n_images, RESOLUTION, seed, BASE_SHAPES)
+    samples = world_samples(n_images, seed, world)
     images = render_batch(samples, RESOLUTION)
     captions = [s.prompt for s in samples]
     tok_dir = out / "tokenizer"
@@ -212,12 +247,12 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
     vae_config, unet_config = architecture(latent_downsample)
     vae_dir = out / "vae"
     if (vae_dir / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
         if list(vae.config.block_out_channels) != list(vae_config["block_out_channels"]):
             raise ValueError(f"{vae_dir} holds a VAE of another latent size than --latent_downsample "
                              f"{latent_downsample}; use a new --out folder")
     else:
-        vae = train_vae(out, images, vae_steps, seed, config=vae_config)
+        vae = train_vae(out, images, vae_steps, seed, batch=vae_batch, config=vae_config, device=device)
         mean, _ = latent_moments_of(vae, images[:2000])
         vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
         vae.save_pretrained(vae_dir)
@@ -227,7 +262,7 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
     scale = float(vae.config.scaling_factor)
     _log(out / "pretrain_log.jsonl", stage="latents", scaling_factor=scale, latent_std=float((mean * scale).std()))
     for step, ema in train_denoiser(out, tokenizer, mean, std, captions, unet_steps, seed + 1, scale,
-                                    unet_config=unet_config):
+                                    batch=unet_batch, unet_config=unet_config):
         unet, text_encoder = ema[0], ema[1]
         save_pipeline(out / "model", vae, text_encoder, unet, tokenizer)
         _log(out / "pretrain_log.jsonl", stage="saved", step=step)

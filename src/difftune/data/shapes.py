@@ -100,10 +100,21 @@ def size_range(resolution: int) -> tuple[float, float]:
     return resolution * 0.09, resolution * 0.32
 
 
-def sample_shapes(count: int, resolution: int, seed: int, shapes: tuple[str, ...] = BASE_SHAPES) -> list[ShapeSample]:
-    """``count`` random samples: shape, colours (clearly different), size and a position fully in frame."""
+def wide_size_range(resolution: int) -> tuple[float, float]:
+    """fill50k's geometry: from its smallest radius (``resolution / 25``) to the world's largest size."""
+    return resolution / 25, resolution * 0.32
+
+
+def sample_shapes(count: int, resolution: int, seed: int, shapes: tuple[str, ...] = BASE_SHAPES,
+                  wide: bool = False) -> list[ShapeSample]:
+    """``count`` random samples: shape, colours (clearly different), size and position.
+
+    By default every shape lies fully in frame and is at least 9% of the image wide. ``wide``
+    draws fill50k's geometry instead: sizes down to fill50k's smallest circle and centres
+    anywhere in the image, so that shapes may be cut by the border (fill50k's circles are).
+    """
     rng = np.random.default_rng(seed)
-    lo, hi = size_range(resolution)
+    lo, hi = wide_size_range(resolution) if wide else size_range(resolution)
     out = []
     while len(out) < count:
         fg, bg = (int(i) for i in rng.integers(len(CSS_COLORS), size=2))
@@ -111,7 +122,8 @@ def sample_shapes(count: int, resolution: int, seed: int, shapes: tuple[str, ...
             continue
         shape = shapes[int(rng.integers(len(shapes)))]
         size = float(rng.uniform(lo, hi))
-        cx, cy = (float(v) for v in rng.uniform(size, resolution - size, size=2))
+        margin = 0.0 if wide else size
+        cx, cy = (float(v) for v in rng.uniform(margin, resolution - margin, size=2))
         out.append(ShapeSample(shape, cx, cy, size, CSS_COLORS[fg][0], CSS_COLORS[fg][1],
                                CSS_COLORS[bg][0], CSS_COLORS[bg][1]))
     return out
