@@ -103,7 +103,9 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
         alone = generate_batched(text2image_pipeline(base), prompts, seed, steps, res, guidance_scale,
                                  desc="base alone")
         result["base_alone"] = _summary([scorer.score(im, t) for im, t in zip(alone, targets)])
-    # the true images through the VAE: generation decodes through it, so this is the best score reachable
+    # the true images through the VAE: what the VAE keeps of the targets. Generation decodes through
+    # the same VAE, so this is a practical ceiling, though not a strict one: a denoiser may produce
+    # latents the encoder never does that decode closer to the truth (tiny circles, for example).
     truth_rt = vae_round_trip(base, np.stack([np.asarray(t["image"]) for t in targets]))
     result["vae_ceiling"] = _summary([scorer.score(im, t) for im, t in zip(truth_rt, targets)])
     if out is not None:
@@ -183,7 +185,7 @@ def format_table(result: dict) -> str:
             if name in result:
                 lines.append(f"{name:14s}" + "".join(f"{result[name][c]:20.3f}" for c in cols))
         lines.append(f"({result['n']} held-out conditions, metric {result['metric']}; vae_ceiling: the true "
-                     "images encoded and decoded, the best a model generating through this VAE can score)")
+                     "images encoded and decoded by the base's VAE, what it keeps of the targets)")
     else:
         cols = ["background_ok", "shape_color_ok", "shape_kind_ok", "background_delta_e", "shape_delta_e"]
         lines.append(f"{'':10s}" + "".join(f"{c:>20s}" for c in cols))
