@@ -55,13 +55,13 @@ run_part() {  # NAME, then difftune bench flags
 M15=(--model "$W/sd15/model-$SD15_ARCH")
 for part in "$@"; do
   case $part in
-    sd15) run_part sd15 --arch "$SD15_ARCH" --configs "${SD15_CONFIGS:-bf16,lowmem_8bit,fast}" "${REF[@]}" \
+    sd15) run_part sd15 --arch "$SD15_ARCH" --configs "${SD15_CONFIGS:-bf16,lowmem_8bit,lowmem_fp8,fast}" "${REF[@]}" \
             --steps 30 --warmup 10 --n_samples "${SD15_SAMPLES:-500}" --timeout 150 ;;
     sd15fast) run_part sd15fast --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" --configs fast_compile \
             --steps 30 --warmup 10 --timeout 270 ;;
     cd)   run_part cd --method custom-diffusion --arch "$SD15_ARCH" "${M15[@]}" --configs fast \
             --steps 250 --warmup 10 --timeout 150 ;;
-    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs "${SDXL_CONFIGS:-bf16,lowmem_8bit,fast}" --steps 20 --warmup 5 \
+    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs "${SDXL_CONFIGS:-bf16,lowmem_8bit,lowmem_fp8,fast}" --steps 20 --warmup 5 \
             --n_samples "${SDXL_SAMPLES:-100}" --timeout 200 ;;
     *) echo "unknown part $part (sd15, sd15fast, cd, sdxl)"; exit 2 ;;
   esac

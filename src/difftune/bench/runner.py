@@ -44,6 +44,7 @@ CONFIGS: dict[str, list[str]] = {
     "fast_compile": BF16_FAST + ["--torch_compile", "blocks"],
     "lowmem": LOWMEM,
     "lowmem_8bit": LOWMEM + ["--use_8bit_adam"],
+    "lowmem_fp8": LOWMEM + ["--use_8bit_adam", "--fp8_frozen_unet"],
     "accum4": ["--train_batch_size", "1", "--gradient_accumulation_steps", "4", "--mixed_precision", "fp16"],
 }
 

@@ -92,6 +92,10 @@ class ControlNetMethod:
         self.controlnet.to(self.device)
         if t.channels_last:
             to_channels_last(self.base.unet, self.controlnet)
+        if t.fp8_frozen_unet:  # after every dtype and layout change: those would undo the float8 storage
+            from ..fp8 import store_in_fp8
+
+            store_in_fp8(self.base.unet)
         if t.gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()
             self.base.unet.enable_gradient_checkpointing()
