@@ -25,14 +25,9 @@ set -u
 OUT=${OUT:-device-out}
 W=${BENCH_WORK:-/tmp/difftune-bench}
 mkdir -p "$OUT" "$W"
-if [ -z "${NO_WHEELS:-}" ] && [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.installed || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD/.whl/bnb_site:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+source tools/device_env.sh
 DEVICE=${DEVICE:-cuda} SD15_ARCH=${SD15_ARCH:-sd15} SDXL_ARCH=${SDXL_ARCH:-sdxl}
 read -r -a EXTRA <<< "${BENCH_EXTRA:-}"
-PY=${PYTHON:-python3}
 $PY -c "import torch, diffusers, transformers, datasets; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__)"
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm --format=csv
 

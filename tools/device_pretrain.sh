@@ -19,12 +19,7 @@ set -u
 OUT=${OUT:-device-out}
 W=${PRETRAIN_WORK:-/tmp/difftune-pretrain}
 mkdir -p "$OUT" "$W"
-if [ -z "${NO_WHEELS:-}" ] && [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.installed || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-PY=${PYTHON:-python3}
+source tools/device_env.sh
 DEVICE=${DEVICE:-cuda}
 COMMON=(--out "$W" --world wide --n_images "${N_IMAGES:-50000}" --vae_steps "${VAE_STEPS:-6000}"
         --vae_batch "${VAE_BATCH:-64}" --unet_batch "${UNET_BATCH:-64}" --device "$DEVICE" --seed 0)
