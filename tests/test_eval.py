@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from difftune.data.fill50k import render_circle, sample_circles
 from difftune.data.shapes import BASE_SHAPES, render_shape, sample_shapes
@@ -69,6 +70,8 @@ def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, c
     result = json.loads((tmp_path / "ev" / "eval_controlnet.json").read_text())
     assert result["n"] == 3 and 0.0 <= result["controlnet"]["iou"] <= 1.0 and "base_alone" in result
     assert 0.0 <= result["vae_ceiling"]["iou"] <= 1.0  # the true images through the VAE
+    assert sum(b["n"] for b in result["by_radius"].values()) == 3 and all(
+        "vae_ceiling" in b and "base_alone" in b for b in result["by_radius"].values())
     assert (tmp_path / "ev" / "eval_controlnet.png").is_file()
     assert main(["eval", "base", "--pretrained_model_name_or_path", str(tiny_model_dir), "--n_prompts", "2",
                  "--per_prompt", "2", "--num_inference_steps", "2", "--out", str(tmp_path / "eb")]) == 0
@@ -76,3 +79,13 @@ def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, c
     assert result["n_images"] == 4 and set(result["by_shape"]) <= set(BASE_SHAPES)
     assert 0.0 <= result["vae_ceiling"]["shape_kind_ok"] <= 1.0  # the truth through the VAE
     assert "shape_kind_ok" in capsys.readouterr().out
+
+
+def test_by_radius_bins_the_demo_sizes_as_the_readme_table():
+    from difftune.eval.run import by_radius
+
+    targets = [{"r": r} for r in range(3, 20)]
+    scores = {"controlnet": [{"iou": r / 20} for r in range(3, 20)]}
+    bins = by_radius(scores, targets, 64)
+    assert list(bins) == ["r 3-5 px", "r 6-9 px", "r 10-14 px", "r 15-19 px"]
+    assert bins["r 3-5 px"]["n"] == 3 and bins["r 3-5 px"]["controlnet"]["iou"] == pytest.approx(4 / 20)

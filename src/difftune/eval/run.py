@@ -97,17 +97,18 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     pipe = controlnet_pipeline(base, net)
     with_cn = generate_batched(pipe, prompts, seed, steps, res, guidance_scale,
                                [t["condition"] for t in targets], desc="with ControlNet")
-    result = {"n": len(targets), "metric": scorer.name, "controlnet": _summary(
-        [scorer.score(im, t) for im, t in zip(with_cn, targets)])}
+    scores = {"controlnet": [scorer.score(im, t) for im, t in zip(with_cn, targets)]}
     if baseline:
         alone = generate_batched(text2image_pipeline(base), prompts, seed, steps, res, guidance_scale,
                                  desc="base alone")
-        result["base_alone"] = _summary([scorer.score(im, t) for im, t in zip(alone, targets)])
+        scores["base_alone"] = [scorer.score(im, t) for im, t in zip(alone, targets)]
     # the true images through the VAE: what the VAE keeps of the targets. Generation decodes through
     # the same VAE, so this is a practical ceiling, though not a strict one: a denoiser may produce
     # latents the encoder never does that decode closer to the truth (tiny circles, for example).
     truth_rt = vae_round_trip(base, np.stack([np.asarray(t["image"]) for t in targets]))
-    result["vae_ceiling"] = _summary([scorer.score(im, t) for im, t in zip(truth_rt, targets)])
+    scores["vae_ceiling"] = [scorer.score(im, t) for im, t in zip(truth_rt, targets)]
+    result = {"n": len(targets), "metric": scorer.name, **{k: _summary(v) for k, v in scores.items()}}
+    result["by_radius"] = by_radius(scores, targets, res)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,21 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
         image_grid(rows).save(out / "eval_controlnet.png")
         (out / "eval_controlnet.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+RADIUS_BINS = (0.0, 0.085, 0.15, 0.225, 1.0)  # radius / image size: 3-5, 6-9, 10-14, 15-19 px at 64 px
+
+
+def by_radius(scores: dict[str, list[dict]], targets: list[dict], resolution: int) -> dict:
+    """The same summaries per circle-radius bin (the smallest circles are what a VAE loses first)."""
+    out = {}
+    radii = np.array([t["r"] for t in targets], dtype=float)
+    for lo, hi in zip(RADIUS_BINS[:-1], RADIUS_BINS[1:]):
+        picked = np.flatnonzero((radii >= lo * resolution) & (radii < hi * resolution))
+        if len(picked):
+            name = f"r {int(radii[picked].min())}-{int(radii[picked].max())} px"
+            out[name] = {"n": len(picked), **{k: _summary([v[i] for i in picked]) for k, v in scores.items()}}
+    return out
 
 
 def eval_base(pretrained_model_name_or_path: str, n_prompts: int = 30, per_prompt: int = 8, steps: int = 20,
