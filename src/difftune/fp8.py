@@ -69,8 +69,16 @@ class _Fp8Conv2d(torch.autograd.Function):
 
 
 class _Fp8Storage(nn.Module):
-    """Keeps the float8 weight and its fp32 scale through ``.to(dtype)`` (which would otherwise cast
-    every floating-point buffer): only their device follows; the bias follows dtype and device."""
+    """A frozen layer's float8 weight, its fp32 scale and its bias, as buffers. They are kept
+    through ``.to(dtype)`` (which would otherwise cast every floating-point buffer): only their
+    device follows; the bias follows dtype and device."""
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d):
+        super().__init__()
+        w8, scale = quantize(layer.weight)
+        self.register_buffer("weight_fp8", w8)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
 
     def _apply(self, fn, recurse=True):
         w8, scale = self.weight_fp8, self.weight_scale
@@ -84,11 +92,7 @@ class Fp8Linear(_Fp8Storage):
     """A frozen ``nn.Linear`` whose weight is stored in float8 (see the module docstring)."""
 
     def __init__(self, layer: nn.Linear):
-        super().__init__()
-        w8, scale = quantize(layer.weight)
-        self.register_buffer("weight_fp8", w8)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        super().__init__(layer)
         self.in_features, self.out_features = layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,13 +104,9 @@ class Fp8Conv2d(_Fp8Storage):
     """A frozen ``nn.Conv2d`` whose weight is stored in float8 (see the module docstring)."""
 
     def __init__(self, layer: nn.Conv2d):
-        super().__init__()
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise ValueError("float8 storage supports zero padding given as numbers only")
-        w8, scale = quantize(layer.weight)
-        self.register_buffer("weight_fp8", w8)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        super().__init__(layer)
         self.conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
 

@@ -149,7 +149,8 @@ def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: 
         # every random draw comes from one CPU generator, so a run is the same on any device
         idx = torch.randint(len(mean), (batch,), generator=g)
         eps = torch.randn((batch, *mean.shape[1:]), generator=g).to(device)
-        latents = (mean[idx.to(device)] + std[idx.to(device)] * eps) * scaling_factor
+        on_device = idx.to(device)
+        latents = (mean[on_device] + std[on_device] * eps) * scaling_factor
         ids = ids_all[idx].clone()
         drop = torch.rand(batch, generator=g) < empty_prob
         ids[drop] = empty_ids

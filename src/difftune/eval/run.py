@@ -42,8 +42,8 @@ def generate_batched(pipe, prompts: list[str], seed: int, steps: int, resolution
 def eval_circles(n: int, resolution: int, seed: int, data: str | Path | None = None) -> list[dict]:
     """Held-out fill50k targets: fresh circles (seed ``10_000 + seed``) or the rows of a fill50k folder.
 
-Each target holds the circle (``cx, cy, r``, RGB ``color`` and ``background``), its
-``prompt``, the outline (``condition``) and the true ``image``.
+    Each target holds the circle (``cx, cy, r``, RGB ``color`` and ``background``), its
+    ``prompt``, the outline (``condition``) and the true ``image``.
 
     Pairs whose colours are hard to tell apart (Delta E < MIN_CONTRAST) are left out: no
     image can show where such a circle is.
