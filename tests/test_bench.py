@@ -152,3 +152,37 @@ def test_reference_options_are_checked_before_any_work(tmp_path):
     with pytest.raises(UserError, match="--reference_configs fast"):
         run_bench("tiny", ["bf16"], tmp_path, reference_script=__file__, steptimer=".", reference_configs=["fast"])
     assert not (tmp_path / "model-tiny").exists()
+
+
+def test_memory_estimate_on_fake_tensors_equals_the_real_steps_count(tmp_path):
+    """The estimate (fake tensors: shapes only) counts what the same two steps hold on real tensors,
+    for the low-memory configuration (encoded cache, checkpointing, optimizer in backward, 8-bit states)."""
+    from difftune.bench.memory import GIB, _Adam8bitStates, components, estimate_controlnet_memory
+    from difftune.surgery import controlnet_from_unet
+
+    flags = ["--resolution", "32", "--train_batch_size", "2", *CONFIGS["lowmem_8bit"]]
+    fake = estimate_controlnet_memory("tiny", flags)
+    real = estimate_controlnet_memory("tiny", flags, fake=False)
+    assert fake["peak_gib"] == pytest.approx(real["peak_gib"], rel=0.02)
+    for kind in ("PARAM", "GRAD", "OPT"):
+        assert fake["by_kind_gib"].get(kind, 0) == pytest.approx(real["by_kind_gib"].get(kind, 0), rel=1e-6)
+    # what is on the device: the frozen UNet in bf16 and the ControlNet's fp32 weights, not the encoders
+    parts = components("tiny")
+    unet = parts["unet"]
+    controlnet = controlnet_from_unet(unet, vae_scale_factor=2 ** (len(parts["vae"].config.block_out_channels) - 1))
+    expected = sum(p.numel() for p in unet.parameters()) * 2 + sum(p.numel() for p in controlnet.parameters()) * 4
+    assert fake["by_kind_gib"]["PARAM"] * GIB == pytest.approx(expected, rel=1e-3)
+    assert fake["by_kind_gib"].get("GRAD", 0) == 0  # each gradient is freed by its own update
+    states = sum(2 * p.numel() + 8 * -(-p.numel() // _Adam8bitStates.BLOCK) if p.numel() >= _Adam8bitStates.MIN_8BIT
+                 else 8 * p.numel() for p in controlnet.parameters())
+    assert fake["by_kind_gib"]["OPT"] * GIB == pytest.approx(states, rel=1e-3)
+
+
+def test_estimate_memory_flag_writes_a_table_without_training(tmp_path, capsys):
+    rc = main(["bench", "--arch", "tiny", "--configs", "bf16,fast_compile", "--estimate_memory",
+               "--out", str(tmp_path)])
+    assert rc == 1  # fast_compile is refused (compiled graphs are not estimated), bf16 is estimated
+    result = json.loads((tmp_path / "memory_estimate.json").read_text())
+    assert result["estimates"]["bf16"]["peak_gib"] > 0 and "error" in result["estimates"]["fast_compile"]
+    assert "estimated peak GiB" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()

@@ -1,5 +1,6 @@
 #!/bin/bash
 # Custom Diffusion quality on a tiny base: MODEL (default tiny-shapes), STEPS, N, LR (default 2e-3), WORK (output folder), PY (python with difftune),
+# EXTRA (more flags for every training run, e.g. "--freeze_model crossattn"),
 # RUNS (default: all of star-noprior star-prior heart-prior joint merged star-prior-r2; merged needs star-prior and heart-prior, star-prior-r2 needs star-prior)
 set -e
 mkdir -p "${WORK:-/tmp/cdmeasure}"; cd "${WORK:-/tmp/cdmeasure}"
@@ -21,7 +22,7 @@ cat > concepts.json <<J
 [{"instance_prompt": "<new1> star", "class_prompt": "star", "instance_data_dir": "${WORK:-/tmp/cdmeasure}/inst-star", "class_data_dir": "${WORK:-/tmp/cdmeasure}/cls-star"},
  {"instance_prompt": "<new2> heart", "class_prompt": "heart", "instance_data_dir": "${WORK:-/tmp/cdmeasure}/inst-heart", "class_data_dir": "${WORK:-/tmp/cdmeasure}/cls-heart"}]
 J
-COMMON="--pretrained_model_name_or_path $M --resolution 64 --train_batch_size 4 --learning_rate ${LR:-2e-3} --max_train_steps ${STEPS:-150} --seed 0 --num_class_images 24 --sample_batch_size 8 --checkpointing_steps 1000"
+COMMON="--pretrained_model_name_or_path $M --resolution 64 --train_batch_size 4 --learning_rate ${LR:-2e-3} --max_train_steps ${STEPS:-150} --seed 0 --num_class_images 24 --sample_batch_size 8 --checkpointing_steps 100000 ${EXTRA:-}"
 T="$PY -m difftune.cli"
 RUNS=${RUNS:-star-noprior star-prior heart-prior joint merged star-prior-r2}
 want() { [[ " $RUNS " == *" $1 "* ]]; }

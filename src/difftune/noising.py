@@ -71,6 +71,8 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 def drop_captions(captions: list[str], proportion: float, uniform: torch.Tensor) -> list[str]:
     """Replace a ``proportion`` of captions by '' (trains the unconditional branch of guidance)."""
+    if proportion <= 0:  # without reading ``uniform``: the memory estimate's fake tensors hold no values
+        return list(captions)
     return ["" if float(x) < proportion else c for x, c in zip(uniform, captions)]
 
 

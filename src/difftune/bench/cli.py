@@ -33,6 +33,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for name, flags in {**METHODS[args.method], **extra}.items():
             print(f"{name:16s} {' '.join(flags) or base}")
         return 0
+    if args.estimate_memory:
+        from .memory import estimate_suite, format_memory_table
+        from .suite import DEFAULT_RESOLUTION, resolve_configs
+
+        if args.method != "controlnet":
+            raise UserError("--estimate_memory: ControlNet only (--method controlnet).")
+        resolution = args.resolution or DEFAULT_RESOLUTION[args.arch]
+        est = estimate_suite(args.arch, resolve_configs(_names(args.configs), extra), args.out, resolution)
+        print(format_memory_table(args.arch, resolution, est["batch_size"], est["estimates"]))
+        print(f"\nwritten: {args.out}/memory_estimate.json, {args.out}/memory_estimate.md")
+        return 0 if all("error" not in r for r in est["estimates"].values()) else 1
     result = run_bench(
         args.arch, _names(args.configs), args.out, steps=args.steps,
         warmup=args.warmup, resolution=args.resolution, n_samples=args.n_samples, model=args.model, data=args.data,
@@ -73,4 +84,7 @@ def register(sub) -> None:
     b.add_argument("--reference_configs", help="which of --configs the reference runs (default: all of them)")
     b.add_argument("--peak_tflops", type=float, help="peak rate for MFU (default: 790 on H100/H200, else no MFU)")
     b.add_argument("--timeout", type=float, help="seconds before a configuration's run is stopped")
+    b.add_argument("--estimate_memory", action="store_true",
+                   help="no training and no GPU: estimate each configuration's peak GPU memory on the CPU (one "
+                        "training step on fake tensors; live tensor bytes by kind; ControlNet only)")
     b.set_defaults(func=cmd_bench)
