@@ -154,7 +154,7 @@ def test_reference_options_are_checked_before_any_work(tmp_path):
     assert not (tmp_path / "model-tiny").exists()
 
 
-def test_memory_estimate_on_fake_tensors_equals_the_real_steps_count(tmp_path):
+def test_memory_estimate_on_fake_tensors_equals_the_real_steps_count(tmp_path, monkeypatch):
     """The estimate (fake tensors: shapes only) counts what the same two steps hold on real tensors,
     for the low-memory configuration (encoded cache, checkpointing, optimizer in backward, 8-bit states)."""
     from difftune.bench.memory import GIB, _Adam8bitStates, components, estimate_controlnet_memory
@@ -176,6 +176,22 @@ def test_memory_estimate_on_fake_tensors_equals_the_real_steps_count(tmp_path):
     states = sum(2 * p.numel() + 8 * -(-p.numel() // _Adam8bitStates.BLOCK) if p.numel() >= _Adam8bitStates.MIN_8BIT
                  else 8 * p.numel() for p in controlnet.parameters())
     assert fake["by_kind_gib"]["OPT"] * GIB == pytest.approx(states, rel=1e-3)
+    # with checkpointing, autocast's cache of bf16 weight copies is off (difftune.trainer.autocast_cache_enabled):
+    # on, it would hold a copy of every ControlNet weight through the forward
+    import difftune.trainer
+
+    monkeypatch.setattr(difftune.trainer, "autocast_cache_enabled", lambda cfg: True)
+    cached = estimate_controlnet_memory("tiny", flags)
+    bf16_copy = sum(p.numel() for p in controlnet.parameters()) * 2
+    assert (cached["peak_gib"] - fake["peak_gib"]) * GIB > 0.1 * bf16_copy  # 0.25 of it at 32 px, batch 2
+
+
+def test_checkpointing_runs_autocast_without_its_weight_cache(tmp_path):
+    from difftune.config import TrainConfig
+    from difftune.trainer import make_accelerator
+
+    handler = make_accelerator(TrainConfig(output_dir=str(tmp_path), gradient_checkpointing=True), []).autocast_handler
+    assert handler is not None and handler.cache_enabled is False
 
 
 def test_estimate_memory_flag_writes_a_table_without_training(tmp_path, capsys):

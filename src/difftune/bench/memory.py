@@ -166,6 +166,7 @@ def estimate_controlnet_memory(arch: str, flags: list[str], *, steps: int = 2, f
     from ..config import ControlNetConfig
     from ..methods.controlnet import ControlNetMethod
     from ..optim import build_optimizer
+    from ..trainer import autocast_cache_enabled
 
     args = build_parser().parse_args(["train", "controlnet", "--output_dir", "memory-estimate",
                                       "--train_data_dir", "none (estimate)", *flags])
@@ -195,7 +196,8 @@ def estimate_controlnet_memory(arch: str, flags: list[str], *, steps: int = 2, f
         tracker = _tracker()
         tracker.track_external(*on_device, optimizer)
         generator = torch.Generator().manual_seed(0)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16")
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16",
+                                  cache_enabled=autocast_cache_enabled(t))
         with tracker:
             for _ in range(steps):
                 with autocast:
