@@ -4,8 +4,8 @@ The step is difftune's own (``ControlNetMethod.setup``, ``loss``, the optimizer 
 ``difftune.optim``), run twice (the second step is the steady state: optimizer states
 exist) on *fake* tensors (``torch._subclasses.fake_tensor``): every operation computes
 shapes and dtypes only, so no GPU and almost no memory are needed; the time is Python's, op
-by op (SD 1.5 at 512 px: 4 to 8 minutes a configuration on one CPU core; SDXL at 1024 px: 42). ``torch.distributed._tools.mem_tracker.MemTracker`` follows every tensor storage
-that is alive and records the peak, by kind: parameters, gradients, optimizer states,
+by op (SD 1.5 at 512 px: 4 to 8 minutes a configuration on one CPU core; SDXL at 1024 px:
+42). ``torch.distributed._tools.mem_tracker.MemTracker`` follows every tensor storage that is alive and records the peak, by kind: parameters, gradients, optimizer states,
 activations (kept for backward) and temporaries.
 
 What it is not: a measurement. It counts the bytes of live tensors, which is a lower bound
