@@ -4,9 +4,10 @@ The step is difftune's own (``ControlNetMethod.setup``, ``loss``, the optimizer 
 ``difftune.optim``), run twice (the second step is the steady state: optimizer states
 exist) on *fake* tensors (``torch._subclasses.fake_tensor``): every operation computes
 shapes and dtypes only, so no GPU and almost no memory are needed; the time is Python's, op
-by op (SD 1.5 at 512 px: 4 to 8 minutes a configuration on one CPU core; SDXL at 1024 px:
-42). ``torch.distributed._tools.mem_tracker.MemTracker`` follows every tensor storage that is alive and records the peak, by kind: parameters, gradients, optimizer states,
-activations (kept for backward) and temporaries.
+by op (SD 1.5 at 512 px: about 30 s a configuration on one CPU core).
+``torch.distributed._tools.mem_tracker.MemTracker`` follows every tensor storage that is
+alive and records the peak, by kind: parameters, gradients, optimizer states, activations
+(kept for backward) and temporaries.
 
 What it is not: a measurement. It counts the bytes of live tensors, which is a lower bound
 of ``torch.cuda.max_memory_allocated``: the CUDA caching allocator rounds blocks up, cuDNN
@@ -28,6 +29,7 @@ import os
 import sys
 import time
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -89,17 +91,26 @@ def _fake_mode():
         from torch._subclasses.fake_tensor import FakeTensorMode
     except ImportError as e:  # pragma: no cover - depends on the PyTorch build
         raise UserError(f"--estimate_memory needs PyTorch's fake tensors ({e}).") from None
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    # nn.Module.to() swaps each fake parameter for its converted copy, and torch refuses to swap a
-    # tensor that has a weak reference; the converter's memo holds weak ones: hold them plainly
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@contextlib.contextmanager
+def _plain_memo(mode):
+    """Module set-up under fake tensors: ``nn.Module.to()`` swaps each fake parameter for its
+    converted copy, and torch refuses to swap a tensor that has a weak reference, which the
+    converter's memo holds. Held plainly while modules are moved; weak again afterwards, so that
+    what the step converts can be freed (kept alive, it doubled the activations counted)."""
     converter = mode.fake_tensor_converter.meta_converter
     converter.tensor_memo, converter.storage_memo = {}, {}
-    return mode
+    try:
+        yield
+    finally:
+        converter.tensor_memo, converter.storage_memo = weakref.WeakValueDictionary(), weakref.WeakValueDictionary()
 
 
 def _tracker():
     try:
-        from torch.distributed._tools.mem_tracker import MemTracker
+        from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
     except ImportError as e:  # pragma: no cover - depends on the PyTorch build
         raise UserError(f"--estimate_memory needs torch.distributed._tools.mem_tracker ({e}).") from None
 
@@ -108,6 +119,14 @@ def _tracker():
         # gradients are still found as such through each parameter's .grad
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+        # the global peak only: MemTracker also keeps every module's peak, walking all modules at
+        # every operation (two thirds of the estimate's time), and the estimate reads none of them
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(snap)
 
     return Tracker()
 
@@ -179,15 +198,11 @@ def estimate_controlnet_memory(arch: str, flags: list[str], *, steps: int = 2, f
     started = time.perf_counter()
     mode = _fake_mode() if fake else contextlib.nullcontext()
     with mode:
-        base = _base_model(components(arch), arch)
-        method = ControlNetMethod(cfg, base)
-        accelerator = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision=t.mixed_precision)
-        method.setup(accelerator)
-        if fake:  # from here on, what the step converts may be freed again
-            import weakref
-
-            converter = mode.fake_tensor_converter.meta_converter
-            converter.tensor_memo, converter.storage_memo = weakref.WeakValueDictionary(), weakref.WeakValueDictionary()
+        with _plain_memo(mode) if fake else contextlib.nullcontext():
+            base = _base_model(components(arch), arch)
+            method = ControlNetMethod(cfg, base)
+            accelerator = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision=t.mixed_precision)
+            method.setup(accelerator)
         on_device = [base.unet, method.controlnet] + ([] if t.cache_latents else method._encoders())
         batch = _batch(method, t.train_batch_size)
         # "cuda": the optimizer the GPU run would build (fused AdamW)
