@@ -180,10 +180,13 @@ def test_memory_estimate_on_fake_tensors_equals_the_real_steps_count(tmp_path, m
     # on, it would hold a copy of every ControlNet weight through the forward
     import difftune.trainer
 
+    # (at batch 1: at batch 2 the tiny model's peak is a temporary of the backward, after the cache is gone)
+    one = ["--resolution", "32", "--train_batch_size", "1", *CONFIGS["lowmem_8bit"]]
+    uncached = estimate_controlnet_memory("tiny", one)
     monkeypatch.setattr(difftune.trainer, "autocast_cache_enabled", lambda cfg: True)
-    cached = estimate_controlnet_memory("tiny", flags)
+    cached = estimate_controlnet_memory("tiny", one)
     bf16_copy = sum(p.numel() for p in controlnet.parameters()) * 2
-    assert (cached["peak_gib"] - fake["peak_gib"]) * GIB > 0.1 * bf16_copy  # 0.25 of it at 32 px, batch 2
+    assert (cached["peak_gib"] - uncached["peak_gib"]) * GIB > 0.05 * bf16_copy  # 0.066 of it at the peak
 
 
 def test_checkpointing_runs_autocast_without_its_weight_cache(tmp_path):

@@ -116,3 +116,43 @@ def test_controlnet_for_a_factor_4_vae_runs_in_the_diffusers_pipeline(tiny_base)
     image = pipe("red circle", image=torch.rand(1, 3, 64, 64, generator=g), num_inference_steps=2, height=64, width=64,
                  output_type="np").images
     assert image.shape == (1, 64, 64, 3)
+
+
+def test_checkpointed_conditioning_embedding_keeps_less_and_computes_the_same(tiny_base):
+    """--gradient_checkpointing also recomputes the full-resolution conditioning encoder: same
+    outputs and gradients, fewer bytes kept for backward, same parameter names, copies still work."""
+    import copy
+
+    from difftune.surgery import checkpoint_conditioning_embedding
+
+    latents, ehs, cond, t = _inputs(tiny_base)
+    ehs = ehs.detach()
+    plain = controlnet_from_unet(tiny_base.unet)
+    torch.nn.init.normal_(plain.controlnet_cond_embedding.conv_out.weight, std=0.02)  # so gradients flow into it
+    checkpointed = copy.deepcopy(plain)
+    checkpoint_conditioning_embedding(checkpointed)
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+
+    def run(model):
+        kept = []
+
+        def pack(x):
+            kept.append(x.numel() * x.element_size())
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            emb = model.controlnet_cond_embedding(cond)
+        emb.square().mean().backward()
+        return emb.detach(), [p.grad for p in model.controlnet_cond_embedding.parameters()], sum(kept)
+
+    out_plain, grads_plain, kept_plain = run(plain)
+    out_ckpt, grads_ckpt, kept_ckpt = run(checkpointed)
+    torch.testing.assert_close(out_ckpt, out_plain)
+    for a, b in zip(grads_ckpt, grads_plain):
+        torch.testing.assert_close(a, b)
+    assert kept_ckpt < kept_plain / 10, (kept_ckpt, kept_plain)  # only the input image is kept
+    # a copy stays checkpointed, and without gradients the module runs as before
+    twin = copy.deepcopy(checkpointed)
+    assert type(twin.controlnet_cond_embedding) is type(checkpointed.controlnet_cond_embedding)
+    with torch.no_grad():
+        torch.testing.assert_close(twin.controlnet_cond_embedding(cond), out_plain)

@@ -39,6 +39,42 @@ def controlnet_from_unet(unet: torch.nn.Module, conditioning_channels: int = 3, 
     return controlnet
 
 
+def checkpoint_conditioning_embedding(controlnet: torch.nn.Module) -> None:
+    """Recompute ``controlnet``'s conditioning-image encoder in backward instead of keeping its activations.
+
+    diffusers' gradient checkpointing covers the ControlNet's down and mid blocks, not this
+    encoder, which runs at the full image resolution: on SD 1.5 at 512 px, batch 4, its kept
+    activations are about 0.28 GiB, held from the ControlNet's forward until backward reaches
+    it. Recomputing it costs little (its widest layer has 16 channels). Done by changing the
+    module's class to a subclass whose forward is checkpointed, so parameter names, the saved
+    weights and copies of the model are unaffected; without gradients (validation,
+    generation) it runs as before.
+    """
+    embedding = controlnet.controlnet_cond_embedding
+    if not isinstance(embedding, _CheckpointedEmbedding):
+        embedding.__class__ = _checkpointed_class(type(embedding))
+
+
+class _CheckpointedEmbedding:
+    """Mixin: the forward of the class after it in the MRO, checkpointed while training with gradients."""
+
+    def forward(self, conditioning):
+        if torch.is_grad_enabled() and self.training:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(super().forward, conditioning, use_reentrant=False)
+        return super().forward(conditioning)
+
+
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
+
+
+def _checkpointed_class(cls: type) -> type:
+    if cls not in _CHECKPOINTED_CLASSES:
+        _CHECKPOINTED_CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (_CheckpointedEmbedding, cls), {})
+    return _CHECKPOINTED_CLASSES[cls]
+
+
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
     module.requires_grad_(False)
     module.eval()

@@ -33,7 +33,7 @@ from ..encoded_cache import (
     is_complete, load_text_cache, weights_probe, write_meta,
 )
 from ..speed import apply_compile, to_channels_last
-from ..surgery import controlnet_from_unet, count_parameters
+from ..surgery import checkpoint_conditioning_embedding, controlnet_from_unet, count_parameters
 
 log = logging.getLogger("difftune")
 
@@ -98,6 +98,7 @@ class ControlNetMethod:
             store_in_fp8(self.base.unet)
         if t.gradient_checkpointing:
             self.controlnet.enable_gradient_checkpointing()
+            checkpoint_conditioning_embedding(self.controlnet)
             self.base.unet.enable_gradient_checkpointing()
         if t.enable_xformers_memory_efficient_attention:
             try:
