@@ -257,3 +257,40 @@ def test_accumulation_2x2_equals_batch_4(tiny_model_dir, star_dir, tmp_path):
     name = "pytorch_custom_diffusion_weights.safetensors"
     a, b = load_file(str(tmp_path / "b4" / name)), load_file(str(tmp_path / "b2x2" / name))
     assert_same_training(a, b, lr=1e-3)
+
+
+def test_embedding_learning_rate_moves_only_the_new_rows_faster(tiny_base, tiny_model_dir, star_dir, tmp_path):
+    """--embedding_learning_rate: the new tokens' rows train at their own rate (Adam's first step
+    moves each weight by about the learning rate), the K/V copies at --learning_rate; --scale_lr
+    and the schedule act on both alike."""
+    from difftune.methods.custom_diffusion import CustomDiffusionMethod
+    from difftune.optim import build_lr_scheduler, build_optimizer
+    from difftune.trainer import Trainer
+
+    def first_step(**kw):
+        cfg = cd_config(tiny_model_dir, tmp_path / f"run{len(kw)}", instance_data_dir=str(star_dir),
+                        instance_prompt="<new1> star", max_train_steps=1, learning_rate=1e-5, **kw)
+        method = CustomDiffusionMethod(cfg, base=tiny_base)
+        row = method.embedding[method.token_ids[0]].detach().clone()
+        kv = {k: v.clone() for k, v in surgery.processor_state_dict(method.base.unet).items()}
+        Trainer(method, cfg).fit()
+        after = surgery.processor_state_dict(method.base.unet)
+        kv_move = max((after[k] - kv[k]).abs().max().item() for k in kv)
+        return (method.embedding[method.token_ids[0]] - row).abs().max().item(), kv_move
+
+    row_same, kv_same = first_step()
+    row_fast, kv_fast = first_step(embedding_learning_rate=1e-3)
+    assert row_same < 2e-5 and row_fast > 50 * row_same, (row_same, row_fast)
+    assert kv_fast == pytest.approx(kv_same, rel=1e-3)
+
+    cfg = cd_config(tiny_model_dir, tmp_path / "o", instance_data_dir=str(star_dir), instance_prompt="<new1> star",
+                    learning_rate=1e-5, embedding_learning_rate=1e-3, scale_lr=True, lr_warmup_steps=10,
+                    lr_scheduler="constant_with_warmup")
+    optimizer = build_optimizer(CustomDiffusionMethod(cfg, base=tiny_base).param_groups(), cfg.optim, 4e-5, "cpu")
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([4e-5, 4e-3])  # 4 images per step
+    schedule = build_lr_scheduler(optimizer, cfg.optim, 100)
+    optimizer.step()
+    schedule.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([4e-6, 4e-4])  # warm-up: 1/10 of each
+    with pytest.raises(ConfigError, match="--embedding_learning_rate must be > 0"):
+        cd_config(tiny_model_dir, tmp_path, embedding_learning_rate=0.0)

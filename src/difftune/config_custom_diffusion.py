@@ -88,6 +88,11 @@ class CustomDiffusionModelConfig:
         "crossattn_kv", "Train the cross-attention key/value projections only, or all cross-attention weights.",
         choices=("crossattn_kv", "crossattn"),
     )
+    embedding_learning_rate: float | None = opt(
+        None, "Learning rate of the new tokens' embeddings (default: --learning_rate). --scale_lr and the "
+              "schedule act on it as on --learning_rate. Only the new tokens' rows train, so a higher rate "
+              "here changes what the concept prompt means without moving the model's other prompts."
+    )
     no_safe_serialization: bool = opt(False, "Write .bin (torch.save) files instead of .safetensors.")
 
     def modifier_tokens(self) -> list[str]:
@@ -102,6 +107,8 @@ class CustomDiffusionModelConfig:
             raise ConfigError("--modifier_token is empty: give e.g. '<new1>' (or '<new1>+<new2>').")
         if len(set(tokens)) != len(tokens):
             raise ConfigError(f"--modifier_token {self.modifier_token!r} repeats a token.")
+        if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
+            raise ConfigError(f"--embedding_learning_rate must be > 0, got {self.embedding_learning_rate}.")
         inits = self.initializer_tokens()
         if inits and len(inits) < len(tokens):
             raise ConfigError(f"--initializer_token {self.initializer_token!r} gives {len(inits)} word(s) for "

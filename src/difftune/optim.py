@@ -21,8 +21,10 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig, lr: float, devic
     """AdamW (fused on CUDA), or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``.
 
     With ``--optimizer_in_backward`` the same optimizer is built per parameter and stepped
-    inside backward (``InBackwardOptimizer``).
+    inside backward (``InBackwardOptimizer``). A group may carry ``lr_multiplier``: its
+    learning rate is then ``lr`` times that (so the schedule and ``--scale_lr`` act on it too).
     """
+    param_groups = [_with_own_lr(g, lr) for g in param_groups]
     if cfg.optimizer_in_backward:
         groups = [{**g, "lr": g.get("lr", lr)} for g in param_groups]
         single = dataclasses.replace(cfg, optimizer_in_backward=False)
@@ -40,6 +42,14 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig, lr: float, devic
     if device_type == "cuda":
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def _with_own_lr(group: dict, lr: float) -> dict:
+    if "lr_multiplier" not in group:
+        return group
+    group = dict(group)
+    group["lr"] = lr * group.pop("lr_multiplier")
+    return group
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_train_steps: int):

@@ -109,7 +109,10 @@ class CustomDiffusionMethod:
     def param_groups(self) -> list[dict]:
         procs = [p for proc in self.processors.values() for p in proc.parameters()]
         # no weight decay on the table: decay would move the rows that must stay bit-identical
-        return [{"params": procs}, {"params": [self.embedding], "weight_decay": 0.0}]
+        embedding = {"params": [self.embedding], "weight_decay": 0.0}
+        if self.cfg.custom.embedding_learning_rate is not None:  # relative, so that --scale_lr scales both alike
+            embedding["lr_multiplier"] = self.cfg.custom.embedding_learning_rate / self.cfg.optim.learning_rate
+        return [{"params": procs}, embedding]
 
     def train_dataset(self):
         d = self.cfg.data
