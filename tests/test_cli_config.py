@@ -24,7 +24,7 @@ resume_from_checkpoint revision scale_lr seed set_grads_to_none snr_gamma stream
 tracker_project_name train_batch_size train_data_dir use_8bit_adam validation_image validation_prompt
 validation_steps variant
 model_family pretrained_vae_model_name_or_path crops_coords_top_left_h crops_coords_top_left_w image_interpolation_mode
-cache_latents latent_cache_dir channels_last torch_compile optimizer_in_backward fp8_frozen_unet
+cache_latents latent_cache_dir channels_last torch_compile optimizer_in_backward fp8_frozen_unet profile_steps profile_start
 """.split())  # last two lines: SDXL support (issue 6), speed and memory options (issue 5)
 
 
@@ -196,8 +196,9 @@ prediction_type pretrained_model_name_or_path prior_generation_precision prior_l
 real_prior recipe report_to resolution resume_from_checkpoint revision sample_batch_size scale_lr seed
 set_grads_to_none snr_gamma tokenizer_name tracker_project_name train_batch_size use_8bit_adam
 validation_prompt validation_steps variant with_prior_preservation
-channels_last torch_compile optimizer_in_backward
-""".split())  # last line: speed and memory options (issue 5)
+channels_last torch_compile optimizer_in_backward profile_steps profile_start
+embedding_learning_rate
+""".split())  # speed and memory options (issue 5); a learning rate of the embeddings alone
 
 
 def test_train_custom_diffusion_flag_set_is_locked():

@@ -233,3 +233,21 @@ def test_fp8_frozen_unet_trains_nearly_the_same_thing(plain_run, tiny_model_dir,
     assert _losses(out) == pytest.approx(_losses(plain_run.out), rel=0.05)
     w0, a, b = _flat(plain_run.initial), _flat(_weights(out)), _flat(_weights(plain_run.out))
     assert float(torch.nn.functional.cosine_similarity(a - w0, b - w0, dim=0)) > 0.8
+
+
+def test_profile_steps_write_a_trace_and_a_summary_and_train_the_same(plain_run, tiny_model_dir, fill_dir, tmp_path):
+    """--profile_steps 2 --profile_start 1: the 4-step run skips 1 step, warms the profiler up on the
+    2nd, records the 3rd and 4th; training is untouched."""
+    out = _run(tiny_model_dir, fill_dir, tmp_path / "prof", profile_steps=2, profile_start=1)
+    assert _losses(out) == _losses(plain_run.out)
+    summary = json.loads((out / "profile" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["device"] == "cpu" and summary["wall_ms_per_step"] > 0
+    names = [op["name"] for op in summary["top_ops"]]
+    assert any("conv" in n or "mm" in n for n in names), names  # the model's work, not only bookkeeping
+    assert summary["cpu_ops_per_step"] > 100
+    trace = json.loads((out / "profile" / "trace.json").read_text())
+    assert any(e.get("name", "").startswith("ProfilerStep") for e in trace["traceEvents"])
+    assert "| operator |" in (out / "profile" / "summary.md").read_text()
+    assert json.loads((out / "train_summary.json").read_text())["profile"]["steps"] == 2
+    with pytest.raises(ConfigError, match="--profile_steps must be >= 0"):
+        make_config(tiny_model_dir, fill_dir, tmp_path, profile_steps=-1)

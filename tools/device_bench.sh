@@ -2,13 +2,16 @@
 # The GPU measurements behind the README's Performance tables, as one script for a short lease
 # on a GPU machine without network.
 #
-#   bash tools/device_bench.sh PART...      PART: sd15 | cd | sd15fast | sdxl (in the order given)
+#   bash tools/device_bench.sh PART...      PART: sd15 | cd | sd15fast | sdxl | profile (in the order given)
 #
 # sd15:     ControlNet on the SD 1.5 architecture at 512 px, difftune's configurations and diffusers'
 #           train_controlnet.py (bf16, its fastest) side by side, both timed by the shared steptimer;
 # cd:       Custom Diffusion, 250 steps at 512 px, batch 2 + 2 class images, on sd15's model;
-# sd15fast: `fast_compile` (torch.compile of the blocks) on sd15's model and data (apart: it compiles);
-# sdxl:     ControlNet on the SDXL architecture at 1024 px.
+# sd15fast: `fast_compile_full` (torch.compile of the whole UNet and ControlNet; SD15FAST_CONFIGS=fast_compile for
+#           the blocks) on sd15's model and data (apart: it compiles);
+# sdxl:     ControlNet on the SDXL architecture at 1024 px;
+# profile:  `--profile_steps 3` of `fast` and `lowmem_fp8` on sd15's model and data (after sd15): where a step's
+#           time goes (device busy share, kernels per step, costliest operators), as $OUT/profile-NAME.md/.json.
 #
 # Inputs beside the repository (git-ignored, carried to the GPU machine):
 #   .whl/*.whl          wheels the machine lacks (diffusers, datasets, ...), installed to /tmp/site;
@@ -16,6 +19,7 @@
 #   .ref/steptimer/     ../shared/bench/steptimer;  .ref/train_controlnet.py  the diffusers script.
 # A CPU rehearsal of the script's logic: DEVICE=cpu SD15_ARCH=tiny SDXL_ARCH=tiny-sdxl
 # BENCH_EXTRA='--steps 3 --warmup 1 --resolution 64' (later flags override earlier ones).
+# PROFILE_FLAGS="--profile_steps 1 --profile_start 1" for the profile part of such a rehearsal.
 # NO_WHEELS=1 PYTHON=.venv/bin/python.
 # A shorter lease: SD15_CONFIGS / SDXL_CONFIGS (comma-separated bench configs), SD15_SAMPLES / SDXL_SAMPLES,
 # REF_CONFIGS (which of SD15_CONFIGS diffusers' script also runs; default bf16).
@@ -52,12 +56,21 @@ for part in "$@"; do
   case $part in
     sd15) run_part sd15 --arch "$SD15_ARCH" --configs "${SD15_CONFIGS:-bf16,lowmem_8bit,lowmem_fp8,fast}" "${REF[@]}" \
             --steps 30 --warmup 10 --n_samples "${SD15_SAMPLES:-500}" --timeout 150 ;;
-    sd15fast) run_part sd15fast --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" --configs fast_compile \
+    sd15fast) run_part sd15fast --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" --configs "${SD15FAST_CONFIGS:-fast_compile_full}" \
             --steps 30 --warmup 10 --timeout 270 ;;
     cd)   run_part cd --method custom-diffusion --arch "$SD15_ARCH" "${M15[@]}" --configs fast \
             --steps 250 --warmup 10 --timeout 150 ;;
     sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs "${SDXL_CONFIGS:-bf16,lowmem_8bit,lowmem_fp8,fast}" --steps 20 --warmup 5 \
             --n_samples "${SDXL_SAMPLES:-100}" --timeout 200 ;;
-    *) echo "unknown part $part (sd15, sd15fast, cd, sdxl)"; exit 2 ;;
+    profile) PROF=${PROFILE_FLAGS:-"--profile_steps 3 --profile_start 8"}
+            run_part profile --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" \
+              --add_config "fast_profiled=--mixed_precision bf16 --cache_latents --allow_tf32 --channels_last $PROF" \
+              --add_config "lowmem_fp8_profiled=--mixed_precision bf16 --cache_latents --gradient_checkpointing --optimizer_in_backward --set_grads_to_none --max_grad_norm 0 --use_8bit_adam --fp8_frozen_unet $PROF" \
+              --configs fast_profiled,lowmem_fp8_profiled --steps 12 --warmup 8 --timeout 150
+            for d in "$W"/profile/runs/*/profile; do
+              n=$(basename "$(dirname "$d")"); cp "$d/summary.md" "$OUT/profile-$n.md"; cp "$d/summary.json" "$OUT/profile-$n.json"
+              cat "$d/summary.md"
+            done ;;
+    *) echo "unknown part $part (sd15, sd15fast, cd, sdxl, profile)"; exit 2 ;;
   esac
 done

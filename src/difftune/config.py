@@ -176,6 +176,11 @@ class TrainConfig:
         "'full' the whole models.",
         choices=("no", "blocks", "full"),
     )
+    profile_steps: int = opt(
+        0, "Record N optimizer steps with torch.profiler: OUTPUT_DIR/profile/ gets a Chrome trace and a summary "
+           "(time per step, device busy share, kernels per step, the costliest operators)."
+    )
+    profile_start: int = opt(10, "Optimizer steps before --profile_steps starts recording (past warm-up and compiling).")
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = opt(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder to resume from.")
@@ -193,6 +198,9 @@ class TrainConfig:
         for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("profile_steps", "profile_start"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ConfigError(f"--max_train_steps must be >= 1, got {self.max_train_steps}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

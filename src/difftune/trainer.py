@@ -25,6 +25,7 @@ from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, ValidationConfig, save_resolved, to_dict
 from .errors import UserError
 from .optim import build_lr_scheduler, build_optimizer, check_optimizer_in_backward, effective_learning_rate
+from .profiling import StepProfiler
 from .trackers import Trackers, requested_trackers
 from .validation import Validator
 
@@ -223,65 +224,69 @@ class Trainer:
         bar = tqdm(total=max_steps, initial=state.global_step, desc="train", unit="step",
                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
         t_start, images_seen, last_loss = time.perf_counter(), 0, float("nan")
-        while state.global_step < max_steps:
-            t_step = time.perf_counter()
-            data_wait = 0.0
-            loss_sum = torch.zeros((), device=accelerator.device)
-            step_images = 0
-            for micro in range(accum):
-                t_data = time.perf_counter()
-                batch = next(stream)
-                data_wait += time.perf_counter() - t_data
-                state.micro_batches += 1
-                state.skipped_samples += int(batch.get("n_skipped", 0))
-                if batch.get("empty"):
-                    continue
-                sync = micro == accum - 1
-                with contextlib.ExitStack() as stack:
-                    if not sync:
-                        for m in modules:
-                            stack.enter_context(accelerator.no_sync(m))
-                    with accelerator.autocast():
-                        loss = self.method.loss(batch, generator)
-                    accelerator.backward(loss / accum)
-                loss_sum += loss.detach().float()
-                step_images += images_in(batch)
-            finite = bool(torch.isfinite(accelerator.reduce(loss_sum, reduction="sum")).item())
-            if finite:
-                if self.optim_cfg.max_grad_norm > 0 and not self.optim_cfg.optimizer_in_backward:
-                    accelerator.clip_grad_norm_(params, self.optim_cfg.max_grad_norm)
-                optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()
-            elif cfg.nan_policy == "stop":
-                last = ckpt.list_checkpoints(root)
-                raise TrainingDiverged(
-                    f"The loss is {loss_sum.item()} at step {state.global_step + 1}. Nothing more was trained; "
-                    f"the last checkpoint is {last[-1] if last else 'none'}. Try a lower --learning_rate, "
-                    "--mixed_precision bf16 instead of fp16, or --nan_policy skip to skip such steps."
-                )
-            else:
-                state.nonfinite_steps += 1
-            optimizer.zero_grad(set_to_none=self.optim_cfg.set_grads_to_none)
-            state.global_step += 1
-            images_seen += step_images * accelerator.num_processes
-            last_loss = loss_sum.item() / accum  # .item() waits for the device: the step is done
-            now = time.perf_counter()
-            scalars = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
-                       "images_per_s": images_seen / (now - t_start),
-                       "step_seconds": round(now - t_step, 5), "data_wait_seconds": round(data_wait, 5)}
-            if state.skipped_samples:
-                scalars["skipped_samples"] = state.skipped_samples
-            if state.nonfinite_steps:
-                scalars["nonfinite_steps"] = state.nonfinite_steps
-            trackers.log_scalars(scalars, state.global_step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{scalars['images_per_s']:.1f}")
-            if state.global_step % cfg.checkpointing_steps == 0 or state.global_step == max_steps:
-                self._save(accelerator, optimizer, lr_scheduler, generator, state, root)
-            if validator.should_run(state.global_step) and state.global_step != max_steps:
-                if accelerator.is_main_process:
-                    validator.run(state.global_step)
+        profiler = StepProfiler(self.out / "profile", cfg.profile_steps, cfg.profile_start, state.global_step,
+                                enabled=accelerator.is_main_process)
+        with profiler:
+            while state.global_step < max_steps:
+                t_step = time.perf_counter()
+                data_wait = 0.0
+                loss_sum = torch.zeros((), device=accelerator.device)
+                step_images = 0
+                for micro in range(accum):
+                    t_data = time.perf_counter()
+                    batch = next(stream)
+                    data_wait += time.perf_counter() - t_data
+                    state.micro_batches += 1
+                    state.skipped_samples += int(batch.get("n_skipped", 0))
+                    if batch.get("empty"):
+                        continue
+                    sync = micro == accum - 1
+                    with contextlib.ExitStack() as stack:
+                        if not sync:
+                            for m in modules:
+                                stack.enter_context(accelerator.no_sync(m))
+                        with accelerator.autocast():
+                            loss = self.method.loss(batch, generator)
+                        accelerator.backward(loss / accum)
+                    loss_sum += loss.detach().float()
+                    step_images += images_in(batch)
+                finite = bool(torch.isfinite(accelerator.reduce(loss_sum, reduction="sum")).item())
+                if finite:
+                    if self.optim_cfg.max_grad_norm > 0 and not self.optim_cfg.optimizer_in_backward:
+                        accelerator.clip_grad_norm_(params, self.optim_cfg.max_grad_norm)
+                    optimizer.step()
+                    if not accelerator.optimizer_step_was_skipped:
+                        lr_scheduler.step()
+                elif cfg.nan_policy == "stop":
+                    last = ckpt.list_checkpoints(root)
+                    raise TrainingDiverged(
+                        f"The loss is {loss_sum.item()} at step {state.global_step + 1}. Nothing more was trained; "
+                        f"the last checkpoint is {last[-1] if last else 'none'}. Try a lower --learning_rate, "
+                        "--mixed_precision bf16 instead of fp16, or --nan_policy skip to skip such steps."
+                    )
+                else:
+                    state.nonfinite_steps += 1
+                optimizer.zero_grad(set_to_none=self.optim_cfg.set_grads_to_none)
+                state.global_step += 1
+                images_seen += step_images * accelerator.num_processes
+                last_loss = loss_sum.item() / accum  # .item() waits for the device: the step is done
+                now = time.perf_counter()
+                scalars = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
+                           "images_per_s": images_seen / (now - t_start),
+                           "step_seconds": round(now - t_step, 5), "data_wait_seconds": round(data_wait, 5)}
+                if state.skipped_samples:
+                    scalars["skipped_samples"] = state.skipped_samples
+                if state.nonfinite_steps:
+                    scalars["nonfinite_steps"] = state.nonfinite_steps
+                trackers.log_scalars(scalars, state.global_step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{scalars['images_per_s']:.1f}")
+                if state.global_step % cfg.checkpointing_steps == 0 or state.global_step == max_steps:
+                    self._save(accelerator, optimizer, lr_scheduler, generator, state, root)
+                if validator.should_run(state.global_step) and state.global_step != max_steps:
+                    if accelerator.is_main_process:
+                        validator.run(state.global_step)
+                profiler.step()
         bar.close()
         summary = {
             "global_step": state.global_step,
@@ -292,6 +297,8 @@ class Trainer:
             "nonfinite_steps": state.nonfinite_steps,
             "seed": state.seed,
         }
+        if profiler.summary is not None:
+            summary["profile"] = {"dir": str(profiler.out), **{k: v for k, v in profiler.summary.items() if k != "top_ops"}}
         if torch.cuda.is_available():
             summary["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             summary["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30

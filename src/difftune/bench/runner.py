@@ -42,6 +42,7 @@ CONFIGS: dict[str, list[str]] = {
     "fp16": ["--mixed_precision", "fp16"],
     "fast": BF16_FAST,  # as --recipe fast
     "fast_compile": BF16_FAST + ["--torch_compile", "blocks"],
+    "fast_compile_full": BF16_FAST + ["--torch_compile", "full"],  # 2 models, not 42 block graphs
     "lowmem": LOWMEM,
     "lowmem_8bit": LOWMEM + ["--use_8bit_adam"],
     "lowmem_fp8": LOWMEM + ["--use_8bit_adam", "--fp8_frozen_unet"],
