@@ -193,8 +193,10 @@ def test_checkpointing_runs_autocast_without_its_weight_cache(tmp_path):
     from difftune.config import TrainConfig
     from difftune.trainer import make_accelerator
 
-    handler = make_accelerator(TrainConfig(output_dir=str(tmp_path), gradient_checkpointing=True), []).autocast_handler
-    assert handler is not None and handler.cache_enabled is False
+    accelerator = make_accelerator(TrainConfig(output_dir=str(tmp_path), gradient_checkpointing=True), [])
+    assert accelerator.autocast_handler is not None and accelerator.autocast_handler.cache_enabled is False
+    # and with several processes, gradients are views into DDP's buckets (tests/test_distributed.py trains so)
+    assert accelerator.ddp_handler is not None and accelerator.ddp_handler.gradient_as_bucket_view is True
 
 
 def test_estimate_memory_flag_writes_a_table_without_training(tmp_path, capsys):

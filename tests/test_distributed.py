@@ -26,7 +26,8 @@ def _launch(model_dir, data_dir, out, *extra):
 
 
 def test_two_process_run_with_cache_checkpoints_and_resume(tiny_model_dir, fill_dir, tmp_path):
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from safetensors.torch import load_file
 
     out = tmp_path / "ddp"
     done = _launch(tiny_model_dir, fill_dir, out, "--max_train_steps", "3", "--checkpointing_steps", "2",
@@ -37,6 +38,17 @@ def test_two_process_run_with_cache_checkpoints_and_resume(tiny_model_dir, fill_
     (cache,) = (out / "encoded-cache").iterdir()
     assert (cache / "latents-00000.safetensors").is_file() and (cache / "text.json").is_file()
     ControlNetModel.from_pretrained(out)  # the export loads in diffusers
+    # gradients are views into DDP's buckets (difftune.trainer.make_accelerator): freeing them between
+    # steps (--set_grads_to_none) must train exactly what zeroing them in place does
+    freed = tmp_path / "ddp-freed"
+    _launch(tiny_model_dir, fill_dir, freed, "--max_train_steps", "3", "--checkpointing_steps", "2",
+            "--cache_latents", "--max_train_samples", "20", "--set_grads_to_none")
+    a, b = (load_file(str(d / "diffusion_pytorch_model.safetensors")) for d in (out, freed))
+    start = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"))
+    copied = [k for k in a if not k.startswith("controlnet_cond_embedding")]  # (that one starts random)
+    moved = max(float((a[k] - start.state_dict()[k]).abs().max()) for k in copied)
+    assert moved > 1e-4  # it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6 * max(moved, 1.0)
     done = _launch(tiny_model_dir, fill_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
                    "--cache_latents", "--max_train_samples", "20", "--resume_from_checkpoint", "latest")
     summary = json.loads((out / "train_summary.json").read_text())

@@ -71,7 +71,7 @@ def autocast_cache_enabled(cfg: TrainConfig) -> bool:
 
 def make_accelerator(cfg: TrainConfig, trackers: list[str]):
     from accelerate import Accelerator
-    from accelerate.utils import AutocastKwargs, ProjectConfiguration
+    from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, ProjectConfiguration
 
     out = Path(cfg.output_dir)
     kwargs: dict[str, Any] = dict(
@@ -80,8 +80,11 @@ def make_accelerator(cfg: TrainConfig, trackers: list[str]):
     )
     if cfg.mixed_precision is not None:
         kwargs["mixed_precision"] = cfg.mixed_precision
+    # several processes: each gradient is a view into DDP's all-reduce bucket instead of a second
+    # copy of it (the trained model's gradient size per GPU: 1.35 GiB for SD 1.5's ControlNet)
+    kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(gradient_as_bucket_view=True)]
     if not autocast_cache_enabled(cfg):
-        kwargs["kwargs_handlers"] = [AutocastKwargs(cache_enabled=False)]
+        kwargs["kwargs_handlers"].append(AutocastKwargs(cache_enabled=False))
     fp16_refused = UserError("--mixed_precision fp16 needs a GPU: this run is on the CPU, which has no fp16 "
                              "autocast. Use --mixed_precision bf16 or no.")
     if cfg.mixed_precision == "fp16" and not _has_gpu():
