@@ -246,13 +246,13 @@ def test_in_memory_sampling_equals_the_exported_model(tiny_sdxl_dir, sdxl_base, 
 def test_eval_controlnet_runs_on_an_sdxl_base(cli_trained, tiny_sdxl_dir, tmp_path):
     from difftune.cli import main
 
-    # --no_baseline: the base-alone baseline of eval/run.py builds an SD text-to-image pipeline
-    # (switching it to difftune.pipelines.text2image_pipeline makes it family-aware)
+    # the base-alone baseline too: difftune.pipelines.text2image_pipeline builds the SDXL text-to-image pipeline
     assert main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--controlnet",
-                 str(cli_trained), "--n", "2", "--num_inference_steps", "2", "--no_baseline",
-                 "--out", str(tmp_path)]) == 0
+                 str(cli_trained), "--n", "2", "--num_inference_steps", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "eval_controlnet.json").read_text())
-    assert result["n"] == 2 and 0.0 <= result["controlnet"]["iou"] <= 1.0
+    assert result["n"] == 2
+    for row in ("controlnet", "base_alone", "vae_ceiling"):
+        assert 0.0 <= result[row]["iou"] <= 1.0, row
 
 
 def test_cached_latents_and_embeddings_train_the_same_sdxl_controlnet(tiny_sdxl_dir, fill_dir, tmp_path):
