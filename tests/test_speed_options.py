@@ -235,7 +235,8 @@ def test_fp8_frozen_unet_trains_nearly_the_same_thing(plain_run, tiny_model_dir,
     assert float(torch.nn.functional.cosine_similarity(a - w0, b - w0, dim=0)) > 0.8
 
 
-def test_profile_steps_write_a_trace_and_a_summary_and_train_the_same(plain_run, tiny_model_dir, fill_dir, tmp_path):
+def test_profile_steps_write_a_trace_and_a_summary_and_train_the_same(plain_run, tiny_model_dir, fill_dir, tmp_path,
+                                                                       caplog):
     """--profile_steps 2 --profile_start 1: the 4-step run skips 1 step, warms the profiler up on the
     2nd, records the 3rd and 4th; training is untouched."""
     out = _run(tiny_model_dir, fill_dir, tmp_path / "prof", profile_steps=2, profile_start=1)
@@ -249,5 +250,9 @@ def test_profile_steps_write_a_trace_and_a_summary_and_train_the_same(plain_run,
     assert any(e.get("name", "").startswith("ProfilerStep") for e in trace["traceEvents"])
     assert "| operator |" in (out / "profile" / "summary.md").read_text()
     assert json.loads((out / "train_summary.json").read_text())["profile"]["steps"] == 2
+    # a run that ends before the recording starts says so, and writes nothing
+    with caplog.at_level("WARNING", logger="difftune"):
+        late = _run(tiny_model_dir, fill_dir, tmp_path / "late", profile_steps=2, profile_start=10)
+    assert not (late / "profile").exists() and "nothing was recorded" in caplog.text
     with pytest.raises(ConfigError, match="--profile_steps must be >= 0"):
         make_config(tiny_model_dir, fill_dir, tmp_path, profile_steps=-1)

@@ -300,6 +300,10 @@ class Trainer:
             "nonfinite_steps": state.nonfinite_steps,
             "seed": state.seed,
         }
+        if cfg.profile_steps and profiler.summary is None and accelerator.is_main_process:
+            log.warning("--profile_steps: nothing was recorded: the run ended at step %d, before step %d where "
+                        "recording starts (--profile_start + 1 step of profiler warm-up).",
+                        state.global_step, cfg.profile_start + 2)
         if profiler.summary is not None:
             summary["profile"] = {"dir": str(profiler.out), **{k: v for k, v in profiler.summary.items() if k != "top_ops"}}
         if torch.cuda.is_available():
