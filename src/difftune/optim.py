@@ -18,7 +18,10 @@ def effective_learning_rate(cfg: OptimConfig, batch_size: int, accumulation: int
 
 
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig, lr: float, device_type: str) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA), or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``.
+    """AdamW (fused on CUDA and the CPU), or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``.
+
+    Fused on the CPU too: for the tiny-shapes ControlNet (256 tensors, 2.8M parameters) a step
+    takes 10 ms instead of the for-loop implementation's 38 (2 cores), about 4% of a demo step.
 
     With ``--optimizer_in_backward`` the same optimizer is built per parameter and stepped
     inside backward (``InBackwardOptimizer``). A group may carry ``lr_multiplier``: its
@@ -39,7 +42,7 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig, lr: float, devic
                 "--use_8bit_adam needs bitsandbytes: pip install 'difftune[bnb]' (CUDA GPUs only)."
             ) from None
         return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    if device_type == "cuda":
+    if device_type in ("cuda", "cpu"):
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups, **kwargs)
 
