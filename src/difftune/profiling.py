@@ -21,7 +21,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 
 log = logging.getLogger("difftune")
 
@@ -35,15 +34,17 @@ class StepProfiler:
     ``start`` counts steps of the run, not of this session.
     """
 
-    def __init__(self, out: Path, steps: int, start: int, done_steps: int = 0, enabled: bool = True):
+    def __init__(self, out: Path, steps: int, start: int, done_steps: int = 0, enabled: bool = True,
+                 device_type: str = "cpu"):
         self.out, self.steps = Path(out), steps
+        self.on_cuda = device_type == "cuda"
         self.summary: dict | None = None
         self._prof = None
         if not enabled or steps <= 0:
             return
         from torch.profiler import ProfilerActivity, profile, schedule
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_cuda else [])
         self._prof = profile(
             activities=activities,
             schedule=schedule(skip_first=max(0, start - done_steps), wait=0, warmup=1, active=steps, repeat=1),
@@ -66,7 +67,7 @@ class StepProfiler:
     def _write(self, prof) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.out / "trace.json"))
-        self.summary = summarise(prof, torch.cuda.is_available())
+        self.summary = summarise(prof, self.on_cuda)
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
         (self.out / "summary.md").write_text(format_summary(self.summary) + "\n")
         log.info("profile of %d steps written to %s", self.summary["steps"], self.out)

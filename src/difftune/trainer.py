@@ -228,7 +228,7 @@ class Trainer:
                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
         t_start, images_seen, last_loss = time.perf_counter(), 0, float("nan")
         profiler = StepProfiler(self.out / "profile", cfg.profile_steps, cfg.profile_start, state.global_step,
-                                enabled=accelerator.is_main_process)
+                                enabled=accelerator.is_main_process, device_type=accelerator.device.type)
         with profiler:
             while state.global_step < max_steps:
                 t_step = time.perf_counter()
