@@ -21,7 +21,6 @@ import json
 import logging
 from pathlib import Path
 
-
 log = logging.getLogger("difftune")
 
 TOP_OPS = 15
