@@ -164,6 +164,8 @@ def test_memory_estimate_on_fake_tensors_equals_the_real_steps_count(tmp_path, m
     fake = estimate_controlnet_memory("tiny", flags)
     real = estimate_controlnet_memory("tiny", flags, fake=False)
     assert fake["peak_gib"] == pytest.approx(real["peak_gib"], rel=0.02)
+    assert fake["peak_at"].startswith("UNet2DConditionModel.") or fake["peak_at"].startswith("ControlNetModel.")
+    assert fake["peak_at"].endswith(("(forward)", "(backward)")), fake["peak_at"]
     for kind in ("PARAM", "GRAD", "OPT"):
         assert fake["by_kind_gib"].get(kind, 0) == pytest.approx(real["by_kind_gib"].get(kind, 0), rel=1e-6)
     # what is on the device: the frozen UNet in bf16 and the ControlNet's fp32 weights, not the encoders
@@ -205,5 +207,6 @@ def test_estimate_memory_flag_writes_a_table_without_training(tmp_path, capsys):
     assert rc == 1  # fast_compile is refused (compiled graphs are not estimated), bf16 is estimated
     result = json.loads((tmp_path / "memory_estimate.json").read_text())
     assert result["estimates"]["bf16"]["peak_gib"] > 0 and "error" in result["estimates"]["fast_compile"]
-    assert "estimated peak GiB" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "estimated peak GiB" in printed and "| peak in |" in printed
     assert not (tmp_path / "runs").exists()

@@ -120,15 +120,21 @@ def _tracker():
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
 
-        # the global peak only: MemTracker also keeps every module's peak, walking all modules at
-        # every operation (two thirds of the estimate's time), and the estimate reads none of them
+        # the global peak only, and where it was (the innermost module running then, in forward or
+        # backward): MemTracker also keeps every module's peak, walking all modules at every
+        # operation (two thirds of the estimate's time), and the estimate reads none of them
         def _update_peak_stats(self, peak_state) -> None:
             for dev, snap in self._curr_mem_snap.items():
                 if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
                     self._peak_mem[dev] = snap[_TOTAL_KEY]
                     self._peak_mem_snap[dev] = dict(snap)
+                    inner = max(self._mod_tracker.parents, key=lambda m: (m.count("."), len(m)))
+                    where = "outside the models" if inner == "Global" else inner
+                    self.peak_at = f"{where} ({'backward' if self._mod_tracker.is_bw else 'forward'})"
 
-    return Tracker()
+    tracker = Tracker()
+    tracker.peak_at = None
+    return tracker
 
 
 def components(arch: str) -> dict:
@@ -228,24 +234,25 @@ def estimate_controlnet_memory(arch: str, flags: list[str], *, steps: int = 2, f
             name = str(kind).rsplit(".", 1)[-1]
             if name in KINDS:
                 by_kind[name] = by_kind.get(name, 0.0) + nbytes / GIB
-    return {"peak_gib": sum(by_kind.values()), "by_kind_gib": by_kind,
+    return {"peak_gib": sum(by_kind.values()), "by_kind_gib": by_kind, "peak_at": tracker.peak_at,
             "seconds": round(time.perf_counter() - started, 1), "exact": False}
 
 
 def format_memory_table(arch: str, resolution: int, batch: int, rows: dict[str, dict]) -> str:
     """Markdown table of ``estimate_controlnet_memory`` results, one row per configuration."""
     head = ("| configuration | estimated peak GiB | parameters | gradients | optimizer states | activations "
-            "| temporaries |\n|---|---|---|---|---|---|---|")
+            "| temporaries | peak in |\n|---|---|---|---|---|---|---|---|")
     lines = [f"Estimated peak tensor memory of a ControlNet training step: {arch}, {resolution} px, batch {batch} "
              "(fake tensors on the CPU; a lower bound of torch.cuda.max_memory_allocated)", "", head]
     for name, r in rows.items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error']} | | | | | |")
+            lines.append(f"| {name} | error: {r['error']} | | | | | | |")
             continue
         k = r["by_kind_gib"]
         cells = [k.get("PARAM", 0) + k.get("BUFFER", 0), k.get("GRAD", 0), k.get("OPT", 0), k.get("ACT", 0),
                  k.get("TEMP", 0) + k.get("OTH", 0)]
-        lines.append(f"| {name} | **{r['peak_gib']:.2f}** | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        lines.append(f"| {name} | **{r['peak_gib']:.2f}** | " + " | ".join(f"{c:.2f}" for c in cells)
+                     + f" | {r.get('peak_at') or '?'} |")
     return "\n".join(lines)
 
 
