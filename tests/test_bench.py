@@ -210,3 +210,12 @@ def test_estimate_memory_flag_writes_a_table_without_training(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "estimated peak GiB" in printed and "| peak in |" in printed
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_added_config_can_build_on_a_predefined_one():
+    from difftune.bench.runner import CONFIGS
+    from difftune.bench.suite import resolve_configs
+
+    got = resolve_configs(["fast_profiled", "own"], {"fast_profiled": ["fast", "--profile_steps", "3"],
+                                                     "own": ["--seed", "1"]})
+    assert got == {"fast_profiled": CONFIGS["fast"] + ["--profile_steps", "3"], "own": ["--seed", "1"]}

@@ -64,8 +64,7 @@ for part in "$@"; do
             --n_samples "${SDXL_SAMPLES:-100}" --timeout 200 ;;
     profile) PROF=${PROFILE_FLAGS:-"--profile_steps 3 --profile_start 8"}
             run_part profile --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" \
-              --add_config "fast_profiled=--mixed_precision bf16 --cache_latents --allow_tf32 --channels_last $PROF" \
-              --add_config "lowmem_fp8_profiled=--mixed_precision bf16 --cache_latents --gradient_checkpointing --optimizer_in_backward --set_grads_to_none --max_grad_norm 0 --use_8bit_adam --fp8_frozen_unet $PROF" \
+              --add_config "fast_profiled=fast $PROF" --add_config "lowmem_fp8_profiled=lowmem_fp8 $PROF" \
               --configs fast_profiled,lowmem_fp8_profiled --steps 12 --warmup 8 --timeout 150
             for d in "$W"/profile/runs/*/profile; do
               n=$(basename "$(dirname "$d")"); cp "$d/summary.md" "$OUT/profile-$n.md"; cp "$d/summary.json" "$OUT/profile-$n.json"

@@ -67,7 +67,8 @@ def register(sub) -> None:
     b.add_argument("--arch", choices=ARCHS, default="sd15", help="random-weight model architecture (default: sd15)")
     b.add_argument("--configs", default="bf16", help="comma-separated configuration names, or 'all' (--list_configs)")
     b.add_argument("--add_config", action="append", metavar="NAME=FLAGS",
-                   help="an extra configuration: NAME='--flag value ...' (repeatable)")
+                   help="an extra configuration: NAME='--flag value ...', or NAME='CONFIG --flag ...' to build on "
+                        "a predefined one (repeatable)")
     b.add_argument("--list_configs", action="store_true", help="print the configurations and their flags")
     b.add_argument("--steps", type=int, default=40, help="optimizer steps per configuration")
     b.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compile, cache warm-up)")

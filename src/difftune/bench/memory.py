@@ -115,6 +115,8 @@ def _tracker():
         raise UserError(f"--estimate_memory needs torch.distributed._tools.mem_tracker ({e}).") from None
 
     class Tracker(MemTracker):
+        peak_at: str | None = None
+
         # MemTracker hooks every parameter's gradient, which frozen ones (the UNet's) refuse;
         # gradients are still found as such through each parameter's .grad
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
@@ -132,9 +134,7 @@ def _tracker():
                     where = "outside the models" if inner == "Global" else inner
                     self.peak_at = f"{where} ({'backward' if self._mod_tracker.is_bw else 'forward'})"
 
-    tracker = Tracker()
-    tracker.peak_at = None
-    return tracker
+    return Tracker()
 
 
 def components(arch: str) -> dict:

@@ -65,11 +65,16 @@ def environment(device: str) -> dict:
 
 def resolve_configs(names: list[str], extra: dict[str, list[str]] | None = None,
                     method: str = "controlnet") -> dict[str, list[str]]:
-    """Flags of each named configuration ("all": every predefined one); unknown names are an error."""
+    """Flags of each named configuration ("all": every predefined one); unknown names are an error.
+
+    An extra configuration whose flags start with a predefined name builds on it:
+    ``fast_profiled='fast --profile_steps 3'`` is ``fast``'s flags, then ``--profile_steps 3``.
+    """
     predefined = METHODS[method]
-    known = {**predefined, **(extra or {})}
+    extra = {n: predefined[f[0]] + f[1:] if f and f[0] in predefined else f for n, f in (extra or {}).items()}
+    known = {**predefined, **extra}
     if names == ["all"]:
-        names = list(predefined) + [n for n in (extra or {}) if n not in predefined]
+        names = list(predefined) + [n for n in extra if n not in predefined]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise UserError(f"--configs: unknown {', '.join(unknown)} for {method}; known: {', '.join(known)} "
