@@ -92,10 +92,18 @@ def generate(
     enable_xformers_memory_efficient_attention: bool = False,
     custom_diffusion: str | Path | None = None,
     weight_name: str | None = None,
+    condition: str | None = None,
+    condition_settings: dict | None = None,
+    condition_out: str | Path | None = None,
 ) -> list[Image.Image]:
     """Images for ``prompt`` conditioned on ``image`` with a trained ControlNet (UniPC sampler),
     or, with ``custom_diffusion`` (and no ControlNet), text-to-image with a Custom Diffusion folder's
     processors and tokens (several concepts together when the folder holds several).
+
+    ``condition`` (e.g. ``"canny"``, settings such as thresholds in ``condition_settings``) makes
+    ``image`` a plain picture: it is resized and centre-cropped to the output size and its
+    condition computed there, as ``difftune data conditions`` does for training; the computed
+    condition is saved to ``condition_out`` when given.
 
     fp16 on CUDA, fp32 on the CPU; the same seed gives the same images.
     """
@@ -133,6 +141,14 @@ def generate(
                          guidance_scale=guidance_scale, height=res, width=res, num_images_per_prompt=num_images,
                          generator=gen).images)
     cond = image if isinstance(image, Image.Image) else _open_condition(image)
+    if condition is not None:
+        from .data.conditions import conditioner_from_settings
+        from .data.transforms import resize_center_crop
+
+        cond = conditioner_from_settings({"condition": condition, **(condition_settings or {})})(
+            resize_center_crop(cond.convert("RGB"), res, "bicubic"))
+        if condition_out is not None:
+            cond.save(condition_out)
     return run_controlnet_pipeline(
         pipe, [prompt], [cond], num_images, seed, num_inference_steps, res, guidance_scale,
         controlnet_conditioning_scale, negative_prompt,

@@ -90,6 +90,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("generate needs either --controlnet DIR (with --image) or --custom_diffusion DIR.")
     if args.controlnet and not args.image:
         raise UserError("--controlnet needs --image (the conditioning image).")
+    if args.condition and not args.controlnet:
+        raise UserError("--condition computes a ControlNet's condition from --image: it needs --controlnet.")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    condition_out = out.with_name(f"{out.stem}-condition{out.suffix}") if args.condition else None
     images = generate(
         args.pretrained_model_name_or_path, args.controlnet, args.image, args.prompt,
         custom_diffusion=args.custom_diffusion, weight_name=args.weight_name,
@@ -98,13 +103,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         resolution=args.resolution, negative_prompt=args.negative_prompt, device=args.device,
         cpu_offload=args.cpu_offload,
         enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
+        condition=args.condition, condition_out=condition_out,
+        condition_settings=dict(low_threshold=args.low_threshold, high_threshold=args.high_threshold),
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
     for im, p in zip(images, paths):
         im.save(p)
         print(p)
+    if condition_out is not None:
+        print(f"{condition_out} (the {args.condition} condition it was generated from)")
     return 0
 
 
@@ -114,6 +121,30 @@ def cmd_data_fill50k(args: argparse.Namespace) -> int:
     info = write_fill50k(args.out, n=args.n, resolution=args.resolution, seed=args.seed, workers=args.workers,
                          overwrite=args.overwrite)
     print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def cmd_data_conditions(args: argparse.Namespace) -> int:
+    from .data.conditions import write_condition_dataset
+
+    info = write_condition_dataset(args.input_dir, args.out, condition=args.condition, resolution=args.resolution,
+                                   caption=args.caption, caption_column=args.caption_column, overwrite=args.overwrite,
+                                   low_threshold=args.low_threshold, high_threshold=args.high_threshold)
+    blank = info.pop("blank_conditions")
+    print(json.dumps({**info, "blank_conditions": len(blank)}, indent=2))
+    if blank:
+        print(f"warning: {len(blank)} image(s) gave a blank {args.condition} map ({', '.join(blank[:5])}"
+              f"{' ...' if len(blank) > 5 else ''}): they teach no control; lower --low_threshold / "
+              "--high_threshold or remove them (`difftune data check` lists them too)", file=sys.stderr)
+    return 0
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from .data.conditions import write_shapes_folder
+
+    shapes = tuple(s.strip() for s in args.shapes.split(",")) if args.shapes else None
+    print(json.dumps(write_shapes_folder(args.out, n=args.n, resolution=args.resolution, seed=args.seed,
+                                         shapes=shapes, overwrite=args.overwrite), indent=2))
     return 0
 
 
@@ -153,7 +184,7 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
 
     result = eval_controlnet(args.pretrained_model_name_or_path, args.controlnet, data=args.data, n=args.n,
                              steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
-                             out=args.out, baseline=not args.no_baseline)
+                             out=args.out, baseline=not args.no_baseline, metric=args.metric)
     print(format_table(result))
     print(f"details: {Path(args.out) / 'eval_controlnet.json'}, grid (condition | ControlNet | base alone): "
           f"{Path(args.out) / 'eval_controlnet.png'}")
@@ -206,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained_model_name_or_path", default="tiny-shapes", help="base model folder, hub id or built-in name (default: tiny-shapes)")
     g.add_argument("--controlnet", help="trained ControlNet folder (the training --output_dir)")
     g.add_argument("--image", help="conditioning image (with --controlnet)")
+    g.add_argument("--condition", choices=("canny",),
+                   help="--image is a plain picture: compute this condition from it (saved as OUT-condition.png)")
+    g.add_argument("--low_threshold", type=int, default=100, help="canny: lower hysteresis threshold")
+    g.add_argument("--high_threshold", type=int, default=200, help="canny: upper hysteresis threshold")
     g.add_argument("--custom_diffusion", help="trained Custom Diffusion folder; use its tokens in --prompt")
     g.add_argument("--weight_name", help="weight file in the --custom_diffusion folder (default: the trained one)")
     g.add_argument("--prompt", required=True)
@@ -231,6 +266,27 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--workers", type=int, help="processes (default: all cores)")
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=cmd_data_fill50k)
+    dc = data.add_parser("conditions", help="a ControlNet data set from a plain image folder: conditions computed "
+                                            "(canny edges), captions from metadata.jsonl, .txt files or --caption")
+    dc.add_argument("--input_dir", required=True, help="folder of images (any depth)")
+    dc.add_argument("--out", required=True)
+    dc.add_argument("--condition", default="canny", choices=("canny",))
+    dc.add_argument("--resolution", type=int, help="resize + centre-crop to this size before computing the "
+                                                   "condition (recommended: your training --resolution)")
+    dc.add_argument("--caption", help="one caption for every image")
+    dc.add_argument("--caption_column", default="text", help="caption column of INPUT_DIR/metadata.jsonl")
+    dc.add_argument("--low_threshold", type=int, default=100, help="canny: lower hysteresis threshold")
+    dc.add_argument("--high_threshold", type=int, default=200, help="canny: upper hysteresis threshold")
+    dc.add_argument("--overwrite", action="store_true")
+    dc.set_defaults(func=cmd_data_conditions)
+    ds = data.add_parser("shapes", help="a plain image folder of the shapes world (images + metadata.jsonl)")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--n", type=int, default=5000)
+    ds.add_argument("--resolution", type=int, default=64)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--shapes", help="comma-separated kinds (default: the base model's circle,square,triangle)")
+    ds.add_argument("--overwrite", action="store_true")
+    ds.set_defaults(func=cmd_data_shapes)
     c = data.add_parser("check", help="validate a data set before training")
     for name in ("dataset_name", "dataset_config_name", "train_data_dir", "image_column",
                  "conditioning_image_column", "caption_column", "cache_dir", "pretrained_model_name_or_path"):
@@ -247,10 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_make_tiny_model)
 
     ev = sub.add_parser("eval", help="measured quality").add_subparsers(dest="what", required=True)
-    e = ev.add_parser("controlnet", help="condition fidelity on held-out conditions (fill50k: circle IoU)")
+    e = ev.add_parser("controlnet", help="condition fidelity on held-out conditions (fill50k: circle IoU; "
+                                         "canny: edge F1)")
     e.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
     e.add_argument("--controlnet", required=True, help="trained ControlNet folder")
-    e.add_argument("--data", help="fill50k folder to take the conditions from (default: fresh held-out circles)")
+    e.add_argument("--data", help="held-out data folder to take the conditions from: fill50k, or one made by "
+                                  "`difftune data conditions` (default: fresh circles / shapes)")
+    e.add_argument("--metric", choices=("fill50k", "canny"),
+                   help="fill50k: circle IoU; canny: edge F1 (default: the condition --data was made with, else fill50k)")
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--no_baseline", action="store_true", help="skip the base-model-alone baseline")
     eb = ev.add_parser("base", help="does the base model draw the prompt's shape and colours?")

@@ -134,6 +134,13 @@ def _check_row(report: CheckReport, table: Table, row: dict, index: int, image_c
             report.errors.append(Issue(index, column, err.file, str(err), "unreadable_image"))
             continue
         sizes[column] = image.size
+        if column == conditioning_image_column and all(lo == hi for lo, hi in image.getextrema()):
+            report.warnings.append(Issue(
+                index, column, describe_source(row[column], table.base_dir),
+                "conditioning image is blank (one colour): the sample teaches no control (a canny map of a "
+                "low-contrast picture: lower --low_threshold / --high_threshold, or drop the row)",
+                "blank_condition",
+            ))
         if min(image.size) < resolution:
             report.warnings.append(Issue(
                 index, column, describe_source(row[column], table.base_dir),

@@ -164,7 +164,7 @@ def _rendered(circles: list[Circle], resolution: int, workers: int) -> Iterator[
         yield from pool.imap(_render_png, jobs, chunksize=chunksize)  # imap keeps sample order
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a folder — choose a folder path for the data set")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -201,7 +201,7 @@ def write_fill50k(
         raise ConfigError("n_validation must be >= 0 and shard_rows >= 1")
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
     out = Path(out_dir).expanduser().absolute()
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite)
 
     start = time.perf_counter()
     circles = sample_circles(n + n_validation, resolution, seed)
@@ -250,7 +250,7 @@ def write_fill50k(
                 "n_validation": n_validation, "shards": n_shards}
         (tmp / "difftune_dataset.json").write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "README.md").write_text(_card(info))
-        _replace(tmp, out, overwrite)
+        replace_dir(tmp, out, overwrite)
     except BaseException:
         if rendered is not None:
             rendered.close()  # stops the worker pool now, not whenever the generator is collected
@@ -274,9 +274,9 @@ def _card(info: dict) -> str:
     )
 
 
-def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
+def replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished folder into place; an old one is removed only after the swap."""
-    _check_out_dir(out, overwrite)  # again: something may have appeared while we rendered
+    check_out_dir(out, overwrite)  # again: something may have appeared while we rendered
     old = None
     if out.is_dir():
         if any(out.iterdir()):

@@ -15,10 +15,16 @@ by hand:
   centroid, overlaps the region best (IoU) -- a template match that only needs the area and
   centroid, so it stays right on soft or slightly ragged shapes where a bounding box does not;
 - condition fidelity for fill50k is the IoU between the generated circle (pixels closer to
-  the prompt's circle colour than to its background colour) and the disk the outline gives.
+  the prompt's circle colour than to its background colour) and the disk the outline gives;
+- for edge conditions (canny) it is the edge F1 of the BSDS boundary benchmark (Martin et
+  al. 2004), with its tolerance: the same edge detector runs on the generated image; a
+  generated edge pixel counts as right (precision) when a condition edge lies within
+  ``EDGE_TOLERANCE`` x the image diagonal (at least 1 px), and a condition edge pixel as found
+  (recall) when a generated edge lies that close. (BSDS matches pixels one to one; counting
+  within the tolerance is the common simpler form, and can only read a little higher.)
 
 Condition metrics share one small interface (``ConditionMetric``) so that other conditions
-(edge F1 for canny, depth error, ...) plug in beside circle IoU.
+(depth error, pose keypoints, ...) plug in beside circle IoU and edge F1.
 """
 
 from __future__ import annotations
@@ -178,7 +184,55 @@ class CircleIoU:
         }
 
 
-CONDITION_METRICS: dict[str, type] = {"fill50k": CircleIoU}
+EDGE_TOLERANCE = 0.0075  # of the image diagonal: BSDS's maxDist (1 px at 64 px, 5 px at 512 px)
+
+
+def within(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within ``radius`` (Euclidean, pixel centres) of a pixel of ``mask``."""
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    padded = np.pad(mask, radius)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dy * dy + dx * dx <= radius * radius:
+                out |= padded[radius + dy : radius + dy + h, radius + dx : radius + dx + w]
+    return out
+
+
+def edge_f1(predicted: np.ndarray, truth: np.ndarray, tolerance: int) -> dict[str, float]:
+    """Precision, recall and F1 of a boolean edge map against another, with a tolerance in pixels."""
+    n_pred, n_true = int(predicted.sum()), int(truth.sum())
+    if n_pred == 0 and n_true == 0:
+        return {"edge_f1": 1.0, "edge_precision": 1.0, "edge_recall": 1.0}
+    precision = float((predicted & within(truth, tolerance)).sum() / n_pred) if n_pred else 0.0
+    recall = float((truth & within(predicted, tolerance)).sum() / n_true) if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"edge_f1": f1, "edge_precision": precision, "edge_recall": recall}
+
+
+class EdgeF1:
+    """Edge conditions (canny): the edge F1 of the generated image's edges against the condition's.
+
+    ``conditioner`` is the edge detector the data set was made with (``data.conditions``; its
+    thresholds come from the data set's ``difftune_dataset.json``); ``target`` holds the
+    ``condition`` image (white edges on black).
+    """
+
+    name = "edge_f1"
+
+    def __init__(self, conditioner=None) -> None:
+        from ..data.conditions import Canny
+
+        self.conditioner = conditioner or Canny()
+
+    def score(self, image: np.ndarray, target: dict) -> dict[str, float]:
+        truth = np.asarray(target["condition"].convert("L")) > 127
+        predicted = self.conditioner.edges(image)
+        tolerance = max(1, round(EDGE_TOLERANCE * float(np.hypot(*truth.shape))))
+        return edge_f1(predicted, truth, tolerance)
+
+
+CONDITION_METRICS: dict[str, type] = {"fill50k": CircleIoU, "canny": EdgeF1}
 
 
 def shape_scores(image: np.ndarray, shape: str, color: tuple, background: tuple) -> dict[str, float]:

@@ -75,6 +75,67 @@ def eval_circles(n: int, resolution: int, seed: int, data: str | Path | None = N
     return targets
 
 
+def eval_condition_rows(n: int, resolution: int, seed: int, data: str | Path | None, conditioner) -> list[dict]:
+    """Held-out targets for an image condition (canny, ...): ``prompt``, true ``image`` and ``condition``.
+
+    From ``data`` (any folder the trainer reads; its first ``n`` rows, resized and centre-cropped
+    to the base's resolution as the trainer does), or else fresh shapes-world images (seed
+    ``10_000 + seed``, the base's shapes) with the condition computed by ``conditioner``.
+    Blank conditions (no edge at all: a low-contrast picture) are left out: they say nothing
+    about whether the ControlNet follows its condition.
+    """
+    from ..data.transforms import resize_center_crop
+
+    targets = []
+    if data is not None:
+        from ..data.images import load_image
+        from ..data.sources import load_table, resolve_columns
+
+        table = load_table(train_data_dir=str(data))
+        image_col, cond_col, text_col = resolve_columns(table.column_names)
+        for i, row in enumerate(table.dataset):
+            read = lambda col: resize_center_crop(  # noqa: E731
+                load_image(row[col], table.base_dir, f"row {i}, column {col!r}"), resolution)
+            condition = read(cond_col)
+            if condition.getbbox():
+                targets.append(dict(prompt=str(row[text_col] or ""), image=read(image_col), condition=condition))
+            if len(targets) == n:
+                break
+        return targets
+    from ..data.shapes import render_shape, sample_shapes
+
+    for spec in sample_shapes(2 * n, resolution, 10_000 + seed):
+        image = render_shape(spec, resolution)
+        condition = conditioner(image)
+        if condition.getbbox():
+            targets.append(dict(prompt=spec.prompt, image=image, condition=condition))
+        if len(targets) == n:
+            break
+    return targets
+
+
+def detect_metric(data: str | Path | None) -> str:
+    """The condition a data folder was made with (its ``difftune_dataset.json``); fill50k otherwise."""
+    from ..data.conditions import read_manifest
+
+    return (read_manifest(data).get("condition") if data is not None else None) or "fill50k"
+
+
+def condition_targets(metric: str, n: int, resolution: int, seed: int, data: str | Path | None):
+    """(scorer, held-out targets) for a condition metric."""
+    from ..data.conditions import CONDITIONERS, conditioner_from_settings, read_manifest
+    from ..errors import ConfigError
+
+    if metric not in CONDITION_METRICS:
+        raise ConfigError(f"--metric {metric!r}: known metrics are {', '.join(CONDITION_METRICS)}")
+    if metric == "fill50k":
+        return CONDITION_METRICS[metric](), eval_circles(n, resolution, seed, data)
+    manifest = read_manifest(data) if data is not None else {}
+    conditioner = (conditioner_from_settings(manifest["conditioner"]) if manifest.get("condition") == metric
+                   else CONDITIONERS[metric]())
+    return CONDITION_METRICS[metric](conditioner), eval_condition_rows(n, resolution, seed, data, conditioner)
+
+
 def _summary(scores: list[dict]) -> dict:
     keys = scores[0].keys() if scores else []
     return {k: float(np.nanmean([s[k] for s in scores])) for k in keys}
@@ -82,17 +143,20 @@ def _summary(scores: list[dict]) -> dict:
 
 def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | Path | None = None,
                     n: int = 200, steps: int = 20, seed: int = 0, guidance_scale: float = 7.5,
-                    out: str | Path | None = None, metric: str = "fill50k", baseline: bool = True) -> dict:
-    """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline."""
+                    out: str | Path | None = None, metric: str | None = None, baseline: bool = True) -> dict:
+    """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline.
+
+    ``metric``: ``fill50k`` (circle IoU) or ``canny`` (edge F1); by default the condition
+    ``data``'s ``difftune_dataset.json`` names, else fill50k.
+    """
     from ..models import load_base_model, load_controlnet
     from ..pipelines import controlnet_pipeline
     from ..validation import image_grid
 
     base = load_base_model(pretrained_model_name_or_path)
     res = _base_resolution(base)
-    targets = eval_circles(n, res, seed, data)
+    scorer, targets = condition_targets(metric or detect_metric(data), n, res, seed, data)
     prompts = [t["prompt"] for t in targets]
-    scorer = CONDITION_METRICS[metric]()
     net = controlnet if isinstance(controlnet, torch.nn.Module) else load_controlnet(str(controlnet))
     pipe = controlnet_pipeline(base, net)
     with_cn = generate_batched(pipe, prompts, seed, steps, res, guidance_scale,
@@ -108,7 +172,8 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     truth_rt = vae_round_trip(base, np.stack([np.asarray(t["image"]) for t in targets]))
     scores["vae_ceiling"] = [scorer.score(im, t) for im, t in zip(truth_rt, targets)]
     result = {"n": len(targets), "metric": scorer.name, **{k: _summary(v) for k, v in scores.items()}}
-    result["by_radius"] = by_radius(scores, targets, res)
+    if "r" in targets[0]:
+        result["by_radius"] = by_radius(scores, targets, res)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

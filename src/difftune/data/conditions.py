@@ -1,0 +1,237 @@
+"""Conditioning images from plain images: ``difftune data conditions`` (canny, ...).
+
+A user with a folder of photos and captions gets a ControlNet data set the trainer reads:
+each image is (optionally) resized and centre-cropped to the training resolution *first*,
+then its condition is computed at that size (an edge map resized afterwards would be blurred
+by the trainer's bilinear resampling), and both are written as PNGs with a
+``metadata.jsonl`` of file paths and captions.
+
+Conditions plug in through ``CONDITIONERS`` (name -> a class with ``__call__(PIL RGB image)
+-> PIL RGB condition`` and the settings to record); the settings are written to
+``difftune_dataset.json`` so that ``difftune eval controlnet`` computes the same condition on
+generated images. ``canny`` is OpenCV's Canny on the RGB image (the gradient of the channel
+that changes most), white edges on black, thresholds 100 / 200 by default: what the
+diffusers and ControlNet documentation use, so a ControlNet trained here takes the edge maps
+people make for those at generation time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from difftune.errors import ConfigError, DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MANIFEST = "difftune_dataset.json"
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as err:
+        raise ConfigError(
+            "the canny condition needs OpenCV: pip install 'difftune[conditions]' "
+            "(or opencv-python-headless; any OpenCV that imports as cv2 will do)"
+        ) from err
+    return cv2
+
+
+@dataclass(frozen=True)
+class Canny:
+    """Canny edges (white on black, RGB) with hysteresis thresholds on the 0-255 gradient scale."""
+
+    low_threshold: int = 100
+    high_threshold: int = 200
+
+    name = "canny"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low_threshold <= self.high_threshold:
+            raise ConfigError(
+                f"--low_threshold {self.low_threshold} / --high_threshold {self.high_threshold}: "
+                "need 0 <= low <= high (e.g. 100 and 200)"
+            )
+
+    def edges(self, image: np.ndarray) -> np.ndarray:
+        """Boolean ``[H, W]`` edge map of a uint8 ``[H, W, 3]`` RGB image."""
+        return _cv2().Canny(np.ascontiguousarray(image), self.low_threshold, self.high_threshold) > 0
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        edges = self.edges(np.asarray(image.convert("RGB"))).astype(np.uint8) * 255
+        return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
+
+    def settings(self) -> dict:
+        return {"condition": self.name, **asdict(self)}
+
+
+CONDITIONERS: dict[str, type] = {"canny": Canny}
+
+
+def conditioner_from_settings(settings: dict):
+    """The conditioner a data set's ``difftune_dataset.json`` records (``{"condition": "canny", ...}``)."""
+    settings = dict(settings)
+    name = settings.pop("condition")
+    if name not in CONDITIONERS:
+        raise ConfigError(f"unknown condition {name!r}; known: {', '.join(CONDITIONERS)}")
+    return CONDITIONERS[name](**settings)
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """A data folder's ``difftune_dataset.json`` (empty when it has none)."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}) — regenerate the data set or delete the file") from err
+
+
+def find_images(input_dir: Path) -> list[Path]:
+    """Image files under ``input_dir`` (any depth), in a stable order."""
+    return sorted(p for p in input_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_captions(input_dir: Path, images: list[Path], caption: str | None, caption_column: str) -> list[str]:
+    """One caption per image: ``caption`` for all, else ``metadata.jsonl``'s, else a ``.txt`` beside the image."""
+    if caption is not None:
+        return [caption] * len(images)
+    by_file: dict[str, str] = {}
+    metadata = input_dir / "metadata.jsonl"
+    if metadata.is_file():
+        for i, line in enumerate(metadata.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{metadata} line {i} is not JSON ({err.msg}) — fix or remove the line") from err
+            if "file_name" not in row or caption_column not in row:
+                raise DataError(
+                    f"{metadata} line {i} needs 'file_name' and '{caption_column}' (the caption; another "
+                    f"column with --caption_column); it has {sorted(row)}"
+                )
+            by_file[os.path.normpath(row["file_name"])] = str(row[caption_column])
+    captions, missing = [], []
+    for path in images:
+        rel = os.path.normpath(path.relative_to(input_dir))
+        side = path.with_suffix(".txt")
+        if rel in by_file:
+            captions.append(by_file[rel])
+        elif side.is_file():
+            captions.append(side.read_text().strip())
+        else:
+            captions.append("")
+            missing.append(rel)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(
+            f"no caption for {len(missing)} of {len(images)} images in {input_dir} ({shown}). Give each image "
+            f"one: a row {{\"file_name\": ..., \"{caption_column}\": ...}} in {metadata}, a .txt file of the "
+            "same name beside the image, or --caption TEXT for all of them"
+        )
+    return captions
+
+
+def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.PathLike, condition: str = "canny",
+                            resolution: int | None = None, caption: str | None = None, caption_column: str = "text",
+                            overwrite: bool = False, progress: bool = True, **settings) -> dict:
+    """Write a ControlNet data set (``images/``, ``conditioning/``, ``metadata.jsonl``) from a plain image folder.
+
+    ``settings`` go to the conditioner (canny: ``low_threshold``, ``high_threshold``). Like
+    ``difftune data fill50k``, everything is written to a temporary folder renamed into place
+    at the end, so a killed run never leaves a folder that looks complete.
+    """
+    from tqdm.auto import tqdm
+
+    from .fill50k import check_out_dir, replace_dir
+    from .images import load_image
+    from .transforms import check_resolution, resize_center_crop
+
+    if condition not in CONDITIONERS:
+        raise ConfigError(f"--condition {condition!r}: known conditions are {', '.join(CONDITIONERS)}")
+    conditioner = CONDITIONERS[condition](**settings)
+    if resolution is not None:
+        check_resolution(resolution)
+    src, out = Path(input_dir), Path(out_dir)
+    if not src.is_dir():
+        raise DataError(f"--input_dir {src} is not a folder — give the folder that holds your images")
+    if out.resolve().is_relative_to(src.resolve()):
+        raise ConfigError(f"--out {out} is inside --input_dir {src}: its images would be read as input; "
+                          "choose a folder outside it")
+    images = find_images(src)
+    if not images:
+        raise DataError(f"--input_dir {src} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    captions = read_captions(src, images, caption, caption_column)
+    check_out_dir(out, overwrite)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    (tmp / "conditioning").mkdir()
+    try:
+        rows, blank = [], []
+        width = max(5, len(str(len(images))))
+        for i, (path, text) in enumerate(tqdm(list(zip(images, captions)), desc=condition, unit="image",
+                                              disable=not progress)):
+            image = load_image(str(path), where=f"image {i}")
+            if resolution is not None:
+                image = resize_center_crop(image, resolution, "bicubic")
+            name = f"{i:0{width}d}.png"
+            image.save(tmp / "images" / name)
+            cond = conditioner(image)
+            cond.save(tmp / "conditioning" / name)
+            if not cond.getbbox():
+                blank.append(str(path.relative_to(src)))
+            rows.append({"image": f"images/{name}", "conditioning_image": f"conditioning/{name}", "text": text,
+                         "source": str(path.relative_to(src))})
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        info = {"kind": "conditions", "condition": conditioner.name, "conditioner": conditioner.settings(),
+                "n": len(rows), "resolution": resolution, "input_dir": str(src), "blank_conditions": blank}
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
+        replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**info, "path": str(out)}
+
+
+def write_shapes_folder(out_dir: str | os.PathLike, n: int, resolution: int = 64, seed: int = 0,
+                        shapes: tuple[str, ...] | None = None, overwrite: bool = False) -> dict:
+    """A plain image folder of the shapes world (``NNNNN.png`` + ``metadata.jsonl`` with ``file_name``, ``text``).
+
+    The same kind of folder a user brings: ``difftune data conditions`` turns it into a
+    ControlNet data set (canny edges of shapes for the bundled base model).
+    """
+    from .fill50k import check_out_dir, replace_dir
+    from .shapes import BASE_SHAPES, ALL_SHAPES, render_shape, sample_shapes
+
+    shapes = tuple(shapes or BASE_SHAPES)
+    unknown = sorted(set(shapes) - set(ALL_SHAPES))
+    if unknown:
+        raise ConfigError(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(ALL_SHAPES)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"--n {n!r}: the number of images must be a positive integer")
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        rows = []
+        for i, sample in enumerate(sample_shapes(n, resolution, seed, shapes)):
+            name = f"{i:05d}.png"
+            render_shape(sample, resolution).save(tmp / name)
+            rows.append({"file_name": name, "text": sample.prompt})
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"n": n, "resolution": resolution, "seed": seed, "shapes": list(shapes), "path": str(out)}

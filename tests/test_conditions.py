@@ -1,0 +1,186 @@
+"""Conditions from plain images (canny) and the edge-F1 metric: right edges, clear errors, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from difftune.data.conditions import Canny, write_condition_dataset, write_shapes_folder
+from difftune.data.shapes import ShapeSample, render_shape
+from difftune.errors import ConfigError, DataError
+from difftune.eval.metrics import EdgeF1, edge_f1
+
+
+def _square(resolution: int = 64, half: int = 12) -> Image.Image:
+    c = resolution / 2
+    return render_shape(ShapeSample("square", c, c, half * np.sqrt(2), "red", (255, 0, 0), "white", (255, 255, 255)),
+                        resolution)
+
+
+def test_canny_marks_the_outline_and_nothing_else():
+    image = _square()
+    cond = np.asarray(Canny()(image))
+    assert cond.shape == (64, 64, 3) and set(np.unique(cond)) == {0, 255}
+    edges = cond[..., 0] > 0
+    ys, xs = np.nonzero(edges)
+    # the square covers pixels 20..43; its edges lie on its border, one pixel either side at most
+    assert ys.min() >= 19 and ys.max() <= 44 and xs.min() >= 19 and xs.max() <= 44
+    assert not edges[24:40, 24:40].any()  # nothing inside
+    assert edges[32, 19:22].any() and edges[19:22, 32].any()  # each side found
+    assert not Canny()(Image.new("RGB", (64, 64), (40, 90, 200))).getbbox()  # a flat image: no edges
+    with pytest.raises(ConfigError, match="low <= high"):
+        Canny(low_threshold=200, high_threshold=100)
+
+
+def test_edge_f1_counts_within_the_tolerance():
+    truth = np.asarray(Canny()(_square()))[..., 0] > 0
+    assert edge_f1(truth, truth, 1)["edge_f1"] == 1.0
+    shifted = np.roll(truth, 1, axis=1)
+    assert edge_f1(shifted, truth, 1)["edge_f1"] == 1.0  # one pixel off: within BSDS's tolerance at 64 px
+    assert edge_f1(np.roll(truth, 6, axis=1), truth, 1)["edge_f1"] < 0.5  # six pixels off: half the edges missed
+    nothing = np.zeros_like(truth)
+    assert edge_f1(nothing, truth, 1) == {"edge_f1": 0.0, "edge_precision": 0.0, "edge_recall": 0.0}
+    assert edge_f1(nothing, nothing, 1)["edge_f1"] == 1.0
+    noisy = truth | (np.random.default_rng(0).random(truth.shape) < 0.2)
+    scores = edge_f1(noisy, truth, 1)
+    assert scores["edge_recall"] == 1.0 and scores["edge_precision"] < 0.4  # clutter costs precision
+
+
+def test_edge_f1_scorer_reads_true_images_as_perfect_and_others_as_poor():
+    image = _square()
+    target = {"condition": Canny()(image)}
+    assert EdgeF1().score(np.asarray(image), target)["edge_f1"] == 1.0
+    other = render_shape(ShapeSample("triangle", 20, 20, 10, "red", (255, 0, 0), "white", (255, 255, 255)), 64)
+    assert EdgeF1().score(np.asarray(other), target)["edge_f1"] < 0.2
+    # thresholds matter: a faint edge (contrast 30 in one channel) is below canny's 100 / 200 ...
+    faint = render_shape(ShapeSample("square", 32, 32, 12 * np.sqrt(2), "a", (130, 130, 130), "b", (100, 100, 100)), 64)
+    assert EdgeF1().score(np.asarray(faint), target)["edge_f1"] == 0.0
+    # ... and found by a scorer built with the data set's lower thresholds
+    assert EdgeF1(Canny(20, 60)).score(np.asarray(faint), target)["edge_f1"] > 0.95
+
+
+def _photos(root: Path, n: int = 3, size: tuple[int, int] = (96, 80)) -> list[str]:
+    names = []
+    for k in range(n):
+        name = f"sub/{k}.jpg" if k == 0 else f"{k}.png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        image = Image.new("RGB", size, (255, 255, 255))
+        image.paste((200, 20, 20), (20 + 5 * k, 20, 60, 60))
+        image.save(root / name, quality=95)
+        names.append(name)
+    return names
+
+
+def test_condition_dataset_from_a_plain_folder_trains_as_it_is(tmp_path):
+    from difftune.data import ControlNetExamples, check_dataset, load_table, resolve_columns
+
+    src = tmp_path / "photos"
+    names = _photos(src)
+    (src / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": f"photo {n}"}) + "\n"
+                                                for n in names[:2]))
+    (src / "2.txt").write_text("a caption beside the image\n")
+    info = write_condition_dataset(src, tmp_path / "out", resolution=64, progress=False)
+    out = tmp_path / "out"
+    assert info["n"] == 3 and not list(tmp_path.glob("out.tmp-*"))
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["photo 1.png", "a caption beside the image", "photo sub/0.jpg"]
+    assert [r["source"] for r in rows] == ["1.png", "2.png", "sub/0.jpg"]  # sorted paths
+    manifest = json.loads((out / "difftune_dataset.json").read_text())
+    assert manifest["condition"] == "canny" and manifest["conditioner"]["high_threshold"] == 200
+    # resized and cropped first, then the edges computed at 64 px: still crisp, and on the image's edges
+    image = Image.open(out / rows[0]["image"])
+    cond = np.asarray(Image.open(out / rows[0]["conditioning_image"]))
+    assert image.size == (64, 64) and set(np.unique(cond)) == {0, 255}
+    assert np.array_equal(cond[..., 0] > 0, Canny().edges(np.asarray(image)))
+    # the trainer reads it as it is
+    table = load_table(train_data_dir=out)
+    assert check_dataset(table, *resolve_columns(table.column_names), resolution=64).ok
+    item = ControlNetExamples(table, *resolve_columns(table.column_names), resolution=64)[0]
+    assert item["caption"] == "photo 1.png" and item["conditioning_pixel_values"].max() == 1.0
+    # one caption for all
+    write_condition_dataset(src, out, caption="red box", overwrite=True, progress=False)
+    assert {json.loads(line)["text"] for line in (out / "metadata.jsonl").read_text().splitlines()} == {"red box"}
+    assert Image.open(out / "images" / "00000.png").size == (96, 80)  # no --resolution: sizes kept
+
+
+def test_condition_dataset_errors_name_the_file_and_leave_nothing_behind(tmp_path):
+    src = tmp_path / "photos"
+    _photos(src)
+    with pytest.raises(DataError, match="no caption for 3 of 3 images") as info:
+        write_condition_dataset(src, tmp_path / "out", progress=False)
+    assert "sub/0.jpg" in str(info.value) and "--caption" in str(info.value)
+    (src / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="1.png") as info:
+        write_condition_dataset(src, tmp_path / "out", caption="x", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+    with pytest.raises(ConfigError, match="inside --input_dir"):
+        write_condition_dataset(src, src / "out", caption="x", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        write_condition_dataset(tmp_path / "empty", tmp_path / "o2", caption="x", progress=False)
+    (src / "metadata.jsonl").write_text('{"file_name": "1.png", "caption": "x"}\n')
+    with pytest.raises(DataError, match="metadata.jsonl line 1 needs 'file_name' and 'text'"):
+        write_condition_dataset(src, tmp_path / "out", progress=False)
+
+
+def test_canny_controlnet_end_to_end_through_the_cli(tiny_model_dir, tmp_path, capsys):
+    """Shapes folder -> canny data set -> train -> eval with edge F1 (the metric found from the data set)."""
+    from conftest import make_config
+
+    from difftune.api import train_controlnet
+    from difftune.cli import main
+
+    assert main(["data", "shapes", "--out", str(tmp_path / "shapes"), "--n", "8"]) == 0
+    assert main(["data", "conditions", "--input_dir", str(tmp_path / "shapes"), "--out", str(tmp_path / "canny"),
+                 "--low_threshold", "50", "--high_threshold", "150"]) == 0
+    assert main(["data", "conditions", "--input_dir", str(tmp_path / "shapes"), "--out", str(tmp_path / "x"),
+                 "--low_threshold", "150", "--high_threshold", "50"]) == 2
+    assert "need 0 <= low <= high" in capsys.readouterr().err
+    run = tmp_path / "cn"
+    train_controlnet(make_config(tiny_model_dir, tmp_path / "canny", run, max_train_steps=1))
+    assert main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet",
+                 str(run), "--data", str(tmp_path / "canny"), "--n", "3", "--num_inference_steps", "2",
+                 "--out", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev" / "eval_controlnet.json").read_text())
+    assert result["metric"] == "edge_f1" and result["n"] == 3 and "by_radius" not in result
+    assert set(result["controlnet"]) == {"edge_f1", "edge_precision", "edge_recall"}
+    assert "base_alone" in result and 0.0 <= result["vae_ceiling"]["edge_f1"] <= 1.0
+    assert "edge_f1" in capsys.readouterr().out
+    # generate from a plain picture: the edges are computed at the output size, as for training
+    photo = tmp_path / "shapes" / "00000.png"
+    assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(run),
+                 "--image", str(photo), "--condition", "canny", "--prompt", "a square", "--resolution", "32",
+                 "--num_inference_steps", "2", "--out", str(tmp_path / "g.png")]) == 0
+    cond = np.asarray(Image.open(tmp_path / "g-condition.png"))[..., 0] > 0
+    small = np.asarray(Image.open(photo).resize((32, 32), Image.Resampling.BICUBIC))
+    assert cond.shape == (32, 32) and np.array_equal(cond, Canny().edges(small))
+    assert Image.open(tmp_path / "g.png").size == (32, 32)
+
+
+def test_shapes_folder_is_a_captioned_image_folder(tmp_path):
+    info = write_shapes_folder(tmp_path / "s", n=5, resolution=32, seed=3, shapes=("star",))
+    rows = [json.loads(line) for line in (tmp_path / "s" / "metadata.jsonl").read_text().splitlines()]
+    assert info["n"] == 5 and len(rows) == 5 and all(" star with " in r["text"] for r in rows)
+    assert Image.open(tmp_path / "s" / rows[0]["file_name"]).size == (32, 32)
+    with pytest.raises(ConfigError, match="unknown hexagon"):
+        write_shapes_folder(tmp_path / "t", n=5, shapes=("hexagon",))
+
+
+def test_blank_conditions_are_reported_by_the_builder_and_by_data_check(tmp_path):
+    from difftune.data import check_dataset, load_table, resolve_columns
+
+    src = tmp_path / "photos"
+    _photos(src, n=2)
+    faint = Image.new("RGB", (64, 64), (100, 100, 100))
+    faint.paste((125, 125, 125), (16, 16, 48, 48))  # contrast 25: below canny's 100 / 200
+    faint.save(src / "faint.png")
+    info = write_condition_dataset(src, tmp_path / "out", caption="x", progress=False)
+    assert info["blank_conditions"] == ["faint.png"]
+    table = load_table(train_data_dir=tmp_path / "out")
+    report = check_dataset(table, *resolve_columns(table.column_names), resolution=64, progress=False)
+    assert report.ok and [(w.row, w.kind) for w in report.warnings if w.kind == "blank_condition"] == [(1, "blank_condition")]
+    assert "lower --low_threshold" in report.format()
