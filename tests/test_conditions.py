@@ -184,3 +184,19 @@ def test_blank_conditions_are_reported_by_the_builder_and_by_data_check(tmp_path
     report = check_dataset(table, *resolve_columns(table.column_names), resolution=64, progress=False)
     assert report.ok and [(w.row, w.kind) for w in report.warnings if w.kind == "blank_condition"] == [(1, "blank_condition")]
     assert "lower --low_threshold" in report.format()
+
+
+def test_workers_write_the_same_data_set_and_pass_errors_on(tmp_path):
+    src = tmp_path / "photos"
+    _photos(src, n=6)
+    serial = write_condition_dataset(src, tmp_path / "a", caption="x", workers=1, progress=False)
+    parallel = write_condition_dataset(src, tmp_path / "b", caption="x", workers=2, progress=False)
+    assert serial["n"] == parallel["n"] == 6
+    for sub in ("images", "conditioning"):
+        for f in sorted((tmp_path / "a" / sub).iterdir()):
+            assert f.read_bytes() == (tmp_path / "b" / sub / f.name).read_bytes()
+    assert (tmp_path / "a" / "metadata.jsonl").read_text() == (tmp_path / "b" / "metadata.jsonl").read_text()
+    (src / "4.png").write_bytes(b"truncated")
+    with pytest.raises(DataError, match="4.png"):
+        write_condition_dataset(src, tmp_path / "c", caption="x", workers=2, progress=False)
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob("c.tmp-*"))

@@ -129,7 +129,8 @@ def cmd_data_conditions(args: argparse.Namespace) -> int:
 
     info = write_condition_dataset(args.input_dir, args.out, condition=args.condition, resolution=args.resolution,
                                    caption=args.caption, caption_column=args.caption_column, overwrite=args.overwrite,
-                                   low_threshold=args.low_threshold, high_threshold=args.high_threshold)
+                                   low_threshold=args.low_threshold, high_threshold=args.high_threshold,
+                                   workers=args.workers)
     blank = info.pop("blank_conditions")
     print(json.dumps({**info, "blank_conditions": len(blank)}, indent=2))
     if blank:
@@ -277,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--caption_column", default="text", help="caption column of INPUT_DIR/metadata.jsonl")
     dc.add_argument("--low_threshold", type=int, default=100, help="canny: lower hysteresis threshold")
     dc.add_argument("--high_threshold", type=int, default=200, help="canny: upper hysteresis threshold")
+    dc.add_argument("--workers", type=int, help="processes (default: all cores)")
     dc.add_argument("--overwrite", action="store_true")
     dc.set_defaults(func=cmd_data_conditions)
     ds = data.add_parser("shapes", help="a plain image folder of the shapes world (images + metadata.jsonl)")

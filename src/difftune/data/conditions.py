@@ -140,20 +140,36 @@ def read_captions(input_dir: Path, images: list[Path], caption: str | None, capt
     return captions
 
 
+def _make_pair(job: tuple) -> bool:
+    """Worker: read one picture, crop it, write it and its condition; True when the condition is blank."""
+    from .images import load_image
+    from .transforms import resize_center_crop
+
+    index, path, tmp, name, resolution, conditioner = job
+    image = load_image(str(path), where=f"image {index}")
+    if resolution is not None:
+        image = resize_center_crop(image, resolution, "bicubic")
+    image.save(tmp / "images" / name)
+    cond = conditioner(image)
+    cond.save(tmp / "conditioning" / name)
+    return not cond.getbbox()
+
+
 def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.PathLike, condition: str = "canny",
                             resolution: int | None = None, caption: str | None = None, caption_column: str = "text",
-                            overwrite: bool = False, progress: bool = True, **settings) -> dict:
+                            overwrite: bool = False, progress: bool = True, workers: int | None = None,
+                            **settings) -> dict:
     """Write a ControlNet data set (``images/``, ``conditioning/``, ``metadata.jsonl``) from a plain image folder.
 
-    ``settings`` go to the conditioner (canny: ``low_threshold``, ``high_threshold``). Like
-    ``difftune data fill50k``, everything is written to a temporary folder renamed into place
-    at the end, so a killed run never leaves a folder that looks complete.
+    ``settings`` go to the conditioner (canny: ``low_threshold``, ``high_threshold``);
+    ``workers`` processes (default: all cores) read and write the images. Like ``difftune data
+    fill50k``, everything is written to a temporary folder renamed into place at the end, so a
+    killed run never leaves a folder that looks complete.
     """
     from tqdm.auto import tqdm
 
-    from .fill50k import check_out_dir, replace_dir
-    from .images import load_image
-    from .transforms import check_resolution, resize_center_crop
+    from .transforms import check_resolution
+    from .writing import check_out_dir, default_workers, ordered_map, replace_dir
 
     if condition not in CONDITIONERS:
         raise ConfigError(f"--condition {condition!r}: known conditions are {', '.join(CONDITIONERS)}")
@@ -175,28 +191,25 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     (tmp / "conditioning").mkdir()
+    width = max(5, len(str(len(images))))
+    names = [f"{i:0{width}d}.png" for i in range(len(images))]
+    jobs = [(i, path, tmp, name, resolution, conditioner) for i, (path, name) in enumerate(zip(images, names))]
+    made = None
     try:
-        rows, blank = [], []
-        width = max(5, len(str(len(images))))
-        for i, (path, text) in enumerate(tqdm(list(zip(images, captions)), desc=condition, unit="image",
-                                              disable=not progress)):
-            image = load_image(str(path), where=f"image {i}")
-            if resolution is not None:
-                image = resize_center_crop(image, resolution, "bicubic")
-            name = f"{i:0{width}d}.png"
-            image.save(tmp / "images" / name)
-            cond = conditioner(image)
-            cond.save(tmp / "conditioning" / name)
-            if not cond.getbbox():
-                blank.append(str(path.relative_to(src)))
-            rows.append({"image": f"images/{name}", "conditioning_image": f"conditioning/{name}", "text": text,
-                         "source": str(path.relative_to(src))})
+        made = ordered_map(_make_pair, jobs, default_workers(workers))
+        blank = [str(path.relative_to(src)) for path, is_blank in
+                 zip(images, tqdm(made, total=len(jobs), desc=condition, unit="image", disable=not progress))
+                 if is_blank]
+        rows = [{"image": f"images/{name}", "conditioning_image": f"conditioning/{name}", "text": text,
+                 "source": str(path.relative_to(src))} for path, name, text in zip(images, names, captions)]
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         info = {"kind": "conditions", "condition": conditioner.name, "conditioner": conditioner.settings(),
                 "n": len(rows), "resolution": resolution, "input_dir": str(src), "blank_conditions": blank}
         (tmp / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
         replace_dir(tmp, out, overwrite)
     except BaseException:
+        if made is not None:
+            made.close()  # stops the worker pool now
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**info, "path": str(out)}
@@ -209,7 +222,6 @@ def write_shapes_folder(out_dir: str | os.PathLike, n: int, resolution: int = 64
     The same kind of folder a user brings: ``difftune data conditions`` turns it into a
     ControlNet data set (canny edges of shapes for the bundled base model).
     """
-    from .fill50k import check_out_dir, replace_dir
     from .shapes import BASE_SHAPES, ALL_SHAPES, render_shape, sample_shapes
 
     shapes = tuple(shapes or BASE_SHAPES)
@@ -218,6 +230,8 @@ def write_shapes_folder(out_dir: str | os.PathLike, n: int, resolution: int = 64
         raise ConfigError(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(ALL_SHAPES)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"--n {n!r}: the number of images must be a positive integer")
+    from .writing import check_out_dir, replace_dir
+
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"

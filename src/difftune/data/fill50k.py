@@ -15,10 +15,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import multiprocessing as mp
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from difftune.data.colors import CSS_COLORS
-from difftune.errors import ConfigError, DataError
+from difftune.data.writing import check_out_dir, default_workers, ordered_map, replace_dir
+from difftune.errors import ConfigError
 
 N_VALIDATION = 4
 SHARD_ROWS = 2000
@@ -153,25 +152,7 @@ def _write_shard(path: Path, rows: list[tuple[Circle, bytes, bytes]], features) 
 
 
 def _rendered(circles: list[Circle], resolution: int, workers: int) -> Iterator[tuple[bytes, bytes]]:
-    jobs = [(c, resolution) for c in circles]
-    if workers <= 1 or len(jobs) < 2 * workers:
-        yield from map(_render_png, jobs)
-        return
-    # fork is cheapest (workers need no imports); elsewhere spawn re-imports this module.
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    chunksize = max(1, min(64, len(jobs) // (workers * 8)))
-    with mp.get_context(method).Pool(workers) as pool:
-        yield from pool.imap(_render_png, jobs, chunksize=chunksize)  # imap keeps sample order
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file, not a folder — choose a folder path for the data set")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(
-            f"--out {out} already exists and is not empty — choose another folder, delete it, "
-            f"or pass --overwrite to replace it"
-        )
+    return ordered_map(_render_png, [(c, resolution) for c in circles], workers)
 
 
 def write_fill50k(
@@ -199,7 +180,7 @@ def write_fill50k(
         raise ConfigError(f"--resolution {resolution!r}: fill50k needs at least 8 px, e.g. 512")
     if n_validation < 0 or shard_rows < 1:
         raise ConfigError("n_validation must be >= 0 and shard_rows >= 1")
-    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    workers = default_workers(workers)
     out = Path(out_dir).expanduser().absolute()
     check_out_dir(out, overwrite)
 
@@ -272,18 +253,3 @@ def _card(info: dict) -> str:
         "(\"<colour> circle with <colour> background\"), and the circle's parameters (`circle_*`).\n"
         f"`validation/` holds {info['n_validation']} held-out samples (not in `train/`) with `prompts.json`.\n"
     )
-
-
-def replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished folder into place; an old one is removed only after the swap."""
-    check_out_dir(out, overwrite)  # again: something may have appeared while we rendered
-    old = None
-    if out.is_dir():
-        if any(out.iterdir()):
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        else:
-            out.rmdir()
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

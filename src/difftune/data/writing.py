@@ -1,0 +1,60 @@
+"""Writing data sets safely: an output folder check, an atomic swap into place, an ordered parallel map."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+from difftune.errors import DataError
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder — choose a folder path for the data set")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(
+            f"--out {out} already exists and is not empty — choose another folder, delete it, "
+            f"or pass --overwrite to replace it"
+        )
+
+
+def replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished folder into place; an old one is removed only after the swap."""
+    check_out_dir(out, overwrite)  # again: something may have appeared while we wrote
+    old = None
+    if out.is_dir():
+        if any(out.iterdir()):
+            old = out.parent / f"{out.name}.old-{os.getpid()}"
+            out.rename(old)
+        else:
+            out.rmdir()
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def ordered_map(fn: Callable[[J], R], jobs: list[J], workers: int) -> Iterator[R]:
+    """``map(fn, jobs)`` on ``workers`` processes, results in job order (``fn`` must be module-level).
+
+    Close the generator (or let it finish) to stop the pool.
+    """
+    if workers <= 1 or len(jobs) < 2 * workers:
+        yield from map(fn, jobs)
+        return
+    # fork is cheapest (workers need no imports); elsewhere spawn re-imports the module.
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    chunksize = max(1, min(64, len(jobs) // (workers * 8)))
+    with mp.get_context(method).Pool(workers) as pool:
+        yield from pool.imap(fn, jobs, chunksize=chunksize)
+
+
+def default_workers(workers: int | None) -> int:
+    return (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+
