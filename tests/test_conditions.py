@@ -200,3 +200,66 @@ def test_workers_write_the_same_data_set_and_pass_errors_on(tmp_path):
     with pytest.raises(DataError, match="4.png"):
         write_condition_dataset(src, tmp_path / "c", caption="x", workers=2, progress=False)
     assert not (tmp_path / "c").exists() and not list(tmp_path.glob("c.tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def tiny_depth_model(tmp_path_factory):
+    """A transformers DPT depth estimator with random weights, built from a config (offline)."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    out = tmp_path_factory.mktemp("models") / "tiny-dpt"
+    torch.manual_seed(0)
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+                       image_size=64, patch_size=16, neck_hidden_sizes=[16, 16, 16, 16], fusion_hidden_size=16,
+                       backbone_out_indices=[0, 1, 2, 3])
+    DPTForDepthEstimation(config).save_pretrained(out)
+    DPTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(out)
+    return out
+
+
+def test_depth_condition_data_set_and_metric(tiny_depth_model, tmp_path):
+    from difftune.data.conditions import Depth, conditioner_from_settings
+    from difftune.eval.metrics import DepthFidelity
+
+    src = tmp_path / "photos"
+    _photos(src, n=4)
+    info = write_condition_dataset(src, tmp_path / "out", condition="depth", model=str(tiny_depth_model),
+                                   caption="x", resolution=64, workers=2, progress=False)
+    assert info["condition"] == "depth" and info["conditioner"] == {"condition": "depth",
+                                                                   "model": str(tiny_depth_model)}
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
+    image = Image.open(tmp_path / "out" / rows[0]["image"])
+    cond = np.asarray(Image.open(tmp_path / "out" / rows[0]["conditioning_image"]))
+    depth = conditioner_from_settings(info["conditioner"])
+    assert cond.shape == (64, 64, 3) and cond.max() == 255 and (cond[..., 0] == cond[..., 2]).all()
+    assert np.array_equal(cond, np.asarray(depth(image)))  # the map eval would compute for the same picture
+    # fidelity: the true picture reads as its own condition, another picture does not
+    scores = DepthFidelity(depth).score(np.asarray(image), {"condition": Image.fromarray(cond)})
+    assert scores["depth_corr"] > 0.99 and scores["depth_mae"] < 0.01
+    others = [render_shape(s, 64) for s in __import__("difftune.data.shapes", fromlist=["x"]).sample_shapes(3, 64, 0)]
+    assert max(DepthFidelity(depth).score(np.asarray(o), {"condition": Image.fromarray(cond)})["depth_corr"]
+               for o in others) < 0.9
+    assert Depth(str(tiny_depth_model)).settings()["model"] == str(tiny_depth_model)
+
+
+def test_depth_model_loads_safetensors_only_and_fails_clearly_offline(tiny_depth_model, tmp_path):
+    import shutil
+
+    from transformers import DPTForDepthEstimation
+
+    from difftune.data.conditions import Depth
+    from difftune.errors import ModelLoadError
+
+    picture = _square()
+    with pytest.raises(ModelLoadError, match="--depth_model no-such/depth-model: not a local folder"):
+        Depth("no-such/depth-model")(picture)
+    import torch
+
+    pickled = tmp_path / "pickled-dpt"  # the same model, its weights as a pickle (transformers 5 no longer writes one)
+    pickled.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(tiny_depth_model / name, pickled)
+    torch.save(DPTForDepthEstimation.from_pretrained(tiny_depth_model).state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="a local folder.*model.safetensors"):
+        Depth(str(pickled))(picture)  # a pickle is never loaded

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Condition fidelity against training steps: evaluate every checkpoint of a ControlNet run.
 
-    python tools/iou_curve.py RUN_DIR [--n 200] [--base tiny-shapes] [--data HELD_OUT] [--metric fill50k|canny]
+    python tools/iou_curve.py RUN_DIR [--n 200] [--base tiny-shapes] [--data HELD_OUT] [--metric fill50k|canny|depth]
 
-fill50k (default): circle IoU on fresh held-out circles; canny: edge F1 (on --data, or fresh
-shapes), as `difftune eval controlnet` measures them.
+fill50k (default): circle IoU on fresh held-out circles; canny: edge F1; depth: depth
+correlation (on --data, or fresh shapes), as `difftune eval controlnet` measures them.
 
 RUN_DIR is a finished `difftune train controlnet` output folder (its config.json gives the
 architecture; each checkpoints/checkpoint-N/trainable.safetensors gives the weights).
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--base", default="tiny-shapes")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--data", help="held-out data folder (default: fresh circles / shapes)")
-    ap.add_argument("--metric", choices=("fill50k", "canny"), help="default: the condition --data was made with")
+    ap.add_argument("--metric", choices=("fill50k", "canny", "depth"), help="default: the condition --data was made with")
     args = ap.parse_args()
 
     from diffusers import ControlNetModel
@@ -44,7 +44,7 @@ def main() -> None:
         r = eval_controlnet(args.base, net, n=args.n, steps=args.steps, baseline=not rows, data=args.data,
                             metric=args.metric)
         step = int(ckpt.name.split("-")[1])
-        keys = ["iou", "circle_color_ok"] if r["metric"] == "circle_iou" else ["edge_f1"]
+        keys = ["iou", "circle_color_ok"] if r["metric"] == "circle_iou" else list(r["controlnet"])[:1]
         rows.append({"step": step, **{k: r["controlnet"][k] for k in keys},
                      **({f"base_alone_{keys[0]}": r["base_alone"][keys[0]]} if "base_alone" in r else {})})
         print(json.dumps(rows[-1]), flush=True)

@@ -104,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cpu_offload=args.cpu_offload,
         enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
         condition=args.condition, condition_out=condition_out,
-        condition_settings=dict(low_threshold=args.low_threshold, high_threshold=args.high_threshold),
+        condition_settings=_condition_settings(args),
     )
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
     for im, p in zip(images, paths):
@@ -124,19 +124,35 @@ def cmd_data_fill50k(args: argparse.Namespace) -> int:
     return 0
 
 
+def _condition_settings(args: argparse.Namespace) -> dict:
+    """The settings flags of the chosen ``--condition``."""
+    if args.condition == "canny":
+        return {"low_threshold": args.low_threshold, "high_threshold": args.high_threshold}
+    if args.condition == "depth":
+        return {"model": args.depth_model}
+    return {}
+
+
+def _add_condition_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--low_threshold", type=int, default=100, help="canny: lower hysteresis threshold")
+    parser.add_argument("--high_threshold", type=int, default=200, help="canny: upper hysteresis threshold")
+    parser.add_argument("--depth_model", default="Intel/dpt-hybrid-midas",
+                        help="depth: a transformers depth estimator, local folder or hub id (safetensors)")
+
+
 def cmd_data_conditions(args: argparse.Namespace) -> int:
     from .data.conditions import write_condition_dataset
 
     info = write_condition_dataset(args.input_dir, args.out, condition=args.condition, resolution=args.resolution,
                                    caption=args.caption, caption_column=args.caption_column, overwrite=args.overwrite,
-                                   low_threshold=args.low_threshold, high_threshold=args.high_threshold,
-                                   workers=args.workers)
+                                   workers=args.workers, **_condition_settings(args))
     blank = info.pop("blank_conditions")
     print(json.dumps({**info, "blank_conditions": len(blank)}, indent=2))
     if blank:
         print(f"warning: {len(blank)} image(s) gave a blank {args.condition} map ({', '.join(blank[:5])}"
-              f"{' ...' if len(blank) > 5 else ''}): they teach no control; lower --low_threshold / "
-              "--high_threshold or remove them (`difftune data check` lists them too)", file=sys.stderr)
+              f"{' ...' if len(blank) > 5 else ''}): they teach no control; "
+              f"{'lower --low_threshold / --high_threshold or ' if args.condition == 'canny' else ''}"
+              "remove them (`difftune data check` lists them too)", file=sys.stderr)
     return 0
 
 
@@ -238,10 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained_model_name_or_path", default="tiny-shapes", help="base model folder, hub id or built-in name (default: tiny-shapes)")
     g.add_argument("--controlnet", help="trained ControlNet folder (the training --output_dir)")
     g.add_argument("--image", help="conditioning image (with --controlnet)")
-    g.add_argument("--condition", choices=("canny",),
+    g.add_argument("--condition", choices=("canny", "depth"),
                    help="--image is a plain picture: compute this condition from it (saved as OUT-condition.png)")
-    g.add_argument("--low_threshold", type=int, default=100, help="canny: lower hysteresis threshold")
-    g.add_argument("--high_threshold", type=int, default=200, help="canny: upper hysteresis threshold")
+    _add_condition_flags(g)
     g.add_argument("--custom_diffusion", help="trained Custom Diffusion folder; use its tokens in --prompt")
     g.add_argument("--weight_name", help="weight file in the --custom_diffusion folder (default: the trained one)")
     g.add_argument("--prompt", required=True)
@@ -271,13 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(canny edges), captions from metadata.jsonl, .txt files or --caption")
     dc.add_argument("--input_dir", required=True, help="folder of images (any depth)")
     dc.add_argument("--out", required=True)
-    dc.add_argument("--condition", default="canny", choices=("canny",))
+    dc.add_argument("--condition", default="canny", choices=("canny", "depth"))
     dc.add_argument("--resolution", type=int, help="resize + centre-crop to this size before computing the "
                                                    "condition (recommended: your training --resolution)")
     dc.add_argument("--caption", help="one caption for every image")
     dc.add_argument("--caption_column", default="text", help="caption column of INPUT_DIR/metadata.jsonl")
-    dc.add_argument("--low_threshold", type=int, default=100, help="canny: lower hysteresis threshold")
-    dc.add_argument("--high_threshold", type=int, default=200, help="canny: upper hysteresis threshold")
+    _add_condition_flags(dc)
     dc.add_argument("--workers", type=int, help="processes (default: all cores)")
     dc.add_argument("--overwrite", action="store_true")
     dc.set_defaults(func=cmd_data_conditions)
@@ -311,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--controlnet", required=True, help="trained ControlNet folder")
     e.add_argument("--data", help="held-out data folder to take the conditions from: fill50k, or one made by "
                                   "`difftune data conditions` (default: fresh circles / shapes)")
-    e.add_argument("--metric", choices=("fill50k", "canny"),
-                   help="fill50k: circle IoU; canny: edge F1 (default: the condition --data was made with, else fill50k)")
+    e.add_argument("--metric", choices=("fill50k", "canny", "depth"),
+                   help="fill50k: circle IoU; canny: edge F1; depth: depth correlation (default: the condition "
+                        "--data was made with, else fill50k)")
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--no_baseline", action="store_true", help="skip the base-model-alone baseline")
     eb = ev.add_parser("base", help="does the base model draw the prompt's shape and colours?")

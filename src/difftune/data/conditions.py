@@ -12,7 +12,8 @@ Conditions plug in through ``CONDITIONERS`` (name -> a class with ``__call__(PIL
 generated images. ``canny`` is OpenCV's Canny on the RGB image (the gradient of the channel
 that changes most), white edges on black, thresholds 100 / 200 by default: what the
 diffusers and ControlNet documentation use, so a ControlNet trained here takes the edge maps
-people make for those at generation time.
+people make for those at generation time. ``depth`` is a transformers depth estimator's map
+(``Intel/dpt-hybrid-midas`` by default, or any local folder), scaled to its maximum.
 """
 
 from __future__ import annotations
@@ -71,7 +72,69 @@ class Canny:
         return {"condition": self.name, **asdict(self)}
 
 
-CONDITIONERS: dict[str, type] = {"canny": Canny}
+DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"  # the estimator diffusers' depth ControlNet docs use
+_DEPTH_MODELS: dict[str, tuple] = {}  # model -> (processor, model, device), loaded once per process
+
+
+@dataclass(frozen=True)
+class Depth:
+    """A monocular depth map from a transformers depth estimator (DPT, Depth Anything, ...).
+
+    Grey levels are the estimator's output scaled so that its maximum is 255 (MiDaS-style
+    models predict inverse depth: near is bright), as transformers' depth-estimation pipeline
+    writes them and as depth ControlNets are trained. Weights load from safetensors only.
+    The model runs in the main process, on CUDA when there is one.
+    """
+
+    model: str = DEFAULT_DEPTH_MODEL
+
+    name = "depth"
+    in_process = True  # a model: not copied into worker processes
+
+    def _load(self) -> tuple:
+        if self.model not in _DEPTH_MODELS:
+            import torch
+            from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+            from difftune.errors import ModelLoadError
+
+            try:
+                processor = AutoImageProcessor.from_pretrained(self.model)
+                net = AutoModelForDepthEstimation.from_pretrained(self.model, use_safetensors=True).eval()
+            except (OSError, ValueError) as err:
+                where = ("a local folder" if Path(self.model).is_dir() else
+                         "not a local folder, and the Hugging Face Hub could not provide it (offline, or no such "
+                         "repository)")
+                raise ModelLoadError(
+                    f"--depth_model {self.model}: {where}. Give a folder with a transformers depth estimator "
+                    f"(config.json, model.safetensors, preprocessor_config.json). ({type(err).__name__}: {err})"
+                ) from None
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            _DEPTH_MODELS[self.model] = (processor, net.to(device), device)
+        return _DEPTH_MODELS[self.model]
+
+    def depth(self, image: np.ndarray) -> np.ndarray:
+        """Float ``[H, W]`` depth of a uint8 ``[H, W, 3]`` image, scaled to [0, 1] by its maximum."""
+        import torch
+
+        processor, net, device = self._load()
+        inputs = processor(images=Image.fromarray(image), return_tensors="pt").to(device)
+        with torch.no_grad():
+            predicted = net(**inputs).predicted_depth  # [1, h, w]
+        resized = torch.nn.functional.interpolate(predicted[:, None].float(), size=image.shape[:2], mode="bicubic",
+                                                  align_corners=False)[0, 0].clamp(min=0).cpu().numpy()
+        top = float(resized.max())
+        return resized / top if top > 0 else resized
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        grey = (self.depth(np.asarray(image.convert("RGB"))) * 255).round().astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+
+    def settings(self) -> dict:
+        return {"condition": self.name, **asdict(self)}
+
+
+CONDITIONERS: dict[str, type] = {"canny": Canny, "depth": Depth}
 
 
 def conditioner_from_settings(settings: dict):
@@ -196,7 +259,7 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
     jobs = [(i, path, tmp, name, resolution, conditioner) for i, (path, name) in enumerate(zip(images, names))]
     made = None
     try:
-        made = ordered_map(_make_pair, jobs, default_workers(workers))
+        made = ordered_map(_make_pair, jobs, 1 if getattr(conditioner, "in_process", False) else default_workers(workers))
         blank = [str(path.relative_to(src)) for path, is_blank in
                  zip(images, tqdm(made, total=len(jobs), desc=condition, unit="image", disable=not progress))
                  if is_blank]

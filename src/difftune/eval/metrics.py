@@ -23,8 +23,12 @@ by hand:
   (recall) when a generated edge lies that close. (BSDS matches pixels one to one; counting
   within the tolerance is the common simpler form, and can only read a little higher.)
 
+- for depth conditions, the same estimator runs on the generated image and its map is compared
+  with the condition's (Pearson correlation and mean absolute difference, both maps scaled to
+  their maximum).
+
 Condition metrics share one small interface (``ConditionMetric``) so that other conditions
-(depth error, pose keypoints, ...) plug in beside circle IoU and edge F1.
+(pose keypoints, segmentation, ...) plug in beside circle IoU, edge F1 and depth.
 """
 
 from __future__ import annotations
@@ -232,7 +236,32 @@ class EdgeF1:
         return edge_f1(predicted, truth, tolerance)
 
 
-CONDITION_METRICS: dict[str, type] = {"fill50k": CircleIoU, "canny": EdgeF1}
+class DepthFidelity:
+    """Depth conditions: the same estimator on the generated image, against the condition's depth map.
+
+    Both maps are scaled to their maximum (as the condition was made); ``depth_corr`` is their
+    Pearson correlation over pixels (1: the same layout of near and far, whatever the overall
+    scale), ``depth_mae`` the mean absolute difference on that [0, 1] scale.
+    """
+
+    name = "depth_corr"
+
+    def __init__(self, conditioner=None) -> None:
+        from ..data.conditions import Depth
+
+        self.conditioner = conditioner or Depth()
+
+    def score(self, image: np.ndarray, target: dict) -> dict[str, float]:
+        truth = np.asarray(target["condition"].convert("L"), dtype=np.float64) / 255.0
+        truth = truth / truth.max() if truth.max() > 0 else truth
+        predicted = self.conditioner.depth(image).astype(np.float64)
+        a, b = truth - truth.mean(), predicted - predicted.mean()
+        denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+        return {"depth_corr": float((a * b).sum() / denom) if denom > 0 else 0.0,
+                "depth_mae": float(np.abs(truth - predicted).mean())}
+
+
+CONDITION_METRICS: dict[str, type] = {"fill50k": CircleIoU, "canny": EdgeF1, "depth": DepthFidelity}
 
 
 def shape_scores(image: np.ndarray, shape: str, color: tuple, background: tuple) -> dict[str, float]:
