@@ -127,7 +127,7 @@ def test_condition_dataset_errors_name_the_file_and_leave_nothing_behind(tmp_pat
         write_condition_dataset(src, tmp_path / "out", progress=False)
 
 
-def test_canny_controlnet_end_to_end_through_the_cli(tiny_model_dir, tmp_path, capsys):
+def test_canny_controlnet_end_to_end_through_the_cli(tiny_model_dir, tiny_depth_model, tmp_path, capsys):
     """Shapes folder -> canny data set -> train -> eval with edge F1 (the metric found from the data set)."""
     from conftest import make_config
 
@@ -159,6 +159,14 @@ def test_canny_controlnet_end_to_end_through_the_cli(tiny_model_dir, tmp_path, c
     small = np.asarray(Image.open(photo).resize((32, 32), Image.Resampling.BICUBIC))
     assert cond.shape == (32, 32) and np.array_equal(cond, Canny().edges(small))
     assert Image.open(tmp_path / "g.png").size == (32, 32)
+    assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(run),
+                 "--image", str(photo), "--condition", "depth", "--depth_model", str(tiny_depth_model),
+                 "--prompt", "a square", "--resolution", "32", "--num_inference_steps", "2",
+                 "--out", str(tmp_path / "d.png")]) == 0
+    from difftune.data.conditions import Depth
+
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "d-condition.png")), np.asarray(Depth(str(tiny_depth_model))(
+        Image.fromarray(small))))
 
 
 def test_shapes_folder_is_a_captioned_image_folder(tmp_path):
