@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from difftune.data.conditions import Canny, write_condition_dataset, write_shapes_folder
-from difftune.data.shapes import ShapeSample, render_shape
+from difftune.data.shapes import ShapeSample, render_shape, sample_shapes
 from difftune.errors import ConfigError, DataError
 from difftune.eval.metrics import EdgeF1, edge_f1
 
@@ -245,7 +245,7 @@ def test_depth_condition_data_set_and_metric(tiny_depth_model, tmp_path):
     # fidelity: the true picture reads as its own condition, another picture does not
     scores = DepthFidelity(depth).score(np.asarray(image), {"condition": Image.fromarray(cond)})
     assert scores["depth_corr"] > 0.99 and scores["depth_mae"] < 0.01
-    others = [render_shape(s, 64) for s in __import__("difftune.data.shapes", fromlist=["x"]).sample_shapes(3, 64, 0)]
+    others = [render_shape(s, 64) for s in sample_shapes(3, 64, 0)]
     assert max(DepthFidelity(depth).score(np.asarray(o), {"condition": Image.fromarray(cond)})["depth_corr"]
                for o in others) < 0.9
     assert Depth(str(tiny_depth_model)).settings()["model"] == str(tiny_depth_model)
