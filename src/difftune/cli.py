@@ -237,6 +237,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import ControlNetConfig
+    from .data.conditions import CONDITIONERS
     from .recipes import RECIPES
 
     p = argparse.ArgumentParser(prog="difftune", description="Train ControlNet and Custom Diffusion adapters on frozen Stable Diffusion models.")
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained_model_name_or_path", default="tiny-shapes", help="base model folder, hub id or built-in name (default: tiny-shapes)")
     g.add_argument("--controlnet", help="trained ControlNet folder (the training --output_dir)")
     g.add_argument("--image", help="conditioning image (with --controlnet)")
-    g.add_argument("--condition", choices=("canny", "depth"),
+    g.add_argument("--condition", choices=tuple(CONDITIONERS),
                    help="--image is a plain picture: compute this condition from it (saved as OUT-condition.png)")
     _add_condition_flags(g)
     g.add_argument("--custom_diffusion", help="trained Custom Diffusion folder; use its tokens in --prompt")
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(canny edges), captions from metadata.jsonl, .txt files or --caption")
     dc.add_argument("--input_dir", required=True, help="folder of images (any depth)")
     dc.add_argument("--out", required=True)
-    dc.add_argument("--condition", default="canny", choices=("canny", "depth"))
+    dc.add_argument("--condition", default="canny", choices=tuple(CONDITIONERS))
     dc.add_argument("--resolution", type=int, help="resize + centre-crop to this size before computing the "
                                                    "condition (recommended: your training --resolution)")
     dc.add_argument("--caption", help="one caption for every image")
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--controlnet", required=True, help="trained ControlNet folder")
     e.add_argument("--data", help="held-out data folder to take the conditions from: fill50k, or one made by "
                                   "`difftune data conditions` (default: fresh circles / shapes)")
-    e.add_argument("--metric", choices=("fill50k", "canny", "depth"),
+    e.add_argument("--metric", choices=("fill50k", *CONDITIONERS),
                    help="fill50k: circle IoU; canny: edge F1; depth: depth correlation (default: the condition "
                         "--data was made with, else fill50k)")
     e.add_argument("--n", type=int, default=200)

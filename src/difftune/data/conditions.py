@@ -44,8 +44,25 @@ def _cv2():
     return cv2
 
 
+class Conditioner:
+    """What every condition shares: its ``name``, whether it must run in the main process, and
+    its ``settings()`` (the dataclass fields plus the name), which ``conditioner_from_settings``
+    turns back into the same conditioner."""
+
+    name = ""
+    in_process = False  # True for model-based conditions: not copied into worker processes
+
+    def settings(self) -> dict:
+        return {"condition": self.name, **asdict(self)}
+
+    @staticmethod
+    def grey_rgb(values: np.ndarray) -> Image.Image:
+        """A uint8 ``[H, W]`` map as a 3-channel image (what ControlNets take)."""
+        return Image.fromarray(np.repeat(values[:, :, None], 3, axis=2))
+
+
 @dataclass(frozen=True)
-class Canny:
+class Canny(Conditioner):
     """Canny edges (white on black, RGB) with hysteresis thresholds on the 0-255 gradient scale."""
 
     low_threshold: int = 100
@@ -65,11 +82,7 @@ class Canny:
         return _cv2().Canny(np.ascontiguousarray(image), self.low_threshold, self.high_threshold) > 0
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        edges = self.edges(np.asarray(image.convert("RGB"))).astype(np.uint8) * 255
-        return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
-
-    def settings(self) -> dict:
-        return {"condition": self.name, **asdict(self)}
+        return self.grey_rgb(self.edges(np.asarray(image.convert("RGB"))).astype(np.uint8) * 255)
 
 
 DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"  # the estimator diffusers' depth ControlNet docs use
@@ -77,7 +90,7 @@ _DEPTH_MODELS: dict[str, tuple] = {}  # model -> (processor, model, device), loa
 
 
 @dataclass(frozen=True)
-class Depth:
+class Depth(Conditioner):
     """A monocular depth map from a transformers depth estimator (DPT, Depth Anything, ...).
 
     Grey levels are the estimator's output scaled so that its maximum is 255 (MiDaS-style
@@ -89,7 +102,7 @@ class Depth:
     model: str = DEFAULT_DEPTH_MODEL
 
     name = "depth"
-    in_process = True  # a model: not copied into worker processes
+    in_process = True
 
     def _load(self) -> tuple:
         if self.model not in _DEPTH_MODELS:
@@ -127,11 +140,7 @@ class Depth:
         return resized / top if top > 0 else resized
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        grey = (self.depth(np.asarray(image.convert("RGB"))) * 255).round().astype(np.uint8)
-        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
-
-    def settings(self) -> dict:
-        return {"condition": self.name, **asdict(self)}
+        return self.grey_rgb((self.depth(np.asarray(image.convert("RGB"))) * 255).round().astype(np.uint8))
 
 
 CONDITIONERS: dict[str, type] = {"canny": Canny, "depth": Depth}
@@ -259,7 +268,7 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
     jobs = [(i, path, tmp, name, resolution, conditioner) for i, (path, name) in enumerate(zip(images, names))]
     made = None
     try:
-        made = ordered_map(_make_pair, jobs, 1 if getattr(conditioner, "in_process", False) else default_workers(workers))
+        made = ordered_map(_make_pair, jobs, 1 if conditioner.in_process else default_workers(workers))
         blank = [str(path.relative_to(src)) for path, is_blank in
                  zip(images, tqdm(made, total=len(jobs), desc=condition, unit="image", disable=not progress))
                  if is_blank]

@@ -22,7 +22,6 @@ by hand:
   ``EDGE_TOLERANCE`` x the image diagonal (at least 1 px), and a condition edge pixel as found
   (recall) when a generated edge lies that close. (BSDS matches pixels one to one; counting
   within the tolerance is the common simpler form, and can only read a little higher.)
-
 - for depth conditions, the same estimator runs on the generated image and its map is compared
   with the condition's (Pearson correlation and mean absolute difference, both maps scaled to
   their maximum).

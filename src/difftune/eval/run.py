@@ -114,23 +114,18 @@ def eval_condition_rows(n: int, resolution: int, seed: int, data: str | Path | N
     return targets
 
 
-def detect_metric(data: str | Path | None) -> str:
-    """The condition a data folder was made with (its ``difftune_dataset.json``); fill50k otherwise."""
-    from ..data.conditions import read_manifest
-
-    return (read_manifest(data).get("condition") if data is not None else None) or "fill50k"
-
-
-def condition_targets(metric: str, n: int, resolution: int, seed: int, data: str | Path | None):
-    """(scorer, held-out targets) for a condition metric."""
+def condition_targets(metric: str | None, n: int, resolution: int, seed: int, data: str | Path | None):
+    """(scorer, held-out targets) for a condition metric; by default the condition ``data``'s
+    ``difftune_dataset.json`` names (with its settings), else fill50k."""
     from ..data.conditions import CONDITIONERS, conditioner_from_settings, read_manifest
     from ..errors import ConfigError
 
+    manifest = read_manifest(data) if data is not None else {}
+    metric = metric or manifest.get("condition") or "fill50k"
     if metric not in CONDITION_METRICS:
         raise ConfigError(f"--metric {metric!r}: known metrics are {', '.join(CONDITION_METRICS)}")
     if metric == "fill50k":
         return CONDITION_METRICS[metric](), eval_circles(n, resolution, seed, data)
-    manifest = read_manifest(data) if data is not None else {}
     conditioner = (conditioner_from_settings(manifest["conditioner"]) if manifest.get("condition") == metric
                    else CONDITIONERS[metric]())
     return CONDITION_METRICS[metric](conditioner), eval_condition_rows(n, resolution, seed, data, conditioner)
@@ -146,8 +141,8 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
                     out: str | Path | None = None, metric: str | None = None, baseline: bool = True) -> dict:
     """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline.
 
-    ``metric``: ``fill50k`` (circle IoU) or ``canny`` (edge F1); by default the condition
-    ``data``'s ``difftune_dataset.json`` names, else fill50k.
+    ``metric``: ``fill50k`` (circle IoU), ``canny`` (edge F1) or ``depth`` (depth correlation);
+    by default the condition ``data``'s ``difftune_dataset.json`` names, else fill50k.
     """
     from ..models import load_base_model, load_controlnet
     from ..pipelines import controlnet_pipeline
@@ -155,7 +150,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
 
     base = load_base_model(pretrained_model_name_or_path)
     res = _base_resolution(base)
-    scorer, targets = condition_targets(metric or detect_metric(data), n, res, seed, data)
+    scorer, targets = condition_targets(metric, n, res, seed, data)
     prompts = [t["prompt"] for t in targets]
     net = controlnet if isinstance(controlnet, torch.nn.Module) else load_controlnet(str(controlnet))
     pipe = controlnet_pipeline(base, net)
