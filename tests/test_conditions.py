@@ -251,6 +251,65 @@ def test_depth_condition_data_set_and_metric(tiny_depth_model, tmp_path):
     assert Depth(str(tiny_depth_model)).settings()["model"] == str(tiny_depth_model)
 
 
+def test_depth_runs_pictures_of_any_sizes_as_batches(tiny_depth_model, tmp_path):
+    from difftune.data import conditions
+
+    depth = conditions.Depth(str(tiny_depth_model))
+    pictures = [_square(), _square(48, 8), _square(64, 20), _square(48, 14)]
+    batched = depth.batch(pictures)
+    for picture, cond in zip(pictures, batched):  # a batch gives each picture its own map
+        assert cond.size == picture.size
+        assert np.abs(np.asarray(cond, dtype=int) - np.asarray(depth(picture), dtype=int)).max() <= 1
+    src = tmp_path / "photos"  # no --resolution: sizes differ within a batch, and batches straddle the end
+    for k, picture in enumerate(pictures * 5):
+        (src / f"{k:02d}.png").parent.mkdir(exist_ok=True)
+        picture.save(src / f"{k:02d}.png")
+    info = write_condition_dataset(src, tmp_path / "out", condition="depth", model=str(tiny_depth_model),
+                                   caption="x", progress=False)
+    assert info["n"] == 20 > conditions.IN_PROCESS_BATCH
+    for k in (0, 1, 17, 19):
+        cond = np.asarray(Image.open(tmp_path / "out" / "conditioning" / f"{k:05d}.png"), dtype=int)
+        assert np.abs(cond - np.asarray(batched[k % 4], dtype=int)).max() <= 1
+
+
+def test_eval_targets_refuse_nothing_to_score_and_take_setting_overrides(tiny_depth_model, tmp_path):
+    import shutil
+
+    from difftune.cli import build_parser
+    from difftune.eval.run import condition_targets
+
+    with pytest.raises(ConfigError, match="--n 0: evaluate at least one"):
+        condition_targets(None, 0, 64, 0, None)
+    flat = tmp_path / "flat"  # pictures of one colour: every canny map is blank
+    flat.mkdir()
+    for k in range(3):
+        Image.new("RGB", (64, 64), (40 * k, 90, 200)).save(flat / f"{k}.png")
+    write_condition_dataset(flat, tmp_path / "flat-canny", caption="x", progress=False)
+    with pytest.raises(DataError, match="flat-canny: no held-out condition to evaluate \\(blank conditions"):
+        condition_targets(None, 5, 64, 0, tmp_path / "flat-canny")
+    with pytest.raises(ConfigError, match="model: not a setting of the canny metric's detector"):
+        condition_targets("canny", 2, 64, 0, None, {"model": "x"})
+    with pytest.raises(ConfigError, match="low_threshold: not a setting of the fill50k"):
+        condition_targets("fill50k", 2, 64, 0, None, {"low_threshold": 1})
+    # a depth data set whose estimator has moved since: --depth_model points eval at its new place
+    moved = tmp_path / "dpt-then"
+    shutil.copytree(tiny_depth_model, moved)
+    src = tmp_path / "photos"
+    _photos(src, n=3)
+    write_condition_dataset(src, tmp_path / "d", condition="depth", model=str(moved), caption="x", resolution=64,
+                            progress=False)
+    shutil.rmtree(moved)
+    args = build_parser().parse_args(["eval", "controlnet", "--controlnet", "cn", "--data", str(tmp_path / "d"),
+                                      "--depth_model", str(tiny_depth_model), "--out", "o"])
+    from difftune.cli import _condition_settings
+
+    settings = _condition_settings(args, None)
+    assert settings == {"model": str(tiny_depth_model)}
+    scorer, targets = condition_targets(args.metric, 2, 64, 0, args.data, settings)
+    assert len(targets) == 2 and scorer.conditioner.model == str(tiny_depth_model)
+    assert scorer.score(np.asarray(targets[0]["image"]), targets[0])["depth_corr"] > 0.99
+
+
 def test_depth_model_loads_safetensors_only_and_fails_clearly_offline(tiny_depth_model, tmp_path):
     import shutil
 

@@ -22,13 +22,15 @@ from safetensors.torch import load_file
 
 
 def main() -> None:
+    from difftune.eval.metrics import CONDITION_METRICS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--base", default="tiny-shapes")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--data", help="held-out data folder (default: fresh circles / shapes)")
-    ap.add_argument("--metric", choices=("fill50k", "canny", "depth"), help="default: the condition --data was made with")
+    ap.add_argument("--metric", choices=tuple(CONDITION_METRICS), help="default: the condition --data was made with")
     args = ap.parse_args()
 
     from diffusers import ControlNetModel

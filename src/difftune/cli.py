@@ -104,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cpu_offload=args.cpu_offload,
         enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
         condition=args.condition, condition_out=condition_out,
-        condition_settings=_condition_settings(args),
+        condition_settings=_condition_settings(args, args.condition) if args.condition else {},
     )
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
     for im, p in zip(images, paths):
@@ -124,20 +124,29 @@ def cmd_data_fill50k(args: argparse.Namespace) -> int:
     return 0
 
 
-def _condition_settings(args: argparse.Namespace) -> dict:
-    """The settings flags of the chosen ``--condition``."""
-    if args.condition == "canny":
-        return {"low_threshold": args.low_threshold, "high_threshold": args.high_threshold}
-    if args.condition == "depth":
-        return {"model": args.depth_model}
-    return {}
+# flag -> (condition, the conditioner's setting it fills)
+CONDITION_FLAGS = {"low_threshold": ("canny", "low_threshold"), "high_threshold": ("canny", "high_threshold"),
+                   "depth_model": ("depth", "model")}
 
 
-def _add_condition_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--low_threshold", type=int, default=100, help="canny: lower hysteresis threshold")
-    parser.add_argument("--high_threshold", type=int, default=200, help="canny: upper hysteresis threshold")
-    parser.add_argument("--depth_model", default="Intel/dpt-hybrid-midas",
-                        help="depth: a transformers depth estimator, local folder or hub id (safetensors)")
+def _condition_settings(args: argparse.Namespace, condition: str | None) -> dict:
+    """The settings flags of ``condition`` (None: of any condition, those given; ``difftune eval``'s
+    flags have no defaults, the data set's settings are the defaults)."""
+    return {key: getattr(args, flag) for flag, (name, key) in CONDITION_FLAGS.items()
+            if (condition is None or name == condition) and getattr(args, flag) is not None}
+
+
+def _add_condition_flags(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    from .data.conditions import DEFAULT_DEPTH_MODEL
+
+    given = " (default: the setting --data was made with)" if not defaults else ""
+    parser.add_argument("--low_threshold", type=int, default=100 if defaults else None,
+                        help=f"canny: lower hysteresis threshold{given or ' (default 100)'}")
+    parser.add_argument("--high_threshold", type=int, default=200 if defaults else None,
+                        help=f"canny: upper hysteresis threshold{given or ' (default 200)'}")
+    parser.add_argument("--depth_model", default=DEFAULT_DEPTH_MODEL if defaults else None,
+                        help=f"depth: a transformers depth estimator, local folder or hub id (safetensors)"
+                             f"{given or f' (default {DEFAULT_DEPTH_MODEL})'}")
 
 
 def cmd_data_conditions(args: argparse.Namespace) -> int:
@@ -145,7 +154,7 @@ def cmd_data_conditions(args: argparse.Namespace) -> int:
 
     info = write_condition_dataset(args.input_dir, args.out, condition=args.condition, resolution=args.resolution,
                                    caption=args.caption, caption_column=args.caption_column, overwrite=args.overwrite,
-                                   workers=args.workers, **_condition_settings(args))
+                                   workers=args.workers, **_condition_settings(args, args.condition))
     blank = info.pop("blank_conditions")
     print(json.dumps({**info, "blank_conditions": len(blank)}, indent=2))
     if blank:
@@ -201,7 +210,8 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
 
     result = eval_controlnet(args.pretrained_model_name_or_path, args.controlnet, data=args.data, n=args.n,
                              steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
-                             out=args.out, baseline=not args.no_baseline, metric=args.metric)
+                             out=args.out, baseline=not args.no_baseline, metric=args.metric,
+                             condition_settings=_condition_settings(args, None))
     print(format_table(result))
     print(f"details: {Path(args.out) / 'eval_controlnet.json'}, grid (condition | ControlNet | base alone): "
           f"{Path(args.out) / 'eval_controlnet.png'}")
@@ -238,6 +248,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .config import ControlNetConfig
     from .data.conditions import CONDITIONERS
+    from .eval.metrics import CONDITION_METRICS
     from .recipes import RECIPES
 
     p = argparse.ArgumentParser(prog="difftune", description="Train ControlNet and Custom Diffusion adapters on frozen Stable Diffusion models.")
@@ -321,16 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="measured quality").add_subparsers(dest="what", required=True)
     e = ev.add_parser("controlnet", help="condition fidelity on held-out conditions (fill50k: circle IoU; "
-                                         "canny: edge F1)")
+                                         "canny: edge F1; depth: depth correlation)")
     e.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
     e.add_argument("--controlnet", required=True, help="trained ControlNet folder")
     e.add_argument("--data", help="held-out data folder to take the conditions from: fill50k, or one made by "
                                   "`difftune data conditions` (default: fresh circles / shapes)")
-    e.add_argument("--metric", choices=("fill50k", *CONDITIONERS),
+    e.add_argument("--metric", choices=tuple(CONDITION_METRICS),
                    help="fill50k: circle IoU; canny: edge F1; depth: depth correlation (default: the condition "
                         "--data was made with, else fill50k)")
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--no_baseline", action="store_true", help="skip the base-model-alone baseline")
+    _add_condition_flags(e, defaults=False)
     eb = ev.add_parser("base", help="does the base model draw the prompt's shape and colours?")
     eb.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
     eb.add_argument("--n_prompts", type=int, default=30)

@@ -7,7 +7,7 @@ by the trainer's bilinear resampling), and both are written as PNGs with a
 ``metadata.jsonl`` of file paths and captions.
 
 Conditions plug in through ``CONDITIONERS`` (name -> a class with ``__call__(PIL RGB image)
--> PIL RGB condition`` and the settings to record); the settings are written to
+-> PIL RGB condition``, optionally a faster ``batch(images)``, and the settings to record); the settings are written to
 ``difftune_dataset.json`` so that ``difftune eval controlnet`` computes the same condition on
 generated images. ``canny`` is OpenCV's Canny on the RGB image (the gradient of the channel
 that changes most), white edges on black, thresholds 100 / 200 by default: what the
@@ -54,6 +54,10 @@ class Conditioner:
 
     def settings(self) -> dict:
         return {"condition": self.name, **asdict(self)}
+
+    def batch(self, images: list[Image.Image]) -> list[Image.Image]:
+        """The conditions of several images; model-based conditions run them as one batch."""
+        return [self(image) for image in images]
 
     @staticmethod
     def grey_rgb(values: np.ndarray) -> Image.Image:
@@ -126,21 +130,40 @@ class Depth(Conditioner):
             _DEPTH_MODELS[self.model] = (processor, net.to(device), device)
         return _DEPTH_MODELS[self.model]
 
-    def depth(self, image: np.ndarray) -> np.ndarray:
-        """Float ``[H, W]`` depth of a uint8 ``[H, W, 3]`` image, scaled to [0, 1] by its maximum."""
+    def depths(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Float ``[H, W]`` depths of uint8 ``[H, W, 3]`` images, each scaled to [0, 1] by its maximum.
+
+        One forward pass for all of them (the processor resizes every image to the estimator's
+        input size); each map is then resized back to its own image's size.
+        """
         import torch
 
         processor, net, device = self._load()
-        inputs = processor(images=Image.fromarray(image), return_tensors="pt").to(device)
-        with torch.no_grad():
-            predicted = net(**inputs).predicted_depth  # [1, h, w]
-        resized = torch.nn.functional.interpolate(predicted[:, None].float(), size=image.shape[:2], mode="bicubic",
-                                                  align_corners=False)[0, 0].clamp(min=0).cpu().numpy()
-        top = float(resized.max())
-        return resized / top if top > 0 else resized
+        maps: list = [None] * len(images)
+        by_size: dict[tuple, list[int]] = {}  # a processor keeping aspect ratios needs equal sizes to stack
+        for i, image in enumerate(images):
+            by_size.setdefault(image.shape, []).append(i)
+        for picked in by_size.values():
+            inputs = processor(images=[Image.fromarray(images[i]) for i in picked], return_tensors="pt").to(device)
+            with torch.no_grad():
+                predicted = net(**inputs).predicted_depth.float()  # [N, h, w]
+            resized = torch.nn.functional.interpolate(predicted[:, None], size=images[picked[0]].shape[:2],
+                                                      mode="bicubic", align_corners=False)[:, 0].clamp(min=0)
+            for i, m in zip(picked, resized.cpu().numpy()):
+                top = float(m.max())
+                maps[i] = m / top if top > 0 else m
+        return maps
+
+    def depth(self, image: np.ndarray) -> np.ndarray:
+        """Float ``[H, W]`` depth of a uint8 ``[H, W, 3]`` image, scaled to [0, 1] by its maximum."""
+        return self.depths([image])[0]
+
+    def batch(self, images: list[Image.Image]) -> list[Image.Image]:
+        maps = self.depths([np.asarray(image.convert("RGB")) for image in images])
+        return [self.grey_rgb((m * 255).round().astype(np.uint8)) for m in maps]
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return self.grey_rgb((self.depth(np.asarray(image.convert("RGB"))) * 255).round().astype(np.uint8))
+        return self.batch([image])[0]
 
 
 CONDITIONERS: dict[str, type] = {"canny": Canny, "depth": Depth}
@@ -212,19 +235,29 @@ def read_captions(input_dir: Path, images: list[Path], caption: str | None, capt
     return captions
 
 
-def _make_pair(job: tuple) -> bool:
-    """Worker: read one picture, crop it, write it and its condition; True when the condition is blank."""
+IN_PROCESS_BATCH = 16  # pictures per forward pass of a model-based condition
+
+
+def _make_pairs(jobs: list[tuple]) -> list[bool]:
+    """Read pictures, crop them, write them and their conditions; True for each blank condition.
+
+    A worker gets one job; the main process gets ``IN_PROCESS_BATCH`` of them for a model-based
+    condition, which computes their conditions in one batch.
+    """
     from .images import load_image
     from .transforms import resize_center_crop
 
-    index, path, tmp, name, resolution, conditioner = job
-    image = load_image(str(path), where=f"image {index}")
-    if resolution is not None:
-        image = resize_center_crop(image, resolution, "bicubic")
-    image.save(tmp / "images" / name)
-    cond = conditioner(image)
-    cond.save(tmp / "conditioning" / name)
-    return not cond.getbbox()
+    images = []
+    for index, path, tmp, name, resolution, _ in jobs:
+        image = load_image(str(path), where=f"image {index}")
+        if resolution is not None:
+            image = resize_center_crop(image, resolution, "bicubic")
+        image.save(tmp / "images" / name)
+        images.append(image)
+    conditions = jobs[0][-1].batch(images)
+    for (_, _, tmp, name, _, _), cond in zip(jobs, conditions):
+        cond.save(tmp / "conditioning" / name)
+    return [not cond.getbbox() for cond in conditions]
 
 
 def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.PathLike, condition: str = "canny",
@@ -268,10 +301,16 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
     jobs = [(i, path, tmp, name, resolution, conditioner) for i, (path, name) in enumerate(zip(images, names))]
     made = None
     try:
-        made = ordered_map(_make_pair, jobs, 1 if conditioner.in_process else default_workers(workers))
-        blank = [str(path.relative_to(src)) for path, is_blank in
-                 zip(images, tqdm(made, total=len(jobs), desc=condition, unit="image", disable=not progress))
-                 if is_blank]
+        size = IN_PROCESS_BATCH if conditioner.in_process else 1
+        groups = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+        made = ordered_map(_make_pairs, groups, 1 if conditioner.in_process else default_workers(workers))
+        bar = tqdm(total=len(jobs), desc=condition, unit="image", disable=not progress)
+        flags = []
+        for group_flags in made:
+            flags.extend(group_flags)
+            bar.update(len(group_flags))
+        bar.close()
+        blank = [str(path.relative_to(src)) for path, is_blank in zip(images, flags) if is_blank]
         rows = [{"image": f"images/{name}", "conditioning_image": f"conditioning/{name}", "text": text,
                  "source": str(path.relative_to(src))} for path, name, text in zip(images, names, captions)]
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -114,21 +115,40 @@ def eval_condition_rows(n: int, resolution: int, seed: int, data: str | Path | N
     return targets
 
 
-def condition_targets(metric: str | None, n: int, resolution: int, seed: int, data: str | Path | None):
+def condition_targets(metric: str | None, n: int, resolution: int, seed: int, data: str | Path | None,
+                      condition_settings: dict | None = None):
     """(scorer, held-out targets) for a condition metric; by default the condition ``data``'s
-    ``difftune_dataset.json`` names (with its settings), else fill50k."""
-    from ..data.conditions import CONDITIONERS, conditioner_from_settings, read_manifest
-    from ..errors import ConfigError
+    ``difftune_dataset.json`` names, else fill50k.
 
+    The detector's settings are the data set's, updated by ``condition_settings`` (e.g. another
+    ``model`` for depth, when the one the data set was made with has moved).
+    """
+    from ..data.conditions import CONDITIONERS, conditioner_from_settings, read_manifest
+    from ..errors import ConfigError, DataError
+
+    if n < 1:
+        raise ConfigError(f"--n {n}: evaluate at least one held-out condition (default 200)")
     manifest = read_manifest(data) if data is not None else {}
     metric = metric or manifest.get("condition") or "fill50k"
     if metric not in CONDITION_METRICS:
         raise ConfigError(f"--metric {metric!r}: known metrics are {', '.join(CONDITION_METRICS)}")
+    known = {f.name for f in fields(CONDITIONERS[metric])} if metric in CONDITIONERS else set()
+    if unknown := sorted(set(condition_settings or {}) - known):
+        raise ConfigError(f"{', '.join(unknown)}: not a setting of the {metric} metric's detector"
+                          f"{' (its settings: ' + ', '.join(sorted(known)) + ')' if known else ''}")
     if metric == "fill50k":
-        return CONDITION_METRICS[metric](), eval_circles(n, resolution, seed, data)
-    conditioner = (conditioner_from_settings(manifest["conditioner"]) if manifest.get("condition") == metric
-                   else CONDITIONERS[metric]())
-    return CONDITION_METRICS[metric](conditioner), eval_condition_rows(n, resolution, seed, data, conditioner)
+        scorer, targets = CONDITION_METRICS[metric](), eval_circles(n, resolution, seed, data)
+    else:
+        settings = dict(manifest["conditioner"]) if manifest.get("condition") == metric else {"condition": metric}
+        conditioner = conditioner_from_settings({**settings, **(condition_settings or {})})
+        scorer = CONDITION_METRICS[metric](conditioner)
+        targets = eval_condition_rows(n, resolution, seed, data, conditioner)
+    if not targets:
+        left_out = ("blank conditions" if metric != "fill50k" else
+                    f"circles whose colours differ by less than Delta E {MIN_CONTRAST}")
+        raise DataError(f"--data {data}: no held-out condition to evaluate ({left_out} are left out, and that was "
+                        "all of them); give a data set with visible conditions, or leave out --data for fresh ones")
+    return scorer, targets
 
 
 def _summary(scores: list[dict]) -> dict:
@@ -138,11 +158,13 @@ def _summary(scores: list[dict]) -> dict:
 
 def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | Path | None = None,
                     n: int = 200, steps: int = 20, seed: int = 0, guidance_scale: float = 7.5,
-                    out: str | Path | None = None, metric: str | None = None, baseline: bool = True) -> dict:
+                    out: str | Path | None = None, metric: str | None = None, baseline: bool = True,
+                    condition_settings: dict | None = None) -> dict:
     """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline.
 
     ``metric``: ``fill50k`` (circle IoU), ``canny`` (edge F1) or ``depth`` (depth correlation);
     by default the condition ``data``'s ``difftune_dataset.json`` names, else fill50k.
+    ``condition_settings`` override the detector settings the data set records.
     """
     from ..models import load_base_model, load_controlnet
     from ..pipelines import controlnet_pipeline
@@ -150,7 +172,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
 
     base = load_base_model(pretrained_model_name_or_path)
     res = _base_resolution(base)
-    scorer, targets = condition_targets(metric, n, res, seed, data)
+    scorer, targets = condition_targets(metric, n, res, seed, data, condition_settings)
     prompts = [t["prompt"] for t in targets]
     net = controlnet if isinstance(controlnet, torch.nn.Module) else load_controlnet(str(controlnet))
     pipe = controlnet_pipeline(base, net)
