@@ -117,6 +117,23 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, fill_dir, capsys):
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["data", "fill50k", "--out", "x", "--n", "0"], "--n: must be at least 1, not 0"),
+    (["data", "shapes", "--out", "x", "--n", "-3"], "--n: must be at least 1, not -3"),
+    (["eval", "base", "--per_prompt", "0"], "--per_prompt: must be at least 1"),
+    (["eval", "controlnet", "--controlnet", "c", "--n", "0"], "--n: must be at least 1"),
+    (["eval", "custom-diffusion", "--custom_diffusion", "c", "--num_inference_steps", "0"],
+     "--num_inference_steps: must be at least 1"),
+    (["generate", "--controlnet", "c", "--image", "i", "--prompt", "p", "--num_images", "two"],
+     "--num_images: 'two' is not an integer"),
+    (["bench", "--steps", "0"], "--steps: must be at least 1"),
+])
+def test_counts_below_their_minimum_are_refused_with_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2 and flag in capsys.readouterr().err
+
+
 def test_optional_packages_give_install_hints(tiny_model_dir, fill_dir, tmp_path):
     import importlib.util
 

@@ -20,6 +20,23 @@ from .errors import UserError
 _MISSING = object()
 
 
+def at_least(minimum: int):
+    """An argparse ``type``: an integer no smaller than ``minimum`` (counts, steps, batch sizes), so
+    ``--n 0`` is refused with the flag's name instead of failing later on an empty list."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its messages
+    return parse
+
+
 def _unwrap(tp):
     """(base type, is_list) of an annotation like ``int | None`` or ``list[str] | None``."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -273,12 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_name", help="weight file in the --custom_diffusion folder (default: the trained one)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative_prompt")
-    g.add_argument("--num_inference_steps", type=int, default=20)
+    g.add_argument("--num_inference_steps", type=at_least(1), default=20)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--guidance_scale", type=float, default=7.5)
     g.add_argument("--controlnet_conditioning_scale", type=float, default=1.0)
-    g.add_argument("--num_images", type=int, default=1)
-    g.add_argument("--resolution", type=int, help="image size (default: the base model's)")
+    g.add_argument("--num_images", type=at_least(1), default=1)
+    g.add_argument("--resolution", type=at_least(8), help="image size (default: the base model's)")
     g.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     g.add_argument("--cpu_offload", action="store_true", help="keep only the running model on the GPU")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
@@ -288,10 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="tool", required=True)
     f = data.add_parser("fill50k", help="generate the fill50k circles data set")
     f.add_argument("--out", required=True)
-    f.add_argument("--n", type=int, default=50000)
-    f.add_argument("--resolution", type=int, default=512)
+    f.add_argument("--n", type=at_least(1), default=50000)
+    f.add_argument("--resolution", type=at_least(8), default=512)
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--workers", type=int, help="processes (default: all cores)")
+    f.add_argument("--workers", type=at_least(1), help="processes (default: all cores)")
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=cmd_data_fill50k)
     dc = data.add_parser("conditions", help="a ControlNet data set from a plain image folder: conditions computed "
@@ -299,18 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--input_dir", required=True, help="folder of images (any depth)")
     dc.add_argument("--out", required=True)
     dc.add_argument("--condition", default="canny", choices=tuple(CONDITIONERS))
-    dc.add_argument("--resolution", type=int, help="resize + centre-crop to this size before computing the "
+    dc.add_argument("--resolution", type=at_least(8), help="resize + centre-crop to this size before computing the "
                                                    "condition (recommended: your training --resolution)")
     dc.add_argument("--caption", help="one caption for every image")
     dc.add_argument("--caption_column", default="text", help="caption column of INPUT_DIR/metadata.jsonl")
     _add_condition_flags(dc)
-    dc.add_argument("--workers", type=int, help="processes (default: all cores)")
+    dc.add_argument("--workers", type=at_least(1), help="processes (default: all cores)")
     dc.add_argument("--overwrite", action="store_true")
     dc.set_defaults(func=cmd_data_conditions)
     ds = data.add_parser("shapes", help="a plain image folder of the shapes world (images + metadata.jsonl)")
     ds.add_argument("--out", required=True)
-    ds.add_argument("--n", type=int, default=5000)
-    ds.add_argument("--resolution", type=int, default=64)
+    ds.add_argument("--n", type=at_least(1), default=5000)
+    ds.add_argument("--resolution", type=at_least(8), default=64)
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--shapes", help="comma-separated kinds (default: the base model's circle,square,triangle)")
     ds.add_argument("--overwrite", action="store_true")
@@ -319,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("dataset_name", "dataset_config_name", "train_data_dir", "image_column",
                  "conditioning_image_column", "caption_column", "cache_dir", "pretrained_model_name_or_path"):
         c.add_argument(f"--{name}")
-    c.add_argument("--resolution", type=int, default=512)
-    c.add_argument("--limit", type=int, help="check only the first N rows")
+    c.add_argument("--resolution", type=at_least(8), default=512)
+    c.add_argument("--limit", type=at_least(1), help="check only the first N rows")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=cmd_data_check)
 
@@ -340,15 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metric", choices=tuple(CONDITION_METRICS),
                    help="fill50k: circle IoU; canny: edge F1; depth: depth correlation (default: the condition "
                         "--data was made with, else fill50k)")
-    e.add_argument("--n", type=int, default=200)
+    e.add_argument("--n", type=at_least(1), default=200)
     e.add_argument("--no_baseline", action="store_true", help="skip the base-model-alone baseline")
     _add_condition_flags(e, defaults=False)
     eb = ev.add_parser("base", help="does the base model draw the prompt's shape and colours?")
     eb.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
-    eb.add_argument("--n_prompts", type=int, default=30)
-    eb.add_argument("--per_prompt", type=int, default=8)
+    eb.add_argument("--n_prompts", type=at_least(1), default=30)
+    eb.add_argument("--per_prompt", type=at_least(1), default=8)
     for q in (e, eb):
-        q.add_argument("--num_inference_steps", type=int, default=20)
+        q.add_argument("--num_inference_steps", type=at_least(1), default=20)
         q.add_argument("--guidance_scale", type=float, default=7.5)
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--out", default="eval", help="folder for the JSON and the PNG grid")
@@ -358,26 +375,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     pb = sub.add_parser("pretrain-base", help="train the tiny-shapes base model from scratch (what ships)")
     pb.add_argument("--out", required=True)
-    pb.add_argument("--n_images", type=int, default=20000)
-    pb.add_argument("--vae_steps", type=int, default=1500)
-    pb.add_argument("--unet_steps", type=int, default=2000, help="0: train and save the VAE only (out/vae)")
+    pb.add_argument("--n_images", type=at_least(1), default=20000)
+    pb.add_argument("--vae_steps", type=at_least(1), default=1500)
+    pb.add_argument("--unet_steps", type=at_least(0), default=2000, help="0: train and save the VAE only (out/vae)")
     pb.add_argument("--seed", type=int, default=0)
-    pb.add_argument("--stop_at_step", type=int, default=None,
+    pb.add_argument("--stop_at_step", type=at_least(1), default=None,
                     help="end after the EMA export at this UNet step (default: at --unet_steps)")
     pb.add_argument("--latent_downsample", type=int, choices=(4, 8), default=4,
                     help="image pixels per latent pixel: 4 ships (16x16 latents); 8 gives 8x8 latents")
     pb.add_argument("--world", choices=("standard", "wide"), default="standard",
                     help="standard (ships): shapes fully in frame; wide: half of the images with fill50k's "
                          "geometry too (smaller shapes, cut by the border)")
-    pb.add_argument("--vae_batch", type=int, default=32)
-    pb.add_argument("--unet_batch", type=int, default=64)
+    pb.add_argument("--vae_batch", type=at_least(1), default=32)
+    pb.add_argument("--unet_batch", type=at_least(1), default=64)
     pb.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one), cpu, cuda, cuda:N")
     pb.set_defaults(func=cmd_pretrain_base)
 
     d = sub.add_parser("demo", help="end to end on the embedded default: data, train, sample")
     d.add_argument("--out", default="difftune-demo")
-    d.add_argument("--max_train_steps", type=int, default=None)
-    d.add_argument("--n", type=int, default=None, help="fill50k samples to generate")
+    d.add_argument("--max_train_steps", type=at_least(1), default=None)
+    d.add_argument("--n", type=at_least(1), default=None, help="fill50k samples to generate")
     d.set_defaults(func=cmd_demo)
     from .bench.cli import register as register_bench
 

@@ -75,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub, train_sub, eval_sub=None) -> None:
     """Add the Custom Diffusion commands to the top-level, ``train`` and ``eval`` sub-parsers."""
-    from .cli import add_config_flags
+    from .cli import add_config_flags, at_least
     from .config_custom_diffusion import CustomDiffusionConfig
     from .recipes import recipes_for
 
@@ -90,7 +90,7 @@ def register(sub, train_sub, eval_sub=None) -> None:
     r = sub.add_parser("retrieve", help="download a real prior from a clip-retrieval kNN back-end")
     r.add_argument("--class_prompt", required=True)
     r.add_argument("--class_data_dir", required=True)
-    r.add_argument("--num_class_images", type=int, default=200)
+    r.add_argument("--num_class_images", type=at_least(1), default=200)
     r.add_argument("--backend", required=True, help="URL of a clip-retrieval kNN service (self-hosted), e.g. "
                                                     "http://HOST:1234/knn-service")
     r.add_argument("--indice_name", default="laion5B-L-14")
@@ -104,7 +104,7 @@ def register(sub, train_sub, eval_sub=None) -> None:
     m.add_argument("--no_safe_serialization", action="store_true")
     c = cd.add_parser("compress", help="low-rank compression of the weight deltas (top singular values)")
     c.add_argument("--custom_diffusion", required=True, help="Custom Diffusion output folder")
-    c.add_argument("--rank", type=int)
+    c.add_argument("--rank", type=at_least(1))
     c.add_argument("--energy", type=float, help="keep the fewest singular values with this share of sum(S^2)")
     for q in (m, c):
         q.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
@@ -117,8 +117,8 @@ def register(sub, train_sub, eval_sub=None) -> None:
         e.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
         e.add_argument("--custom_diffusion", required=True, help="Custom Diffusion output folder")
         e.add_argument("--weight_name", help="weight file in the folder (default: from custom_diffusion.json)")
-        e.add_argument("--n", type=int, default=16, help="images per prompt")
-        e.add_argument("--num_inference_steps", type=int, default=20)
+        e.add_argument("--n", type=at_least(1), default=16, help="images per prompt")
+        e.add_argument("--num_inference_steps", type=at_least(1), default=20)
         e.add_argument("--guidance_scale", type=float, default=7.5)
         e.add_argument("--seed", type=int, default=0)
         e.add_argument("--out", default="eval", help="folder for the JSON and the PNG grid")

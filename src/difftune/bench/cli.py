@@ -58,6 +58,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``difftune bench`` to the top-level sub-parsers."""
+    from ..cli import at_least
     from .architectures import ARCHS
 
     b = sub.add_parser("bench", help="time named training configurations (s/step, images/s, memory, MFU)")
@@ -70,10 +71,10 @@ def register(sub) -> None:
                    help="an extra configuration: NAME='--flag value ...', or NAME='CONFIG --flag ...' to build on "
                         "a predefined one (repeatable)")
     b.add_argument("--list_configs", action="store_true", help="print the configurations and their flags")
-    b.add_argument("--steps", type=int, default=40, help="optimizer steps per configuration")
-    b.add_argument("--warmup", type=int, default=10, help="steps left out of the median (compile, cache warm-up)")
-    b.add_argument("--resolution", type=int, help="default: 64 tiny, 512 sd15, 1024 sdxl")
-    b.add_argument("--n_samples", type=int, help="fill50k samples to generate (default: 2000 sd15, 500 sdxl); "
+    b.add_argument("--steps", type=at_least(1), default=40, help="optimizer steps per configuration")
+    b.add_argument("--warmup", type=at_least(0), default=10, help="steps left out of the median (compile, cache warm-up)")
+    b.add_argument("--resolution", type=at_least(8), help="default: 64 tiny, 512 sd15, 1024 sdxl")
+    b.add_argument("--n_samples", type=at_least(1), help="fill50k samples to generate (default: 2000 sd15, 500 sdxl); "
                                                   "Custom Diffusion: class images (default 200)")
     b.add_argument("--out", default="bench-out", help="folder for bench.json, bench.md, the model, data and runs")
     b.add_argument("--model", help="existing diffusers model folder (default: build a random one in --out)")
