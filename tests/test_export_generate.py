@@ -45,6 +45,27 @@ def test_export_loads_in_diffusers_and_samples_like_in_memory(trained, tiny_mode
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
+def test_written_weights_get_the_permissions_of_the_umask(trained, tmp_path):
+    """safetensors 0.8 creates files 0o600 whatever the umask; exports and checkpoints must not."""
+    import os
+    import stat
+
+    from difftune.checkpoint import TrainState, save_checkpoint
+
+    method, _ = trained
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
+    old = os.umask(0o027)
+    try:
+        written = method.export(tmp_path / "export")
+        ckpt = save_checkpoint(tmp_path / "ckpts", TrainState(global_step=1), {"w": torch.ones(2)}, opt.state_dict(),
+                               {}, torch.Generator())
+    finally:
+        os.umask(old)
+    files = [*written, *ckpt.iterdir(), tmp_path / "ckpts" / "latest"]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o640" for f in files}
+
+
 def test_generate_cli_is_repeatable(trained, tiny_model_dir, fill_dir, tmp_path):
     from difftune.cli import main
 

@@ -20,6 +20,22 @@ def test_pretrain_base_with_16x16_latents_builds_a_loadable_model_and_guards_its
     # a second run reuses out/vae, so asking it for another latent size must stop, not mix the two
     with pytest.raises(ValueError, match="latent size"):
         pretrain_base(out, n_images=64, vae_steps=2, unet_steps=2, stop_at_step=None, latent_downsample=8)
+    with pytest.raises(ValueError, match="latent size.*--latent_channels 8"):
+        pretrain_base(out, n_images=64, vae_steps=2, unet_steps=2, stop_at_step=None, latent_channels=8)
+
+
+def test_wider_latents_reach_the_unet_and_a_controlnet_trained_on_them(tmp_path, fill_dir):
+    """--latent_channels 8: the VAE, the UNet's input and output, the pipelines and a ControlNet all follow."""
+    from conftest import make_config
+    from difftune.api import train_controlnet
+    from difftune.models import load_base_model
+    from difftune.pretrain import pretrain_base
+
+    model = pretrain_base(tmp_path / "base", n_images=32, vae_steps=1, unet_steps=1, latent_channels=8)
+    base = load_base_model(str(model))
+    assert base.latent_channels == 8 == base.unet.config.in_channels == base.unet.config.out_channels
+    cfg = make_config(model, fill_dir, tmp_path / "cn", max_train_steps=1)
+    assert train_controlnet(cfg)["global_step"] == 1
 
 
 def test_wide_world_adds_fill50k_geometry_and_keeps_the_standard_half():

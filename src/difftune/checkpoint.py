@@ -116,14 +116,39 @@ def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) ->
         torch.cuda.set_rng_state(tensors["torch_cuda"])
 
 
-def atomic_write(path: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0o077)  # reading it means setting it: briefly the most private one
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(*paths: Path) -> None:
+    """Give files (every file below a folder) the permissions ``open()`` would have: 0o666 less the umask.
+
+    safetensors 0.8 writes through a temporary file created 0o600 whatever the umask
+    (safetensors issue #782), and diffusers' ``save_pretrained`` goes through it: exported
+    weights were readable by their owner only, so a teammate, a container's user or a
+    serving account could not load them while ``config.json`` beside them was readable.
+    """
+    if os.name != "posix":  # pragma: no cover - other systems keep their own ACLs
+        return
+    mode = 0o666 & ~_umask()
+    for path in map(Path, paths):
+        for f in [path] if path.is_file() else [p for p in sorted(path.rglob("*")) if p.is_file()]:
+            os.chmod(f, mode)
+
+
+def atomic_write(path: Path, write) -> Path:
     """``write(tmp)`` a file beside ``path``, fsync it, rename it over ``path``, fsync the folder:
-    a reader sees the old file or the whole new one, never a half-written one."""
+    a reader sees the old file or the whole new one, never a half-written one. The file gets the
+    umask's permissions (``umask_mode``), whatever library wrote it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
+    umask_mode(tmp)
     _fsync_file(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    return path
 
 
 def save_checkpoint(
@@ -156,6 +181,7 @@ def save_checkpoint(
     for name, write in files.items():
         write(tmp / name)
         _fsync_file(tmp / name)
+    umask_mode(tmp)
     _fsync_dir(tmp)
     if final.exists():  # re-saving a step (after a resume): swap, never delete first
         trash = root / f".trash-{final.name}-{os.getpid()}"

@@ -251,7 +251,8 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
 
     print(pretrain_base(args.out, n_images=args.n_images, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                         seed=args.seed, stop_at_step=args.stop_at_step, latent_downsample=args.latent_downsample,
-                        world=args.world, vae_batch=args.vae_batch, unet_batch=args.unet_batch, device=args.device))
+                        world=args.world, vae_batch=args.vae_batch, unet_batch=args.unet_batch, device=args.device,
+                        latent_channels=args.latent_channels))
     return 0
 
 
@@ -383,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="end after the EMA export at this UNet step (default: at --unet_steps)")
     pb.add_argument("--latent_downsample", type=int, choices=(4, 8), default=4,
                     help="image pixels per latent pixel: 4 ships (16x16 latents); 8 gives 8x8 latents")
+    pb.add_argument("--latent_channels", type=at_least(1), default=4,
+                    help="channels per latent pixel: 4 ships (as SD 1.x/SDXL); 8 or 16 keep more of each patch")
     pb.add_argument("--world", choices=("standard", "wide"), default="standard",
                     help="standard (ships): shapes fully in frame; wide: half of the images with fill50k's "
                          "geometry too (smaller shapes, cut by the border)")

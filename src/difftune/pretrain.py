@@ -3,7 +3,8 @@
 Reproducible: ``difftune pretrain-base --out DIR [--seed 0]`` (the defaults are what was
 shipped). Two stages, each saved before the next starts, so a killed run continues:
 
-1. VAE (``AutoencoderKL``, 64 px -> 16x16x4 latents, or 8x8x4 with ``latent_downsample=8``):
+1. VAE (``AutoencoderKL``, 64 px -> 16x16x4 latents, or 8x8 with ``latent_downsample=8``, or
+   more channels with ``latent_channels``):
    reconstruction MSE + L1 + a small KL term.
    The latent scaling factor is then set to 1/std of the data's latents, as SD did.
 2. Text encoder (``CLIPTextModel``) and UNet (``UNet2DConditionModel``) jointly, on cached
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import umask_mode
 from .data.shapes import BASE_SHAPES, render_batch, sample_shapes
 from .noising import DiffusionObjective
 from .tiny import SD_SCHEDULER, default_words, write_tokenizer
@@ -51,24 +53,31 @@ UNET_CONFIG = dict(
 )
 
 
-def architecture(latent_downsample: int = 4) -> tuple[dict, dict]:
-    """VAE and UNet configs for latents ``RESOLUTION / latent_downsample`` pixels wide.
+def architecture(latent_downsample: int = 4, latent_channels: int = 4) -> tuple[dict, dict]:
+    """VAE and UNet configs for latents ``RESOLUTION / latent_downsample`` pixels wide with
+    ``latent_channels`` channels.
 
     8: 8x8x4 latents, the SD layout in miniature (shipped until 2026-11-30; its VAE lost small
     shapes and their colours). 4 (what ships): 16x16x4 latents from a three-level VAE, and
     a three-level UNet whose extra 16x16 level is narrow (32 channels, no attention) so that a
-    pretraining step costs about 1.5x the 8x8 one rather than 4x.
+    pretraining step costs about 1.5x the 8x8 one rather than 4x. More latent channels (SD3 and
+    FLUX use 16) let the VAE keep more of each 4x4 patch at almost no cost to the UNet (only its
+    first and last convolutions widen); 4 ships.
     """
+    if latent_channels < 1:
+        raise ValueError(f"latent_channels must be at least 1, not {latent_channels}")
     if latent_downsample == 8:
-        return dict(VAE_CONFIG), dict(UNET_CONFIG)
-    if latent_downsample == 4:
+        vae, unet = dict(VAE_CONFIG), dict(UNET_CONFIG)
+    elif latent_downsample == 4:
         vae = dict(VAE_CONFIG, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                    block_out_channels=(32, 64, 64))
         unet = dict(UNET_CONFIG, sample_size=RESOLUTION // 4, block_out_channels=(32, 64, 128),
                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
-        return vae, unet
-    raise ValueError(f"latent_downsample must be 4 or 8, not {latent_downsample}")
+    else:
+        raise ValueError(f"latent_downsample must be 4 or 8, not {latent_downsample}")
+    return (dict(vae, latent_channels=latent_channels),
+            dict(unet, in_channels=latent_channels, out_channels=latent_channels))
 
 
 def _log(path: Path, **row) -> None:
@@ -186,6 +195,7 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
                                    feature_extractor=None, requires_safety_checker=False)
     tmp = folder.with_name(folder.name + ".tmp")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    umask_mode(tmp)
     if folder.exists():
         import shutil
 
@@ -217,7 +227,8 @@ def resolve_device(device: str) -> str:
 
 def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500, unet_steps: int = 2000,
                   seed: int = 0, stop_at_step: int | None = None, latent_downsample: int = 4,
-                  world: str = "standard", vae_batch: int = 32, unet_batch: int = 64, device: str = "auto") -> Path:
+                  world: str = "standard", vae_batch: int = 32, unet_batch: int = 64, device: str = "auto",
+                  latent_channels: int = 4) -> Path:
     """Build the tiny-shapes base model in ``out/model`` (diffusers layout); returns that path.
 
     The UNet's learning-rate schedule spans ``unet_steps``; the EMA weights are exported every
@@ -245,18 +256,20 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=MAX_TOKENS)
     tokenizer.model_max_length = MAX_TOKENS
 
-    vae_config, unet_config = architecture(latent_downsample)
+    vae_config, unet_config = architecture(latent_downsample, latent_channels)
     vae_dir = out / "vae"
     if (vae_dir / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
-        if list(vae.config.block_out_channels) != list(vae_config["block_out_channels"]):
+        if (list(vae.config.block_out_channels) != list(vae_config["block_out_channels"])
+                or vae.config.latent_channels != latent_channels):
             raise ValueError(f"{vae_dir} holds a VAE of another latent size than --latent_downsample "
-                             f"{latent_downsample}; use a new --out folder")
+                             f"{latent_downsample} --latent_channels {latent_channels}; use a new --out folder")
     else:
         vae = train_vae(out, images, vae_steps, seed, batch=vae_batch, config=vae_config, device=device)
         mean, _ = latent_moments_of(vae, images[:2000])
         vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
         vae.save_pretrained(vae_dir)
+        umask_mode(vae_dir)
     if unet_steps == 0:
         return vae_dir
     mean, std = latent_moments_of(vae, images)

@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from .checkpoint import umask_mode
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # Four VAE blocks so that latents are 1/8 of the image, as in SD (and as the ControlNet's
@@ -173,6 +175,7 @@ def save_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     )
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
+    umask_mode(out)
     # Older transformers read only the classic slow-tokenizer files: keep them too.
     with tempfile.TemporaryDirectory(prefix="difftune_tok_") as tmp:
         write_tokenizer(tmp, default_words())
@@ -237,6 +240,7 @@ def save_tiny_sdxl_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed), add_watermarker=False)
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
+    umask_mode(out)
     with tempfile.TemporaryDirectory(prefix="difftune_tok_") as tmp:  # slow-tokenizer files, as save_tiny_model
         write_tokenizer(tmp, default_words())
         for sub in ("tokenizer", "tokenizer_2"):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint import atomic_write
 from ..errors import ConfigError
 from .export import META, WEIGHTS_SAFE, full_processor_dict, read_meta, read_weights
 
@@ -74,8 +75,9 @@ def compress(folder: str | Path, base_unet: torch.nn.Module, output_dir: str | P
         err_den += float(((w.float() - w0) ** 2).sum())
         full_numel += w.numel()
         compact_numel += up.numel() + down.numel()
-    save_file(compact, str(out / LOWRANK), metadata={"format": "pt", "difftune": "lowrank"})
-    save_file(full_processor_dict(base_unet, full, safe=True), str(out / WEIGHTS_SAFE), metadata={"format": "pt"})
+    atomic_write(out / LOWRANK, lambda p: save_file(compact, str(p), metadata={"format": "pt", "difftune": "lowrank"}))
+    atomic_write(out / WEIGHTS_SAFE, lambda p: save_file(full_processor_dict(base_unet, full, safe=True), str(p),
+                                                          metadata={"format": "pt"}))
     for token, file in meta.get("embeddings", {}).items():
         if Path(folder, file).resolve() != Path(out, file).resolve():
             shutil.copyfile(folder / file, out / file)

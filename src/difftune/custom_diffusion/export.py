@@ -23,25 +23,18 @@ Two defects of diffusers (issue huggingface/diffusers#9320, present in 0.42) are
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import atomic_write
 from ..errors import ConfigError, ModelLoadError
 
 WEIGHTS_SAFE = "pytorch_custom_diffusion_weights.safetensors"
 WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"
 META = "custom_diffusion.json"
-
-
-def _atomic(path: Path, write) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def full_processor_dict(unet: torch.nn.Module, weights: dict[str, torch.Tensor], safe: bool) -> dict[str, Any]:
@@ -61,17 +54,17 @@ def save_custom_diffusion(output_dir: str | Path, unet: torch.nn.Module, weights
     state = full_processor_dict(unet, weights, safe)
     written = []
     if safe:
-        written.append(_atomic(out / WEIGHTS_SAFE, lambda p: save_file(state, str(p), metadata={"format": "pt"})))
+        written.append(atomic_write(out / WEIGHTS_SAFE, lambda p: save_file(state, str(p), metadata={"format": "pt"})))
     else:
-        written.append(_atomic(out / WEIGHTS_BIN, lambda p: torch.save(state, p)))
+        written.append(atomic_write(out / WEIGHTS_BIN, lambda p: torch.save(state, p)))
     for token, row in embeddings.items():
         name = f"{token}.{'safetensors' if safe else 'bin'}"
         tensors = {token: row.detach().float().cpu().contiguous()}
-        written.append(_atomic(out / name, (lambda p, t=tensors: save_file(t, str(p))) if safe
+        written.append(atomic_write(out / name, (lambda p, t=tensors: save_file(t, str(p))) if safe
                                else (lambda p, t=tensors: torch.save(t, p))))
     meta = dict(meta, weight_name=written[0].name, embeddings={t: f"{t}.{'safetensors' if safe else 'bin'}"
                                                                for t in embeddings})
-    written.append(_atomic(out / META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")))
+    written.append(atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")))
     return written
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import umask_mode
 from ..config import ControlNetConfig
 from ..data import ControlNetExamples, collate_examples, load_table, resolve_columns, select_samples
 from ..data.materialize import materialize
@@ -275,6 +276,7 @@ class ControlNetMethod:
         tmp = output_dir / f".export.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         self.controlnet.save_pretrained(tmp, safe_serialization=True)
+        umask_mode(tmp)
         written = []
         for f in sorted(tmp.iterdir()):
             os.replace(f, output_dir / f.name)
