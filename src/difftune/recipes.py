@@ -18,12 +18,16 @@ def controlnet_fill50k() -> dict:
 
 
 def controlnet_tiny_demo() -> dict:
-    """The offline demo: a ControlNet on the bundled 64 px tiny-shapes base, ~11 minutes of training on 2 CPU cores."""
+    """The offline demo: a ControlNet on the bundled 64 px tiny-shapes base, ~8 minutes of training on 2 CPU cores.
+
+    Latents and captions are encoded once before training (1 min for 5,000 images on 2 cores):
+    a step then costs 0.50 s instead of 0.69, and 800 steps of batch 16 see each image 2.6 times.
+    """
     return {
         "data": {"resolution": 64},
         "optim": {"learning_rate": 1e-3, "lr_warmup_steps": 20, "lr_scheduler": "constant_with_warmup"},
         "train": {"train_batch_size": 16, "max_train_steps": 800, "checkpointing_steps": 200,
-                  "checkpoints_total_limit": 2, "seed": 0},
+                  "checkpoints_total_limit": 2, "seed": 0, "cache_latents": True},
         "validation": {"validation_steps": 200, "num_validation_images": 2, "num_validation_inference_steps": 20},
     }
 

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Does a wider latent keep fill50k's circles better? Train VAEs that differ only in latent channels.
+
+    python tools/vae_channels.py --steps 300 --channels 4,16,8 [--out /tmp/vae-channels]
+
+Each VAE is trained from scratch as `difftune pretrain-base` trains its VAE (the `wide` world,
+20,000 images, batch 32, the same one-cycle schedule over --steps, seed 0), then 200 fresh fill50k
+circles (eval seed 0, as `difftune eval controlnet` draws them) are encoded and decoded and scored
+with the circle-IoU reader, overall and by radius. Prints one JSON line per VAE and saves each
+VAE under OUT/cN/vae. The README's latent-channel table came from this command (2026-11-30).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--channels", default="4,8,16", help="comma-separated latent channel counts")
+    ap.add_argument("--n_images", type=int, default=20000)
+    ap.add_argument("--n_eval", type=int, default=200)
+    ap.add_argument("--out", default="/tmp/vae-channels")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from difftune.data.shapes import render_batch
+    from difftune.eval.run import _summary, by_radius, condition_targets, vae_round_trip
+    from difftune.pretrain import RESOLUTION, architecture, train_vae, world_samples
+
+    images = render_batch(world_samples(args.n_images, 0, "wide"), RESOLUTION)
+    scorer, targets = condition_targets("fill50k", args.n_eval, RESOLUTION, 0, None)
+    truth = np.stack([np.asarray(t["image"]) for t in targets])
+    for channels in (int(c) for c in args.channels.split(",")):
+        vae_config, _ = architecture(4, channels)
+        out = Path(args.out) / f"c{channels}"
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        vae = train_vae(out, images, args.steps, 0, batch=32, config=vae_config)
+        with torch.no_grad():
+            decoded = vae_round_trip(SimpleNamespace(vae=vae), truth)
+        scores = {"vae": [scorer.score(im, t) for im, t in zip(decoded, targets)]}
+        print(json.dumps({"channels": channels, "steps": args.steps, "seconds": round(time.time() - t0),
+                          "all": _summary(scores["vae"]), "by_radius": by_radius(scores, targets, RESOLUTION)}),
+              flush=True)
+        vae.save_pretrained(out / "vae")
+
+
+if __name__ == "__main__":
+    main()
