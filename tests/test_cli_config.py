@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -38,7 +39,8 @@ def _subparser(*path):
 
 def test_train_controlnet_flag_set_is_locked():
     flags = sorted(
-        opt[2:] for a in _subparser("train", "controlnet")._actions for opt in a.option_strings if opt.startswith("--")
+        opt[2:] for a in _subparser("train", "controlnet")._actions for opt in a.option_strings
+        if opt.startswith("--") and not opt.startswith("--no-")  # each switch's --no- twin is tested below
     )
     flags.remove("help")
     assert flags == TRAIN_CONTROLNET_FLAGS
@@ -57,6 +59,20 @@ def test_flags_parse_into_typed_config():
     assert cfg.validation.pairs() == [("a", "x.png"), ("b", "x.png")]
     assert cfg.train.gradient_checkpointing and cfg.loss.snr_gamma == 5.0 and cfg.train.mixed_precision == "bf16"
     assert cfg.train.checkpointing_steps == 500  # untouched defaults stay the diffusers ones
+
+
+def test_a_recipe_switch_is_undone_by_its_no_flag():
+    from difftune.cli import config_from_args
+    from difftune.recipes import RECIPES
+
+    parser = _subparser("train", "controlnet")
+    recipe = RECIPES["controlnet_tiny_demo"]()
+    on = config_from_args(ControlNetConfig, parser.parse_args(["--recipe", "controlnet_tiny_demo", "--train_data_dir", "d"]), recipe)
+    off = config_from_args(ControlNetConfig, parser.parse_args(["--recipe", "controlnet_tiny_demo",
+                                                                "--no-cache_latents", "--train_data_dir", "d"]), recipe)
+    assert on.train.cache_latents is True and off.train.cache_latents is False
+    switches = [a for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction)]
+    assert {"--gradient_checkpointing", "--no-gradient_checkpointing"} <= {o for a in switches for o in a.option_strings}
 
 
 def test_config_file_with_flag_override(tmp_path):
@@ -221,7 +237,7 @@ embedding_learning_rate
 def test_train_custom_diffusion_flag_set_is_locked():
     flags = sorted(
         opt[2:] for a in _subparser("train", "custom-diffusion")._actions for opt in a.option_strings
-        if opt.startswith("--")
+        if opt.startswith("--") and not opt.startswith("--no-")
     )
     flags.remove("help")
     assert flags == TRAIN_CUSTOM_DIFFUSION_FLAGS

@@ -59,7 +59,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type) -> None:
             helptext = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
             kwargs: dict = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=helptext)
             if base is bool:
-                kwargs["action"] = "store_true"
+                kwargs["action"] = argparse.BooleanOptionalAction  # --flag, and --no-flag to undo a recipe's
             else:
                 kwargs["type"] = base
                 if is_list:
