@@ -7,9 +7,9 @@ by the trainer's bilinear resampling), and both are written as PNGs with a
 ``metadata.jsonl`` of file paths and captions.
 
 Conditions plug in through ``CONDITIONERS`` (name -> a class with ``__call__(PIL RGB image)
--> PIL RGB condition``, optionally a faster ``batch(images)``, and the settings to record); the settings are written to
-``difftune_dataset.json`` so that ``difftune eval controlnet`` computes the same condition on
-generated images. ``canny`` is OpenCV's Canny on the RGB image (the gradient of the channel
+-> PIL RGB condition``, optionally a faster ``batch(images)``, and the settings to record);
+the settings are written to ``difftune_dataset.json`` so that ``difftune eval controlnet``
+computes the same condition on generated images. ``canny`` is OpenCV's Canny on the RGB image (the gradient of the channel
 that changes most), white edges on black, thresholds 100 / 200 by default: what the
 diffusers and ControlNet documentation use, so a ControlNet trained here takes the edge maps
 people make for those at generation time. ``depth`` is a transformers depth estimator's map
