@@ -12,7 +12,7 @@ from PIL import Image
 from difftune.data.conditions import Canny, write_condition_dataset, write_shapes_folder
 from difftune.data.shapes import ShapeSample, render_shape, sample_shapes
 from difftune.errors import ConfigError, DataError
-from difftune.eval.metrics import EdgeF1, edge_f1
+from difftune.eval.metrics import EdgeF1, edge_f1, score_all
 
 
 def _square(resolution: int = 64, half: int = 12) -> Image.Image:
@@ -248,6 +248,12 @@ def test_depth_condition_data_set_and_metric(tiny_depth_model, tmp_path):
     others = [render_shape(s, 64) for s in sample_shapes(3, 64, 0)]
     assert max(DepthFidelity(depth).score(np.asarray(o), {"condition": Image.fromarray(cond)})["depth_corr"]
                for o in others) < 0.9
+    # eval scores in batches: the same numbers as one at a time
+    pictures = [np.asarray(image)] + [np.asarray(o) for o in others]
+    targets = [{"condition": Image.fromarray(cond)}] * len(pictures)
+    one_by_one = [DepthFidelity(depth).score(im, t) for im, t in zip(pictures, targets)]
+    batched = score_all(DepthFidelity(depth), pictures, targets)
+    assert all(abs(a[k] - b[k]) < 1e-4 for a, b in zip(one_by_one, batched) for k in a)
     assert Depth(str(tiny_depth_model)).settings()["model"] == str(tiny_depth_model)
 
 

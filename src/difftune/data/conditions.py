@@ -304,12 +304,11 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
         size = IN_PROCESS_BATCH if conditioner.in_process else 1
         groups = [jobs[i : i + size] for i in range(0, len(jobs), size)]
         made = ordered_map(_make_pairs, groups, 1 if conditioner.in_process else default_workers(workers))
-        bar = tqdm(total=len(jobs), desc=condition, unit="image", disable=not progress)
         flags = []
-        for group_flags in made:
-            flags.extend(group_flags)
-            bar.update(len(group_flags))
-        bar.close()
+        with tqdm(total=len(jobs), desc=condition, unit="image", disable=not progress) as bar:
+            for group_flags in made:
+                flags.extend(group_flags)
+                bar.update(len(group_flags))
         blank = [str(path.relative_to(src)) for path, is_blank in zip(images, flags) if is_blank]
         rows = [{"image": f"images/{name}", "conditioning_image": f"conditioning/{name}", "text": text,
                  "source": str(path.relative_to(src))} for path, name, text in zip(images, names, captions)]

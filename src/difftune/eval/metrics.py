@@ -251,9 +251,18 @@ class DepthFidelity:
         self.conditioner = conditioner or Depth()
 
     def score(self, image: np.ndarray, target: dict) -> dict[str, float]:
+        return self._compare(self.conditioner.depth(image), target)
+
+    def score_all(self, images: list[np.ndarray], targets: list[dict], batch: int = 16) -> list[dict[str, float]]:
+        """``score`` of each pair, with the estimator run on ``batch`` images at a time."""
+        maps = [m for i in range(0, len(images), batch) for m in self.conditioner.depths(list(images[i : i + batch]))]
+        return [self._compare(m, t) for m, t in zip(maps, targets)]
+
+    @staticmethod
+    def _compare(predicted: np.ndarray, target: dict) -> dict[str, float]:
         truth = np.asarray(target["condition"].convert("L"), dtype=np.float64) / 255.0
         truth = truth / truth.max() if truth.max() > 0 else truth
-        predicted = self.conditioner.depth(image).astype(np.float64)
+        predicted = predicted.astype(np.float64)
         a, b = truth - truth.mean(), predicted - predicted.mean()
         denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
         return {"depth_corr": float((a * b).sum() / denom) if denom > 0 else 0.0,
@@ -261,6 +270,13 @@ class DepthFidelity:
 
 
 CONDITION_METRICS: dict[str, type] = {"fill50k": CircleIoU, "canny": EdgeF1, "depth": DepthFidelity}
+
+
+def score_all(scorer, images: list[np.ndarray], targets: list[dict]) -> list[dict[str, float]]:
+    """``scorer.score`` of each (image, target) pair; a model-based scorer runs them in batches."""
+    if hasattr(scorer, "score_all"):
+        return scorer.score_all(images, targets)
+    return [scorer.score(im, t) for im, t in zip(images, targets)]
 
 
 def shape_scores(image: np.ndarray, shape: str, color: tuple, background: tuple) -> dict[str, float]:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..data.shapes import MIN_CONTRAST, srgb_to_lab
 from ..pipelines import text2image_pipeline
-from .metrics import CONDITION_METRICS, delta_e, shape_scores
+from .metrics import CONDITION_METRICS, delta_e, score_all, shape_scores
 
 
 def _generators(seed: int, n: int) -> list[torch.Generator]:
@@ -178,16 +178,16 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     pipe = controlnet_pipeline(base, net)
     with_cn = generate_batched(pipe, prompts, seed, steps, res, guidance_scale,
                                [t["condition"] for t in targets], desc="with ControlNet")
-    scores = {"controlnet": [scorer.score(im, t) for im, t in zip(with_cn, targets)]}
+    scores = {"controlnet": score_all(scorer, with_cn, targets)}
     if baseline:
         alone = generate_batched(text2image_pipeline(base), prompts, seed, steps, res, guidance_scale,
                                  desc="base alone")
-        scores["base_alone"] = [scorer.score(im, t) for im, t in zip(alone, targets)]
+        scores["base_alone"] = score_all(scorer, alone, targets)
     # the true images through the VAE: what the VAE keeps of the targets. Generation decodes through
     # the same VAE, so this is a practical ceiling, though not a strict one: a denoiser may produce
     # latents the encoder never does that decode closer to the truth (tiny circles, for example).
     truth_rt = vae_round_trip(base, np.stack([np.asarray(t["image"]) for t in targets]))
-    scores["vae_ceiling"] = [scorer.score(im, t) for im, t in zip(truth_rt, targets)]
+    scores["vae_ceiling"] = score_all(scorer, list(truth_rt), targets)
     result = {"n": len(targets), "metric": scorer.name, **{k: _summary(v) for k, v in scores.items()}}
     if "r" in targets[0]:
         result["by_radius"] = by_radius(scores, targets, res)
