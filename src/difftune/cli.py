@@ -147,8 +147,8 @@ CONDITION_FLAGS = {"low_threshold": ("canny", "low_threshold"), "high_threshold"
 
 
 def _condition_settings(args: argparse.Namespace, condition: str | None) -> dict:
-    """The settings flags of ``condition`` (None: of any condition, those given; ``difftune eval``'s
-    flags have no defaults, the data set's settings are the defaults)."""
+    """Conditioner settings from the flags: those of ``condition``, or of any condition when None
+    (``difftune eval``, whose flags default to None so that the data set's recorded settings apply)."""
     return {key: getattr(args, flag) for flag, (name, key) in CONDITION_FLAGS.items()
             if (condition is None or name == condition) and getattr(args, flag) is not None}
 
@@ -156,14 +156,14 @@ def _condition_settings(args: argparse.Namespace, condition: str | None) -> dict
 def _add_condition_flags(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
     from .data.conditions import DEFAULT_DEPTH_MODEL
 
-    given = " (default: the setting --data was made with)" if not defaults else ""
-    parser.add_argument("--low_threshold", type=int, default=100 if defaults else None,
-                        help=f"canny: lower hysteresis threshold{given or ' (default 100)'}")
-    parser.add_argument("--high_threshold", type=int, default=200 if defaults else None,
-                        help=f"canny: upper hysteresis threshold{given or ' (default 200)'}")
-    parser.add_argument("--depth_model", default=DEFAULT_DEPTH_MODEL if defaults else None,
-                        help=f"depth: a transformers depth estimator, local folder or hub id (safetensors)"
-                             f"{given or f' (default {DEFAULT_DEPTH_MODEL})'}")
+    def flag(name: str, default, help: str, **kwargs) -> None:
+        told = f"default {default}" if defaults else "default: the setting --data was made with"
+        parser.add_argument(name, default=default if defaults else None, help=f"{help} ({told})", **kwargs)
+
+    flag("--low_threshold", 100, "canny: lower hysteresis threshold", type=int)
+    flag("--high_threshold", 200, "canny: upper hysteresis threshold", type=int)
+    flag("--depth_model", DEFAULT_DEPTH_MODEL, "depth: a transformers depth estimator, local folder or hub id "
+         "(safetensors)")
 
 
 def cmd_data_conditions(args: argparse.Namespace) -> int:
