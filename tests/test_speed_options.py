@@ -238,7 +238,7 @@ def test_fp8_frozen_unet_trains_nearly_the_same_thing(plain_run, tiny_model_dir,
 def test_profile_steps_write_a_trace_and_a_summary_and_train_the_same(plain_run, tiny_model_dir, fill_dir, tmp_path,
                                                                        caplog):
     """--profile_steps 2 --profile_start 1: the 4-step run skips 1 step, warms the profiler up on the
-    2nd, records the 3rd and 4th; training is untouched."""
+    2nd, records the 3rd and 4th (not the checkpoint saved after the 4th); training is untouched."""
     out = _run(tiny_model_dir, fill_dir, tmp_path / "prof", profile_steps=2, profile_start=1)
     assert _losses(out) == _losses(plain_run.out)
     summary = json.loads((out / "profile" / "summary.json").read_text())
@@ -248,6 +248,8 @@ def test_profile_steps_write_a_trace_and_a_summary_and_train_the_same(plain_run,
     assert summary["cpu_ops_per_step"] > 100
     trace = json.loads((out / "profile" / "trace.json").read_text())
     assert any(e.get("name", "").startswith("ProfilerStep") for e in trace["traceEvents"])
+    # the final step's checkpoint is saved after the recording ends: a profile of training alone
+    assert not any("save checkpoint" in e.get("name", "") for e in trace["traceEvents"])
     assert "| operator |" in (out / "profile" / "summary.md").read_text()
     assert json.loads((out / "train_summary.json").read_text())["profile"]["steps"] == 2
     # a run that ends before the recording starts says so, and writes nothing

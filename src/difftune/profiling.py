@@ -77,7 +77,8 @@ def summarise(prof, on_device: bool) -> dict:
     from torch.autograd import DeviceType
 
     events = prof.events()
-    steps = [e for e in events if e.name.startswith("ProfilerStep")]
+    # host-side step markers only: on a GPU each step also has a device-side annotation of the same name
+    steps = [e for e in events if e.name.startswith("ProfilerStep") and e.device_type == DeviceType.CPU]
     n = max(len(steps), 1)
     wall_ms = sum(e.cpu_time_total for e in steps) / 1000 / n
     # operators (host-side events; on a GPU their self device time is that of the kernels they launched)

@@ -284,12 +284,13 @@ class Trainer:
                 trackers.log_scalars(scalars, state.global_step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{scalars['images_per_s']:.1f}")
+                profiler.step()  # before saving and validating: the profile is of training steps alone
                 if state.global_step % cfg.checkpointing_steps == 0 or state.global_step == max_steps:
-                    self._save(accelerator, optimizer, lr_scheduler, generator, state, root)
+                    with torch.profiler.record_function("difftune: save checkpoint"):  # named in a profile
+                        self._save(accelerator, optimizer, lr_scheduler, generator, state, root)
                 if validator.should_run(state.global_step) and state.global_step != max_steps:
                     if accelerator.is_main_process:
                         validator.run(state.global_step)
-                profiler.step()
         bar.close()
         summary = {
             "global_step": state.global_step,
