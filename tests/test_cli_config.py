@@ -25,7 +25,7 @@ resume_from_checkpoint revision scale_lr seed set_grads_to_none snr_gamma stream
 tracker_project_name train_batch_size train_data_dir use_8bit_adam validation_image validation_prompt
 validation_steps variant
 model_family pretrained_vae_model_name_or_path crops_coords_top_left_h crops_coords_top_left_w image_interpolation_mode
-cache_latents latent_cache_dir channels_last torch_compile optimizer_in_backward fp8_frozen_unet profile_steps profile_start
+cache_latents latent_cache_dir channels_last torch_compile optimizer_in_backward fp8_frozen_unet profile_steps profile_start cuda_graphs
 """.split())  # last two lines: SDXL support (issue 6), speed and memory options (issue 5)
 
 

@@ -54,13 +54,13 @@ run_part() {  # NAME, then difftune bench flags
 M15=(--model "$W/sd15/model-$SD15_ARCH")
 for part in "$@"; do
   case $part in
-    sd15) run_part sd15 --arch "$SD15_ARCH" --configs "${SD15_CONFIGS:-bf16,lowmem_8bit,lowmem_fp8,fast}" "${REF[@]}" \
+    sd15) run_part sd15 --arch "$SD15_ARCH" --configs "${SD15_CONFIGS:-bf16,fast,fast_graphs,lowmem_fp8}" "${REF[@]}" \
             --steps 30 --warmup 10 --n_samples "${SD15_SAMPLES:-500}" --timeout 150 ;;
     sd15fast) run_part sd15fast --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" --configs "${SD15FAST_CONFIGS:-fast_compile_full}" \
             --steps 30 --warmup 10 --timeout 270 ;;
     cd)   run_part cd --method custom-diffusion --arch "$SD15_ARCH" "${M15[@]}" --configs fast \
             --steps 250 --warmup 10 --timeout 150 ;;
-    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs "${SDXL_CONFIGS:-bf16,lowmem_8bit,lowmem_fp8,fast}" --steps 20 --warmup 5 \
+    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs "${SDXL_CONFIGS:-fast,fast_graphs,lowmem_fp8}" --steps 20 --warmup 5 \
             --n_samples "${SDXL_SAMPLES:-100}" --timeout 200 ;;
     profile) PROF=${PROFILE_FLAGS:-"--profile_steps 3 --profile_start 8"}
             run_part profile --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" \

@@ -220,6 +220,12 @@ class ControlNetTrainConfig(TrainConfig):
         "distribution and the encoders stay off the GPU. Resumable; reused by later runs on the same model and data.",
     )
     latent_cache_dir: str | None = opt(None, "Where --cache_latents writes (default: OUTPUT_DIR/encoded-cache).")
+    cuda_graphs: bool = opt(
+        False,
+        "Capture the step's model work (ControlNet and UNet, forward and backward) as CUDA graphs on the first "
+        "step and replay them: one launch instead of thousands of kernels, for a GPU the host cannot keep busy. "
+        "One CUDA GPU, no gradient checkpointing, accumulation or --optimizer_in_backward.",
+    )
     fp8_frozen_unet: bool = opt(
         False,
         "Store the frozen UNet's Linear/Conv weights in float8 (e4m3, one scale per output channel), dequantised "

@@ -127,12 +127,19 @@ class DiffusionObjective:
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean (optionally Min-SNR-weighted, optionally masked) squared error, computed in fp32."""
-        err = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-        if mask is not None:
-            per_sample = (err * mask).flatten(1).sum(1) / mask.expand_as(err).flatten(1).sum(1).clamp(min=1)
-        else:
-            per_sample = err.flatten(1).mean(1)
+        return self.reduce(per_sample_error(model_pred, target, mask), timesteps)
+
+    def reduce(self, per_sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The batch's loss from its per-sample errors: Min-SNR-weighted when asked, then the mean."""
         w = self.weights(timesteps)
         if w is not None:
             per_sample = per_sample * w.to(per_sample.device)
         return per_sample.mean()
+
+
+def per_sample_error(model_pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's mean squared error (over the mask's pixels, when given), in fp32: ``[B]``."""
+    err = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        return (err * mask).flatten(1).sum(1) / mask.expand_as(err).flatten(1).sum(1).clamp(min=1)
+    return err.flatten(1).mean(1)

@@ -132,9 +132,16 @@ def _tracker():
                     self._peak_mem_snap[dev] = dict(snap)
                     inner = max(self._mod_tracker.parents, key=lambda m: (m.count("."), len(m)))
                     where = "outside the models" if inner == "Global" else inner
+                    for through, model in DENOISER_PARTS.items():  # named by the model, as before the Denoiser
+                        if where.startswith(through):
+                            where = model + where[len(through):]
                     self.peak_at = f"{where} ({'backward' if self._mod_tracker.is_bw else 'forward'})"
 
     return Tracker()
+
+
+# module paths through ``methods.controlnet.Denoiser`` -> the model's class, which names them in the tables
+DENOISER_PARTS = {"Denoiser.controlnet": "ControlNetModel", "Denoiser.unet": "UNet2DConditionModel"}
 
 
 def components(arch: str) -> dict:

@@ -43,6 +43,7 @@ CONFIGS: dict[str, list[str]] = {
     "fast": BF16_FAST,  # as --recipe fast
     "fast_compile": BF16_FAST + ["--torch_compile", "blocks"],
     "fast_compile_full": BF16_FAST + ["--torch_compile", "full"],  # 2 models, not 42 block graphs
+    "fast_graphs": BF16_FAST + ["--cuda_graphs"],  # the step's model work replayed as CUDA graphs
     "lowmem": LOWMEM,
     "lowmem_8bit": LOWMEM + ["--use_8bit_adam"],
     "lowmem_fp8": LOWMEM + ["--use_8bit_adam", "--fp8_frozen_unet"],

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 
 from ..checkpoint import umask_mode
+from ..cuda_graphs import GraphedModule, check_cuda_graphs, no_autocast_cache
 from ..config import ControlNetConfig
 from ..data import ControlNetExamples, collate_examples, load_table, resolve_columns, select_samples
 from ..data.materialize import materialize
 from ..errors import ConfigError
 from ..families import family_of, micro_conditions
 from ..models import BaseModel, load_base_model, load_controlnet
-from ..noising import DiffusionObjective, latent_moments, sample_latents, drop_captions
+from ..noising import DiffusionObjective, drop_captions, latent_moments, per_sample_error, sample_latents
 from ..pipelines import controlnet_pipeline, run_controlnet_pipeline
 from ..encoded_cache import (
     CachedExamples, LatentCache, TextCache, build_latent_shards, build_text_cache, cache_key, distinct_captions,
@@ -43,6 +44,53 @@ WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 def weight_dtype_for(mixed_precision: str | None) -> torch.dtype:
     return WEIGHT_DTYPES.get(mixed_precision or "no", torch.float32)
+
+
+class Denoiser(torch.nn.Module):
+    """A micro-batch's model work: prepared tensors in, per-sample squared errors out.
+
+    The trained ControlNet's residuals go into the frozen UNet's skip connections; the UNet's
+    prediction is compared with the target. Positional tensors only (SDXL's ``text_embeds`` and
+    ``time_ids`` last, named by ``added_keys``): the form ``torch.cuda.make_graphed_callables``
+    captures (``--cuda_graphs``). Everything random or host-side happens before it, in
+    ``ControlNetMethod.loss``.
+
+    ``trained`` is what the loop prepared (DDP-wrapped on several processes), run under the
+    loop's autocast. With ``graph_autocast`` set (graphs: one process, nothing wrapped), the
+    ControlNet's own forward runs under an autocast of that dtype without a cast cache instead:
+    accelerate's wrapper of it opens one with a cache, which a graph would replay stale.
+    """
+
+    def __init__(self, trained: torch.nn.Module, controlnet: torch.nn.Module, unet: torch.nn.Module,
+                 weight_dtype: torch.dtype):
+        super().__init__()
+        # registered: their parameters are the captured graphs' inputs, the ControlNet's with gradients
+        self.controlnet, self.unet = controlnet, unet
+        self._trained = [trained]  # in a list: the same module, not registered twice
+        self.weight_dtype = weight_dtype
+        self.added_keys: tuple[str, ...] = ()
+        self.graph_autocast: tuple[str, torch.dtype | None] | None = None
+
+    def forward(self, noisy, timesteps, encoder_hidden_states, cond, target, *added_values):
+        added = dict(zip(self.added_keys, added_values)) if added_values else None
+        kwargs = dict(encoder_hidden_states=encoder_hidden_states, controlnet_cond=cond, added_cond_kwargs=added,
+                      return_dict=False)
+        if self.graph_autocast is None:
+            down, mid = self._trained[0](noisy, timesteps, **kwargs)
+        else:
+            with no_autocast_cache(*self.graph_autocast):
+                down, mid = type(self.controlnet).forward(self.controlnet, noisy, timesteps, **kwargs)
+        with torch.autocast(noisy.device.type, enabled=False):  # the frozen UNet runs in its own dtype
+            pred = self.unet(
+                noisy,
+                timesteps,
+                encoder_hidden_states=encoder_hidden_states,
+                added_cond_kwargs=added,
+                down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
+                mid_block_additional_residual=mid.to(self.weight_dtype),
+                return_dict=False,
+            )[0]
+        return per_sample_error(pred, target)
 
 
 class ControlNetMethod:
@@ -74,6 +122,7 @@ class ControlNetMethod:
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
         self.trained = self.controlnet  # the (possibly DDP-wrapped) module used in forward
+        self._use_denoiser(self.controlnet)
         self._accelerator = None
         self.text_cache: TextCache | None = None
         self.cache_build_seconds: float | None = None
@@ -112,7 +161,13 @@ class ControlNetMethod:
             self.base.unet.enable_xformers_memory_efficient_attention()
             self.controlnet.enable_xformers_memory_efficient_attention()
         apply_compile(t.torch_compile, self.base.unet, self.controlnet)
+        if t.cuda_graphs:
+            check_cuda_graphs(self.device, gradient_checkpointing=t.gradient_checkpointing,
+                              optimizer_in_backward=self.cfg.optim.optimizer_in_backward,
+                              processes=accelerator.num_processes, accumulation=t.gradient_accumulation_steps,
+                              torch_compile=t.torch_compile)
         self.controlnet.train()
+        self._use_denoiser(self.controlnet)  # in the weight dtype just chosen
         return [self.controlnet]
 
     def _encoders(self) -> list[torch.nn.Module]:
@@ -147,8 +202,17 @@ class ControlNetMethod:
         Only the trained ControlNet runs under autocast, over its fp32 master weights."""
         return torch.autocast(self.device.type, enabled=False)
 
+    def _use_denoiser(self, trained: torch.nn.Module) -> None:
+        self.denoiser = Denoiser(trained, self.controlnet, self.base.unet, self.weight_dtype)
+        self._denoise = self.denoiser
+
     def bind(self, prepared: list[torch.nn.Module]) -> None:
         self.trained = prepared[0]
+        self._use_denoiser(self.trained)
+        if self.cfg.train.cuda_graphs:
+            mp = self._accelerator.mixed_precision if self._accelerator else "no"
+            self.denoiser.graph_autocast = (self.device.type, WEIGHT_DTYPES.get(mp))
+            self._denoise = GraphedModule(self.denoiser)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.controlnet.parameters() if p.requires_grad]}]
@@ -240,25 +304,12 @@ class ControlNetMethod:
         with self._frozen():  # CUDA autocast runs add_noise's pow in fp32: noisy latents would come out fp32
             noisy = self.objective.add_noise(latents, noise, timesteps)
             target = self.objective.target(latents, noise, timesteps)
-        down, mid = self.trained(
-            noisy,
-            timesteps,
-            encoder_hidden_states=prompt.encoder_hidden_states,
-            controlnet_cond=batch["conditioning_pixel_values"].to(self.device),
-            added_cond_kwargs=added,
-            return_dict=False,
+        self.denoiser.added_keys = tuple(added or ())
+        per_sample = self._denoise(
+            noisy, timesteps, prompt.encoder_hidden_states,
+            batch["conditioning_pixel_values"].to(self.device), target, *(added or {}).values(),
         )
-        with self._frozen():
-            pred = self.base.unet(
-                noisy,
-                timesteps,
-                encoder_hidden_states=prompt.encoder_hidden_states,
-                added_cond_kwargs=added,
-                down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
-                mid_block_additional_residual=mid.to(self.weight_dtype),
-                return_dict=False,
-            )[0]
-        return self.objective.loss(pred, target, timesteps)
+        return self.objective.reduce(per_sample, timesteps)
 
     # ---------------------------------------------------------------- state and outputs
     def state_tensors(self) -> dict[str, torch.Tensor]:
