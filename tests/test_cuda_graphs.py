@@ -15,7 +15,7 @@ import torch
 from conftest import make_config
 from difftune.api import train_controlnet
 from difftune.cuda_graphs import GraphedModule, check_cuda_graphs
-from difftune.errors import ConfigError
+from difftune.errors import ConfigError, UserError
 
 
 def test_settings_a_graph_cannot_hold_are_refused_by_name(tiny_model_dir, fill_dir, tmp_path):
@@ -132,3 +132,10 @@ def test_graphed_module_captures_static_copies_and_runs_other_shapes_eagerly():
     assert torch.equal(g(small), lin(small)) and g.eager_calls == 1
     g(torch.randn(4, 3))
     assert g.eager_calls == 1 and len(captured) == 1
+
+    def fails(module, sample_args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(UserError, match="--cuda_graphs: capturing the training step failed .*not permitted.*"
+                                        "Train without --cuda_graphs"):
+        GraphedModule(lin, capture=fails)(x)

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 log = logging.getLogger("difftune")
 
@@ -93,7 +93,11 @@ class GraphedModule:
         if self._graphed is None:
             log.info("capturing the training step's model work as CUDA graphs (%d warm-up passes)", WARMUP_ITERS)
             # the sample arguments become the graphs' static input buffers: copies, not the caller's tensors
-            self._graphed = self._capture(self.module, tuple(a.detach().clone() for a in args))
+            try:
+                self._graphed = self._capture(self.module, tuple(a.detach().clone() for a in args))
+            except Exception as e:  # an operation a graph cannot hold, in a model or library we do not own
+                raise UserError(f"--cuda_graphs: capturing the training step failed ({type(e).__name__}: {e}). "
+                                "Train without --cuda_graphs; the step is the same without it.") from e
             self._signature = sig
         if sig != self._signature:
             self.eager_calls += 1
