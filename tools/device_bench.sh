@@ -10,8 +10,9 @@
 # sd15fast: `fast_compile_full` (torch.compile of the whole UNet and ControlNet; SD15FAST_CONFIGS=fast_compile for
 #           the blocks) on sd15's model and data (apart: it compiles);
 # sdxl:     ControlNet on the SDXL architecture at 1024 px;
-# profile:  `--profile_steps 3` of `fast` and `lowmem_fp8` on sd15's model and data (after sd15): where a step's
-#           time goes (device busy share, kernels per step, costliest operators), as $OUT/profile-NAME.md/.json.
+# profile:  `--profile_steps 3` of PROFILE_CONFIGS (default fast_graphs,lowmem_fp8) on sd15's model and data (after
+#           sd15): where a step's time goes (device busy share, kernels per step, costliest operators), as
+#           $OUT/profile-NAME.md/.json.
 #
 # Inputs beside the repository (git-ignored, carried to the GPU machine):
 #   .whl/*.whl          wheels the machine lacks (diffusers, datasets, ...), installed to /tmp/site;
@@ -63,9 +64,11 @@ for part in "$@"; do
     sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs "${SDXL_CONFIGS:-fast,fast_graphs,lowmem_fp8}" --steps 20 --warmup 5 \
             --n_samples "${SDXL_SAMPLES:-100}" --timeout 200 ;;
     profile) PROF=${PROFILE_FLAGS:-"--profile_steps 3 --profile_start 8"}
+            ADD=() NAMES=()
+            IFS=, read -r -a PCONFIGS <<< "${PROFILE_CONFIGS:-fast_graphs,lowmem_fp8}"
+            for c in "${PCONFIGS[@]}"; do ADD+=(--add_config "${c}_profiled=$c $PROF"); NAMES+=("${c}_profiled"); done
             run_part profile --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" \
-              --add_config "fast_profiled=fast $PROF" --add_config "lowmem_fp8_profiled=lowmem_fp8 $PROF" \
-              --configs fast_profiled,lowmem_fp8_profiled --steps 12 --warmup 8 --timeout 150
+              "${ADD[@]}" --configs "$(IFS=,; echo "${NAMES[*]}")" --steps 12 --warmup 8 --timeout 150
             for d in "$W"/profile/runs/*/profile; do
               n=$(basename "$(dirname "$d")"); cp "$d/summary.md" "$OUT/profile-$n.md"; cp "$d/summary.json" "$OUT/profile-$n.json"
               cat "$d/summary.md"
