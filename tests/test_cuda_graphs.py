@@ -34,15 +34,20 @@ def test_settings_a_graph_cannot_hold_are_refused_by_name(tiny_model_dir, fill_d
                       processes=1, accumulation=1, torch_compile="no")  # what `fast` + --cuda_graphs is
 
 
-@pytest.fixture(scope="module")
-def bf16_method(tiny_model_dir, fill_dir, tmp_path_factory):
-    """The tiny model's ControlNet method set up as the loop sets it up: bf16, prepared by accelerate."""
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def bf16_method(request, tiny_model_dir, fill_dir, tmp_path_factory):
+    """A tiny model's ControlNet method set up as the loop sets it up: bf16, prepared by accelerate.
+    SD 1.x and SDXL (whose denoiser also takes pooled text embeddings and time ids)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     from difftune.methods.controlnet import ControlNetMethod
+    from difftune.tiny import save_tiny_sdxl_model
 
-    cfg = make_config(tiny_model_dir, fill_dir, tmp_path_factory.mktemp("den"), mixed_precision="bf16",
+    model = tiny_model_dir
+    if request.param == "sdxl":
+        model = save_tiny_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+    cfg = make_config(model, fill_dir, tmp_path_factory.mktemp("den"), mixed_precision="bf16",
                       proportion_empty_prompts=0.3)
     method = ControlNetMethod(cfg)
     AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
@@ -90,17 +95,21 @@ def test_the_denoiser_never_waits_for_the_device(bf16_method):
     forward and backward on them, and check the check with a module that does synchronise."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-    method, _, batch = bf16_method
+    method, accelerator, batch = bf16_method
     den = method.denoiser
+    real, seen = method._denoise, []
+    method._denoise = lambda *args: seen.append(args) or real(*args)  # what the loss hands the denoiser
+    try:
+        with accelerator.autocast():
+            method.loss(batch, torch.Generator().manual_seed(0))
+    finally:
+        method._denoise = real
+    (args,) = seen
+    assert len(args) == (7 if method.family.name == "sdxl" else 5), [a.shape for a in args]
     den.graph_autocast = ("cpu", torch.bfloat16)
     try:
-        c, side = den.unet.config.in_channels, method.resolution // method.base.vae_scale_factor
-        latent = (4, c, side, side)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            args = (torch.randn(latent, dtype=torch.bfloat16), torch.randint(0, 1000, (4,)),
-                    torch.randn(4, 77, den.unet.config.cross_attention_dim, dtype=torch.bfloat16),
-                    torch.rand(4, 3, method.resolution, method.resolution), torch.randn(latent, dtype=torch.bfloat16))
-            per_sample = den(*args)
+            per_sample = den(*(torch.empty(a.shape, dtype=a.dtype) for a in args))
             grads = torch.autograd.grad(per_sample.sum(), [p for p in den.controlnet.parameters()], allow_unused=True)
         assert per_sample.shape == (4,) and any(g is not None for g in grads)
 
