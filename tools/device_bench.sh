@@ -12,7 +12,7 @@
 # sdxl:     ControlNet on the SDXL architecture at 1024 px;
 # profile:  `--profile_steps 3` of PROFILE_CONFIGS (default fast_graphs,lowmem_fp8) on sd15's model and data (after
 #           sd15): where a step's time goes (device busy share, kernels per step, costliest operators), as
-#           $OUT/profile-NAME.md/.json.
+#           $OUT/profile-NAME.md (sd15 + sdxl + profile of two configurations: the 8 files a device call returns).
 #
 # Inputs beside the repository (git-ignored, carried to the GPU machine):
 #   .whl/*.whl          wheels the machine lacks (diffusers, datasets, ...), installed to /tmp/site;
@@ -70,7 +70,7 @@ for part in "$@"; do
             run_part profile --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" \
               "${ADD[@]}" --configs "$(IFS=,; echo "${NAMES[*]}")" --steps 12 --warmup 8 --timeout 150
             for d in "$W"/profile/runs/*/profile; do
-              n=$(basename "$(dirname "$d")"); cp "$d/summary.md" "$OUT/profile-$n.md"; cp "$d/summary.json" "$OUT/profile-$n.json"
+              n=$(basename "$(dirname "$d")"); cp "$d/summary.md" "$OUT/profile-$n.md"  # the md only: 8 files come back
               cat "$d/summary.md"
             done ;;
     *) echo "unknown part $part (sd15, sd15fast, cd, sdxl, profile)"; exit 2 ;;
