@@ -65,3 +65,46 @@ def test_pretrain_refuses_a_gpu_it_cannot_see(tmp_path, monkeypatch):
     assert resolve_device("auto") == "cpu"
     with pytest.raises(ValueError, match="--device cpu"):
         pretrain_base(tmp_path / "b", n_images=8, vae_steps=1, unet_steps=1, device="cuda")
+
+
+def test_a_killed_pretraining_resumes_and_trains_what_the_uninterrupted_run_does(tmp_path, monkeypatch):
+    """Each stage checkpoints every --checkpointing_steps; the same command run again continues
+    from the newest checkpoint and ends with exactly the uninterrupted run's weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from difftune import pretrain
+
+    kw = dict(n_images=16, vae_steps=4, unet_steps=4, vae_batch=4, unet_batch=4, checkpointing_steps=2, device="cpu")
+    whole = pretrain.pretrain_base(tmp_path / "whole", **kw)
+    assert not (tmp_path / "whole" / "checkpoints-vae").exists()  # a finished stage leaves none behind
+
+    class Killed(Exception):
+        pass
+
+    save = pretrain.StageCheckpoints.save
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(pretrain.StageCheckpoints, "save", save_then_die)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):  # killed in the VAE stage, just after its step-2 checkpoint
+        pretrain.pretrain_base(out, **kw)
+    assert (out / "checkpoints-vae" / "checkpoint-2").is_dir() and not (out / "vae").exists()
+    with pytest.raises(ValueError, match="another run .*differs in: steps.*delete"):  # never mixed with another run
+        pretrain.pretrain_base(out, **{**kw, "vae_steps": 6})
+    with pytest.raises(Killed):  # resumes the VAE at step 3, finishes it, is killed in the UNet stage
+        pretrain.pretrain_base(out, **kw)
+    assert (out / "vae" / "config.json").is_file() and not (out / "checkpoints-vae").exists()
+    assert (out / "checkpoints-unet" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(pretrain.StageCheckpoints, "save", save)
+    resumed = pretrain.pretrain_base(out, **kw)
+    for part in ("vae", "unet", "text_encoder"):
+        (a,) = (whole / part).glob("*.safetensors")
+        (b,) = (resumed / part).glob("*.safetensors")
+        wa, wb = load_file(str(a)), load_file(str(b))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), part
+    log = (out / "pretrain_log.jsonl").read_text()
+    assert '"resumed_after": 2' in log

@@ -11,6 +11,8 @@
 # Stage 1 trains the VAE only (`--unet_steps 0`) and copies it to $OUT/vae; stage 2 reuses it and
 # trains the UNet + text encoder, exporting the EMA model every 1,000 steps (copied to $OUT/model
 # as each export lands), so a stage stopped at its time limit still returns what it finished.
+# Each stage checkpoints every 250 steps (in $W, which stays while the machine is warm): a stage stopped at its
+# limit continues when this script is run again on the same machine.
 # Env: LATENT_CHANNELS (8), VAE_STEPS (6000), VAE_BATCH (64), UNET_STEPS (6000), UNET_BATCH (64), N_IMAGES (50000),
 # VAE_LIMIT / UNET_LIMIT (seconds per stage: 240 / 300), DEVICE (cuda). Inputs: .whl/ as for
 # tools/device_bench.sh. CPU rehearsal: DEVICE=cpu NO_WHEELS=1 PYTHON=.venv/bin/python VAE_STEPS=2

@@ -8,6 +8,7 @@ unpickled on resume):
     optimizer.json           optimizer param groups and non-tensor state
     rng.safetensors          the trainer's noise generator and torch's global RNG states
     scheduler.json           learning-rate scheduler state
+    extra.json               (optional) the caller's own JSON state
     trainer_state.json       step counters; written last, it marks the folder complete
 
 It is written into a hidden temporary folder, flushed to disk, then renamed into place in
@@ -159,8 +160,11 @@ def save_checkpoint(
     scheduler_state: dict,
     generator: torch.Generator,
     total_limit: int | None = None,
+    extra: dict | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically, move ``latest`` to it, prune old ones."""
+    """Write ``checkpoint-<step>`` atomically, move ``latest`` to it, prune old ones.
+
+    ``extra``: JSON-able state of the caller's own (``extra.json``), e.g. a NumPy generator's."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{state.global_step}"
     tmp = root / f".checkpoint-{state.global_step}.tmp-{os.getpid()}"
@@ -176,6 +180,7 @@ def save_checkpoint(
         "optimizer.json": lambda p: p.write_text(json.dumps(opt_rest)),
         "rng.safetensors": lambda p: save_file(rng_tensors(generator), str(p)),
         "scheduler.json": lambda p: p.write_text(json.dumps(scheduler_to_json(scheduler_state))),
+        **({"extra.json": lambda p: p.write_text(json.dumps(extra))} if extra is not None else {}),
         STATE_FILE: lambda p: p.write_text(json.dumps(asdict(state), indent=2)),  # last: marks complete
     }
     for name, write in files.items():
@@ -251,4 +256,5 @@ def load_checkpoint(path: Path) -> dict:
         ),
         "scheduler": json.loads((path / "scheduler.json").read_text()),
         "rng": load_file(str(path / "rng.safetensors")),
+        "extra": json.loads((path / "extra.json").read_text()) if (path / "extra.json").is_file() else {},
     }

@@ -252,7 +252,7 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
     print(pretrain_base(args.out, n_images=args.n_images, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                         seed=args.seed, stop_at_step=args.stop_at_step, latent_downsample=args.latent_downsample,
                         world=args.world, vae_batch=args.vae_batch, unet_batch=args.unet_batch, device=args.device,
-                        latent_channels=args.latent_channels))
+                        latent_channels=args.latent_channels, checkpointing_steps=args.checkpointing_steps))
     return 0
 
 
@@ -391,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "geometry too (smaller shapes, cut by the border)")
     pb.add_argument("--vae_batch", type=at_least(1), default=32)
     pb.add_argument("--unet_batch", type=at_least(1), default=64)
+    pb.add_argument("--checkpointing_steps", type=at_least(1), default=250,
+                    help="save a resumable checkpoint of the stage every N steps; the same command run again "
+                         "continues a killed run from the newest (default: 250)")
     pb.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one), cpu, cuda, cuda:N")
     pb.set_defaults(func=cmd_pretrain_base)
 

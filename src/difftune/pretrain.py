@@ -1,7 +1,8 @@
 """Train the bundled tiny base model ("tiny-shapes") from scratch on the shapes world.
 
 Reproducible: ``difftune pretrain-base --out DIR [--seed 0]`` (the defaults are what was
-shipped). Two stages, each saved before the next starts, so a killed run continues:
+shipped). Two stages, each saved before the next starts, and each checkpointed every
+``--checkpointing_steps`` steps, so a killed run continues where it was:
 
 1. VAE (``AutoencoderKL``, 64 px -> 16x16x4 latents, or 8x8 with ``latent_downsample=8``, or
    more channels with ``latent_channels``):
@@ -27,7 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import umask_mode
+from .checkpoint import (
+    TrainState, clean_partial, load_checkpoint, resolve_resume, restore_rng, save_checkpoint, umask_mode,
+)
 from .data.shapes import BASE_SHAPES, render_batch, sample_shapes
 from .noising import DiffusionObjective
 from .tiny import SD_SCHEDULER, default_words, write_tokenizer
@@ -89,8 +92,46 @@ def _images_to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+class StageCheckpoints:
+    """Resumable checkpoints of one pretraining stage in ``folder`` (the newest one kept), every
+    ``every`` steps, for the run that ``run`` describes (steps, seed, batch, data, architecture).
+
+    A rerun of the same command resumes from the newest; a checkpoint of another run is refused
+    rather than mixed in. Written with ``checkpoint.save_checkpoint``: atomic, safetensors and
+    JSON only."""
+
+    def __init__(self, folder: Path, run: dict, every: int):
+        self.folder, self.every = Path(folder), every
+        self.run = json.loads(json.dumps(run))  # as it reads back from JSON (tuples become lists)
+
+    def load(self) -> dict | None:
+        clean_partial(self.folder)
+        path = resolve_resume(self.folder, "latest")
+        if path is None:
+            return None
+        ck = load_checkpoint(path)
+        theirs = ck["extra"].get("run", {})
+        if theirs != self.run:
+            differ = sorted(k for k in set(theirs) | set(self.run) if theirs.get(k) != self.run.get(k))
+            raise ValueError(f"{path} is a checkpoint of another run (it differs in: {', '.join(differ)}). "
+                             f"Rerun with that run's flags to resume it, or delete {self.folder} to start over.")
+        return ck
+
+    def due(self, step: int, steps: int) -> bool:
+        return step % self.every == 0 and step < steps  # the last step's result is saved as the model
+
+    def save(self, step: int, weights: dict, opt, sched, generator: torch.Generator, extra: dict | None = None) -> None:
+        save_checkpoint(self.folder, TrainState(global_step=step), weights, opt.state_dict(), sched.state_dict(),
+                        generator, total_limit=1, extra={"run": self.run, **(extra or {})})
+
+    def finished(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int = 32, lr: float = 3e-4,
-              config: dict = VAE_CONFIG, device: str = "cpu"):
+              config: dict = VAE_CONFIG, device: str = "cpu", checkpoints: StageCheckpoints | None = None):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -100,7 +141,16 @@ def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int =
                                                 anneal_strategy="cos", div_factor=10, final_div_factor=10)
     g = np.random.default_rng(seed)
     log, t0 = out / "pretrain_log.jsonl", time.time()
-    for step in range(1, steps + 1):
+    start = 1
+    if checkpoints is not None and (ck := checkpoints.load()) is not None:
+        vae.load_state_dict(ck["weights"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        g.bit_generator.state = ck["extra"]["numpy_rng"]
+        restore_rng(ck["rng"], torch.Generator())  # the latent samples come from torch's global generator
+        start = ck["state"].global_step + 1
+        _log(log, stage="vae", resumed_after=start - 1)
+    for step in range(start, steps + 1):
         x = _images_to_tensor(images[g.integers(len(images), size=batch)]).to(device)
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
@@ -113,6 +163,9 @@ def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int =
         sched.step()
         if step % 50 == 0 or step == steps:
             _log(log, stage="vae", step=step, mse=round(mse.item(), 5), seconds=round(time.time() - t0, 1))
+        if checkpoints is not None and checkpoints.due(step, steps):
+            checkpoints.save(step, vae.state_dict(), opt, sched, torch.Generator(),
+                             extra={"numpy_rng": g.bit_generator.state})
     return vae.eval()
 
 
@@ -130,7 +183,7 @@ def latent_moments_of(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.
 
 def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: int, scaling_factor: float,
                    batch: int = 64, lr: float = 1e-3, ema_decay: float = 0.999, empty_prob: float = 0.1,
-                   unet_config: dict = UNET_CONFIG):
+                   unet_config: dict = UNET_CONFIG, checkpoints: StageCheckpoints | None = None):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -154,7 +207,17 @@ def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: 
     )
     g = torch.Generator().manual_seed(seed)
     log, t0, running = out / "pretrain_log.jsonl", time.time(), []
-    for step in range(1, steps + 1):
+    start = 1
+    if checkpoints is not None and (ck := checkpoints.load()) is not None:
+        w = ck["weights"]
+        modules.load_state_dict({k[len("model."):]: v for k, v in w.items() if k.startswith("model.")})
+        ema.load_state_dict({k[len("ema."):]: v for k, v in w.items() if k.startswith("ema.")})
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        restore_rng(ck["rng"], g)
+        start = ck["state"].global_step + 1
+        _log(log, stage="unet", resumed_after=start - 1)
+    for step in range(start, steps + 1):
         # every random draw comes from one CPU generator, so a run is the same on any device
         idx = torch.randint(len(mean), (batch,), generator=g)
         eps = torch.randn((batch, *mean.shape[1:]), generator=g).to(device)
@@ -185,6 +248,10 @@ def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: 
             running = []
         if step % 1000 == 0 or step == steps:
             yield step, ema
+        if checkpoints is not None and checkpoints.due(step, steps):
+            weights = {f"model.{k}": v for k, v in modules.state_dict().items()}
+            weights.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+            checkpoints.save(step, weights, opt, sched, g)
 
 
 def save_pipeline(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
@@ -228,7 +295,7 @@ def resolve_device(device: str) -> str:
 def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500, unet_steps: int = 2000,
                   seed: int = 0, stop_at_step: int | None = None, latent_downsample: int = 4,
                   world: str = "standard", vae_batch: int = 32, unet_batch: int = 64, device: str = "auto",
-                  latent_channels: int = 4) -> Path:
+                  latent_channels: int = 4, checkpointing_steps: int = 250) -> Path:
     """Build the tiny-shapes base model in ``out/model`` (diffusers layout); returns that path.
 
     The UNet's learning-rate schedule spans ``unet_steps``; the EMA weights are exported every
@@ -237,6 +304,9 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
     the ``standard`` world. ``unet_steps=0`` stops after the VAE and returns its folder
     (``out/vae``), e.g. to measure it. ``device`` "auto" takes a CUDA GPU when torch sees one
     (fp32 with TF32 matmuls there); the random draws come from CPU generators either way.
+    Every ``checkpointing_steps`` steps each stage saves a resumable checkpoint
+    (``out/checkpoints-vae``, ``out/checkpoints-unet``): the same command run again continues a
+    killed run from there, and trains exactly what the uninterrupted run would have.
     """
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
@@ -265,21 +335,38 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
             raise ValueError(f"{vae_dir} holds a VAE of another latent size than --latent_downsample "
                              f"{latent_downsample} --latent_channels {latent_channels}; use a new --out folder")
     else:
-        vae = train_vae(out, images, vae_steps, seed, batch=vae_batch, config=vae_config, device=device)
+        data = {"n_images": n_images, "world": world, "seed": seed}
+        ckpts = StageCheckpoints(out / "checkpoints-vae", {"stage": "vae", "steps": vae_steps, "batch": vae_batch,
+                                                           "config": vae_config, **data}, checkpointing_steps)
+        vae = train_vae(out, images, vae_steps, seed, batch=vae_batch, config=vae_config, device=device,
+                        checkpoints=ckpts)
         mean, _ = latent_moments_of(vae, images[:2000])
         vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
-        vae.save_pretrained(vae_dir)
-        umask_mode(vae_dir)
+        import shutil
+
+        tmp = vae_dir.with_name("vae.tmp")  # saved whole, then renamed: a second run never finds half a VAE
+        shutil.rmtree(tmp, ignore_errors=True)
+        vae.save_pretrained(tmp)
+        umask_mode(tmp)
+        shutil.rmtree(vae_dir, ignore_errors=True)  # what a run of older code left half-written, if anything
+        tmp.rename(vae_dir)
+        ckpts.finished()
     if unet_steps == 0:
         return vae_dir
     mean, std = latent_moments_of(vae, images)
     scale = float(vae.config.scaling_factor)
     _log(out / "pretrain_log.jsonl", stage="latents", scaling_factor=scale, latent_std=float((mean * scale).std()))
+    ckpts = StageCheckpoints(out / "checkpoints-unet",
+                             {"stage": "unet", "steps": unet_steps, "batch": unet_batch, "config": unet_config,
+                              "n_images": n_images, "world": world, "seed": seed, "scaling_factor": scale},
+                             checkpointing_steps)
     for step, ema in train_denoiser(out, tokenizer, mean, std, captions, unet_steps, seed + 1, scale,
-                                    batch=unet_batch, unet_config=unet_config):
+                                    batch=unet_batch, unet_config=unet_config, checkpoints=ckpts):
         unet, text_encoder = ema[0], ema[1]
         save_pipeline(out / "model", vae, text_encoder, unet, tokenizer)
         _log(out / "pretrain_log.jsonl", stage="saved", step=step)
         if stop_at_step is not None and step >= stop_at_step:
             break
+    else:
+        ckpts.finished()
     return out / "model"
