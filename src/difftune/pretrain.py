@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -125,8 +126,6 @@ class StageCheckpoints:
                         generator, total_limit=1, extra={"run": self.run, **(extra or {})})
 
     def finished(self) -> None:
-        import shutil
-
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -260,13 +259,17 @@ def save_pipeline(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDPMScheduler(**SD_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    tmp = folder.with_name(folder.name + ".tmp")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    umask_mode(tmp)
-    if folder.exists():
-        import shutil
+    save_whole(folder, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
 
-        shutil.rmtree(folder)
+
+def save_whole(folder: Path, save) -> None:
+    """``save(tmp)`` into a folder beside ``folder``, then put it in ``folder``'s place: a reader
+    (or a resumed run) finds the previous folder or the whole new one, never half of one."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
+    save(tmp)
+    umask_mode(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
@@ -327,6 +330,7 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
     tokenizer.model_max_length = MAX_TOKENS
 
     vae_config, unet_config = architecture(latent_downsample, latent_channels)
+    data = {"n_images": n_images, "world": world, "seed": seed}  # what both stages' checkpoints depend on
     vae_dir = out / "vae"
     if (vae_dir / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
@@ -335,21 +339,13 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
             raise ValueError(f"{vae_dir} holds a VAE of another latent size than --latent_downsample "
                              f"{latent_downsample} --latent_channels {latent_channels}; use a new --out folder")
     else:
-        data = {"n_images": n_images, "world": world, "seed": seed}
         ckpts = StageCheckpoints(out / "checkpoints-vae", {"stage": "vae", "steps": vae_steps, "batch": vae_batch,
                                                            "config": vae_config, **data}, checkpointing_steps)
         vae = train_vae(out, images, vae_steps, seed, batch=vae_batch, config=vae_config, device=device,
                         checkpoints=ckpts)
         mean, _ = latent_moments_of(vae, images[:2000])
         vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
-        import shutil
-
-        tmp = vae_dir.with_name("vae.tmp")  # saved whole, then renamed: a second run never finds half a VAE
-        shutil.rmtree(tmp, ignore_errors=True)
-        vae.save_pretrained(tmp)
-        umask_mode(tmp)
-        shutil.rmtree(vae_dir, ignore_errors=True)  # what a run of older code left half-written, if anything
-        tmp.rename(vae_dir)
+        save_whole(vae_dir, vae.save_pretrained)
         ckpts.finished()
     if unet_steps == 0:
         return vae_dir
@@ -358,7 +354,7 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
     _log(out / "pretrain_log.jsonl", stage="latents", scaling_factor=scale, latent_std=float((mean * scale).std()))
     ckpts = StageCheckpoints(out / "checkpoints-unet",
                              {"stage": "unet", "steps": unet_steps, "batch": unet_batch, "config": unet_config,
-                              "n_images": n_images, "world": world, "seed": seed, "scaling_factor": scale},
+                              "scaling_factor": scale, **data},
                              checkpointing_steps)
     for step, ema in train_denoiser(out, tokenizer, mean, std, captions, unet_steps, seed + 1, scale,
                                     batch=unet_batch, unet_config=unet_config, checkpoints=ckpts):
