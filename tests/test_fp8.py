@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from difftune.fp8 import FP8, Fp8Conv2d, Fp8Linear, dequantize, store_in_fp8
+from difftune.fp8 import FP8, Fp8Conv2d, Fp8Linear, dequantize, quantize, store_in_fp8
 
 
 def _bytes(module):
@@ -34,6 +34,36 @@ def test_fp8_layers_compute_with_their_dequantised_weight_forward_and_backward(m
     y.backward(g)
     y_ref.backward(g)
     torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_fp8_scales_are_powers_of_two_so_a_bf16_layer_dequantises_exactly_in_two_kernels():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32) * torch.logspace(-4, 1, 64)[:, None]  # channels of very different sizes
+    w8, scale = quantize(w)
+    mantissa, _ = torch.frexp(scale)
+    assert (mantissa == 0.5).all()
+    top = w8.float().abs().amax(dim=1)
+    assert (top >= 224).all() and (top <= 448).all()  # each channel uses the upper half of e4m3's range (rounded)
+    exact = w8.float() * scale  # exact in fp32: 4 significant bits times a power of two
+    assert torch.equal(dequantize(w8, scale, torch.bfloat16), exact.to(torch.bfloat16))
+    assert torch.equal(dequantize(w8, scale, torch.float32), exact)
+
+    layer = Fp8Linear(nn.Linear(32, 64, bias=False).requires_grad_(False)).to(torch.bfloat16)
+    ops = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    layer(x)  # the first call converts the scales to bf16, once
+    with Count():
+        layer(x)
+    assert ops == ["_to_copy", "mul", "mm"]  # cast, scale, matmul: nothing through fp32
 
 
 def test_store_in_fp8_halves_a_bf16_unet_keeps_its_output_close_and_survives_dtype_casts(tiny_model_dir):
