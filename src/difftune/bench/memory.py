@@ -9,6 +9,14 @@ by op (SD 1.5 at 512 px: about 30 s a configuration on one CPU core).
 alive and records the peak, by kind: parameters, gradients, optimizer states, activations
 (kept for backward) and temporaries.
 
+The same steps also count the operators the step dispatches (``ops_per_step``: the second
+step's ATen calls that compute, by phase and by operator; views and bare allocations left
+out). A step that is host-bound (a GPU waiting for Python to launch its kernels, as SD 1.5
+ControlNet training was on an H200) takes time about in proportion to that count, so it says
+which options add launches and where, before a GPU is at hand. CPU autocast casts a few
+operators differently from CUDA's, so the count of ``_to_copy`` is near, not equal, to a
+GPU run's.
+
 What it is not: a measurement. It counts the bytes of live tensors, which is a lower bound
 of ``torch.cuda.max_memory_allocated``: the CUDA caching allocator rounds blocks up, cuDNN
 and cuBLAS take workspaces, and CUDA autocast keeps layer and group norms in fp32 where the
@@ -108,6 +116,44 @@ def _plain_memo(mode):
         converter.tensor_memo, converter.storage_memo = weakref.WeakValueDictionary(), weakref.WeakValueDictionary()
 
 
+class _OpCounter:
+    """Counts the ATen operators dispatched while ``phase`` is set (None: not counting)."""
+
+    # no kernel: allocation, aliasing, the profiler's markers (torch.utils.checkpoint records some)
+    SKIP = frozenset({"empty", "empty_strided", "empty_like", "detach", "lift_fresh", "alias", "set_",
+                      "_record_function_enter_new", "_record_function_exit"})
+
+    def __init__(self):
+        from collections import Counter
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+        self.phase: str | None = None
+        self.counts: Counter = Counter()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if counter.phase is not None and func.namespace == "aten" and not func.is_view:
+                    name = func.overloadpacket.__name__
+                    if name not in counter.SKIP:
+                        counter.counts[(counter.phase, name)] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def summary(self, top: int = 12) -> dict:
+        """``{"total", "by_phase": {phase: n}, "top": [[operator, n], ...]}``."""
+        from collections import Counter
+
+        by_phase, by_op = Counter(), Counter()
+        for (phase, name), n in self.counts.items():
+            by_phase[phase] += n
+            by_op[name] += n
+        return {"total": sum(by_phase.values()), "by_phase": dict(by_phase),
+                "top": [[name, n] for name, n in by_op.most_common(top)]}
+
+
 def _tracker():
     try:
         from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
@@ -192,7 +238,7 @@ def estimate_controlnet_memory(arch: str, flags: list[str], *, steps: int = 2, f
     ``flags`` are the training flags (``--resolution``, ``--train_batch_size``, precision and
     memory options; data and output flags are not needed). ``fake=False`` runs the same steps
     on real CPU tensors (small models only: it is how the tests check the fake count).
-    Returns ``{"peak_gib", "by_kind_gib", "seconds", "exact": False}``.
+    Returns ``{"peak_gib", "by_kind_gib", "peak_at", "ops_per_step", "seconds", "exact": False}``.
     """
     from ..cli import build_parser, config_from_args
     from ..config import ControlNetConfig
@@ -221,18 +267,23 @@ def estimate_controlnet_memory(arch: str, flags: list[str], *, steps: int = 2, f
         # "cuda": the optimizer the GPU run would build (fused AdamW)
         with _bitsandbytes_standin() if cfg.optim.use_8bit_adam else contextlib.nullcontext():
             optimizer = build_optimizer(method.param_groups(), cfg.optim, cfg.optim.learning_rate, "cuda")
-        tracker = _tracker()
+        tracker, ops = _tracker(), _OpCounter()
         tracker.track_external(*on_device, optimizer)
         generator = torch.Generator().manual_seed(0)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16",
                                   cache_enabled=autocast_cache_enabled(t))
-        with tracker:
-            for _ in range(steps):
+        with tracker, ops.mode:
+            for step in range(steps):
+                counting = step == steps - 1  # the steady state: optimizer states exist
+                ops.phase = "forward" if counting else None
                 with autocast:
                     loss = method.loss(batch, generator)
+                ops.phase = "backward" if counting else None  # optimizer_in_backward steps count here
                 loss.backward()
+                ops.phase = "optimizer" if counting else None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=cfg.optim.set_grads_to_none)
+                ops.phase = None
                 tracker.reset_mod_stats()  # per-module statistics only; the global peak is kept
         peak = tracker.get_tracker_snapshot("peak")
     by_kind: dict[str, float] = {}
@@ -242,24 +293,28 @@ def estimate_controlnet_memory(arch: str, flags: list[str], *, steps: int = 2, f
             if name in KINDS:
                 by_kind[name] = by_kind.get(name, 0.0) + nbytes / GIB
     return {"peak_gib": sum(by_kind.values()), "by_kind_gib": by_kind, "peak_at": tracker.peak_at,
-            "seconds": round(time.perf_counter() - started, 1), "exact": False}
+            "ops_per_step": ops.summary(), "seconds": round(time.perf_counter() - started, 1), "exact": False}
 
 
 def format_memory_table(arch: str, resolution: int, batch: int, rows: dict[str, dict]) -> str:
     """Markdown table of ``estimate_controlnet_memory`` results, one row per configuration."""
     head = ("| configuration | estimated peak GiB | parameters | gradients | optimizer states | activations "
-            "| temporaries | peak in |\n|---|---|---|---|---|---|---|---|")
+            "| temporaries | peak in | operators/step (forward + backward + optimizer) |\n|---|---|---|---|---|---|---|---|---|")
     lines = [f"Estimated peak tensor memory of a ControlNet training step: {arch}, {resolution} px, batch {batch} "
-             "(fake tensors on the CPU; a lower bound of torch.cuda.max_memory_allocated)", "", head]
+             "(fake tensors on the CPU; a lower bound of torch.cuda.max_memory_allocated), and the ATen operators "
+             "the step dispatches (views and allocations left out; what a host-bound step's time follows)", "", head]
     for name, r in rows.items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {name} | error: {r['error']} | | | | | | | |")
             continue
         k = r["by_kind_gib"]
         cells = [k.get("PARAM", 0) + k.get("BUFFER", 0), k.get("GRAD", 0), k.get("OPT", 0), k.get("ACT", 0),
                  k.get("TEMP", 0) + k.get("OTH", 0)]
+        ops = r.get("ops_per_step") or {}
+        phases = ops.get("by_phase", {})
+        split = " + ".join(str(phases.get(k, 0)) for k in ("forward", "backward", "optimizer"))
         lines.append(f"| {name} | **{r['peak_gib']:.2f}** | " + " | ".join(f"{c:.2f}" for c in cells)
-                     + f" | {r.get('peak_at') or '?'} |")
+                     + f" | {r.get('peak_at') or '?'} | {ops.get('total', '?')} ({split}) |")
     return "\n".join(lines)
 
 
