@@ -7,6 +7,7 @@ only: a wrong latent sample, a dropped gradient or a skipped update is orders la
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -107,6 +108,42 @@ def test_optimizer_in_backward_equals_plain_step(plain_run, tiny_model_dir, fill
     _same_training(out, plain_run, 1e-5)
 
 
+def test_optimizer_in_backward_steps_buckets_exactly_as_the_plain_optimizer_steps_all():
+    """Buckets of consecutive tensors, each stepped when its last gradient lands: the same AdamW
+    update bit for bit, one optimizer call per bucket, gradients freed inside backward, and a
+    bucket holding a parameter that got no gradient stepped by ``step()``."""
+    from difftune.optim import InBackwardOptimizer
+
+    torch.manual_seed(0)
+    plain_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 16),
+                                      torch.nn.Linear(16, 4), torch.nn.Linear(3, 3))  # the last is never used
+    model = copy.deepcopy(plain_model)
+    # 600 bytes: [Linear 0], [Linear 2's weight], [Linear 2's bias, Linear 3, the unused Linear 4]
+    inbw = InBackwardOptimizer([{"params": list(model.parameters()), "lr": 1e-2}],
+                               lambda params, options: torch.optim.AdamW(params, fused=True, **options),
+                               bucket_bytes=600, min_buckets=1)
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2, fused=True)
+    assert inbw.num_buckets == 3
+    calls = []
+    for _, _, inner in inbw._buckets:
+        inner.register_step_post_hook(lambda opt, args, kwargs: calls.append(opt))
+    waiting = {id(p) for p in (model[2].bias, *model[3].parameters())}
+    for step in range(3):
+        x = torch.randn(5, 8)
+        plain_model[:4](x).square().mean().backward()
+        plain.step()
+        plain.zero_grad(set_to_none=True)
+        model[:4](x).square().mean().backward()
+        assert {id(p) for p in model.parameters() if p.grad is not None} == waiting  # the rest: stepped and freed
+        assert len(calls) == 3 * step + 2
+        inbw.step()  # the last bucket
+        assert all(p.grad is None for p in model.parameters())
+        inbw.zero_grad()
+        for a, b in zip(plain_model.parameters(), model.parameters()):
+            assert torch.equal(a, b)
+    assert len(calls) == 3 * 3
+
+
 def test_optimizer_in_backward_resumes_from_its_checkpoint(tiny_model_dir, fill_dir, tmp_path, monkeypatch):
     from difftune import checkpoint as ckpt
 
@@ -143,6 +180,27 @@ def test_optimizer_in_backward_rejects_what_needs_all_gradients(tiny_model_dir, 
 def test_channels_last_trains_the_same_thing(plain_run, tiny_model_dir, fill_dir, tmp_path):
     out = _run(tiny_model_dir, fill_dir, tmp_path / "cl", channels_last=True)
     _same_training(out, plain_run, 1e-4)
+
+
+def test_set_grads_to_none_trains_exactly_the_same(plain_run, tiny_model_dir, fill_dir, tmp_path):
+    """Freed gradients are written by backward where zeroed ones are added to: 0 + g == g, so bit for bit."""
+    out = _run(tiny_model_dir, fill_dir, tmp_path / "none", set_grads_to_none=True)
+    assert _losses(out) == _losses(plain_run.out)
+    assert _max_diff(_weights(out), _weights(plain_run.out)) == 0.0
+
+
+def test_fast_recipe_is_the_bench_fast_config():
+    """``difftune bench``'s ``fast`` measures what ``--recipe fast`` trains."""
+    from difftune.bench.runner import CONFIGS
+    from difftune.cli import build_parser, config_from_args
+    from difftune.config import ControlNetConfig
+    from difftune.recipes import RECIPES
+
+    parse = build_parser().parse_args
+    common = ["train", "controlnet", "--train_data_dir", "d", "--output_dir", "o"]
+    recipe = config_from_args(ControlNetConfig, parse(common + ["--recipe", "fast"]), RECIPES["fast"]())
+    flags = config_from_args(ControlNetConfig, parse(common + CONFIGS["fast"]))
+    assert recipe == flags
 
 
 def test_gradient_checkpointing_trains_the_same_thing(plain_run, tiny_model_dir, fill_dir, tmp_path):

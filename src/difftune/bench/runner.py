@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BF16_FAST = ["--mixed_precision", "bf16", "--cache_latents", "--allow_tf32", "--channels_last"]
+BF16_FAST = ["--mixed_precision", "bf16", "--cache_latents", "--allow_tf32", "--channels_last", "--set_grads_to_none"]
 # optimizer steps inside backward cannot clip by the global norm: the trainer asks for --max_grad_norm 0
 LOWMEM = ["--mixed_precision", "bf16", "--cache_latents", "--gradient_checkpointing", "--optimizer_in_backward",
           "--set_grads_to_none", "--max_grad_norm", "0"]
