@@ -32,6 +32,9 @@ def test_settings_a_graph_cannot_hold_are_refused_by_name(tiny_model_dir, fill_d
                           processes=2, accumulation=1, torch_compile="full")
     check_cuda_graphs(torch.device("cuda"), gradient_checkpointing=False, optimizer_in_backward=False,
                       processes=1, accumulation=1, torch_compile="no")  # what `fast` + --cuda_graphs is
+    # the graphs' gradients alias their buffers: they are freed between steps, never zeroed in place
+    assert make_config(tiny_model_dir, fill_dir, tmp_path / "h", cuda_graphs=True).optim.set_grads_to_none
+    assert not make_config(tiny_model_dir, fill_dir, tmp_path / "h").optim.set_grads_to_none
 
 
 @pytest.fixture(scope="module", params=["sd", "sdxl"])

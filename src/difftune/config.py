@@ -224,7 +224,7 @@ class ControlNetTrainConfig(TrainConfig):
         False,
         "Capture the step's model work (ControlNet and UNet, forward and backward) as CUDA graphs on the first "
         "step and replay them: one launch instead of thousands of kernels, for a GPU the host cannot keep busy. "
-        "One CUDA GPU, no gradient checkpointing, accumulation or --optimizer_in_backward.",
+        "One CUDA GPU, no gradient checkpointing, accumulation or --optimizer_in_backward; implies --set_grads_to_none.",
     )
     fp8_frozen_unet: bool = opt(
         False,
@@ -277,6 +277,10 @@ class ControlNetConfig:
             raise ConfigError("No training data: give --train_data_dir DIR (or --dataset_name for a hub data set).")
         if not self.model.pretrained_model_name_or_path:
             raise ConfigError("No base model: give --pretrained_model_name_or_path (a diffusers folder or hub id).")
+        if self.train.cuda_graphs and not self.optim.set_grads_to_none:
+            # the graphs' gradients alias their static buffers: zeroing them in place would make the next
+            # step add the buffer to itself, so they are freed between steps (the same training)
+            self.optim = dataclasses.replace(self.optim, set_grads_to_none=True)
 
 
 # ----------------------------------------------------------------------------- (de)serialisation

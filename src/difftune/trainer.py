@@ -269,9 +269,7 @@ class Trainer:
                     )
                 else:
                     state.nonfinite_steps += 1
-                # CUDA graphs return gradients that alias their captured buffers: zeroing them in place
-                # would make the next step's accumulation add the buffer to itself
-                optimizer.zero_grad(set_to_none=self.optim_cfg.set_grads_to_none or getattr(cfg, "cuda_graphs", False))
+                optimizer.zero_grad(set_to_none=self.optim_cfg.set_grads_to_none)
                 state.global_step += 1
                 images_seen += step_images * accelerator.num_processes
                 last_loss = loss_sum.item() / accum  # .item() waits for the device: the step is done
