@@ -8,6 +8,12 @@ Each VAE is trained from scratch as `difftune pretrain-base` trains its VAE (the
 circles (eval seed 0, as `difftune eval controlnet` draws them) are encoded and decoded and scored
 with the circle-IoU reader, overall and by radius. Prints one JSON line per VAE and saves each
 VAE under OUT/cN/vae. The README's latent-channel table came from this command (2026-11-30).
+
+    python tools/vae_channels.py --eval DIR_OR_FILE [...] [--channels 8]
+
+scores VAEs that exist instead, the same way: a diffusers VAE folder, or a `difftune pretrain-base`
+VAE checkpoint's `trainable.safetensors` (of a VAE with --channels latent channels), e.g. each
+checkpoint of a run to follow its round-trip IoU against steps.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ def main() -> None:
     ap.add_argument("--n_images", type=int, default=20000)
     ap.add_argument("--n_eval", type=int, default=200)
     ap.add_argument("--out", default="/tmp/vae-channels")
+    ap.add_argument("--eval", nargs="+", metavar="PATH", help="score these VAEs instead of training")
     args = ap.parse_args()
 
     import numpy as np
@@ -35,20 +42,35 @@ def main() -> None:
     from difftune.eval.run import _summary, by_radius, condition_targets, vae_round_trip
     from difftune.pretrain import RESOLUTION, architecture, train_vae, world_samples
 
-    images = render_batch(world_samples(args.n_images, 0, "wide"), RESOLUTION)
     scorer, targets = condition_targets("fill50k", args.n_eval, RESOLUTION, 0, None)
     truth = np.stack([np.asarray(t["image"]) for t in targets])
+
+    def score(vae) -> dict:
+        with torch.no_grad():
+            decoded = vae_round_trip(SimpleNamespace(vae=vae.eval()), truth)
+        scores = {"vae": [scorer.score(im, t) for im, t in zip(decoded, targets)]}
+        return {"all": _summary(scores["vae"]), "by_radius": by_radius(scores, targets, RESOLUTION)}
+
+    if args.eval:
+        from diffusers import AutoencoderKL
+        from safetensors.torch import load_file
+
+        for path in map(Path, args.eval):
+            if path.is_dir():
+                vae = AutoencoderKL.from_pretrained(path)
+            else:
+                vae = AutoencoderKL(**architecture(4, int(args.channels.split(",")[0]))[0])
+                vae.load_state_dict(load_file(str(path)))
+            print(json.dumps({"vae": str(path), **score(vae)}), flush=True)
+        return
+    images = render_batch(world_samples(args.n_images, 0, "wide"), RESOLUTION)
     for channels in (int(c) for c in args.channels.split(",")):
         vae_config, _ = architecture(4, channels)
         out = Path(args.out) / f"c{channels}"
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         vae = train_vae(out, images, args.steps, 0, batch=32, config=vae_config)
-        with torch.no_grad():
-            decoded = vae_round_trip(SimpleNamespace(vae=vae), truth)
-        scores = {"vae": [scorer.score(im, t) for im, t in zip(decoded, targets)]}
-        print(json.dumps({"channels": channels, "steps": args.steps, "seconds": round(time.time() - t0),
-                          "all": _summary(scores["vae"]), "by_radius": by_radius(scores, targets, RESOLUTION)}),
+        print(json.dumps({"channels": channels, "steps": args.steps, "seconds": round(time.time() - t0), **score(vae)}),
               flush=True)
         vae.save_pretrained(out / "vae")
 
