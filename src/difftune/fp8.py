@@ -90,7 +90,6 @@ class _Fp8Storage(nn.Module):
         self.register_buffer("weight_fp8", w8)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
-
         self._scales: dict[torch.dtype, torch.Tensor] = {}
 
     def _apply(self, fn, recurse=True):

@@ -312,7 +312,7 @@ def format_memory_table(arch: str, resolution: int, batch: int, rows: dict[str, 
                  k.get("TEMP", 0) + k.get("OTH", 0)]
         ops = r.get("ops_per_step") or {}
         phases = ops.get("by_phase", {})
-        split = " + ".join(str(phases.get(k, 0)) for k in ("forward", "backward", "optimizer"))
+        split = " + ".join(str(phases.get(phase, 0)) for phase in ("forward", "backward", "optimizer"))
         lines.append(f"| {name} | **{r['peak_gib']:.2f}** | " + " | ".join(f"{c:.2f}" for c in cells)
                      + f" | {r.get('peak_at') or '?'} | {ops.get('total', '?')} ({split}) |")
     return "\n".join(lines)
