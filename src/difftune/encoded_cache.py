@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import atomic_write
 from .errors import DataError
 from .families import PromptEmbeds
+from .noising import to_device
 
 log = logging.getLogger("difftune")
 
@@ -88,8 +89,8 @@ class TextCache:
         if missing:  # pragma: no cover - the cache is built from the same column
             raise KeyError(f"caption {missing[0]!r} is not in the encoded cache; delete the cache folder and rerun")
         rows = torch.tensor([self.row[c] for c in captions])
-        pooled = self.pooled[rows].to(device, non_blocking=True) if self.pooled is not None else None
-        return PromptEmbeds(self.hidden[rows].to(device, non_blocking=True), pooled)
+        pooled = to_device(self.pooled[rows], device) if self.pooled is not None else None
+        return PromptEmbeds(to_device(self.hidden[rows], device), pooled)
 
 
 class LatentCache:

@@ -24,6 +24,21 @@ class SampleDraws:
     uniform: torch.Tensor  # [B] in [0, 1): caption dropout and other per-sample coin flips
 
 
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on ``device`` without holding the host: on CUDA through pinned memory, asynchronously.
+
+    A copy from ordinary (pageable) host memory first waits for everything queued on the GPU,
+    so the host cannot prepare the next step while the GPU works; from pinned memory it is
+    queued like a kernel. (Pinned blocks come from PyTorch's caching host allocator, which
+    keeps each one until its copy has finished.) Elsewhere, a plain ``.to``.
+    """
+    if device.type == "cuda" and t.device.type == "cpu":
+        if not t.is_pinned():
+            t = t.pin_memory()
+        t = t.to(device, non_blocking=True)
+    return t.to(device, dtype)
+
+
 def draw_per_sample(generator: torch.Generator, n: int, latent_shape: tuple[int, ...], num_timesteps: int) -> SampleDraws:
     """Draw a micro-batch's randomness sample after sample.
 
@@ -60,7 +75,7 @@ def latent_moments(vae: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[to
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor, scaling_factor: float) -> torch.Tensor:
     """A scaled sample of the latent distribution (the VAE's reparameterisation)."""
-    return (mean + std * eps.to(mean.device, mean.dtype)) * scaling_factor
+    return (mean + std * to_device(eps, mean.device, mean.dtype)) * scaling_factor
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:

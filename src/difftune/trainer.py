@@ -253,7 +253,11 @@ class Trainer:
                         accelerator.backward(loss / accum)
                     loss_sum += loss.detach().float()
                     step_images += images_in(batch)
-                finite = bool(torch.isfinite(accelerator.reduce(loss_sum, reduction="sum")).item())
+                # the step's one wait for the device: whether the loss is finite on every process,
+                # and this process's loss to log. Nothing after it waits for the device (until a
+                # checkpoint), so the host prepares the next step while the optimizer runs
+                total, local = torch.stack([accelerator.reduce(loss_sum, reduction="sum"), loss_sum]).tolist()
+                finite = math.isfinite(total)
                 if finite:
                     if self.optim_cfg.max_grad_norm > 0 and not self.optim_cfg.optimizer_in_backward:
                         accelerator.clip_grad_norm_(params, self.optim_cfg.max_grad_norm)
@@ -263,7 +267,7 @@ class Trainer:
                 elif cfg.nan_policy == "stop":
                     last = ckpt.list_checkpoints(root)
                     raise TrainingDiverged(
-                        f"The loss is {loss_sum.item()} at step {state.global_step + 1}. Nothing more was trained; "
+                        f"The loss is {local} at step {state.global_step + 1}. Nothing more was trained; "
                         f"the last checkpoint is {last[-1] if last else 'none'}. Try a lower --learning_rate, "
                         "--mixed_precision bf16 instead of fp16, or --nan_policy skip to skip such steps."
                     )
@@ -272,7 +276,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=self.optim_cfg.set_grads_to_none)
                 state.global_step += 1
                 images_seen += step_images * accelerator.num_processes
-                last_loss = loss_sum.item() / accum  # .item() waits for the device: the step is done
+                last_loss = local / accum
                 now = time.perf_counter()
                 scalars = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
                            "images_per_s": images_seen / (now - t_start),

@@ -28,7 +28,7 @@ from ..data.materialize import materialize
 from ..errors import ConfigError
 from ..families import family_of, micro_conditions
 from ..models import BaseModel, load_base_model, load_controlnet
-from ..noising import DiffusionObjective, drop_captions, latent_moments, per_sample_error, sample_latents
+from ..noising import DiffusionObjective, drop_captions, latent_moments, per_sample_error, sample_latents, to_device
 from ..pipelines import controlnet_pipeline, run_controlnet_pipeline
 from ..encoded_cache import (
     CachedExamples, LatentCache, TextCache, build_latent_shards, build_text_cache, cache_key, distinct_captions,
@@ -285,8 +285,8 @@ class ControlNetMethod:
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         d = self.cfg.data
         if "latent_mean" in batch:  # from the encoded cache
-            mean = batch["latent_mean"].to(self.device, non_blocking=True)
-            std = batch["latent_std"].to(self.device, non_blocking=True)
+            mean = to_device(batch["latent_mean"], self.device)
+            std = to_device(batch["latent_std"], self.device)
         else:
             mean, std = self.encode_images(batch["pixel_values"])
         draws = self.objective.draw(generator, mean.shape[0], tuple(mean.shape[1:]))
@@ -299,15 +299,15 @@ class ControlNetMethod:
                 prompt = self.family.encode_prompts(self.base, captions, self.device)
         micro = micro_conditions(batch, self.resolution, d.crops_coords_top_left_h, d.crops_coords_top_left_w)
         added = self.family.added_cond_kwargs(prompt, micro, self.weight_dtype)  # None for SD 1.x/2.x
-        noise = draws.noise.to(self.device, latents.dtype)
-        timesteps = draws.timesteps.to(self.device)
+        noise = to_device(draws.noise, self.device, latents.dtype)
+        timesteps = to_device(draws.timesteps, self.device)
         with self._frozen():  # CUDA autocast runs add_noise's pow in fp32: noisy latents would come out fp32
             noisy = self.objective.add_noise(latents, noise, timesteps)
             target = self.objective.target(latents, noise, timesteps)
         self.denoiser.added_keys = tuple(added or ())
         per_sample = self._denoise(
             noisy, timesteps, prompt.encoder_hidden_states,
-            batch["conditioning_pixel_values"].to(self.device), target, *(added or {}).values(),
+            to_device(batch["conditioning_pixel_values"], self.device), target, *(added or {}).values(),
         )
         return self.objective.reduce(per_sample, timesteps)
 

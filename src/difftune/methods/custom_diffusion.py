@@ -29,7 +29,7 @@ from ..custom_diffusion.class_images import ensure_class_images, text2image_pipe
 from ..custom_diffusion.export import save_custom_diffusion
 from ..errors import ConfigError
 from ..models import BaseModel, load_base_model
-from ..noising import DiffusionObjective, latent_moments, sample_latents, tokenize
+from ..noising import DiffusionObjective, latent_moments, sample_latents, to_device, tokenize
 from ..speed import apply_compile, to_channels_last
 from .controlnet import weight_dtype_for
 
@@ -161,7 +161,7 @@ class CustomDiffusionMethod:
         return aug, inst, cls
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = tokenize(self.base.tokenizer, captions).to(self.device)
+        ids = to_device(tokenize(self.base.tokenizer, captions), self.device)
         return self.text_encoder(ids, return_dict=False)[0]
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -180,10 +180,10 @@ class CustomDiffusionMethod:
             pixels += [cd.crop_class(im, u, R, d.hflip) for im, u in zip(batch["class_images"], aug)]
             captions += list(batch["class_prompts"])
             draws = inst + cls
-        pixels_t = torch.stack(pixels).to(self.device, self.weight_dtype)
+        pixels_t = to_device(torch.stack(pixels), self.device, self.weight_dtype)
         eps = torch.cat([x.latent_eps for x in draws])
-        noise = torch.cat([x.noise for x in draws]).to(self.device)
-        timesteps = torch.cat([x.timesteps for x in draws]).to(self.device)
+        noise = to_device(torch.cat([x.noise for x in draws]), self.device)
+        timesteps = to_device(torch.cat([x.timesteps for x in draws]), self.device)
         mean, std = latent_moments(self.base.vae, pixels_t)
         latents = sample_latents(mean, std, eps, self.base.scaling_factor)
         noise = noise.to(latents.dtype)
@@ -192,7 +192,7 @@ class CustomDiffusionMethod:
         pred = self.unet(noisy, timesteps, encoder_hidden_states=prompt_embeds.to(self.weight_dtype),
                          return_dict=False)[0]
         target = self.objective.target(latents, noise, timesteps)
-        mask = torch.stack([a.mask for a in done]).to(self.device)
+        mask = to_device(torch.stack([a.mask for a in done]), self.device)
         loss = self.objective.loss(pred[:n], target[:n], timesteps[:n], mask=mask)
         if prior:
             loss = loss + d.prior_loss_weight * self.objective.loss(pred[n:], target[n:], timesteps[n:])
