@@ -1,7 +1,7 @@
 """``--cuda_graphs``: what can be checked without a GPU.
 
-The capture itself needs CUDA (``bench`` config ``fast_graphs`` measures it on one). Here: the
-settings a graph cannot hold are refused; the denoiser's graph path (the ControlNet's own
+The capture itself needs CUDA (``bench`` configs ``fast`` and ``fast_graphs`` measure it on one).
+Here: the settings a graph cannot hold are refused (``yes``) or turn graphs off (``auto``); the denoiser's graph path (the ControlNet's own
 forward under an autocast without a cast cache, bypassing accelerate's wrapper) computes
 exactly what the loop's path does; it makes no host synchronisation (capture would fail); and
 the wrapper's bookkeeping (static copies of the first call's arguments, other shapes eager).
@@ -14,7 +14,7 @@ import torch
 
 from conftest import make_config
 from difftune.api import train_controlnet
-from difftune.cuda_graphs import GraphedModule, check_cuda_graphs
+from difftune.cuda_graphs import GraphedModule, check_cuda_graphs, use_cuda_graphs
 from difftune.errors import ConfigError, UserError
 
 
@@ -35,6 +35,44 @@ def test_settings_a_graph_cannot_hold_are_refused_by_name(tiny_model_dir, fill_d
     # the graphs' gradients alias their buffers: they are freed between steps, never zeroed in place
     assert make_config(tiny_model_dir, fill_dir, tmp_path / "h", cuda_graphs=True).optim.set_grads_to_none
     assert not make_config(tiny_model_dir, fill_dir, tmp_path / "h").optim.set_grads_to_none
+
+
+def test_auto_uses_graphs_where_the_run_allows_them_and_says_why_not(caplog):
+    ok = dict(gradient_checkpointing=False, optimizer_in_backward=False, processes=1, accumulation=1,
+              torch_compile="no")
+    cuda = torch.device("cuda")
+    assert use_cuda_graphs("auto", cuda, **ok) and use_cuda_graphs("yes", cuda, **ok)
+    assert not use_cuda_graphs("no", cuda, **ok)
+    with caplog.at_level("INFO", logger="difftune"):
+        assert not use_cuda_graphs("auto", cuda, **{**ok, "accumulation": 4})
+        assert not use_cuda_graphs("auto", torch.device("cpu"), **ok)
+    assert "--cuda_graphs auto: off, because of --gradient_accumulation_steps 4" in caplog.text
+    assert "a cpu device" in caplog.text
+    with pytest.raises(ConfigError, match="--gradient_accumulation_steps 4"):
+        use_cuda_graphs("yes", cuda, **{**ok, "accumulation": 4})
+
+
+def test_cuda_graphs_flag_values(tmp_path):
+    """The flag alone is ``yes``; ``--recipe fast`` asks for ``auto``; true/false (config files, the
+    saved configs of runs before the tri-state) read as yes/no; anything else is refused by name."""
+    from difftune.cli import build_parser, config_from_args
+    from difftune.config import ControlNetConfig, ControlNetTrainConfig
+    from difftune.recipes import RECIPES
+
+    parse = build_parser().parse_args
+    common = ["train", "controlnet", "--train_data_dir", "d", "--output_dir", "o"]
+    graphs = lambda extra, recipe=None: config_from_args(ControlNetConfig, parse(common + extra), recipe).train.cuda_graphs  # noqa: E731
+    assert graphs([]) == "no"
+    assert graphs(["--cuda_graphs"]) == "yes"
+    assert graphs(["--cuda_graphs", "auto"]) == "auto"
+    assert graphs(["--recipe", "fast"], RECIPES["fast"]()) == "auto"
+    assert graphs(["--recipe", "fast", "--cuda_graphs", "no"], RECIPES["fast"]()) == "no"
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text('{"cuda_graphs": true}')
+    assert graphs(["--config", str(cfg_file)]) == "yes"
+    assert ControlNetTrainConfig(cuda_graphs=False).cuda_graphs == "no"
+    with pytest.raises(ConfigError, match="--cuda_graphs 'maybe': choose no, yes or auto"):
+        ControlNetTrainConfig(cuda_graphs="maybe")
 
 
 @pytest.fixture(scope="module", params=["sd", "sdxl"])
@@ -151,3 +189,16 @@ def test_graphed_module_captures_static_copies_and_runs_other_shapes_eagerly():
     with pytest.raises(UserError, match="--cuda_graphs: capturing the training step failed .*not permitted.*"
                                         "Train without --cuda_graphs"):
         GraphedModule(lin, capture=fails)(x)
+
+
+def test_auto_trains_eagerly_when_capturing_fails(caplog):
+    def fails(module, sample_args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    lin = torch.nn.Linear(3, 2)
+    g = GraphedModule(lin, capture=fails, fallback=True)
+    x = torch.randn(4, 3)
+    with caplog.at_level("WARNING", logger="difftune"):
+        assert torch.equal(g(x), lin(x))
+    assert "capturing the training step failed (RuntimeError: operation not permitted" in caplog.text
+    assert torch.equal(g(x), lin(x)) and torch.equal(g(x[:2]), lin(x[:2]))  # eager from then on, any shape

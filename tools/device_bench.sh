@@ -10,7 +10,7 @@
 # sd15fast: `fast_compile_full` (torch.compile of the whole UNet and ControlNet; SD15FAST_CONFIGS=fast_compile for
 #           the blocks) on sd15's model and data (apart: it compiles);
 # sdxl:     ControlNet on the SDXL architecture at 1024 px;
-# profile:  `--profile_steps 3` of PROFILE_CONFIGS (default fast_graphs,lowmem_fp8) on sd15's model and data (after
+# profile:  `--profile_steps 3` of PROFILE_CONFIGS (default fast,lowmem_fp8) on sd15's model and data (after
 #           sd15): where a step's time goes (device busy share, kernels per step, costliest operators), as
 #           $OUT/profile-NAME.md (sd15 + sdxl + profile of two configurations: the 8 files a device call returns).
 #
@@ -55,17 +55,17 @@ run_part() {  # NAME, then difftune bench flags
 M15=(--model "$W/sd15/model-$SD15_ARCH")
 for part in "$@"; do
   case $part in
-    sd15) run_part sd15 --arch "$SD15_ARCH" --configs "${SD15_CONFIGS:-bf16,fast,fast_graphs,lowmem_fp8}" "${REF[@]}" \
+    sd15) run_part sd15 --arch "$SD15_ARCH" --configs "${SD15_CONFIGS:-bf16,fast,fast_eager,lowmem_fp8}" "${REF[@]}" \
             --steps 30 --warmup 10 --n_samples "${SD15_SAMPLES:-500}" --timeout 150 ;;
     sd15fast) run_part sd15fast --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" --configs "${SD15FAST_CONFIGS:-fast_compile_full}" \
             --steps 30 --warmup 10 --timeout 270 ;;
     cd)   run_part cd --method custom-diffusion --arch "$SD15_ARCH" "${M15[@]}" --configs fast \
             --steps 250 --warmup 10 --timeout 150 ;;
-    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs "${SDXL_CONFIGS:-fast,fast_graphs,lowmem_fp8}" --steps 20 --warmup 5 \
+    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs "${SDXL_CONFIGS:-fast,lowmem_fp8}" --steps 20 --warmup 5 \
             --n_samples "${SDXL_SAMPLES:-100}" --timeout 200 ;;
     profile) PROF=${PROFILE_FLAGS:-"--profile_steps 3 --profile_start 8"}
             ADD=() NAMES=()
-            IFS=, read -r -a PCONFIGS <<< "${PROFILE_CONFIGS:-fast_graphs,lowmem_fp8}"
+            IFS=, read -r -a PCONFIGS <<< "${PROFILE_CONFIGS:-fast,lowmem_fp8}"
             for c in "${PCONFIGS[@]}"; do ADD+=(--add_config "${c}_profiled=$c $PROF"); NAMES+=("${c}_profiled"); done
             run_part profile --arch "$SD15_ARCH" "${M15[@]}" --data "$(ls -d "$W"/sd15/fill50k-* | head -1)" \
               "${ADD[@]}" --configs "$(IFS=,; echo "${NAMES[*]}")" --steps 12 --warmup 8 --timeout 150

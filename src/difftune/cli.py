@@ -66,6 +66,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type) -> None:
                     kwargs["nargs"] = "+"
                 if f.metadata.get("choices"):
                     kwargs["choices"] = f.metadata["choices"]
+                if f.metadata.get("bare") is not None:  # the flag alone means this value
+                    kwargs.update(nargs="?", const=f.metadata["bare"])
             group.add_argument(f"--{f.name}", **kwargs)
 
 

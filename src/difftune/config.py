@@ -21,9 +21,10 @@ from .errors import ConfigError
 SECRET_FIELDS = frozenset({"hub_token"})
 
 
-def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None):
-    """A config field with its CLI help text (and optional choices)."""
-    meta = {"help": help, "choices": choices}
+def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, bare: Any = None):
+    """A config field with its CLI help text (and optional choices; ``bare``: the value of the flag given
+    without one, e.g. ``--cuda_graphs`` for ``--cuda_graphs yes``)."""
+    meta = {"help": help, "choices": choices, "bare": bare}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -220,17 +221,27 @@ class ControlNetTrainConfig(TrainConfig):
         "distribution and the encoders stay off the GPU. Resumable; reused by later runs on the same model and data.",
     )
     latent_cache_dir: str | None = opt(None, "Where --cache_latents writes (default: OUTPUT_DIR/encoded-cache).")
-    cuda_graphs: bool = opt(
-        False,
+    cuda_graphs: str = opt(
+        "no",
         "Capture the step's model work (ControlNet and UNet, forward and backward) as CUDA graphs on the first "
         "step and replay them: one launch instead of thousands of kernels, for a GPU the host cannot keep busy. "
-        "One CUDA GPU, no gradient checkpointing, accumulation or --optimizer_in_backward; implies --set_grads_to_none.",
+        "Needs one CUDA GPU, no gradient checkpointing, accumulation or --optimizer_in_backward; implies "
+        "--set_grads_to_none. yes (the flag alone): refuse a run that cannot have them; auto (--recipe fast): "
+        "use them where the run can, say why not elsewhere, and train eagerly if capturing fails.",
+        choices=("no", "yes", "auto"), bare="yes",
     )
     fp8_frozen_unet: bool = opt(
         False,
         "Store the frozen UNet's Linear/Conv weights in float8 (e4m3, one scale per output channel), dequantised "
         "as each layer runs: half the memory of bf16 weights, at a few percent of difference in the UNet's output.",
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.cuda_graphs, bool):  # true/false in a config file or an earlier run's saved config
+            self.cuda_graphs = "yes" if self.cuda_graphs else "no"
+        if self.cuda_graphs not in ("no", "yes", "auto"):
+            raise ConfigError(f"--cuda_graphs {self.cuda_graphs!r}: choose no, yes or auto.")
 
 
 @dataclass
@@ -277,7 +288,7 @@ class ControlNetConfig:
             raise ConfigError("No training data: give --train_data_dir DIR (or --dataset_name for a hub data set).")
         if not self.model.pretrained_model_name_or_path:
             raise ConfigError("No base model: give --pretrained_model_name_or_path (a diffusers folder or hub id).")
-        if self.train.cuda_graphs and not self.optim.set_grads_to_none:
+        if self.train.cuda_graphs != "no" and not self.optim.set_grads_to_none:
             # the graphs' gradients alias their static buffers: zeroing them in place would make the next
             # step add the buffer to itself, so they are freed between steps (the same training)
             self.optim = dataclasses.replace(self.optim, set_grads_to_none=True)

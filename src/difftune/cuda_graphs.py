@@ -36,9 +36,33 @@ log = logging.getLogger("difftune")
 WARMUP_ITERS = 3  # eager forward+backward passes on a side stream before capture (cuDNN/cuBLAS set-up)
 
 
-def check_cuda_graphs(device: torch.device, *, gradient_checkpointing: bool, optimizer_in_backward: bool,
-                      processes: int, accumulation: int, torch_compile: str) -> None:
+def use_cuda_graphs(mode: str, device: torch.device, **settings) -> bool:
+    """Whether this run captures its step: ``mode`` is ``--cuda_graphs`` (no, yes, auto).
+
+    ``yes`` refuses, naming every flag at fault, settings a captured step cannot hold
+    (``check_cuda_graphs``); ``auto`` (``--recipe fast``) says why not and trains eagerly.
+    """
+    if mode == "no":
+        return False
+    if mode == "yes":
+        check_cuda_graphs(device, **settings)
+        return True
+    problems = cuda_graphs_problems(device, **settings)
+    if problems:
+        log.info("--cuda_graphs auto: off, because of %s", "; ".join(problems))
+    return not problems
+
+
+def check_cuda_graphs(device: torch.device, **settings) -> None:
     """Refuse, naming every flag at fault, the settings a captured training step cannot hold."""
+    problems = cuda_graphs_problems(device, **settings)
+    if problems:
+        raise ConfigError("--cuda_graphs cannot be combined with " + "; ".join(problems) + ".")
+
+
+def cuda_graphs_problems(device: torch.device, *, gradient_checkpointing: bool, optimizer_in_backward: bool,
+                         processes: int, accumulation: int, torch_compile: str) -> list[str]:
+    """The settings of a run that a captured training step cannot hold, each named with its flag."""
     problems = []
     if device.type != "cuda":
         problems.append(f"a {device.type} device (CUDA graphs need a CUDA GPU)")
@@ -54,8 +78,7 @@ def check_cuda_graphs(device: torch.device, *, gradient_checkpointing: bool, opt
                         "into the same captured buffers: use a larger --train_batch_size)")
     if torch_compile != "no":
         problems.append(f"--torch_compile {torch_compile} (choose one)")
-    if problems:
-        raise ConfigError("--cuda_graphs cannot be combined with " + "; ".join(problems) + ".")
+    return problems
 
 
 def signature(args: tuple[torch.Tensor, ...]) -> tuple:
@@ -68,13 +91,15 @@ class GraphedModule:
 
     ``capture`` is ``torch.cuda.make_graphed_callables`` (replaceable only for tests of this
     class's bookkeeping on machines without CUDA). Arguments of another signature than the
-    first call's run the module eagerly.
+    first call's run the module eagerly. If capturing fails, ``fallback`` (``--cuda_graphs auto``)
+    trains eagerly from then on, with a warning; otherwise the run stops with the reason.
     """
 
-    def __init__(self, module: torch.nn.Module, capture: Callable | None = None):
+    def __init__(self, module: torch.nn.Module, capture: Callable | None = None, fallback: bool = False):
         self.module = module
         self._eager = module.forward  # make_graphed_callables replaces module.forward in place
         self._capture = capture or self._make_graphed
+        self.fallback = fallback
         self._graphed: Callable | None = None
         self._signature: tuple | None = None
         self.eager_calls = 0
@@ -96,6 +121,13 @@ class GraphedModule:
             try:
                 self._graphed = self._capture(self.module, tuple(a.detach().clone() for a in args))
             except Exception as e:  # an operation a graph cannot hold, in a model or library we do not own
+                if self.fallback:
+                    log.warning("--cuda_graphs auto: capturing the training step failed (%s: %s); training "
+                                "without CUDA graphs (the same training)", type(e).__name__, e)
+                    self.module.forward = self._eager
+                    self._graphed = self._eager
+                    self._signature = sig
+                    return self._eager(*args)
                 raise UserError(f"--cuda_graphs: capturing the training step failed ({type(e).__name__}: {e}). "
                                 "Train without --cuda_graphs; the step is the same without it.") from e
             self._signature = sig

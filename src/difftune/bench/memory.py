@@ -260,7 +260,9 @@ def estimate_controlnet_memory(arch: str, flags: list[str], *, steps: int = 2, f
         with _plain_memo(mode) if fake else contextlib.nullcontext():
             base = _base_model(components(arch), arch)
             method = ControlNetMethod(cfg, base)
-            accelerator = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision=t.mixed_precision)
+            # on the host: --cuda_graphs auto (`fast`) estimates the eager step, and --cuda_graphs (yes) is refused
+            accelerator = types.SimpleNamespace(device=torch.device("cpu"), mixed_precision=t.mixed_precision,
+                                                num_processes=1)
             method.setup(accelerator)
         on_device = [base.unet, method.controlnet] + ([] if t.cache_latents else method._encoders())
         batch = _batch(method, t.train_batch_size)

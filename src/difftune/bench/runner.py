@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BF16_FAST = ["--mixed_precision", "bf16", "--cache_latents", "--allow_tf32", "--channels_last", "--set_grads_to_none"]
+BF16_FAST = ["--mixed_precision", "bf16", "--cache_latents", "--allow_tf32", "--channels_last", "--set_grads_to_none",
+             "--cuda_graphs", "auto"]
 # optimizer steps inside backward cannot clip by the global norm: the trainer asks for --max_grad_norm 0
 LOWMEM = ["--mixed_precision", "bf16", "--cache_latents", "--gradient_checkpointing", "--optimizer_in_backward",
           "--set_grads_to_none", "--max_grad_norm", "0"]
@@ -41,9 +42,10 @@ CONFIGS: dict[str, list[str]] = {
     "bf16": ["--mixed_precision", "bf16"],
     "fp16": ["--mixed_precision", "fp16"],
     "fast": BF16_FAST,  # as --recipe fast
+    "fast_eager": BF16_FAST + ["--cuda_graphs", "no"],  # --recipe fast as it was until 2026-11-30: no CUDA graphs
     "fast_compile": BF16_FAST + ["--torch_compile", "blocks"],
     "fast_compile_full": BF16_FAST + ["--torch_compile", "full"],  # 2 models, not 42 block graphs
-    "fast_graphs": BF16_FAST + ["--cuda_graphs"],  # the step's model work replayed as CUDA graphs
+    "fast_graphs": BF16_FAST + ["--cuda_graphs"],  # graphs or an error (`fast` falls back to eager)
     "lowmem": LOWMEM,
     "lowmem_8bit": LOWMEM + ["--use_8bit_adam"],
     "lowmem_fp8": LOWMEM + ["--use_8bit_adam", "--fp8_frozen_unet"],

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import umask_mode
-from ..cuda_graphs import GraphedModule, check_cuda_graphs, no_autocast_cache
+from ..cuda_graphs import GraphedModule, no_autocast_cache, use_cuda_graphs
 from ..config import ControlNetConfig
 from ..data import ControlNetExamples, collate_examples, load_table, resolve_columns, select_samples
 from ..data.materialize import materialize
@@ -124,6 +124,7 @@ class ControlNetMethod:
         self.trained = self.controlnet  # the (possibly DDP-wrapped) module used in forward
         self._use_denoiser(self.controlnet)
         self._accelerator = None
+        self.use_graphs = False  # --cuda_graphs, as ``setup`` resolves it for this device and run
         self.text_cache: TextCache | None = None
         self.cache_build_seconds: float | None = None
 
@@ -161,11 +162,10 @@ class ControlNetMethod:
             self.base.unet.enable_xformers_memory_efficient_attention()
             self.controlnet.enable_xformers_memory_efficient_attention()
         apply_compile(t.torch_compile, self.base.unet, self.controlnet)
-        if t.cuda_graphs:
-            check_cuda_graphs(self.device, gradient_checkpointing=t.gradient_checkpointing,
-                              optimizer_in_backward=self.cfg.optim.optimizer_in_backward,
-                              processes=accelerator.num_processes, accumulation=t.gradient_accumulation_steps,
-                              torch_compile=t.torch_compile)
+        self.use_graphs = use_cuda_graphs(t.cuda_graphs, self.device, gradient_checkpointing=t.gradient_checkpointing,
+                                          optimizer_in_backward=self.cfg.optim.optimizer_in_backward,
+                                          processes=accelerator.num_processes,
+                                          accumulation=t.gradient_accumulation_steps, torch_compile=t.torch_compile)
         self.controlnet.train()
         self._use_denoiser(self.controlnet)  # in the weight dtype just chosen
         return [self.controlnet]
@@ -209,10 +209,10 @@ class ControlNetMethod:
     def bind(self, prepared: list[torch.nn.Module]) -> None:
         self.trained = prepared[0]
         self._use_denoiser(self.trained)
-        if self.cfg.train.cuda_graphs:
+        if self.use_graphs:
             mp = self._accelerator.mixed_precision if self._accelerator else "no"
             self.denoiser.graph_autocast = (self.device.type, WEIGHT_DTYPES.get(mp))
-            self._denoise = GraphedModule(self.denoiser)
+            self._denoise = GraphedModule(self.denoiser, fallback=self.cfg.train.cuda_graphs == "auto")
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.controlnet.parameters() if p.requires_grad]}]
