@@ -127,6 +127,37 @@ def test_nan_loss_stops_with_step_or_is_skipped(tiny_model_dir, fill_dir, tmp_pa
     assert summary["nonfinite_steps"] == 3
 
 
+@pytest.mark.parametrize("bad_step", [2, 3])
+def test_nan_stop_checks_a_step_while_the_next_runs_and_never_saves_it(tiny_model_dir, fill_dir, tmp_path, bad_step):
+    """Under --nan_policy stop a step's loss is read during the next step (no wait for the GPU), but a
+    step that is checkpointed (2) is read before its checkpoint, and one that is not (3) stops the run
+    before the next step's update: no checkpoint after the bad step, and its number in the message."""
+    from difftune.methods.controlnet import ControlNetMethod
+    from difftune.trainer import Trainer, TrainingDiverged
+
+    out = tmp_path / "run"
+    cfg = make_config(tiny_model_dir, fill_dir, out, max_train_steps=6, checkpointing_steps=2)
+    method = ControlNetMethod(cfg)
+    calls, loss = [], method.loss
+    method.loss = lambda batch, gen: (calls.append(1), loss(batch, gen) * (float("nan") if len(calls) == bad_step else 1))[1]
+    with pytest.raises(TrainingDiverged, match=f"The loss is nan at step {bad_step}. Training stopped there, and "
+                                               "nothing after the last checkpoint \\(.*checkpoint-2\\) was saved"
+                       if bad_step == 3 else "at step 2.*last checkpoint \\(none\\)"):
+        Trainer(method, cfg).fit()
+    assert len(calls) == bad_step + (bad_step == 3)  # step 3 is caught during step 4, before its update
+    saved = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert saved == (["checkpoint-2"] if bad_step == 3 else [])
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, bad_step))
+
+
+def test_device_scalars_read_back_on_the_cpu():
+    from difftune.trainer import DeviceScalars
+
+    r = DeviceScalars(torch.tensor([1.5, float("inf")]))
+    assert r.get() == [1.5, float("inf")] and r.get() is r.get()
+
+
 def test_outputs_and_resolved_config(tiny_model_dir, fill_dir, tmp_path):
     out = tmp_path / "run"
     val = fill_dir / "validation"

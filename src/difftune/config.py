@@ -189,7 +189,11 @@ class TrainConfig:
     report_to: str = opt("none", "Trackers: tensorboard, wandb, all or none (metrics.jsonl is always written).")
     tracker_project_name: str = opt("train_controlnet", "Project name given to the trackers.")
     nan_policy: str = opt(
-        "stop", "On a NaN/inf loss: stop with a message, or skip the step and count it.", choices=("stop", "skip")
+        "stop",
+        "On a NaN/inf loss: stop with a message (the loss is checked while the next step runs, and always before "
+        "a checkpoint is saved: a non-finite step is never saved), or skip the step and count it (the host then "
+        "waits for each step's loss before stepping).",
+        choices=("stop", "skip"),
     )
     push_to_hub: bool = opt(False, "Upload the final model to the Hugging Face Hub.")
     hub_model_id: str | None = opt(None, "Hub repository for --push_to_hub (default: output folder name).")

@@ -36,6 +36,33 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite under ``--nan_policy stop``."""
 
 
+class DeviceScalars:
+    """A step's scalars (e.g. its loss), read on the host later without waiting for the work queued after them.
+
+    ``.item()`` on a GPU tensor waits for everything queued before it, so the host cannot
+    prepare the next step meanwhile. Here the values are copied to pinned host memory in the
+    stream's order and only that copy is waited for, when ``get`` is called.
+    """
+
+    def __init__(self, values: torch.Tensor):
+        self._event = None
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            values = host
+        self._values = values
+        self._read: list[float] | None = None
+
+    def get(self) -> list[float]:
+        if self._read is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._read = self._values.tolist()
+        return self._read
+
+
 class EpochSampler(Sampler[int]):
     """A fresh permutation of the data set each epoch, a pure function of (seed, epoch)."""
 
@@ -227,6 +254,7 @@ class Trainer:
         bar = tqdm(total=max_steps, initial=state.global_step, desc="train", unit="step",
                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
         t_start, images_seen, last_loss = time.perf_counter(), 0, float("nan")
+        pending = None  # --nan_policy stop: the last step's record, its loss still on the way from the device
         profiler = StepProfiler(self.out / "profile", cfg.profile_steps, cfg.profile_start, state.global_step,
                                 enabled=accelerator.is_main_process, device_type=accelerator.device.type)
         with profiler:
@@ -253,46 +281,41 @@ class Trainer:
                         accelerator.backward(loss / accum)
                     loss_sum += loss.detach().float()
                     step_images += images_in(batch)
-                # the step's one wait for the device: whether the loss is finite on every process,
-                # and this process's loss to log. Nothing after it waits for the device (until a
-                # checkpoint), so the host prepares the next step while the optimizer runs
-                total, local = torch.stack([accelerator.reduce(loss_sum, reduction="sum"), loss_sum]).tolist()
-                finite = math.isfinite(total)
-                if finite:
-                    if self.optim_cfg.max_grad_norm > 0 and not self.optim_cfg.optimizer_in_backward:
-                        accelerator.clip_grad_norm_(params, self.optim_cfg.max_grad_norm)
-                    optimizer.step()
-                    if not accelerator.optimizer_step_was_skipped:
-                        lr_scheduler.step()
-                elif cfg.nan_policy == "stop":
-                    last = ckpt.list_checkpoints(root)
-                    raise TrainingDiverged(
-                        f"The loss is {local} at step {state.global_step + 1}. Nothing more was trained; "
-                        f"the last checkpoint is {last[-1] if last else 'none'}. Try a lower --learning_rate, "
-                        "--mixed_precision bf16 instead of fp16, or --nan_policy skip to skip such steps."
-                    )
+                # the loss summed over processes (is it finite everywhere?) and this process's, to log
+                reading = DeviceScalars(torch.stack([accelerator.reduce(loss_sum, reduction="sum"), loss_sum]))
+                if cfg.nan_policy == "skip":  # the host decides whether to step: it waits for the loss here
+                    if math.isfinite(reading.get()[0]):
+                        self._step(accelerator, optimizer, lr_scheduler, params)
+                    else:
+                        state.nonfinite_steps += 1
                 else:
-                    state.nonfinite_steps += 1
+                    # stop: the step is taken at once and its loss checked during the next step (before that
+                    # one's update), so the host prepares each step while the GPU still works on the last.
+                    # A step that is checkpointed, validated or last is checked before anything is saved.
+                    if pending is not None:
+                        last_loss = self._report(pending, accum, trackers, bar, root)
+                        pending = None
+                    self._step(accelerator, optimizer, lr_scheduler, params)
                 optimizer.zero_grad(set_to_none=self.optim_cfg.set_grads_to_none)
                 state.global_step += 1
                 images_seen += step_images * accelerator.num_processes
-                last_loss = local / accum
                 now = time.perf_counter()
-                scalars = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0],
-                           "images_per_s": images_seen / (now - t_start),
-                           "step_seconds": round(now - t_step, 5), "data_wait_seconds": round(data_wait, 5)}
-                if state.skipped_samples:
-                    scalars["skipped_samples"] = state.skipped_samples
-                if state.nonfinite_steps:
-                    scalars["nonfinite_steps"] = state.nonfinite_steps
-                trackers.log_scalars(scalars, state.global_step)
+                record = {"step": state.global_step, "reading": reading, "nonfinite_steps": state.nonfinite_steps,
+                          "skipped_samples": state.skipped_samples,
+                          "scalars": {"lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_seen / (now - t_start),
+                                      "step_seconds": round(now - t_step, 5), "data_wait_seconds": round(data_wait, 5)}}
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{scalars['images_per_s']:.1f}")
+                save = state.global_step % cfg.checkpointing_steps == 0 or state.global_step == max_steps
+                validate = validator.should_run(state.global_step) and state.global_step != max_steps
+                if cfg.nan_policy == "skip" or save or validate:
+                    last_loss = self._report(record, accum, trackers, bar, root)
+                else:
+                    pending = record
                 profiler.step()  # before saving and validating: the profile is of training steps alone
-                if state.global_step % cfg.checkpointing_steps == 0 or state.global_step == max_steps:
+                if save:
                     with torch.profiler.record_function("difftune: save checkpoint"):  # named in a profile
                         self._save(accelerator, optimizer, lr_scheduler, generator, state, root)
-                if validator.should_run(state.global_step) and state.global_step != max_steps:
+                if validate:
                     if accelerator.is_main_process:
                         validator.run(state.global_step)
         bar.close()
@@ -315,6 +338,33 @@ class Trainer:
             summary["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             summary["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         return summary
+
+    def _step(self, accelerator, optimizer, lr_scheduler, params) -> None:
+        if self.optim_cfg.max_grad_norm > 0 and not self.optim_cfg.optimizer_in_backward:
+            accelerator.clip_grad_norm_(params, self.optim_cfg.max_grad_norm)
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            lr_scheduler.step()
+
+    def _report(self, record: dict, accum: int, trackers, bar, root: Path) -> float:
+        """Read a step's loss (waiting for it if need be), stop on a non-finite one (``--nan_policy stop``),
+        log the step's scalars; returns the loss."""
+        total, local = record["reading"].get()
+        if not math.isfinite(total) and self.cfg.nan_policy == "stop":
+            last = ckpt.list_checkpoints(root)
+            raise TrainingDiverged(
+                f"The loss is {local} at step {record['step']}. Training stopped there, and nothing after the "
+                f"last checkpoint ({last[-1] if last else 'none'}) was saved. Try a lower --learning_rate, "
+                "--mixed_precision bf16 instead of fp16, or --nan_policy skip to skip such steps."
+            )
+        loss = local / accum
+        scalars = {"loss": loss, **record["scalars"]}
+        for key in ("skipped_samples", "nonfinite_steps"):
+            if record[key]:
+                scalars[key] = record[key]
+        trackers.log_scalars(scalars, record["step"])
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{scalars['images_per_s']:.1f}")
+        return loss
 
     def _save(self, accelerator, optimizer, lr_scheduler, generator, state, root) -> None:
         accelerator.wait_for_everyone()
