@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
-from .noising import encode_prompt, tokenize
+from .noising import encode_prompt, to_device, tokenize
 
 
 @dataclass
@@ -135,8 +135,9 @@ class SDXLFamily(SDFamily):
     def time_ids(micro: MicroConditions) -> torch.Tensor:
         """``[B, 6]``: original (h, w), crop (top, left), target (h, w) — the pipeline's ``add_time_ids``."""
         sizes = micro.original_sizes  # on the accelerator when a prepared data loader moved the batch there
-        target = torch.tensor([micro.target_size], dtype=torch.long, device=sizes.device).expand(sizes.shape[0], 2)
-        return torch.cat([sizes, micro.crop_top_lefts.to(sizes.device), target], dim=1)
+        target = torch.tensor([micro.target_size], dtype=torch.long).repeat(sizes.shape[0], 1)
+        # host tensors go over through pinned memory: a plain copy would wait for the GPU's queued work
+        return torch.cat([sizes, to_device(micro.crop_top_lefts, sizes.device), to_device(target, sizes.device)], dim=1)
 
     def added_cond_kwargs(self, prompt: PromptEmbeds, micro: MicroConditions, dtype: torch.dtype) -> dict | None:
         device = prompt.encoder_hidden_states.device

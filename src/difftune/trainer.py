@@ -98,12 +98,16 @@ def autocast_cache_enabled(cfg: TrainConfig) -> bool:
 
 def make_accelerator(cfg: TrainConfig, trackers: list[str]):
     from accelerate import Accelerator
-    from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import (AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
+                                  ProjectConfiguration)
 
     out = Path(cfg.output_dir)
     kwargs: dict[str, Any] = dict(
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
+        # the prepared loader moves each batch to the GPU from pinned memory without holding the host
+        # (a blocking copy waits for all queued GPU work first: the host could not run ahead)
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     if cfg.mixed_precision is not None:
         kwargs["mixed_precision"] = cfg.mixed_precision

@@ -162,10 +162,10 @@ class ControlNetMethod:
             self.base.unet.enable_xformers_memory_efficient_attention()
             self.controlnet.enable_xformers_memory_efficient_attention()
         apply_compile(t.torch_compile, self.base.unet, self.controlnet)
-        self.use_graphs = use_cuda_graphs(t.cuda_graphs, self.device, gradient_checkpointing=t.gradient_checkpointing,
-                                          optimizer_in_backward=self.cfg.optim.optimizer_in_backward,
-                                          processes=accelerator.num_processes,
-                                          accumulation=t.gradient_accumulation_steps, torch_compile=t.torch_compile)
+        self.use_graphs = t.cuda_graphs != "no" and use_cuda_graphs(
+            t.cuda_graphs, self.device, gradient_checkpointing=t.gradient_checkpointing,
+            optimizer_in_backward=self.cfg.optim.optimizer_in_backward, processes=accelerator.num_processes,
+            accumulation=t.gradient_accumulation_steps, torch_compile=t.torch_compile)
         self.controlnet.train()
         self._use_denoiser(self.controlnet)  # in the weight dtype just chosen
         return [self.controlnet]
