@@ -108,3 +108,23 @@ def test_a_killed_pretraining_resumes_and_trains_what_the_uninterrupted_run_does
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), part
     log = (out / "pretrain_log.jsonl").read_text()
     assert '"resumed_after": 2' in log
+
+
+def test_latent_downsample_2_gives_32x32_latents_the_unet_takes():
+    """The 32x32-latent experiment's configs: the VAE halves 64 px once, and the UNet maps such latents to their shape."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from difftune.pretrain import RESOLUTION, architecture
+
+    vae_config, unet_config = architecture(2)
+    vae = AutoencoderKL(**vae_config)
+    with torch.no_grad():
+        latents = vae.encode(torch.zeros(1, 3, RESOLUTION, RESOLUTION)).latent_dist.mean
+    assert latents.shape == (1, 4, 32, 32)
+    unet = UNet2DConditionModel(**unet_config)
+    with torch.no_grad():
+        out = unet(latents, 10, encoder_hidden_states=torch.zeros(1, 3, unet_config["cross_attention_dim"])).sample
+    assert out.shape == latents.shape
+    with pytest.raises(ValueError, match="2, 4 or 8"):
+        architecture(16)

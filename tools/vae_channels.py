@@ -29,6 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--channels", default="4,8,16", help="comma-separated latent channel counts")
+    ap.add_argument("--downsample", type=int, default=4, choices=(2, 4, 8),
+                    help="image pixels per latent pixel (4 ships: 16x16 latents; 2: 32x32)")
     ap.add_argument("--n_images", type=int, default=20000)
     ap.add_argument("--n_eval", type=int, default=200)
     ap.add_argument("--out", default="/tmp/vae-channels")
@@ -59,18 +61,19 @@ def main() -> None:
             if path.is_dir():
                 vae = AutoencoderKL.from_pretrained(path)
             else:
-                vae = AutoencoderKL(**architecture(4, int(args.channels.split(",")[0]))[0])
+                vae = AutoencoderKL(**architecture(args.downsample, int(args.channels.split(",")[0]))[0])
                 vae.load_state_dict(load_file(str(path)))
             print(json.dumps({"vae": str(path), **score(vae)}), flush=True)
         return
     images = render_batch(world_samples(args.n_images, 0, "wide"), RESOLUTION)
     for channels in (int(c) for c in args.channels.split(",")):
-        vae_config, _ = architecture(4, channels)
+        vae_config, _ = architecture(args.downsample, channels)
         out = Path(args.out) / f"c{channels}"
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         vae = train_vae(out, images, args.steps, 0, batch=32, config=vae_config)
-        print(json.dumps({"channels": channels, "steps": args.steps, "seconds": round(time.time() - t0), **score(vae)}),
+        print(json.dumps({"channels": channels, "downsample": args.downsample, "steps": args.steps,
+                          "seconds": round(time.time() - t0), **score(vae)}),
               flush=True)
         vae.save_pretrained(out / "vae")
 

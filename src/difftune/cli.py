@@ -384,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--stop_at_step", type=at_least(1), default=None,
                     help="end after the EMA export at this UNet step (default: at --unet_steps)")
-    pb.add_argument("--latent_downsample", type=int, choices=(4, 8), default=4,
-                    help="image pixels per latent pixel: 4 ships (16x16 latents); 8 gives 8x8 latents")
+    pb.add_argument("--latent_downsample", type=int, choices=(2, 4, 8), default=4,
+                    help="image pixels per latent pixel: 4 ships (16x16 latents); 8 gives 8x8, 2 gives 32x32 (an experiment)")
     pb.add_argument("--latent_channels", type=at_least(1), default=4,
                     help="channels per latent pixel: 4 ships (as SD 1.x/SDXL); 8 or 16 keep more of each patch")
     pb.add_argument("--world", choices=("standard", "wide"), default="standard",

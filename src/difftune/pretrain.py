@@ -61,6 +61,7 @@ def architecture(latent_downsample: int = 4, latent_channels: int = 4) -> tuple[
     """VAE and UNet configs for latents ``RESOLUTION / latent_downsample`` pixels wide with
     ``latent_channels`` channels.
 
+    2: 32x32 latents, to measure whether a finer latent keeps fill50k's smallest circles (not shipped).
     8: 8x8x4 latents, the SD layout in miniature (shipped until 2026-11-30; its VAE lost small
     shapes and their colours). 4 (what ships): 16x16x4 latents from a three-level VAE, and
     a three-level UNet whose extra 16x16 level is narrow (32 channels, no attention) so that a
@@ -78,8 +79,14 @@ def architecture(latent_downsample: int = 4, latent_channels: int = 4) -> tuple[
         unet = dict(UNET_CONFIG, sample_size=RESOLUTION // 4, block_out_channels=(32, 64, 128),
                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+    elif latent_downsample == 2:  # 32x32 latents (an experiment: the UNet costs about 4x the 16x16 one)
+        vae = dict(VAE_CONFIG, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                   block_out_channels=(32, 64))
+        unet = dict(UNET_CONFIG, sample_size=RESOLUTION // 2, block_out_channels=(32, 32, 64, 128),
+                    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
     else:
-        raise ValueError(f"latent_downsample must be 4 or 8, not {latent_downsample}")
+        raise ValueError(f"latent_downsample must be 2, 4 or 8, not {latent_downsample}")
     return (dict(vae, latent_channels=latent_channels),
             dict(unet, in_channels=latent_channels, out_channels=latent_channels))
 
