@@ -13,7 +13,7 @@
 # as each export lands), so a stage stopped at its time limit still returns what it finished.
 # Each stage checkpoints every 250 steps (in $W, which stays while the machine is warm): a stage stopped at its
 # limit continues when this script is run again on the same machine.
-# Env: LATENT_CHANNELS (8), VAE_STEPS (6000), VAE_BATCH (64), UNET_STEPS (6000), UNET_BATCH (64), N_IMAGES (50000),
+# Env: LATENT_DOWNSAMPLE (4; 2 for 32x32 latents), LATENT_CHANNELS (8), VAE_STEPS (6000), VAE_BATCH (64), UNET_STEPS (6000), UNET_BATCH (64), N_IMAGES (50000),
 # VAE_LIMIT / UNET_LIMIT (seconds per stage: 240 / 300), DEVICE (cuda). Inputs: .whl/ as for
 # tools/device_bench.sh. CPU rehearsal: DEVICE=cpu NO_WHEELS=1 PYTHON=.venv/bin/python VAE_STEPS=2
 # UNET_STEPS=2 N_IMAGES=64 OUT=/tmp/reh-pre bash tools/device_pretrain.sh
@@ -23,7 +23,7 @@ W=${PRETRAIN_WORK:-/tmp/difftune-pretrain}
 mkdir -p "$OUT" "$W"
 source tools/device_env.sh
 DEVICE=${DEVICE:-cuda}
-COMMON=(--out "$W" --world wide --latent_channels "${LATENT_CHANNELS:-8}" --n_images "${N_IMAGES:-50000}" --vae_steps "${VAE_STEPS:-6000}"
+COMMON=(--out "$W" --world wide --latent_downsample "${LATENT_DOWNSAMPLE:-4}" --latent_channels "${LATENT_CHANNELS:-8}" --n_images "${N_IMAGES:-50000}" --vae_steps "${VAE_STEPS:-6000}"
         --vae_batch "${VAE_BATCH:-64}" --unet_batch "${UNET_BATCH:-64}" --device "$DEVICE" --seed 0)
 echo "[device_pretrain] flags: ${COMMON[*]} --unet_steps ${UNET_STEPS:-6000}"
 ( while sleep 10; do cp "$W/pretrain_log.jsonl" "$OUT/" 2>/dev/null
