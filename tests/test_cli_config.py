@@ -26,7 +26,8 @@ tracker_project_name train_batch_size train_data_dir use_8bit_adam validation_im
 validation_steps variant
 model_family pretrained_vae_model_name_or_path crops_coords_top_left_h crops_coords_top_left_w image_interpolation_mode
 cache_latents latent_cache_dir channels_last torch_compile optimizer_in_backward fp8_frozen_unet profile_steps profile_start cuda_graphs
-""".split())  # last two lines: SDXL support (issue 6), speed and memory options (issue 5)
+timestep_sampling
+""".split())  # SDXL support (issue 6), speed and memory options (issue 5), T2I-Adapter's timestep bias
 
 
 def _subparser(*path):
@@ -230,8 +231,8 @@ real_prior recipe report_to resolution resume_from_checkpoint revision sample_ba
 set_grads_to_none snr_gamma tokenizer_name tracker_project_name train_batch_size use_8bit_adam
 validation_prompt validation_steps variant with_prior_preservation
 channels_last torch_compile optimizer_in_backward profile_steps profile_start
-embedding_learning_rate
-""".split())  # speed and memory options (issue 5); a learning rate of the embeddings alone
+embedding_learning_rate timestep_sampling
+""".split())  # speed and memory options (issue 5); a learning rate of the embeddings alone; T2I-Adapter's timestep bias
 
 
 def test_train_custom_diffusion_flag_set_is_locked():

@@ -59,6 +59,21 @@ def test_per_sample_draws_do_not_depend_on_batch_split():
         assert torch.equal(getattr(a, name), torch.cat([getattr(b1, name), getattr(b2, name)]))
 
 
+def test_cubic_timesteps_favour_the_noisy_end_and_keep_the_random_stream(tiny_base):
+    from difftune.noising import cubic_timesteps
+
+    t = torch.arange(1000)
+    c = cubic_timesteps(t, 1000)
+    assert c.min() >= 0 and c.max() == 999 and torch.all(c[1:] <= c[:-1])  # a monotone map onto [0, T)
+    assert abs((c >= 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.01  # P(t >= T/2) = P(u^3 <= 1/2)
+    uni = DiffusionObjective(tiny_base.noise_scheduler)
+    cub = DiffusionObjective(tiny_base.noise_scheduler, timestep_sampling="cubic")
+    a, b = uni.draw(torch.Generator().manual_seed(5), 64, (4, 8, 8)), cub.draw(torch.Generator().manual_seed(5), 64, (4, 8, 8))
+    assert torch.equal(a.noise, b.noise) and torch.equal(a.uniform, b.uniform)  # only the timesteps change
+    assert torch.equal(b.timesteps, cubic_timesteps(a.timesteps, uni.num_timesteps))
+    assert b.timesteps.float().mean() > a.timesteps.float().mean()
+
+
 def test_min_snr_weights_and_v_target(tiny_base):
     sched = tiny_base.noise_scheduler
     t = torch.tensor([0, 100, 500, 999])

@@ -148,6 +148,12 @@ class LossConfig:
     prediction_type: str | None = opt(
         None, "Override the scheduler's prediction type.", choices=("epsilon", "v_prediction")
     )
+    timestep_sampling: str = opt(
+        "uniform",
+        "How training timesteps are drawn: uniform (as diffusers), or cubic, biased toward the noisy steps where "
+        "layout is decided (T2I-Adapter, Mou et al. 2023).",
+        choices=("uniform", "cubic"),
+    )
 
     def __post_init__(self) -> None:
         if self.snr_gamma is not None and self.snr_gamma <= 0:

@@ -118,7 +118,8 @@ class ControlNetMethod:
                 torch.manual_seed(cfg.train.seed or 0)
                 self.controlnet = controlnet_from_unet(self.base.unet, vae_scale_factor=self.base.vae_scale_factor)
         self.controlnet.requires_grad_(True)
-        self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma)
+        self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma,
+                                            cfg.loss.timestep_sampling)
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
         self.trained = self.controlnet  # the (possibly DDP-wrapped) module used in forward

@@ -61,7 +61,8 @@ class CustomDiffusionMethod:
         self.embedding = self.base.text_encoder.get_input_embeddings().weight
         self.embedding.requires_grad_(True)
         self._hook = surgery.restrict_to_rows(self.embedding, self.token_ids)
-        self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma)
+        self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma,
+                                            cfg.loss.timestep_sampling)
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32
         self.unet, self.text_encoder = self.base.unet, self.base.text_encoder  # possibly wrapped by prepare
