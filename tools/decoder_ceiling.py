@@ -24,6 +24,27 @@ import time
 from pathlib import Path
 
 
+def fit_latents(vae, z0, x, steps: int, lr: float, every: int = 0, report=None):
+    """Latents optimised by Adam so that ``vae.decode`` (frozen) matches the images ``x`` (MSE).
+
+    Starts from ``z0``; calls ``report(step, z, mse)`` every ``every`` steps and at the last.
+    Returns the optimised latents (detached).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    z = z0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    for step in range(1, steps + 1):
+        loss = F.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if report is not None and (step == steps or (every and step % every == 0)):
+            report(step, z.detach(), loss.item())
+    return z.detach()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=60)
@@ -34,7 +55,6 @@ def main() -> None:
 
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from diffusers import AutoencoderKL
 
     from difftune.eval.run import _summary, by_radius, condition_targets
@@ -60,16 +80,9 @@ def main() -> None:
     with torch.no_grad():
         z0 = vae.encode(x).latent_dist.mean
     report(0, z0, z0)
-    z = z0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=args.lr)
     t0 = time.time()
-    for step in range(1, args.steps + 1):
-        loss = F.mse_loss(vae.decode(z).sample, x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == args.steps:
-            report(step, z.detach(), z0, mse=round(loss.item(), 5), seconds=round(time.time() - t0))
+    fit_latents(vae, z0, x, args.steps, args.lr, every=50,
+                report=lambda step, z, mse: report(step, z, z0, mse=round(mse, 5), seconds=round(time.time() - t0)))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main() -> None:
     import numpy as np
     import pyarrow.parquet as pq
     import torch
-    import torch.nn.functional as F
+    from decoder_ceiling import fit_latents  # tools/, beside this script
     from diffusers import AutoencoderKL
     from PIL import Image
     from safetensors.torch import load_file, save_file
@@ -64,16 +64,11 @@ def main() -> None:
             raise SystemExit(f"{shard.name}: the cached means are not the encoder's of {args.data}'s images in order")
         for i in range(0, len(mean), args.batch):
             x = x_all[i : i + args.batch]
-            z = mean[i : i + args.batch].clone().requires_grad_(True)
-            opt = torch.optim.Adam([z], lr=args.lr)
-            for _ in range(args.steps):
-                loss = F.mse_loss(vae.decode(z).sample, x)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            mean[i : i + args.batch] = z.detach()
-            print(json.dumps({"shard": shard.name, "done": offset + i + len(x), "mse": round(loss.item(), 5),
-                              "seconds": round(time.time() - t0)}), flush=True)
+            done = offset + i + len(x)
+            mean[i : i + args.batch] = fit_latents(
+                vae, mean[i : i + args.batch], x, args.steps, args.lr,
+                report=lambda step, z, mse: print(json.dumps({"shard": shard.name, "done": done, "mse": round(mse, 5),
+                                                              "seconds": round(time.time() - t0)}), flush=True))
         tensors["mean"] = mean
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(shard))
         offset += len(mean)

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--eval_every", type=int, default=200)
     ap.add_argument("--out", default=None, help="default /tmp/vae-PART")
     args = ap.parse_args()
+    if args.posterior_std is not None and args.part != "encoder":
+        ap.error("--posterior_std shapes the encoder's posterior: it needs --part encoder")
 
     import numpy as np
     import torch
