@@ -66,19 +66,22 @@ def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, c
     run = tmp_path / "cn"
     train_controlnet(make_config(tiny_model_dir, fill_dir, run, max_train_steps=1))
     assert main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet",
-                 str(run), "--n", "3", "--num_inference_steps", "2", "--out", str(tmp_path / "ev")]) == 0
+                 str(run), "--n", "3", "--num_inference_steps", "2", "--out", str(tmp_path / "ev"),
+                 "--control_guidance", "both", "cond"]) == 0
     result = json.loads((tmp_path / "ev" / "eval_controlnet.json").read_text())
     assert result["n"] == 3 and 0.0 <= result["controlnet"]["iou"] <= 1.0 and "base_alone" in result
+    assert 0.0 <= result["controlnet_cond"]["iou"] <= 1.0 and result["guidance_scale"] == 7.5
     assert 0.0 <= result["vae_ceiling"]["iou"] <= 1.0  # the true images through the VAE
     assert sum(b["n"] for b in result["by_radius"].values()) == 3 and all(
-        "vae_ceiling" in b and "base_alone" in b for b in result["by_radius"].values())
+        "vae_ceiling" in b and "base_alone" in b and "controlnet_cond" in b for b in result["by_radius"].values())
     assert (tmp_path / "ev" / "eval_controlnet.png").is_file()
     assert main(["eval", "base", "--pretrained_model_name_or_path", str(tiny_model_dir), "--n_prompts", "2",
                  "--per_prompt", "2", "--num_inference_steps", "2", "--out", str(tmp_path / "eb")]) == 0
     result = json.loads((tmp_path / "eb" / "eval_base.json").read_text())
     assert result["n_images"] == 4 and set(result["by_shape"]) <= set(BASE_SHAPES)
     assert 0.0 <= result["vae_ceiling"]["shape_kind_ok"] <= 1.0  # the truth through the VAE
-    assert "shape_kind_ok" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "shape_kind_ok" in printed and "controlnet_cond " in printed
 
 
 def test_by_radius_bins_the_demo_sizes_as_the_readme_table():

@@ -91,3 +91,72 @@ def test_generate_missing_image_is_a_clear_error(trained, tiny_model_dir, tmp_pa
                  "--image", str(tmp_path / "nope.png"), "--prompt", "x", "--out", str(tmp_path / "o.png")])
     assert code == 2
     assert "nope.png does not exist" in capsys.readouterr().err
+
+
+def _unet_calls_during(pipe, mode, guidance_scale, cond, prompt):
+    """(encoder_hidden_states, residuals) of each UNet call while ``pipe`` samples under ``mode``."""
+    from difftune.pipelines import controlnet_in_guidance
+
+    calls = []
+
+    def spy(module, args, kwargs):
+        residuals = [*kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"]]
+        calls.append((kwargs["encoder_hidden_states"].clone(), [r.clone() for r in residuals]))
+
+    handle = pipe.unet.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with controlnet_in_guidance(pipe, mode):
+            image = pipe(prompt, image=cond, num_inference_steps=2, height=64, width=64, output_type="np",
+                         guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(3)).images[0]
+    finally:
+        handle.remove()
+    return calls, image
+
+
+def test_cond_control_guidance_gives_the_controlnet_to_the_prompted_half_only(trained, fill_dir):
+    """--control_guidance cond: in each guided UNet call, the rows that carry the empty prompt get no
+    residuals and the rows that carry the prompt get the ControlNet's; `both` gives them to all rows;
+    without guidance the two modes sample the same image; the hook is gone after sampling."""
+    from difftune.pipelines import controlnet_pipeline
+
+    method, _ = trained
+    pipe = controlnet_pipeline(method.base, method.controlnet)
+    cond = Image.open(fill_dir / "validation" / "conditioning_0.png").convert("RGB")
+    prompt = "red circle with blue background"
+    empty = pipe.encode_prompt("", "cpu", 1, False)[0][0]
+    prompted = pipe.encode_prompt(prompt, "cpu", 1, False)[0][0]
+
+    calls, cond_image = _unet_calls_during(pipe, "cond", 7.5, cond, prompt)
+    assert len(calls) == 2
+    for hidden, residuals in calls:
+        assert hidden.shape[0] == 2
+        rows = {i: "empty" if torch.equal(hidden[i], empty) else "prompt" for i in range(2)}
+        assert sorted(rows.values()) == ["empty", "prompt"] and torch.equal(hidden[[*rows.values()].index("prompt")],
+                                                                               prompted)
+        for i, kind in rows.items():
+            sizes = [float(r[i].abs().sum()) for r in residuals]
+            assert (all(s == 0 for s in sizes) if kind == "empty" else all(s > 0 for s in sizes)), (kind, sizes)
+
+    calls, both_image = _unet_calls_during(pipe, "both", 7.5, cond, prompt)
+    assert all(float(r[i].abs().sum()) > 0 for _, residuals in calls for r in residuals for i in range(2))
+    assert not np.array_equal(cond_image, both_image)
+
+    _, a = _unet_calls_during(pipe, "cond", 1.0, cond, prompt)
+    _, b = _unet_calls_during(pipe, "both", 1.0, cond, prompt)
+    assert np.array_equal(a, b)
+
+    side = 64 // method.base.vae_scale_factor
+    sample = torch.randn(2, method.controlnet.config.in_channels, side, side)
+    down, mid = method.controlnet(sample, torch.tensor([10, 10]), encoder_hidden_states=torch.stack([empty, prompted]),
+                                  controlnet_cond=torch.rand(2, 3, 64, 64), return_dict=False)
+    assert float(mid[0].abs().sum()) > 0  # no hook left behind on the trained module
+
+
+def test_control_guidance_is_checked_before_loading_anything(tmp_path):
+    from difftune.api import generate
+    from difftune.errors import ConfigError, UserError
+
+    with pytest.raises(ConfigError, match="--control_guidance 'uncond' is not one of both, cond"):
+        generate(str(tmp_path / "no-model"), str(tmp_path / "no-cn"), None, "x", control_guidance="uncond")
+    with pytest.raises(UserError, match="it needs --controlnet"):
+        generate(str(tmp_path / "no-model"), None, None, "x", custom_diffusion=str(tmp_path), control_guidance="cond")

@@ -221,6 +221,8 @@ def test_cli_run_exports_a_controlnet_that_loads_in_the_sdxl_pipeline(cli_traine
             "--seed", "5", "--device", "cpu", "--out", str(tmp_path / "g.png")]
     assert main(args) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(ours))
+    assert main(args[:-1] + [str(tmp_path / "c.png"), "--control_guidance", "cond"]) == 0  # guidance amplifies control
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(ours))
 
 
 def test_in_memory_sampling_equals_the_exported_model(tiny_sdxl_dir, sdxl_base, fill_dir, tmp_path):
@@ -248,10 +250,11 @@ def test_eval_controlnet_runs_on_an_sdxl_base(cli_trained, tiny_sdxl_dir, tmp_pa
 
     # the base-alone baseline too: difftune.pipelines.text2image_pipeline builds the SDXL text-to-image pipeline
     assert main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--controlnet",
-                 str(cli_trained), "--n", "2", "--num_inference_steps", "2", "--out", str(tmp_path)]) == 0
+                 str(cli_trained), "--n", "2", "--num_inference_steps", "2", "--out", str(tmp_path),
+                 "--control_guidance", "both", "cond"]) == 0
     result = json.loads((tmp_path / "eval_controlnet.json").read_text())
     assert result["n"] == 2
-    for row in ("controlnet", "base_alone", "vae_ceiling"):
+    for row in ("controlnet", "controlnet_cond", "base_alone", "vae_ceiling"):
         assert 0.0 <= result[row]["iou"] <= 1.0, row
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .config import ControlNetConfig
+from .config import CONTROL_GUIDANCE, ControlNetConfig
 from .errors import ConfigError, UserError
 
 
@@ -95,6 +95,7 @@ def generate(
     condition: str | None = None,
     condition_settings: dict | None = None,
     condition_out: str | Path | None = None,
+    control_guidance: str = "both",
 ) -> list[Image.Image]:
     """Images for ``prompt`` conditioned on ``image`` with a trained ControlNet (UniPC sampler),
     or, with ``custom_diffusion`` (and no ControlNet), text-to-image with a Custom Diffusion folder's
@@ -105,11 +106,19 @@ def generate(
     condition computed there, as ``difftune data conditions`` does for training; the computed
     condition is saved to ``condition_out`` when given.
 
+    ``control_guidance``: ``both`` (diffusers' default) or ``cond``: the ControlNet on the
+    conditional half of classifier-free guidance only, so guidance amplifies the control too
+    (``pipelines.controlnet_in_guidance``).
+
     fp16 on CUDA, fp32 on the CPU; the same seed gives the same images.
     """
     from .models import load_base_model, load_controlnet
     from .pipelines import controlnet_pipeline, run_controlnet_pipeline
 
+    if control_guidance not in CONTROL_GUIDANCE:
+        raise ConfigError(f"--control_guidance {control_guidance!r} is not one of {', '.join(CONTROL_GUIDANCE)}.")
+    if control_guidance != "both" and controlnet is None:
+        raise UserError("--control_guidance sets how a ControlNet enters guidance: it needs --controlnet.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     base = load_base_model(pretrained_model_name_or_path)
@@ -151,5 +160,5 @@ def generate(
             cond.save(condition_out)
     return run_controlnet_pipeline(
         pipe, [prompt], [cond], num_images, seed, num_inference_steps, res, guidance_scale,
-        controlnet_conditioning_scale, negative_prompt,
+        controlnet_conditioning_scale, negative_prompt, control_guidance,
     )[0]

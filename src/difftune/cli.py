@@ -122,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         resolution=args.resolution, negative_prompt=args.negative_prompt, device=args.device,
         cpu_offload=args.cpu_offload,
         enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
-        condition=args.condition, condition_out=condition_out,
+        condition=args.condition, condition_out=condition_out, control_guidance=args.control_guidance,
         condition_settings=_condition_settings(args, args.condition) if args.condition else {},
     )
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
@@ -230,7 +230,8 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
     result = eval_controlnet(args.pretrained_model_name_or_path, args.controlnet, data=args.data, n=args.n,
                              steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
                              out=args.out, baseline=not args.no_baseline, metric=args.metric,
-                             condition_settings=_condition_settings(args, None))
+                             condition_settings=_condition_settings(args, None),
+                             control_guidance=tuple(args.control_guidance))
     print(format_table(result))
     print(f"details: {Path(args.out) / 'eval_controlnet.json'}, grid (condition | ControlNet | base alone): "
           f"{Path(args.out) / 'eval_controlnet.png'}")
@@ -266,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ControlNetConfig
+    from .config import CONTROL_GUIDANCE, ControlNetConfig
     from .data.conditions import CONDITIONERS
     from .eval.metrics import CONDITION_METRICS
     from .recipes import RECIPES
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--guidance_scale", type=float, default=7.5)
     g.add_argument("--controlnet_conditioning_scale", type=float, default=1.0)
+    g.add_argument("--control_guidance", choices=CONTROL_GUIDANCE, default="both",
+                   help="both: the ControlNet on both halves of classifier-free guidance (diffusers' default); "
+                        "cond: on the conditional half only, so guidance amplifies the control too")
     g.add_argument("--num_images", type=at_least(1), default=1)
     g.add_argument("--resolution", type=at_least(8), help="image size (default: the base model's)")
     g.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
@@ -362,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--data was made with, else fill50k)")
     e.add_argument("--n", type=at_least(1), default=200)
     e.add_argument("--no_baseline", action="store_true", help="skip the base-model-alone baseline")
+    e.add_argument("--control_guidance", nargs="+", choices=CONTROL_GUIDANCE, default=["both"],
+                   help="evaluate with the ControlNet on both halves of classifier-free guidance (both, row "
+                        "controlnet; diffusers' default) and/or on the conditional half only (cond, row "
+                        "controlnet_cond)")
     _add_condition_flags(e, defaults=False)
     eb = ev.add_parser("base", help="does the base model draw the prompt's shape and colours?")
     eb.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")

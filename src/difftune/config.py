@@ -62,6 +62,8 @@ class ControlNetModelConfig(ModelConfig):
     )
 
 
+# How a ControlNet enters classifier-free guidance when sampling (``pipelines.controlnet_in_guidance``)
+CONTROL_GUIDANCE = ("both", "cond")
 INTERPOLATION_MODES = ("bilinear", "bicubic", "lanczos", "nearest", "nearest-exact", "box", "hamming")
 
 

@@ -2,8 +2,10 @@
 
 1. generate fill50k at the base model's 64 px;
 2. train a ControlNet on the bundled tiny-shapes base (checkpoints, validation grids);
-3. evaluate it on held-out circle outlines: circle IoU with the ControlNet and, as the
-   baseline, with the base model alone (which cannot know where the circle should be);
+3. evaluate it on held-out circle outlines: circle IoU with the ControlNet (sampled with it on
+   both halves of classifier-free guidance, diffusers' default, and on the conditional half
+   only, ``--control_guidance cond``) and, as the baseline, with the base model alone (which
+   cannot know where the circle should be);
 4. write a sample grid and print where everything is.
 Re-running resumes an interrupted training and reuses the generated data.
 """
@@ -47,10 +49,12 @@ def run_demo(out: Path, steps: int | None = None, n: int | None = None, eval_n: 
           f"{cfg.train.max_train_steps} steps in {run_dir} (interrupt and re-run to resume)")
     summary = train_controlnet(cfg)
     print(f"[3/3] evaluating on {eval_n} held-out circle outlines (ControlNet vs the base model alone)")
-    result = eval_controlnet(cfg.model.pretrained_model_name_or_path, run_dir, n=eval_n, out=out)
+    result = eval_controlnet(cfg.model.pretrained_model_name_or_path, run_dir, n=eval_n, out=out,
+                             control_guidance=("both", "cond"))
     print(format_table(result))
     report = {
         "circle_iou_controlnet": round(result["controlnet"]["iou"], 3),
+        "circle_iou_controlnet_cond": round(result["controlnet_cond"]["iou"], 3),
         "circle_iou_base_alone": round(result["base_alone"]["iou"], 3),
         "circle_iou_vae_ceiling": round(result["vae_ceiling"]["iou"], 3),
         "circle_color_ok_controlnet": round(result["controlnet"]["circle_color_ok"], 3),

@@ -6,9 +6,12 @@ model gives the image that in-memory sampling gave.
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
+
+from .config import CONTROL_GUIDANCE
 
 
 def unipc_from(noise_scheduler: Any):
@@ -36,6 +39,52 @@ def text2image_pipeline(base: Any):
     return pipe
 
 
+@contextmanager
+def controlnet_in_guidance(pipe: Any, mode: str = "both") -> Iterator[None]:
+    """How the ControlNet takes part in classifier-free guidance while ``pipe`` samples in this block.
+
+    ``both`` (diffusers' default): its residuals go to the unconditional and the conditional
+    prediction alike, so guidance, ``u + g (c - u)``, amplifies the prompt but not the control.
+    ``cond``: to the conditional prediction only. The unconditional one is then the base model
+    alone, and guidance amplifies the control together with the prompt (what AUTOMATIC1111's
+    web UI calls "ControlNet is more important"). Unlike diffusers' ``guess_mode``, which also
+    feeds only the conditional half, the residuals keep their trained scale. Without guidance
+    (``guidance_scale <= 1``) the two are the same.
+
+    Done by a forward hook on the pipeline's ControlNet, removed when the block ends (the
+    module may be the one being trained). diffusers puts the unconditional half of a guided
+    batch first; ``tests/test_export_generate.py`` checks that the residuals go with the prompt.
+    """
+    if mode not in CONTROL_GUIDANCE:
+        raise ValueError(f"control guidance {mode!r} is not one of {CONTROL_GUIDANCE}")
+    controlnet = getattr(pipe, "controlnet", None)
+    if mode == "both" or controlnet is None or controlnet.config.get("global_pool_conditions", False):
+        # a globally pooled ControlNet (e.g. shuffle) already runs on the conditional half only
+        yield
+        return
+
+    def conditional_half_only(module, inputs, output):
+        if not pipe.do_classifier_free_guidance:
+            return output
+        down, mid = output if isinstance(output, tuple) else (output.down_block_res_samples,
+                                                              output.mid_block_res_sample)
+        half = mid.shape[0] // 2
+
+        def zero_uncond(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.zeros_like(t[:half]), t[half:]])
+
+        down, mid = [zero_uncond(d) for d in down], zero_uncond(mid)
+        if isinstance(output, tuple):
+            return (down, mid)
+        return type(output)(down_block_res_samples=down, mid_block_res_sample=mid)
+
+    handle = controlnet.register_forward_hook(conditional_half_only)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def run_controlnet_pipeline(
     pipe: Any,
     prompts: list[str],
@@ -47,22 +96,25 @@ def run_controlnet_pipeline(
     guidance_scale: float = 7.5,
     controlnet_conditioning_scale: float = 1.0,
     negative_prompt: str | None = None,
+    control_guidance: str = "both",
 ) -> list[list]:
-    """For each (prompt, condition) pair, ``num_images`` PIL images from a generator seeded ``seed``."""
+    """For each (prompt, condition) pair, ``num_images`` PIL images from a generator seeded ``seed``
+    (``control_guidance``: how the ControlNet enters guidance, ``controlnet_in_guidance``)."""
     out = []
     for prompt, cond in zip(prompts, conditions):
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        result = pipe(
-            prompt,
-            image=cond,
-            height=resolution,
-            width=resolution,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images,
-            generator=generator,
-        )
+        with controlnet_in_guidance(pipe, control_guidance):
+            result = pipe(
+                prompt,
+                image=cond,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                controlnet_conditioning_scale=controlnet_conditioning_scale,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images,
+                generator=generator,
+            )
         out.append(list(result.images))
     return out

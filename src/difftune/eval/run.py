@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from ..data.shapes import MIN_CONTRAST, srgb_to_lab
-from ..pipelines import text2image_pipeline
+from ..errors import ConfigError
+from ..pipelines import controlnet_in_guidance, text2image_pipeline
 from .metrics import CONDITION_METRICS, delta_e, score_all, shape_scores
 
 
@@ -24,8 +25,13 @@ def _base_resolution(base) -> int:
 
 
 def generate_batched(pipe, prompts: list[str], seed: int, steps: int, resolution: int, guidance_scale: float,
-                     conditions: list | None = None, batch: int = 25, desc: str = "sampling") -> list[np.ndarray]:
-    """Images for each prompt; image i uses a generator seeded ``seed + i`` (so batching never changes it)."""
+                     conditions: list | None = None, batch: int = 25, desc: str = "sampling",
+                     control_guidance: str = "both") -> list[np.ndarray]:
+    """Images for each prompt; image i uses a generator seeded ``seed + i`` (so batching never changes it).
+
+    ``control_guidance``: how a ControlNet pipeline's ControlNet enters guidance
+    (``pipelines.controlnet_in_guidance``).
+    """
     from tqdm.auto import tqdm
 
     out = []
@@ -35,7 +41,8 @@ def generate_batched(pipe, prompts: list[str], seed: int, steps: int, resolution
                   output_type="np")
         if conditions is not None:
             kw["image"] = conditions[i : i + batch]
-        images = pipe(**kw).images
+        with controlnet_in_guidance(pipe, control_guidance):
+            images = pipe(**kw).images
         out += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
     return out
 
@@ -124,7 +131,7 @@ def condition_targets(metric: str | None, n: int, resolution: int, seed: int, da
     ``model`` for depth, when the one the data set was made with has moved).
     """
     from ..data.conditions import CONDITIONERS, conditioner_from_settings, read_manifest
-    from ..errors import ConfigError, DataError
+    from ..errors import DataError
 
     if n < 1:
         raise ConfigError(f"--n {n}: evaluate at least one held-out condition (default 200)")
@@ -159,26 +166,39 @@ def _summary(scores: list[dict]) -> dict:
 def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | Path | None = None,
                     n: int = 200, steps: int = 20, seed: int = 0, guidance_scale: float = 7.5,
                     out: str | Path | None = None, metric: str | None = None, baseline: bool = True,
-                    condition_settings: dict | None = None) -> dict:
+                    condition_settings: dict | None = None,
+                    control_guidance: str | tuple[str, ...] = "both") -> dict:
     """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline.
 
     ``metric``: ``fill50k`` (circle IoU), ``canny`` (edge F1) or ``depth`` (depth correlation);
     by default the condition ``data``'s ``difftune_dataset.json`` names, else fill50k.
     ``condition_settings`` override the detector settings the data set records.
+    ``control_guidance``: one or more of ``both`` (row ``controlnet``) and ``cond`` (row
+    ``controlnet_cond``: the ControlNet on the conditional half of guidance only), each
+    sampled from the same seeds (``pipelines.controlnet_in_guidance``).
     """
     from ..models import load_base_model, load_controlnet
     from ..pipelines import controlnet_pipeline
     from ..validation import image_grid
 
+    modes = (control_guidance,) if isinstance(control_guidance, str) else tuple(dict.fromkeys(control_guidance))
+    unknown = [m for m in modes if m not in CONTROL_ROWS]
+    if unknown or not modes:
+        raise ConfigError(f"--control_guidance {' '.join(unknown) or '(none)'}: choose from {', '.join(CONTROL_ROWS)}.")
     base = load_base_model(pretrained_model_name_or_path)
     res = _base_resolution(base)
     scorer, targets = condition_targets(metric, n, res, seed, data, condition_settings)
     prompts = [t["prompt"] for t in targets]
     net = controlnet if isinstance(controlnet, torch.nn.Module) else load_controlnet(str(controlnet))
     pipe = controlnet_pipeline(base, net)
-    with_cn = generate_batched(pipe, prompts, seed, steps, res, guidance_scale,
-                               [t["condition"] for t in targets], desc="with ControlNet")
-    scores = {"controlnet": score_all(scorer, with_cn, targets)}
+    scores, generated = {}, {}
+    for mode in modes:
+        name = CONTROL_ROWS[mode]
+        generated[name] = generate_batched(pipe, prompts, seed, steps, res, guidance_scale,
+                                           [t["condition"] for t in targets], desc=f"{name}",
+                                           control_guidance=mode)
+        scores[name] = score_all(scorer, generated[name], targets)
+    with_cn = next(iter(generated.values()))
     if baseline:
         alone = generate_batched(text2image_pipeline(base), prompts, seed, steps, res, guidance_scale,
                                  desc="base alone")
@@ -188,7 +208,8 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     # latents the encoder never does that decode closer to the truth (tiny circles, for example).
     truth_rt = vae_round_trip(base, np.stack([np.asarray(t["image"]) for t in targets]))
     scores["vae_ceiling"] = score_all(scorer, list(truth_rt), targets)
-    result = {"n": len(targets), "metric": scorer.name, **{k: _summary(v) for k, v in scores.items()}}
+    result = {"n": len(targets), "metric": scorer.name, "guidance_scale": guidance_scale,
+              **{k: _summary(v) for k, v in scores.items()}}
     if "r" in targets[0]:
         result["by_radius"] = by_radius(scores, targets, res)
     if out is not None:
@@ -201,6 +222,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     return result
 
 
+CONTROL_ROWS = {"both": "controlnet", "cond": "controlnet_cond"}  # each --control_guidance mode's result row
 RADIUS_BINS = (0.0, 0.085, 0.15, 0.225, 1.0)  # radius / image size: 3-5, 6-9, 10-14, 15-19 px at 64 px
 
 
@@ -276,13 +298,15 @@ def vae_round_trip(base, images: np.ndarray, batch: int = 32) -> np.ndarray:
 def format_table(result: dict) -> str:
     """A readable table of an eval result."""
     lines = []
-    if "controlnet" in result:
-        cols = list(result["controlnet"])
-        lines.append(f"{'':14s}" + "".join(f"{c:>20s}" for c in cols))
-        for name in ("controlnet", "base_alone", "vae_ceiling"):
-            if name in result:
-                lines.append(f"{name:14s}" + "".join(f"{result[name][c]:20.3f}" for c in cols))
-        lines.append(f"({result['n']} held-out conditions, metric {result['metric']}; vae_ceiling: the true "
+    if "metric" in result:
+        names = [k for k in (*CONTROL_ROWS.values(), "base_alone", "vae_ceiling") if k in result]
+        cols = list(result[names[0]])
+        lines.append(f"{'':16s}" + "".join(f"{c:>20s}" for c in cols))
+        for name in names:
+            lines.append(f"{name:16s}" + "".join(f"{result[name][c]:20.3f}" for c in cols))
+        cond = ("; controlnet_cond: the ControlNet on the conditional half of guidance only"
+                if "controlnet_cond" in result else "")
+        lines.append(f"({result['n']} held-out conditions, metric {result['metric']}{cond}; vae_ceiling: the true "
                      "images encoded and decoded by the base's VAE, what it keeps of the targets)")
     else:
         cols = ["background_ok", "shape_color_ok", "shape_kind_ok", "background_delta_e", "shape_delta_e"]
