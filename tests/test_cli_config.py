@@ -26,8 +26,8 @@ tracker_project_name train_batch_size train_data_dir use_8bit_adam validation_im
 validation_steps variant
 model_family pretrained_vae_model_name_or_path crops_coords_top_left_h crops_coords_top_left_w image_interpolation_mode
 cache_latents latent_cache_dir channels_last torch_compile optimizer_in_backward fp8_frozen_unet profile_steps profile_start cuda_graphs
-timestep_sampling
-""".split())  # SDXL support (issue 6), speed and memory options (issue 5), T2I-Adapter's timestep bias
+timestep_sampling validation_control_guidance
+""".split())  # SDXL support (issue 6), speed and memory options (issue 5), T2I-Adapter's timestep bias, cond guidance
 
 
 def _subparser(*path):
@@ -101,6 +101,7 @@ def test_config_file_with_flag_override(tmp_path):
     (dict(streaming=True), "--streaming needs --max_train_samples"),
     (dict(proportion_empty_prompts=1.5), "--proportion_empty_prompts must be in"),
     (dict(validation_prompt=["a"]), "--validation_prompt and --validation_image go together"),
+    (dict(validation_control_guidance="uncond"), "--validation_control_guidance 'uncond': choose from both, cond"),
     (dict(validation_prompt=["a", "b"], validation_image=["1", "2", "3"]), "give one of either"),
     (dict(train_data_dir=None), "No training data"),
     (dict(pretrained_model_name_or_path=None), "No base model"),

@@ -147,8 +147,9 @@ def test_cond_control_guidance_gives_the_controlnet_to_the_prompted_half_only(tr
 
     side = 64 // method.base.vae_scale_factor
     sample = torch.randn(2, method.controlnet.config.in_channels, side, side)
-    down, mid = method.controlnet(sample, torch.tensor([10, 10]), encoder_hidden_states=torch.stack([empty, prompted]),
-                                  controlnet_cond=torch.rand(2, 3, 64, 64), return_dict=False)
+    with torch.no_grad():
+        down, mid = method.controlnet(sample, torch.tensor([10, 10]), encoder_hidden_states=torch.stack([empty, prompted]),
+                                      controlnet_cond=torch.rand(2, 3, 64, 64), return_dict=False)
     assert float(mid[0].abs().sum()) > 0  # no hook left behind on the trained module
 
 
@@ -160,3 +161,24 @@ def test_control_guidance_is_checked_before_loading_anything(tmp_path):
         generate(str(tmp_path / "no-model"), str(tmp_path / "no-cn"), None, "x", control_guidance="uncond")
     with pytest.raises(UserError, match="it needs --controlnet"):
         generate(str(tmp_path / "no-model"), None, None, "x", custom_diffusion=str(tmp_path), control_guidance="cond")
+
+
+def test_validation_samples_with_the_configured_control_guidance(trained, fill_dir):
+    import dataclasses
+
+    from difftune.pipelines import controlnet_pipeline, run_controlnet_pipeline
+
+    method, _ = trained
+    cond = Image.open(fill_dir / "validation" / "conditioning_0.png").convert("RGB")
+    prompt = "red circle with blue background"
+    original = method.cfg
+    try:
+        method.cfg = dataclasses.replace(
+            original, validation=dataclasses.replace(original.validation, validation_control_guidance="cond"))
+        ours = np.asarray(method.sample([prompt], [cond], num_images=1, seed=4, steps=2)[0][0])
+    finally:
+        method.cfg = original
+    pipe = controlnet_pipeline(method.base, method.controlnet)
+    cond_ref, both_ref = (np.asarray(run_controlnet_pipeline(pipe, [prompt], [cond], 1, 4, 2, 64, control_guidance=m)[0][0])
+                          for m in ("cond", "both"))
+    assert np.array_equal(ours, cond_ref) and not np.array_equal(ours, both_ref)

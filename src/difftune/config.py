@@ -263,8 +263,15 @@ class ValidationConfig:
     num_validation_images: int = opt(4, "Images generated per validation pair.")
     validation_steps: int = opt(100, "Validate every N optimizer steps (and at the end).")
     num_validation_inference_steps: int = opt(20, "Denoising steps of the validation sampler (UniPC).")
+    validation_control_guidance: str = opt(
+        "both", "How the ControlNet enters classifier-free guidance in validation images: both halves "
+                "(diffusers' default) or cond (the conditional half only: guidance amplifies the control too).",
+        choices=CONTROL_GUIDANCE)
 
     def __post_init__(self) -> None:
+        if self.validation_control_guidance not in CONTROL_GUIDANCE:
+            raise ConfigError(f"--validation_control_guidance {self.validation_control_guidance!r}: choose from "
+                              f"{', '.join(CONTROL_GUIDANCE)}.")
         prompts, images = self.validation_prompt or [], self.validation_image or []
         if bool(prompts) != bool(images):
             raise ConfigError("--validation_prompt and --validation_image go together: give both or neither.")

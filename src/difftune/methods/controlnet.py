@@ -345,7 +345,8 @@ class ControlNetMethod:
             ctx = self._accelerator.autocast() if self._accelerator else torch.autocast("cpu", enabled=False)
             with ctx, self._encoders_on_device():
                 return run_controlnet_pipeline(
-                    pipe, prompts, images, num_images, seed, steps, self.resolution
+                    pipe, prompts, images, num_images, seed, steps, self.resolution,
+                    control_guidance=self.cfg.validation.validation_control_guidance,
                 )
         finally:
             self.controlnet.train(was_training)
