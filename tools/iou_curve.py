@@ -2,9 +2,12 @@
 """Condition fidelity against training steps: evaluate every checkpoint of a ControlNet run.
 
     python tools/iou_curve.py RUN_DIR [--n 200] [--base tiny-shapes] [--data HELD_OUT] [--metric fill50k|canny|depth]
+                              [--control_guidance both [cond]]
 
 fill50k (default): circle IoU on fresh held-out circles; canny: edge F1; depth: depth
 correlation (on --data, or fresh shapes), as `difftune eval controlnet` measures them.
+With ``--control_guidance both cond`` each checkpoint is also sampled with the ControlNet on the
+conditional half of guidance only (its columns prefixed ``cond_``).
 
 RUN_DIR is a finished `difftune train controlnet` output folder (its config.json gives the
 architecture; each checkpoints/checkpoint-N/trainable.safetensors gives the weights).
@@ -22,6 +25,7 @@ from safetensors.torch import load_file
 
 
 def main() -> None:
+    from difftune.config import CONTROL_GUIDANCE
     from difftune.eval.metrics import CONDITION_METRICS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,6 +35,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--data", help="held-out data folder (default: fresh circles / shapes)")
     ap.add_argument("--metric", choices=tuple(CONDITION_METRICS), help="default: the condition --data was made with")
+    ap.add_argument("--control_guidance", nargs="+", choices=CONTROL_GUIDANCE, default=["both"])
     args = ap.parse_args()
 
     from diffusers import ControlNetModel
@@ -44,10 +49,12 @@ def main() -> None:
     for ckpt in list_checkpoints(run / "checkpoints"):
         net.load_state_dict(load_file(str(ckpt / "trainable.safetensors")))
         r = eval_controlnet(args.base, net, n=args.n, steps=args.steps, baseline=not rows, data=args.data,
-                            metric=args.metric)
+                            metric=args.metric, control_guidance=tuple(args.control_guidance))
         step = int(ckpt.name.split("-")[1])
-        keys = ["iou", "circle_color_ok"] if r["metric"] == "circle_iou" else list(r["controlnet"])[:1]
-        rows.append({"step": step, **{k: r["controlnet"][k] for k in keys},
+        first = next(k for k in ("controlnet", "controlnet_cond") if k in r)
+        keys = ["iou", "circle_color_ok"] if r["metric"] == "circle_iou" else list(r[first])[:1]
+        rows.append({"step": step, **{k: r["controlnet"][k] for k in keys if "controlnet" in r},
+                     **{f"cond_{k}": r["controlnet_cond"][k] for k in keys if "controlnet_cond" in r},
                      **({f"base_alone_{keys[0]}": r["base_alone"][keys[0]]} if "base_alone" in r else {})})
         print(json.dumps(rows[-1]), flush=True)
     (run / "iou_curve.json").write_text(json.dumps(rows, indent=2) + "\n")
