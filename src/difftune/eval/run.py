@@ -195,7 +195,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     for mode in modes:
         name = CONTROL_ROWS[mode]
         generated[name] = generate_batched(pipe, prompts, seed, steps, res, guidance_scale,
-                                           [t["condition"] for t in targets], desc=f"{name}",
+                                           [t["condition"] for t in targets], desc=name,
                                            control_guidance=mode)
         scores[name] = score_all(scorer, generated[name], targets)
     with_cn = next(iter(generated.values()))
