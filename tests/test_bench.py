@@ -49,6 +49,49 @@ def test_smoke_run_writes_json_and_table(bench_out):
     assert records["fast"]["flags"] == CONFIGS["fast"]
     table = (out / "bench.md").read_text()
     assert "| fp32 | ok |" in table and "| fast | ok |" in table and "images/s" in table
+    assert len(result["environment"]["difftune_source_sha256"]) == 16
+    assert result["environment"]["difftune_source_sha256"] in table
+
+
+def test_source_fingerprint_and_commit_name_the_code_that_ran(tmp_path):
+    """A copy of a tree with a stale .git (as on a lent GPU machine) must not pass for that commit."""
+    import shutil
+    import subprocess
+
+    from difftune.bench.suite import git_commit, source_fingerprint
+
+    pkg = tmp_path / "repo" / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    first = source_fingerprint(pkg)
+    assert first == source_fingerprint(pkg) and len(first) == 16
+    copy = tmp_path / "copy"
+    shutil.copytree(pkg, copy)
+    assert source_fingerprint(copy) == first  # the same tree hashes the same anywhere
+    (pkg / "sub" / "b.py").write_text("y = 3\n")
+    assert source_fingerprint(pkg) != first
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    (pkg / "sub" / "b2.py").write_text("")
+    assert source_fingerprint(pkg) != first  # a new file counts too
+    (pkg / "sub" / "b2.py").unlink()
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    repo = tmp_path / "repo"
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                       capture_output=True)
+
+    assert git_commit(pkg) is None  # not a checkout
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert git_commit(pkg) == head
+    (pkg / "a.py").write_text("x = 5\n")
+    assert git_commit(pkg) == head + "+modified"
 
 
 def test_unknown_flag_is_an_error_record_not_a_crash(bench_out, tmp_path):

@@ -34,7 +34,9 @@ def format_table(result: dict) -> str:
         f"# difftune bench: {TITLES.get(b.get('method', 'controlnet'))}, {b['arch']}, {b['resolution']} px",
         "",
         f"{env['device']}; torch {env['torch']}, diffusers {env['diffusers']}; difftune {env['difftune']}"
-        + (f" ({env['difftune_commit']})" if env.get("difftune_commit") else "") + f"; {env['date']}.",
+        + (f" ({env['difftune_commit']})" if env.get("difftune_commit") else "")
+        + (f", sources {env['difftune_source_sha256']}" if env.get("difftune_source_sha256") else "")
+        + f"; {env['date']}.",
         f"{b['steps']} optimizer steps, median s/step after {b['warmup']} warm-up steps; "
         + (f"{flops / 1e12:.3f} TFLOP/image (ControlNet fwd+bwd, UNet fwd + activation bwd)" if flops else "FLOPs n/a")
         + (f"; MFU against {b['peak_tflops']:g} TFLOP/s." if b.get("peak_tflops") else "; no peak rate, no MFU."),

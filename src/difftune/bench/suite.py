@@ -41,6 +41,39 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
+def source_fingerprint(package_dir: Path | None = None) -> str:
+    """SHA-256 (first 16 hex digits) of the package's Python sources, names and bytes, sorted by path.
+
+    Identifies the code a benchmark ran even where the git metadata beside it is stale (a copy of
+    a working tree taken to another machine keeps an older ``.git``): the same tree hashes the same
+    everywhere, so a ``bench.json`` can be matched to a commit by hashing that commit's checkout.
+    """
+    import hashlib
+
+    import difftune
+
+    root = Path(package_dir or Path(difftune.__file__).parent)
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def git_commit(package_dir: Path) -> str | None:
+    """The checkout's short commit, ``+modified`` when the package's files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=package_dir, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        if commit and git("status", "--porcelain", "--untracked-files=no", "--", "."):
+            commit += "+modified"
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit or None
+
+
 def environment(device: str) -> dict:
     import accelerate
     import diffusers
@@ -49,17 +82,14 @@ def environment(device: str) -> dict:
 
     import difftune
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(difftune.__file__).parent,
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    package_dir = Path(difftune.__file__).parent
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
         "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "accelerate": accelerate.__version__, "python": platform.python_version(),
-        "difftune": difftune.__version__, "difftune_commit": commit,
+        "difftune": difftune.__version__, "difftune_commit": git_commit(package_dir),
+        "difftune_source_sha256": source_fingerprint(package_dir),
     }
 
 
