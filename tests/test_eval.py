@@ -84,6 +84,31 @@ def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, c
     assert "shape_kind_ok" in printed and "controlnet_cond " in printed
 
 
+def test_eval_conditioning_scale_zero_is_the_base_alone(tiny_model_dir, tiny_base, tmp_path):
+    """--controlnet_conditioning_scale reaches the pipeline: 0 reproduces the base alone's images exactly."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from difftune.cli import main
+
+    torch.manual_seed(0)
+    net = ControlNetModel.from_unet(tiny_base.unet)
+    with torch.no_grad():  # a ControlNet whose residuals are far from zero, unlike a freshly initialised one
+        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            block.weight.normal_(0, 0.5)
+    net.save_pretrained(tmp_path / "cn")
+    rows = {}
+    for scale in ("0", "1"):
+        assert main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet",
+                     str(tmp_path / "cn"), "--n", "3", "--num_inference_steps", "2", "--controlnet_conditioning_scale",
+                     scale, "--out", str(tmp_path / scale)]) == 0
+        rows[scale] = json.loads((tmp_path / scale / "eval_controlnet.json").read_text())
+    zero, one = rows["0"], rows["1"]
+    assert zero["controlnet_conditioning_scale"] == 0.0 and one["controlnet_conditioning_scale"] == 1.0
+    assert zero["controlnet"] == zero["base_alone"]  # every score, the continuous colour distances included
+    assert one["controlnet"] != one["base_alone"]
+
+
 def test_by_radius_bins_the_demo_sizes_as_the_readme_table():
     from difftune.eval.run import by_radius
 

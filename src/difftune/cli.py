@@ -231,7 +231,8 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
                              steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
                              out=args.out, baseline=not args.no_baseline, metric=args.metric,
                              condition_settings=_condition_settings(args, None),
-                             control_guidance=tuple(args.control_guidance))
+                             control_guidance=tuple(args.control_guidance),
+                             conditioning_scale=args.controlnet_conditioning_scale)
     print(format_table(result))
     print(f"details: {Path(args.out) / 'eval_controlnet.json'}, grid (condition | ControlNet | base alone): "
           f"{Path(args.out) / 'eval_controlnet.png'}")
@@ -370,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate with the ControlNet on both halves of classifier-free guidance (both, row "
                         "controlnet; diffusers' default) and/or on the conditional half only (cond, row "
                         "controlnet_cond)")
+    e.add_argument("--controlnet_conditioning_scale", type=float, default=1.0,
+                   help="the ControlNet's residuals times this, as in `difftune generate` (0: the base alone)")
     _add_condition_flags(e, defaults=False)
     eb = ev.add_parser("base", help="does the base model draw the prompt's shape and colours?")
     eb.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")

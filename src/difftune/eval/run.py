@@ -26,7 +26,7 @@ def _base_resolution(base) -> int:
 
 def generate_batched(pipe, prompts: list[str], seed: int, steps: int, resolution: int, guidance_scale: float,
                      conditions: list | None = None, batch: int = 25, desc: str = "sampling",
-                     control_guidance: str = "both") -> list[np.ndarray]:
+                     control_guidance: str = "both", conditioning_scale: float = 1.0) -> list[np.ndarray]:
     """Images for each prompt; image i uses a generator seeded ``seed + i`` (so batching never changes it).
 
     ``control_guidance``: how a ControlNet pipeline's ControlNet enters guidance
@@ -41,6 +41,7 @@ def generate_batched(pipe, prompts: list[str], seed: int, steps: int, resolution
                   output_type="np")
         if conditions is not None:
             kw["image"] = conditions[i : i + batch]
+            kw["controlnet_conditioning_scale"] = conditioning_scale
         with controlnet_in_guidance(pipe, control_guidance):
             images = pipe(**kw).images
         out += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
@@ -167,7 +168,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
                     n: int = 200, steps: int = 20, seed: int = 0, guidance_scale: float = 7.5,
                     out: str | Path | None = None, metric: str | None = None, baseline: bool = True,
                     condition_settings: dict | None = None,
-                    control_guidance: str | tuple[str, ...] = "both") -> dict:
+                    control_guidance: str | tuple[str, ...] = "both", conditioning_scale: float = 1.0) -> dict:
     """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline.
 
     ``metric``: ``fill50k`` (circle IoU), ``canny`` (edge F1) or ``depth`` (depth correlation);
@@ -175,7 +176,9 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     ``condition_settings`` override the detector settings the data set records.
     ``control_guidance``: one or more of ``both`` (row ``controlnet``) and ``cond`` (row
     ``controlnet_cond``: the ControlNet on the conditional half of guidance only), each
-    sampled from the same seeds (``pipelines.controlnet_in_guidance``).
+    sampled from the same seeds (``pipelines.controlnet_in_guidance``). ``conditioning_scale``:
+    the pipeline's ``controlnet_conditioning_scale`` (the ControlNet's residuals times it; 0 gives
+    the base alone's images).
     """
     from ..models import load_base_model, load_controlnet
     from ..pipelines import controlnet_pipeline
@@ -196,7 +199,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
         name = CONTROL_ROWS[mode]
         generated[name] = generate_batched(pipe, prompts, seed, steps, res, guidance_scale,
                                            [t["condition"] for t in targets], desc=name,
-                                           control_guidance=mode)
+                                           control_guidance=mode, conditioning_scale=conditioning_scale)
         scores[name] = score_all(scorer, generated[name], targets)
     with_cn = next(iter(generated.values()))
     if baseline:
@@ -209,7 +212,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     truth_rt = vae_round_trip(base, np.stack([np.asarray(t["image"]) for t in targets]))
     scores["vae_ceiling"] = score_all(scorer, list(truth_rt), targets)
     result = {"n": len(targets), "metric": scorer.name, "guidance_scale": guidance_scale,
-              **{k: _summary(v) for k, v in scores.items()}}
+              "controlnet_conditioning_scale": conditioning_scale, **{k: _summary(v) for k, v in scores.items()}}
     if "r" in targets[0]:
         result["by_radius"] = by_radius(scores, targets, res)
     if out is not None:
