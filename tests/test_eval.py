@@ -84,7 +84,7 @@ def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, c
     assert "shape_kind_ok" in printed and "controlnet_cond " in printed
 
 
-def test_eval_conditioning_scale_zero_is_the_base_alone(tiny_model_dir, tiny_base, tmp_path):
+def test_eval_conditioning_scale_zero_is_the_base_alone(tiny_model_dir, tiny_base, tmp_path, capsys):
     """--controlnet_conditioning_scale reaches the pipeline: 0 reproduces the base alone's images exactly."""
     import torch
     from diffusers import ControlNetModel
@@ -107,6 +107,8 @@ def test_eval_conditioning_scale_zero_is_the_base_alone(tiny_model_dir, tiny_bas
     assert zero["controlnet_conditioning_scale"] == 0.0 and one["controlnet_conditioning_scale"] == 1.0
     assert zero["controlnet"] == zero["base_alone"]  # every score, the continuous colour distances included
     assert one["controlnet"] != one["base_alone"]
+    printed = capsys.readouterr().out  # the table names a non-default scale, and only then
+    assert printed.count("controlnet_conditioning_scale 0;") == 1 and "controlnet_conditioning_scale 1" not in printed
 
 
 def test_by_radius_bins_the_demo_sizes_as_the_readme_table():

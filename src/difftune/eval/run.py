@@ -309,8 +309,11 @@ def format_table(result: dict) -> str:
             lines.append(f"{name:16s}" + "".join(f"{result[name][c]:20.3f}" for c in cols))
         cond = ("; controlnet_cond: the ControlNet on the conditional half of guidance only"
                 if "controlnet_cond" in result else "")
-        lines.append(f"({result['n']} held-out conditions, metric {result['metric']}{cond}; vae_ceiling: the true "
-                     "images encoded and decoded by the base's VAE, what it keeps of the targets)")
+        sampling = "".join(f", {label} {result[key]:g}" for key, label, default in (
+            ("guidance_scale", "guidance", 7.5), ("controlnet_conditioning_scale", "controlnet_conditioning_scale", 1.0))
+            if result.get(key, default) != default)  # named only where not the defaults
+        lines.append(f"({result['n']} held-out conditions, metric {result['metric']}{sampling}{cond}; vae_ceiling: "
+                     "the true images encoded and decoded by the base's VAE, what it keeps of the targets)")
     else:
         cols = ["background_ok", "shape_color_ok", "shape_kind_ok", "background_delta_e", "shape_delta_e"]
         lines.append(f"{'':10s}" + "".join(f"{c:>20s}" for c in cols))
