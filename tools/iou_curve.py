@@ -12,8 +12,8 @@ conditional half of guidance only (its columns prefixed ``cond_``).
 
 RUN_DIR is a finished `difftune train controlnet` output folder (its config.json gives the
 architecture; each checkpoints/checkpoint-N/trainable.safetensors gives the weights).
-Prints a table and writes RUN_DIR/iou_curve.json (iou_curve-g<guidance>.json at another guidance
-scale). Used for the README's curve and to look for the ControlNet paper's "sudden convergence".
+Prints a table and writes RUN_DIR/iou_curve.json (iou_curve-g3.json, -cs1.5, -seed1, ... where the
+guidance scale, ControlNet scale or seed is not the default). Used for the README's curve and to look for the ControlNet paper's "sudden convergence".
 """
 
 from __future__ import annotations
@@ -63,7 +63,11 @@ def main() -> None:
                      **{f"cond_{k}": r["controlnet_cond"][k] for k in keys if "controlnet_cond" in r},
                      **({f"base_alone_{keys[0]}": r["base_alone"][keys[0]]} if "base_alone" in r else {})})
         print(json.dumps(rows[-1]), flush=True)
-    name = "iou_curve.json" if args.guidance_scale == 7.5 else f"iou_curve-g{args.guidance_scale:g}.json"
+    # one file per sampling setting, so a run read at another guidance, scale or seed keeps the others
+    suffix = "".join(f"-{tag}{value:g}" for tag, value, default in (
+        ("g", args.guidance_scale, 7.5), ("cs", args.controlnet_conditioning_scale, 1.0), ("seed", args.seed, 0))
+        if value != default)
+    name = f"iou_curve{suffix}.json"
     (run / name).write_text(json.dumps(rows, indent=2) + "\n")
 
 

@@ -41,7 +41,7 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def source_fingerprint(package_dir: Path | None = None) -> str:
+def source_fingerprint(package_dir: Path) -> str:
     """SHA-256 (first 16 hex digits) of the package's Python sources, names and bytes, sorted by path.
 
     Identifies the code a benchmark ran even where the git metadata beside it is stale (a copy of
@@ -50,12 +50,9 @@ def source_fingerprint(package_dir: Path | None = None) -> str:
     """
     import hashlib
 
-    import difftune
-
-    root = Path(package_dir or Path(difftune.__file__).parent)
     h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in sorted(Path(package_dir).rglob("*.py")):
+        h.update(f.relative_to(package_dir).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
