@@ -183,13 +183,24 @@ def test_fp16_without_a_gpu_is_refused_with_the_alternative(tiny_model_dir, fill
 def test_push_to_hub_offline_fails_clearly_and_keeps_outputs(tiny_model_dir, fill_dir, tmp_path):
     from difftune.api import train_controlnet
 
+    from huggingface_hub.utils import filter_repo_objects
+
+    from difftune.hub import RUN_UPLOAD_IGNORE
+
     out = tmp_path / "run"
     with pytest.raises(UserError, match="--push_to_hub") as info:
         train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, push_to_hub=True,
-                                     hub_model_id="me/cn", hub_token="hf_TOPSECRET"))
+                                     hub_model_id="me/cn", hub_token="hf_TOPSECRET", cache_latents=True,
+                                     checkpointing_steps=1, max_train_samples=8))
     assert "hf_TOPSECRET" not in str(info.value)
     assert (out / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((out / "difftune_config.json").read_text())["train"]["hub_token"] is None
+    # what would have gone up: the model and its card, not the checkpoints or the encoded cache
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    assert any(f.startswith("encoded-cache/") for f in files) and any(f.startswith("checkpoints/") for f in files)
+    uploaded = set(filter_repo_objects(files, ignore_patterns=RUN_UPLOAD_IGNORE))
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md"} <= uploaded
+    assert all(f.split("/")[0] not in ("encoded-cache", "checkpoints") for f in uploaded), uploaded
 
 
 def test_every_recipe_builds():

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 
 
 def _launch(model_dir, data_dir, out, *extra):
@@ -49,7 +51,17 @@ def test_two_process_run_with_cache_checkpoints_and_resume(tiny_model_dir, fill_
     moved = max(float((a[k] - start.state_dict()[k]).abs().max()) for k in copied)
     assert moved > 1e-4  # it trained
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6 * max(moved, 1.0)
+    # each process draws its own noise, so each one's random state is in the checkpoint ...
+    rng = load_file(str(out / "checkpoints" / "checkpoint-3" / "rng.safetensors"))
+    assert not torch.equal(rng["generator"], rng["rank1.generator"])
     done = _launch(tiny_model_dir, fill_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
                    "--cache_latents", "--max_train_samples", "20", "--resume_from_checkpoint", "latest")
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["global_step"] == 4
+    # ... and comes back to it: resumed at step 3, the run ends where an uninterrupted one does
+    # (before, process 1 resumed with process 0's state and drew its noise a second time)
+    full = tmp_path / "ddp-full"
+    _launch(tiny_model_dir, fill_dir, full, "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--cache_latents", "--max_train_samples", "20")
+    a, b = (load_file(str(d / "diffusion_pytorch_model.safetensors")) for d in (out, full))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6 * max(moved, 1.0)

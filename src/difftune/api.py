@@ -27,19 +27,12 @@ def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
     ``base`` may pass an already loaded ``BaseModel`` (tests, notebooks) instead of loading
     ``cfg.model.pretrained_model_name_or_path``.
     """
-    from .hub import push_folder
     from .methods.controlnet import ControlNetMethod
     from .trainer import Trainer
 
     cfg = resolve_seed(cfg)
     method = ControlNetMethod(cfg, base=base)
-    summary = Trainer(method, method.cfg).fit()  # method.cfg: family and resolution resolved
-    if cfg.train.push_to_hub:
-        summary["hub_url"] = push_folder(
-            Path(cfg.train.output_dir), cfg.train.hub_model_id, cfg.train.hub_token,
-            ignore=["checkpoints/*", "logs/*", ".*"],
-        )
-    return summary
+    return Trainer(method, method.cfg).fit()  # method.cfg: family and resolution resolved
 
 
 def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
@@ -49,19 +42,12 @@ def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
     with prior preservation (each example then carries a class image too), as diffusers does
     (``CustomDiffusionMethod.lr_scale``).
     """
-    from .hub import push_folder
     from .methods.custom_diffusion import CustomDiffusionMethod
     from .trainer import Trainer
 
     cfg = resolve_seed(cfg)
     method = CustomDiffusionMethod(cfg, base=base)
-    summary = Trainer(method, cfg).fit()
-    if cfg.train.push_to_hub:
-        summary["hub_url"] = push_folder(
-            Path(cfg.train.output_dir), cfg.train.hub_model_id, cfg.train.hub_token,
-            ignore=["checkpoints/*", "logs/*", ".*"],
-        )
-    return summary
+    return Trainer(method, cfg).fit()
 
 
 def _open_condition(path: str | Path) -> Image.Image:

@@ -6,7 +6,8 @@ unpickled on resume):
     trainable.safetensors    the method's trained weights
     optimizer.safetensors    optimizer state tensors, keyed "<param index>.<name>"
     optimizer.json           optimizer param groups and non-tensor state
-    rng.safetensors          the trainer's noise generator and torch's global RNG states
+    rng.safetensors          the trainer's noise generator and torch's global RNG states (each
+                             process's, in a multi-process run)
     scheduler.json           learning-rate scheduler state
     extra.json               (optional) the caller's own JSON state
     trainer_state.json       step counters; written last, it marks the folder complete
@@ -110,11 +111,27 @@ def rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return out
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
-    generator.set_state(tensors["generator"])
-    torch.set_rng_state(tensors["torch_cpu"])
-    if "torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["torch_cuda"])
+def merge_process_rng(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One ``rng.safetensors`` for a multi-process run: process 0's states under their own names (as a
+    single process writes them), process ``r``'s under ``rank<r>.<name>``. Each process draws its own
+    noise and timesteps, so each needs its own state back to resume exactly."""
+    merged = dict(states[0])
+    for rank, state in enumerate(states[1:], start=1):
+        merged.update({f"rank{rank}.{k}": v for k, v in state.items()})
+    return merged
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], generator: torch.Generator, rank: int = 0) -> bool:
+    """Put back process ``rank``'s random states; False (nothing changed) when the checkpoint has none
+    for it (saved by a run with fewer processes)."""
+    prefix = f"rank{rank}." if rank else ""
+    if prefix + "generator" not in tensors:
+        return False
+    generator.set_state(tensors[prefix + "generator"])
+    torch.set_rng_state(tensors[prefix + "torch_cpu"])
+    if prefix + "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[prefix + "torch_cuda"])
+    return True
 
 
 def _umask() -> int:
@@ -161,10 +178,12 @@ def save_checkpoint(
     generator: torch.Generator,
     total_limit: int | None = None,
     extra: dict | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically, move ``latest`` to it, prune old ones.
 
-    ``extra``: JSON-able state of the caller's own (``extra.json``), e.g. a NumPy generator's."""
+    ``extra``: JSON-able state of the caller's own (``extra.json``), e.g. a NumPy generator's.
+    ``rng``: the random states to store (``merge_process_rng``); by default this process's."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{state.global_step}"
     tmp = root / f".checkpoint-{state.global_step}.tmp-{os.getpid()}"
@@ -178,7 +197,7 @@ def save_checkpoint(
         ),
         "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p)),
         "optimizer.json": lambda p: p.write_text(json.dumps(opt_rest)),
-        "rng.safetensors": lambda p: save_file(rng_tensors(generator), str(p)),
+        "rng.safetensors": lambda p: save_file(rng if rng is not None else rng_tensors(generator), str(p)),
         "scheduler.json": lambda p: p.write_text(json.dumps(scheduler_to_json(scheduler_state))),
         **({"extra.json": lambda p: p.write_text(json.dumps(extra))} if extra is not None else {}),
         STATE_FILE: lambda p: p.write_text(json.dumps(asdict(state), indent=2)),  # last: marks complete

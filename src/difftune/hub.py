@@ -15,6 +15,11 @@ class HubPushError(UserError):
     pass
 
 
+# what a run folder holds only to resume or to train faster: checkpoints, logs, the encoded cache,
+# a streamed data set's local copy, profiler traces, hidden temporary files
+RUN_UPLOAD_IGNORE = ["checkpoints/*", "logs/*", "encoded-cache/*", "stream-cache/*", "profile/*", ".*"]
+
+
 def push_folder(folder: Path, repo_id: str | None, token: str | None, ignore: list[str] | None = None) -> str:
     from huggingface_hub import HfApi
 

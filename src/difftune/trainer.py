@@ -220,8 +220,14 @@ class Trainer:
             self.method.load_state_tensors(resumed["weights"])
             optimizer.load_state_dict(resumed["optimizer"])
             lr_scheduler.load_state_dict(resumed["scheduler"])
-            ckpt.restore_rng(resumed["rng"], generator)
             state = resumed["state"]
+            if not ckpt.restore_rng(resumed["rng"], generator, accelerator.process_index):
+                # saved by a run with fewer processes: this one's stream cannot be continued, so start
+                # a fresh one of its own (never a copy of another process's noise)
+                generator.manual_seed(seed + 7919 * accelerator.process_index + 104729 * state.global_step)
+                log.warning("%s holds no random state for process %d (it was saved by a run with fewer "
+                            "processes): that process continues with new noise draws", resume_from,
+                            accelerator.process_index)
             log.info("resumed from %s at step %d", resume_from, state.global_step)
 
         trackers = Trackers(accelerator, self.out, tracker_names, cfg.tracker_project_name, to_dict(self.run_config))
@@ -244,7 +250,12 @@ class Trainer:
             summary["exported"] = [str(p) for p in self.method.export(self.out)]
             (self.out / "README.md").write_text(self.method.model_card(self.out, summary), encoding="utf-8")
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.wait_for_everyone()  # every process returns with the exported model in place
         trackers.close()
+        if cfg.push_to_hub and accelerator.is_main_process:  # once, after the export, without what only resumes
+            from .hub import RUN_UPLOAD_IGNORE, push_folder
+
+            summary["hub_url"] = push_folder(self.out, cfg.hub_model_id, cfg.hub_token, ignore=RUN_UPLOAD_IGNORE)
         return summary
 
     def _loop(self, accelerator, modules, optimizer, lr_scheduler, loader, generator, state, max_steps,
@@ -372,6 +383,11 @@ class Trainer:
 
     def _save(self, accelerator, optimizer, lr_scheduler, generator, state, root) -> None:
         accelerator.wait_for_everyone()
+        rng = ckpt.rng_tensors(generator)
+        if accelerator.num_processes > 1:  # every process draws its own noise: keep each one's state
+            from accelerate.utils import gather_object
+
+            rng = ckpt.merge_process_rng(gather_object([rng]))
         if accelerator.is_main_process:
             ckpt.save_checkpoint(
                 root,
@@ -381,5 +397,6 @@ class Trainer:
                 lr_scheduler.state_dict(),
                 generator,
                 self.cfg.checkpoints_total_limit,
+                rng=rng,
             )
         accelerator.wait_for_everyone()
