@@ -180,6 +180,16 @@ def test_fp16_without_a_gpu_is_refused_with_the_alternative(tiny_model_dir, fill
         train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "fp16", mixed_precision="fp16"))
 
 
+@pytest.mark.parametrize("env,name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
+def test_a_sharded_launch_is_refused_with_the_alternative(env, name, tiny_model_dir, fill_dir, tmp_path, monkeypatch):
+    from difftune.api import train_controlnet
+
+    monkeypatch.setenv(env, "true")  # what `accelerate launch` sets from an accelerate config asking for it
+    with pytest.raises(ConfigError, match=f"asks for {name}.*--recipe low_memory"):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "run", max_train_steps=1))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_push_to_hub_offline_fails_clearly_and_keeps_outputs(tiny_model_dir, fill_dir, tmp_path):
     from difftune.api import train_controlnet
 
@@ -220,6 +230,7 @@ def test_custom_diffusion_offers_only_recipes_it_can_run():
     usable = recipes_for(CustomDiffusionConfig)
     assert "debug" in usable and "fast" not in usable  # fast caches encoders: ControlNet only
     assert "low_memory" not in usable
+    assert "controlnet_fill50k" not in usable and "controlnet_tiny_demo" not in usable  # ControlNet's data and rates
 
 
 def test_data_check_cli(fill_dir, tiny_model_dir, capsys):
@@ -232,7 +243,7 @@ def test_data_check_cli(fill_dir, tiny_model_dir, capsys):
 
 TRAIN_CUSTOM_DIFFUSION_FLAGS = sorted("""
 adam_beta1 adam_beta2 adam_epsilon adam_weight_decay allow_tf32 cache_dir center_crop checkpointing_steps
-checkpoints_total_limit class_data_dir class_prompt concepts_list config controlnet_model_name_or_path
+checkpoints_total_limit class_data_dir class_prompt concepts_list config
 dataloader_num_workers enable_xformers_memory_efficient_attention freeze_model gradient_accumulation_steps
 gradient_checkpointing hflip hub_model_id hub_token initializer_token instance_data_dir instance_prompt
 learning_rate logging_dir lr_num_cycles lr_power lr_scheduler lr_warmup_steps max_grad_norm max_train_steps

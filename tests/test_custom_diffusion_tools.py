@@ -82,6 +82,12 @@ def test_unreachable_backend_is_a_clear_error(tmp_path, capsys):
                  "--backend", f"http://127.0.0.1:{port}/knn-service", "--timeout", "5"])
     err = capsys.readouterr().err
     assert code == 2 and "cannot be reached" in err and "clip-retrieval back" in err
+    # the seed's command, without a back-end: why there is none, and the two ways on
+    code = main(["retrieve", "--class_prompt", "cat", "--class_data_dir", str(tmp_path / "r2"),
+                 "--num_class_images", "200"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--backend" in err and "no longer online" in err and "--real_prior" in err
+    assert not (tmp_path / "r2").exists()
 
 
 def test_real_prior_from_a_captioned_folder_trains(tiny_model_dir, tmp_path):

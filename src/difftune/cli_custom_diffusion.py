@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -19,15 +20,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = merge(custom_diffusion_defaults(), recipes[args.recipe]() if args.recipe else {})
     cfg = config_from_args(CustomDiffusionConfig, args, recipe)
     summary = train_custom_diffusion(cfg)
-    print(json.dumps({k: summary[k] for k in ("global_step", "final_loss", "seconds", "exported") if k in summary},
-                     indent=2))
-    print(f"Custom Diffusion weights saved in {cfg.train.output_dir}")
+    if os.environ.get("RANK", "0") == "0":  # one report per run, not per process
+        print(json.dumps({k: summary[k] for k in ("global_step", "final_loss", "seconds", "exported") if k in summary},
+                         indent=2))
+        print(f"Custom Diffusion weights saved in {cfg.train.output_dir}")
     return 0
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
     from .custom_diffusion.retrieve import retrieve
+    from .errors import ConfigError
 
+    if not args.backend:  # diffusers' script had one built in: say why there is none and what to do instead
+        raise ConfigError(
+            "retrieve needs --backend URL: the public LAION kNN service that diffusers' retrieve.py queried is no "
+            "longer online. Host clip-retrieval yourself (github.com/rom1504/clip-retrieval) and pass its "
+            "/knn-service URL, or train with generated class images instead (--with_prior_preservation without "
+            "--real_prior: they are made with the base model).")
     out = retrieve(args.class_prompt, args.class_data_dir, args.num_class_images, args.backend,
                    indice_name=args.indice_name, timeout=args.timeout)
     print(f"real prior in {out} (images.txt, caption.txt, urls.txt): train with --real_prior "
@@ -91,8 +100,8 @@ def register(sub, train_sub, eval_sub=None) -> None:
     r.add_argument("--class_prompt", required=True)
     r.add_argument("--class_data_dir", required=True)
     r.add_argument("--num_class_images", type=at_least(1), default=200)
-    r.add_argument("--backend", required=True, help="URL of a clip-retrieval kNN service (self-hosted), e.g. "
-                                                    "http://HOST:1234/knn-service")
+    r.add_argument("--backend", help="URL of a clip-retrieval kNN service (self-hosted), e.g. "
+                                     "http://HOST:1234/knn-service (required: there is no public default)")
     r.add_argument("--indice_name", default="laion5B-L-14")
     r.add_argument("--timeout", type=float, default=30.0)
     r.set_defaults(func=cmd_retrieve)

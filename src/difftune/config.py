@@ -40,15 +40,17 @@ class ModelConfig:
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     variant: str | None = opt(None, "Weight variant of the base model files, e.g. 'fp16'.")
     tokenizer_name: str | None = opt(None, "Tokenizer folder or id, if not the base model's.")
-    controlnet_model_name_or_path: str | None = opt(
-        None, "Start from this ControlNet (folder or hub id) instead of copying the UNet's encoder."
-    )
     cache_dir: str | None = opt(None, "Where downloaded models and data sets are cached.")
 
 
 @dataclass
 class ControlNetModelConfig(ModelConfig):
-    """ControlNet's model section: the shared one plus what only a ControlNet run chooses (SDXL bases)."""
+    """ControlNet's model section: the shared one plus what only a ControlNet run chooses (a starting
+    ControlNet, SDXL bases)."""
+
+    controlnet_model_name_or_path: str | None = opt(
+        None, "Start from this ControlNet (folder or hub id) instead of copying the UNet's encoder."
+    )
 
     model_family: str = opt(
         "auto",

@@ -152,8 +152,6 @@ class CustomDiffusionConfig:
     def __post_init__(self) -> None:
         if not self.model.pretrained_model_name_or_path:
             raise ConfigError("No base model: give --pretrained_model_name_or_path (a diffusers folder or hub id).")
-        if self.model.controlnet_model_name_or_path:
-            raise ConfigError("--controlnet_model_name_or_path does not apply to Custom Diffusion.")
         if self.data.instance_data_dir == "<unset>":
             raise ConfigError("No concept: give --instance_data_dir and --instance_prompt (or --concepts_list).")
 

@@ -70,6 +70,8 @@ def debug() -> dict:
 
 RECIPES = {"controlnet_fill50k": controlnet_fill50k, "controlnet_tiny_demo": controlnet_tiny_demo, "debug": debug,
            "fast": fast, "low_memory": low_memory}
+# recipes written for one method's data and learning rates; the others serve any run whose config has their settings
+ONLY_FOR = {"controlnet_fill50k": "ControlNetConfig", "controlnet_tiny_demo": "ControlNetConfig"}
 
 
 def recipes_for(cfg_cls: type) -> dict:
@@ -80,6 +82,8 @@ def recipes_for(cfg_cls: type) -> dict:
 
     usable = {}
     for name, recipe in RECIPES.items():
+        if ONLY_FOR.get(name, cfg_cls.__name__) != cfg_cls.__name__:
+            continue
         try:
             nest(cfg_cls, recipe())
         except ConfigError:
