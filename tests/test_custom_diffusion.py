@@ -125,8 +125,8 @@ def test_bad_inputs_give_clear_errors(tiny_base, tiny_model_dir, star_dir, tmp_p
         cfg = cd_config(tiny_model_dir, tmp_path / "o", **kw)
         return CustomDiffusionMethod(cfg, base=tiny_base).train_dataset()
 
-    with pytest.raises(ConfigError, match="contains none of the modifier tokens"):
-        build(instance_data_dir=str(star_dir), instance_prompt="a star")
+    with pytest.raises(ConfigError, match="contains none of the modifier tokens"):  # a token named, not used
+        build(instance_data_dir=str(star_dir), instance_prompt="a star", modifier_token="<new1>")
     with pytest.raises(ConfigError, match="'ktn' is 3 tokens"):
         build(instance_data_dir=str(star_dir), instance_prompt="<new1> star", initializer_token="ktn")
     with pytest.raises(ConfigError, match=r"default initializer \(no --initializer_token\) 'thing' is 3 tokens"):  # the default initializer: the prompt's noun
@@ -294,3 +294,55 @@ def test_embedding_learning_rate_moves_only_the_new_rows_faster(tiny_base, tiny_
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([4e-6, 4e-4])  # warm-up: 1/10 of each
     with pytest.raises(ConfigError, match="--embedding_learning_rate must be > 0"):
         cd_config(tiny_model_dir, tmp_path, embedding_learning_rate=0.0)
+
+
+def test_without_modifier_tokens_only_the_cross_attention_trains(tiny_model_dir, star_dir, tmp_path):
+    """diffusers' script run without --modifier_token: no new token, the text encoder frozen, the
+    processors trained on the prompt's own words; the folder loads with load_attn_procs alone."""
+    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+    from safetensors.torch import load_file
+
+    from difftune.methods.custom_diffusion import CustomDiffusionMethod
+    from difftune.trainer import Trainer
+
+    out = tmp_path / "run"
+    cfg = cd_config(tiny_model_dir, out, instance_data_dir=str(star_dir), instance_prompt="star with white background",
+                    learning_rate=5e-2, max_train_steps=2, checkpointing_steps=2)
+    method = CustomDiffusionMethod(cfg)
+    table_before = method.base.text_encoder.get_input_embeddings().weight.detach().clone()
+    vocab = len(method.base.tokenizer)
+    Trainer(method, cfg).fit()
+    assert method.modifier_tokens == [] and len(method.base.tokenizer) == vocab
+    assert torch.equal(method.base.text_encoder.get_input_embeddings().weight.detach().float(), table_before.float())
+    meta = json.loads((out / "custom_diffusion.json").read_text())
+    assert meta["modifier_tokens"] == [] and meta["embeddings"] == {}
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["pytorch_custom_diffusion_weights.safetensors"]
+    saved = load_file(str(out / "checkpoints" / "checkpoint-2" / "trainable.safetensors"))
+    assert not any(k.startswith("text_embeddings.") for k in saved)
+
+    prompt = "star with white background"
+    ours = np.asarray(method.sample([prompt], [None], 1, seed=3, steps=4)[0][0], dtype=np.int16)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    kw = dict(num_inference_steps=4, height=64, width=64)
+    plain = np.asarray(pipe(prompt=prompt, generator=torch.Generator().manual_seed(3), **kw).images[0], dtype=np.int16)
+    pipe.unet.load_attn_procs(str(out), weight_name="pytorch_custom_diffusion_weights.safetensors", _pipeline=pipe)
+    theirs = np.asarray(pipe(prompt=prompt, generator=torch.Generator().manual_seed(3), **kw).images[0], dtype=np.int16)
+    assert np.abs(theirs - ours).max() <= 2  # the same model in diffusers
+    assert np.abs(theirs - plain).max() > 10  # and it trained
+
+    # a checkpoint of it does not resume into a run that has tokens (and the reverse), by name
+    with pytest.raises(ConfigError, match="modifier tokens"):
+        CustomDiffusionMethod(cd_config(tiny_model_dir, tmp_path / "o", instance_data_dir=str(star_dir),
+                                        instance_prompt="<new1> star")).load_state_tensors(saved)
+
+
+def test_tokens_written_in_the_prompt_are_the_modifier_tokens_without_the_flag(tiny_model_dir, star_dir, tmp_path):
+    from difftune.methods.custom_diffusion import CustomDiffusionMethod
+
+    method = CustomDiffusionMethod(cd_config(tiny_model_dir, tmp_path, instance_data_dir=str(star_dir),
+                                             instance_prompt="photo of a <sks-star> star"))
+    assert method.modifier_tokens == ["<sks-star>"] and method.initializers == ["star"]
+    assert method.cfg.custom.modifier_token is None
+    with pytest.raises(ConfigError, match="--modifier_token is empty"):
+        cd_config(tiny_model_dir, tmp_path, instance_data_dir=str(star_dir), instance_prompt="x", modifier_token=" ")

@@ -181,5 +181,6 @@ def test_cli_trains_and_generate_needs_one_adapter(tiny_model_dir, tmp_path, cap
     assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--prompt", "x"]) == 2
     assert "either --controlnet" in capsys.readouterr().err
     code = main(["train", "custom-diffusion", "--pretrained_model_name_or_path", str(tiny_model_dir),
-                 "--instance_data_dir", str(star), "--instance_prompt", "a star", "--output_dir", str(tmp_path / "x")])
+                 "--instance_data_dir", str(star), "--instance_prompt", "a star", "--modifier_token", "<new1>",
+                 "--output_dir", str(tmp_path / "x")])
     assert code == 2 and "contains none of the modifier tokens" in capsys.readouterr().err

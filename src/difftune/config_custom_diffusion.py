@@ -78,7 +78,9 @@ class CustomDiffusionDataConfig:
 @dataclass
 class CustomDiffusionModelConfig:
     modifier_token: str | None = opt(
-        "<new1>", "New token(s) for the concept(s), '+'-separated for several: '<new1>+<new2>'."
+        None, "New token(s) for the concept(s), '+'-separated for several: '<new1>+<new2>'. Without it, the "
+              "<...> tokens written in the instance prompts are the new tokens; prompts without any train the "
+              "cross-attention alone on their own words, text encoder frozen (diffusers' script without the flag)."
     )
     initializer_token: str | None = opt(
         None, "Word(s) whose embedding starts each new token, '+'-separated; each must be ONE token of the "
@@ -103,14 +105,15 @@ class CustomDiffusionModelConfig:
 
     def __post_init__(self) -> None:
         tokens = self.modifier_tokens()
-        if not tokens:
-            raise ConfigError("--modifier_token is empty: give e.g. '<new1>' (or '<new1>+<new2>').")
+        if self.modifier_token is not None and not tokens:
+            raise ConfigError("--modifier_token is empty: give e.g. '<new1>' (or '<new1>+<new2>'), or leave the "
+                              "flag out.")
         if len(set(tokens)) != len(tokens):
             raise ConfigError(f"--modifier_token {self.modifier_token!r} repeats a token.")
         if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
             raise ConfigError(f"--embedding_learning_rate must be > 0, got {self.embedding_learning_rate}.")
         inits = self.initializer_tokens()
-        if inits and len(inits) < len(tokens):
+        if inits and tokens and len(inits) < len(tokens):
             raise ConfigError(f"--initializer_token {self.initializer_token!r} gives {len(inits)} word(s) for "
                               f"{len(tokens)} modifier tokens: give one per token, '+'-separated.")
 

@@ -25,7 +25,8 @@ def model_card(method: Any, output_dir: Path, summary: dict) -> str:
         "# Custom Diffusion concept(s) trained with difftune",
         "",
         f"- Base model: `{base}`; tokens: {', '.join(f'`{t}`' for t in tokens)} "
-        f"(initialised from {', '.join(f'`{w}`' for w in method.initializers)})",
+        f"(initialised from {', '.join(f'`{w}`' for w in method.initializers)})" if tokens else
+        f"- Base model: `{base}`; no new tokens (the prompts' own words; text encoder unchanged)",
         *[f"- Concept: `{x.instance_prompt}` from `{x.instance_data_dir}`"
           + (f", class prompt `{x.class_prompt}`" if x.class_prompt else "") for x in method.concepts],
         f"- Trained: cross-attention {'K/V' if c.custom.freeze_model == 'crossattn_kv' else 'Q/K/V/out'} "

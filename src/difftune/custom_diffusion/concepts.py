@@ -8,6 +8,7 @@ before any training starts, naming the flag, the file or the list entry.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,16 +62,31 @@ def read_concepts_list(path: str | Path) -> list[Concept]:
     return concepts
 
 
+# a token the user wrote into a prompt: <new1>, <sks-dog>; no spaces or nested brackets
+PROMPT_TOKEN = re.compile(r"<[^<>\s]+>")
+
+
+def tokens_in_prompts(concepts: list[Concept]) -> list[str]:
+    """The ``<...>`` tokens of the instance prompts, in order of first appearance: the modifier tokens
+    of a run given no ``--modifier_token``."""
+    return list(dict.fromkeys(t for c in concepts for t in PROMPT_TOKEN.findall(c.instance_prompt)))
+
+
 def resolve_concepts(data_cfg: Any, modifier_tokens: list[str]) -> list[Concept]:
-    """The run's concepts, checked against the modifier tokens and prior-preservation settings."""
+    """The run's concepts, checked against the modifier tokens and prior-preservation settings.
+
+    With ``modifier_tokens`` empty (no ``--modifier_token``), each concept's tokens are the ``<...>``
+    ones its prompt holds, if any; a concept without one trains on its prompt's own words."""
     if data_cfg.concepts_list:
         concepts = read_concepts_list(data_cfg.concepts_list)
     else:
         concepts = [Concept(data_cfg.instance_prompt, data_cfg.instance_data_dir, data_cfg.class_prompt,
                             data_cfg.class_data_dir)]
+    explicit = bool(modifier_tokens)
+    modifier_tokens = modifier_tokens or tokens_in_prompts(concepts)
     for c in concepts:
         c.modifier_tokens = [t for t in modifier_tokens if t in c.instance_prompt]
-        if not c.modifier_tokens:
+        if explicit and not c.modifier_tokens:
             raise ConfigError(
                 f"{c.where}: the instance prompt {c.instance_prompt!r} contains none of the modifier tokens "
                 f"({', '.join(modifier_tokens)}). Put the token in the prompt, e.g. 'photo of a "

@@ -88,7 +88,8 @@ def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int 
         word = (concept.get("class_prompt") or "").split()[-1:] or plain[-1:] or [""]
         class_prompt = concept.get("class_prompt") or word[0]
         ref = concept_reference(concept["instance_data_dir"], res)
-        token_prompt = f"{' '.join(tokens)} {word[0]}".strip()
+        # without tokens the concept lives in the prompt's own words: sample the instance prompt itself
+        token_prompt = f"{' '.join(tokens)} {word[0]}".strip() if tokens else concept["instance_prompt"]
         concept_imgs = generate_batched(adapted, [token_prompt] * n, seed=seed, steps=steps, resolution=res,
                                         guidance_scale=guidance_scale, desc=token_prompt)
         base_cls, adapted_cls = both([class_prompt] * n, class_prompt)

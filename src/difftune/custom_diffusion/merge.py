@@ -102,6 +102,9 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
         if meta.get("freeze_model") != "crossattn_kv":
             raise ConfigError(f"merge: {folder} was trained with --freeze_model {meta.get('freeze_model')}; the "
                               "closed-form merge combines key/value projections only (crossattn_kv).")
+        if not meta["modifier_tokens"]:
+            raise ConfigError(f"merge: {folder} was trained without modifier tokens; the closed-form merge keeps "
+                              "each concept's token features, so each folder needs its own token (--modifier_token).")
         mapping = {}
         for token in meta["modifier_tokens"]:
             new = token

@@ -2,7 +2,9 @@
 
 Trainable (fp32): the cross-attention K/V projections (all cross-attention weights with
 ``--freeze_model crossattn``), held by Custom Diffusion attention processors inside the UNet,
-and the new tokens' rows of the text encoder's embedding table. Frozen: everything else.
+and the new tokens' rows of the text encoder's embedding table. Frozen: everything else. A run
+without modifier tokens (diffusers' script without ``--modifier_token``) trains the processors
+alone; its text encoder is frozen whole.
 
 Loss (paper eq. 1 plus prior preservation, sec. 3.1):
     L = E ||eps - eps_theta(x_t, t, c)||^2 over the augmentation mask (instance images)
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,8 @@ from .controlnet import weight_dtype_for
 
 EMBED_PREFIX = "text_embeddings."
 
+log = logging.getLogger("difftune")
+
 
 class CustomDiffusionMethod:
     name = "custom_diffusion"
@@ -49,18 +54,25 @@ class CustomDiffusionMethod:
         if getattr(self.base, "family", "sd") != "sd":  # one text encoder is assumed throughout (tokens, embeddings, eval)
             raise ConfigError(f"Custom Diffusion supports SD 1.x/2.x bases; {m.pretrained_model_name_or_path} is "
                               "SDXL, which is not supported yet.")
-        self.modifier_tokens = c.modifier_tokens()
-        self.concepts = cc.resolve_concepts(cfg.data, self.modifier_tokens)
-        inits = c.initializer_tokens() or cc.default_initializers(self.concepts, self.modifier_tokens)
-        flag = "--initializer_token" if c.initializer_tokens() else "the default initializer (no --initializer_token)"
-        self.token_ids = surgery.add_modifier_tokens(self.base.tokenizer, self.base.text_encoder,
-                                                     self.modifier_tokens, inits, flag)
-        self.initializers = inits[: len(self.modifier_tokens)]
+        self.concepts = cc.resolve_concepts(cfg.data, c.modifier_tokens())
+        self.modifier_tokens = c.modifier_tokens() or cc.tokens_in_prompts(self.concepts)
+        self.token_ids: list[int] = []
+        self.initializers: list[str] = []
+        self.embedding: torch.nn.Parameter | None = None  # the embedding table, when new tokens train in it
+        if self.modifier_tokens:
+            inits = c.initializer_tokens() or cc.default_initializers(self.concepts, self.modifier_tokens)
+            flag = "--initializer_token" if c.initializer_tokens() else "the default initializer (no --initializer_token)"
+            self.token_ids = surgery.add_modifier_tokens(self.base.tokenizer, self.base.text_encoder,
+                                                         self.modifier_tokens, inits, flag)
+            self.initializers = inits[: len(self.modifier_tokens)]
+            self.embedding = self.base.text_encoder.get_input_embeddings().weight
+            self.embedding.requires_grad_(True)
+            self._hook = surgery.restrict_to_rows(self.embedding, self.token_ids)
+        else:
+            log.info("no modifier tokens (no --modifier_token, no <token> in the prompts): training the "
+                     "cross-attention alone, on the prompts' own words")
         self.processors = surgery.install_processors(self.base.unet, c.freeze_model,
                                                      cfg.train.enable_xformers_memory_efficient_attention)
-        self.embedding = self.base.text_encoder.get_input_embeddings().weight
-        self.embedding.requires_grad_(True)
-        self._hook = surgery.restrict_to_rows(self.embedding, self.token_ids)
         self.objective = DiffusionObjective(self.base.noise_scheduler, cfg.loss.prediction_type, cfg.loss.snr_gamma,
                                             cfg.loss.timestep_sampling)
         self.device = torch.device("cpu")
@@ -93,22 +105,29 @@ class CustomDiffusionMethod:
         for module in self.base.unet.modules():
             for name, buf in module.named_buffers(recurse=False):
                 setattr(module, name, buf.to(self.device))
-        self.base.text_encoder.to(self.device)  # fp32: its embedding table trains
+        trains_text = bool(self.modifier_tokens)
+        # fp32 while its embedding table trains; frozen whole (no tokens) in the weight dtype, as the VAE
+        self.base.text_encoder.to(self.device, torch.float32 if trains_text else self.weight_dtype)
         if self.cfg.train.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
-            self.base.text_encoder.gradient_checkpointing_enable()
+            if trains_text:
+                self.base.text_encoder.gradient_checkpointing_enable()
         if self.cfg.train.channels_last:
             to_channels_last(self.base.unet)
         apply_compile(self.cfg.train.torch_compile, self.base.unet)
         self.base.unet.train()
-        self.base.text_encoder.train()
-        return [self.base.unet, self.base.text_encoder]
+        self.base.text_encoder.train(trains_text)
+        return [self.base.unet, self.base.text_encoder] if trains_text else [self.base.unet]
 
     def bind(self, prepared: list[torch.nn.Module]) -> None:
-        self.unet, self.text_encoder = prepared
+        self.unet = prepared[0]
+        if len(prepared) > 1:
+            self.text_encoder = prepared[1]
 
     def param_groups(self) -> list[dict]:
         procs = [p for proc in self.processors.values() for p in proc.parameters()]
+        if not self.modifier_tokens:
+            return [{"params": procs}]
         # no weight decay on the table: decay would move the rows that must stay bit-identical
         embedding = {"params": [self.embedding], "weight_decay": 0.0}
         if self.cfg.custom.embedding_learning_rate is not None:  # relative, so that --scale_lr scales both alike
@@ -211,9 +230,13 @@ class CustomDiffusionMethod:
         weights = {k: v for k, v in tensors.items() if not k.startswith(EMBED_PREFIX)}
         surgery.load_processor_state_dict(self.base.unet, weights)
         missing = [t for t in self.modifier_tokens if EMBED_PREFIX + t not in tensors]
-        if missing:
-            raise ConfigError(f"The checkpoint has no embedding for {', '.join(missing)}: it was made with other "
-                              "--modifier_token values.")
+        extra = [k[len(EMBED_PREFIX):] for k in tensors if k.startswith(EMBED_PREFIX)
+                 and k[len(EMBED_PREFIX):] not in self.modifier_tokens]
+        if missing or extra:
+            raise ConfigError(f"The checkpoint's token embeddings ({', '.join(extra) or 'none'} not in this run; "
+                              f"{', '.join(missing) or 'none'} missing) do not match this run's modifier tokens "
+                              f"({', '.join(self.modifier_tokens) or 'none'}): it was made with other "
+                              "--modifier_token values or prompts.")
         surgery.set_embeddings(self.base.text_encoder, self.token_ids,
                                [tensors[EMBED_PREFIX + t] for t in self.modifier_tokens])
 
@@ -253,7 +276,7 @@ class CustomDiffusionMethod:
             return out
         finally:
             self.base.unet.train(was_training)
-            self.base.text_encoder.train(was_training)
+            self.base.text_encoder.train(was_training and bool(self.modifier_tokens))
 
     def model_card(self, output_dir: Path, summary: dict) -> str:
         from ..custom_diffusion.card import model_card
