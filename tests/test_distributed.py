@@ -65,3 +65,18 @@ def test_two_process_run_with_cache_checkpoints_and_resume(tiny_model_dir, fill_
             "--cache_latents", "--max_train_samples", "20")
     a, b = (load_file(str(d / "diffusion_pytorch_model.safetensors")) for d in (out, full))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6 * max(moved, 1.0)
+
+
+def test_each_process_gets_its_own_random_state_back():
+    from difftune.checkpoint import merge_process_rng, restore_rng, rng_tensors
+
+    states = [rng_tensors(torch.Generator().manual_seed(s)) for s in (1, 2)]
+    merged = merge_process_rng(states)
+    for rank in (0, 1):
+        g = torch.Generator().manual_seed(99)
+        assert restore_rng(merged, g, rank)
+        assert torch.equal(g.get_state(), states[rank]["generator"])
+    g = torch.Generator().manual_seed(99)
+    before = g.get_state()
+    assert not restore_rng(merged, g, 2)  # saved by two processes, resumed by three: the caller reseeds
+    assert torch.equal(g.get_state(), before)
