@@ -18,6 +18,7 @@ from difftune.data import (
     ControlNetExamples,
     ImageLoadError,
     StreamingControlNetExamples,
+    Table,
     check_dataset,
     check_resolution,
     collate_examples,
@@ -215,6 +216,90 @@ def test_resolve_columns():
     assert str(info.value).startswith("--caption_column 'caption' not in the data set's columns: image, conditioning_image, text")
     with pytest.raises(DataError, match="only 2 column"):
         resolve_columns(["image", "text"])
+
+
+def test_resolve_columns_recognises_role_names(caplog):
+    # the original fill50k layout: source = control, target = image; position alone would swap them
+    with caplog.at_level("INFO", logger="difftune"):
+        assert resolve_columns(["source", "target", "prompt"]) == ("target", "source", "prompt")
+    assert "image 'target' (by name), conditioning image 'source' (by name), caption 'prompt' (by name)" in caplog.text
+    assert resolve_columns(["source", "target", "prompt"], caption_column="prompt") == ("target", "source", "prompt")
+    assert resolve_columns(["hint", "caption", "target_image"]) == ("target_image", "hint", "caption")
+    assert resolve_columns(["control", "file_name", "x", "text"]) == ("file_name", "control", "text")
+    # explicit flags win over names
+    assert resolve_columns(["source", "target", "prompt"], image_column="source",
+                           conditioning_image_column="target") == ("source", "target", "prompt")
+    # unrecognised names keep the diffusers positions, and say so
+    caplog.clear()
+    with caplog.at_level("INFO", logger="difftune"):
+        assert resolve_columns(["a", "b", "c"]) == ("a", "c", "b")
+    assert "image 'a' (by position)" in caplog.text
+
+
+def _source_target_folder(root, rows):
+    """The original fill50k layout: metadata.jsonl with source (control), target (image), prompt."""
+    for row in rows:
+        for key in ("source", "target"):
+            if isinstance(row[key], str) and row[key].endswith(".png"):
+                _save(root / row[key])
+    with open(root / "metadata.jsonl", "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return root
+
+
+def test_check_dataset_prints_the_column_mapping(tmp_path, cache):
+    root = _source_target_folder(tmp_path / "st", [
+        {"source": f"cond/{k}.png", "target": f"img/{k}.png", "prompt": f"circle {k}"} for k in range(2)
+    ])
+    table = load_table(train_data_dir=root, cache_dir=cache)
+    report = check_dataset(table, *resolve_columns(table.column_names), resolution=16, progress=False)
+    assert report.ok
+    assert "image column: target, conditioning: source, caption: prompt" in report.format()
+    assert report.to_dict()["columns"] == {"image": "target", "conditioning_image": "source", "caption": "prompt"}
+
+
+def test_mixed_up_columns_are_refused(tmp_path, cache):
+    # unrecognised names, text first: by position the caption gets the image paths
+    root = _source_target_folder(tmp_path / "mixed", [
+        {"a": f"circle {k}", "source": f"img/{k}.png", "target": f"cond/{k}.png"} for k in range(2)
+    ])
+    table = load_table(train_data_dir=root, cache_dir=cache)
+    report = check_dataset(table, "a", "target", "source", resolution=16, progress=False)
+    assert not report.ok and report.rows_checked == 0
+    (issue,) = report.errors
+    assert issue.kind == "mixed_up_columns" and "column 'a' holds text ('circle 0')" in issue.message
+    assert "caption column 'source' holds image paths" in issue.message
+    with pytest.raises(DataError, match="the image column 'a' holds text"):
+        ControlNetExamples(table, "a", "target", "source", resolution=8)
+    # a numeric column is never an image
+    with pytest.raises(DataError, match="conditioning image column 'n' holds numbers"):
+        ControlNetExamples(Table(datasets.Dataset.from_list([{"i": "x.png", "n": 1, "t": "hi"}]), None, "t"),
+                           "i", "n", "t", resolution=8)
+    # file names as captions with real image columns: trains, but warn
+    report = check_dataset(table, "source", "target", "target", resolution=16, progress=False)
+    assert report.ok and "caption_is_path" in {i.kind for i in report.warnings}
+
+
+def test_broken_metadata_jsonl_names_file_and_line(tmp_path, cache):
+    root = tmp_path / "empty"
+    root.mkdir()
+    (root / "metadata.jsonl").write_text("")
+    with pytest.raises(DataError) as info:
+        load_table(train_data_dir=root, cache_dir=cache)
+    assert str(info.value).startswith(f"{root / 'metadata.jsonl'} is empty — it must hold one JSON object per line")
+    assert "StopIteration" not in str(info.value)
+    root = tmp_path / "bad"
+    root.mkdir()
+    lines = [json.dumps({"image": f"{k}.png", "conditioning_image": f"c{k}.png", "text": "x"}) for k in range(4)]
+    lines[2] = lines[2][:-3]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        load_table(train_data_dir=root, cache_dir=cache)
+    assert str(info.value).startswith(f"{root / 'metadata.jsonl'}, line 3: invalid JSON (Unterminated string")
+    (root / "metadata.jsonl").write_text(lines[0] + "\n[1, 2]\n")
+    with pytest.raises(DataError, match="line 2: expected a JSON object, got list"):
+        load_table(train_data_dir=root / "metadata.jsonl", cache_dir=cache)
 
 
 def test_select_samples(small_fill_dir, tmp_path, cache):

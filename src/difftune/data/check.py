@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from difftune.data.images import ImageLoadError, describe_source, load_image
-from difftune.data.sources import Table
+from difftune.data.sources import Table, captions_look_like_paths, column_contents_problem
 from difftune.data.transforms import check_resolution
 
+_PEEK_ROWS = 5  # rows looked at to catch a mixed-up column mapping
 _ASPECT_TOLERANCE = 0.01  # relative; below it the crops differ by under 1% of the side
 
 
@@ -49,6 +50,7 @@ class CheckReport:
     errors: list[Issue] = field(default_factory=list)
     warnings: list[Issue] = field(default_factory=list)
     description: str = ""
+    columns: tuple[str, str, str] | None = None  # (image, conditioning image, caption) as checked
 
     @property
     def ok(self) -> bool:
@@ -60,6 +62,9 @@ class CheckReport:
             f"checked {self.rows_checked} row(s) of {self.description or 'the data set'}: "
             f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
         ]
+        if self.columns is not None:  # a swapped mapping reads fine row by row: show it
+            image, conditioning, caption = self.columns
+            lines.append(f"image column: {image}, conditioning: {conditioning}, caption: {caption}")
         for title, issues in (("errors", self.errors), ("warnings", self.warnings)):
             if not issues:
                 continue
@@ -79,6 +84,7 @@ class CheckReport:
             "description": self.description,
             "rows_checked": self.rows_checked,
             "ok": self.ok,
+            "columns": None if self.columns is None else dict(zip(("image", "conditioning_image", "caption"), self.columns)),
             "errors": [asdict(i) for i in self.errors],
             "warnings": [asdict(i) for i in self.warnings],
         }
@@ -102,7 +108,8 @@ def check_dataset(
     from tqdm.auto import tqdm
 
     check_resolution(resolution)
-    report = CheckReport(rows_checked=0, description=table.description)
+    report = CheckReport(rows_checked=0, description=table.description,
+                         columns=(image_column, conditioning_image_column, caption_column))
     columns = table.column_names
     for column in dict.fromkeys((image_column, conditioning_image_column, caption_column)):
         if column not in columns:
@@ -114,6 +121,17 @@ def check_dataset(
             ))
     if report.errors:
         return report
+    first = list(itertools.islice(iter(table.dataset), _PEEK_ROWS))
+    problem = column_contents_problem(first, image_column, conditioning_image_column, caption_column)
+    if problem is not None:  # every row would fail the same way: one error says it better
+        report.errors.append(Issue(None, None, None, problem, "mixed_up_columns"))
+        return report
+    if captions_look_like_paths(first, caption_column):  # trains, but on file names as prompts
+        report.warnings.append(Issue(
+            None, caption_column, None,
+            f"captions look like image file names ({first[0][caption_column]!r:.60}) — is --caption_column right?",
+            "caption_is_path",
+        ))
 
     total = len(table.dataset) if not table.streaming else None
     total = min(total, limit) if total is not None and limit is not None else (total or limit)

@@ -18,7 +18,7 @@ import torch
 import torch.utils.data
 
 from difftune.data.images import ImageLoadError, load_image
-from difftune.data.sources import Table
+from difftune.data.sources import Table, column_contents_problem
 from difftune.data.transforms import (
     check_resolution,
     conditioning_to_tensor,
@@ -29,6 +29,7 @@ from difftune.data.transforms import (
 from difftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
+_PEEK_ROWS = 5  # rows looked at to catch a mixed-up column mapping before training
 
 
 class _ExampleBuilder:
@@ -53,6 +54,11 @@ class _ExampleBuilder:
                              ("--caption_column", caption_column)):
             if known is not None and column not in known:
                 raise DataError(f"{flag} {column!r} not in the data set's columns: {', '.join(known)} — pass one of those")
+        if not table.streaming:  # a stream is not read here; `difftune data check` looks at it
+            first = [table.dataset[i] for i in range(min(_PEEK_ROWS, len(table.dataset)))]
+            problem = column_contents_problem(first, image_column, conditioning_image_column, caption_column)
+            if problem is not None:
+                raise DataError(f"{table.description}: {problem}")
         self.table = table
         self.image_column = image_column
         self.conditioning_image_column = conditioning_image_column

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -211,8 +212,68 @@ def _load_files(builder: str, files: list[Path], cache_dir: str | None, streamin
             cache_dir=cache_dir, streaming=streaming,
         )
     except Exception as err:  # malformed json/csv/parquet: name the files
+        for file in files:  # datasets' own message often names neither the file nor the line
+            problem = _text_file_problem(builder, file)
+            if problem is not None:
+                raise DataError(problem) from err
         shown = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         raise DataError(f"could not read {builder} data from {shown}: {type(err).__name__}: {err} — fix or remove the file") from err
+
+
+_JSONL_HINT = (
+    'one JSON object per line naming the image, the conditioning image and the caption, e.g. '
+    '{"image": "images/0.png", "conditioning_image": "conditions/0.png", "text": "a red circle"}'
+)
+_CSV_HINT = "a header line naming the columns (e.g. image,conditioning_image,text), then one line per sample"
+
+
+def _text_file_problem(builder: str, file: Path) -> str | None:
+    """Why a json/csv file cannot load (empty, or the first bad JSON line), or None if not found.
+
+    Only called after ``load_dataset`` failed: it reports an empty file as ``StopIteration``
+    and a broken JSON line as ``DatasetGenerationError`` with no file or line number.
+    """
+    if builder not in ("json", "csv") or file.suffix.lower() not in (".json", ".jsonl", ".csv"):
+        return None
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        return f"{file} is not UTF-8 text ({err}) — save it as UTF-8"
+    except OSError:
+        return None
+    if not text.strip():
+        return f"{file} is empty — it must hold {_CSV_HINT if builder == 'csv' else _JSONL_HINT}"
+    return _json_lines_problem(file, text) if builder == "json" else None
+
+
+def _json_lines_problem(file: Path, text: str) -> str | None:
+    """The first line of a JSON Lines file that is not a JSON object, named by number."""
+    lines = text.splitlines()
+    first = next(line for line in lines if line.strip())
+    if file.suffix.lower() == ".json" and not _is_json_object(first):
+        try:  # one JSON document (a list of rows), not JSON Lines: its error has the line number
+            json.loads(text)
+        except ValueError as err:
+            return f"{file}, line {getattr(err, 'lineno', '?')}: invalid JSON ({err}) — fix that line"
+        return None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            what = f"{err.msg} at column {err.colno}" if isinstance(err, json.JSONDecodeError) else str(err)
+            return f"{file}, line {number}: invalid JSON ({what}) — fix that line; the file must hold {_JSONL_HINT}"
+        if not isinstance(row, dict):
+            return f"{file}, line {number}: expected a JSON object, got {type(row).__name__} — the file must hold {_JSONL_HINT}"
+    return None
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _find_metadata(path: Path, split: str) -> Path | None:
@@ -254,9 +315,18 @@ def _undecoded(dataset: Any) -> Any:
     return dataset
 
 
-_PREFERRED = {"image": "image", "conditioning_image": "conditioning_image", "caption": "text"}
+# Names people give each role, best first. The original fill50k (lllyasviel) has
+# source = control, target = image, prompt = caption: position alone (image first) would
+# pick source as the image and train the control the wrong way round.
+_KNOWN_NAMES = {
+    "image": ("image", "target", "target_image", "file_name"),
+    "conditioning_image": ("conditioning_image", "source", "condition", "control", "control_image", "hint",
+                           "conditioning", "source_image"),
+    "caption": ("text", "prompt", "caption", "captions"),
+}
 _POSITION = {"image": 0, "caption": 1, "conditioning_image": 2}  # the diffusers defaults
 _FLAGS = {"image": "--image_column", "conditioning_image": "--conditioning_image_column", "caption": "--caption_column"}
+_log = logging.getLogger("difftune")
 
 
 def resolve_columns(
@@ -267,10 +337,12 @@ def resolve_columns(
 ) -> tuple[str, str, str]:
     """(image, conditioning_image, caption) column names.
 
-    A name given by the user must exist. Otherwise the standard names (``image``,
-    ``conditioning_image``, ``text``) win when present, so extra columns (fill50k's
-    ``circle_*``) do not shift anything; failing that, the diffusers positions (image
-    first, caption second, conditioning third), skipping columns already taken.
+    A name given by the user must exist. Otherwise a well-known name for the role wins
+    when present (``image``/``target``, ``conditioning_image``/``source``/``hint``,
+    ``text``/``prompt``/``caption``, ...), so extra columns (fill50k's ``circle_*``) do not
+    shift anything and a source/target table is not read backwards; failing that, the
+    diffusers positions (image first, caption second, conditioning third), skipping
+    columns already taken. The choice is logged, since a swap trains without any error.
     """
     columns = list(column_names)
     given = {"image": image_column, "conditioning_image": conditioning_image_column, "caption": caption_column}
@@ -281,9 +353,12 @@ def resolve_columns(
                 f"pass one of those"
             )
     chosen = {role: name for role, name in given.items() if name is not None}
+    how = {role: "given" for role in chosen}
     for role in given:
-        if role not in chosen and _PREFERRED[role] in columns and _PREFERRED[role] not in chosen.values():
-            chosen[role] = _PREFERRED[role]
+        if role not in chosen:
+            known = [c for c in _KNOWN_NAMES[role] if c in columns and c not in chosen.values()]
+            if known:
+                chosen[role], how[role] = known[0], "by name"
     for role in ("image", "caption", "conditioning_image"):
         if role in chosen:
             continue
@@ -295,8 +370,54 @@ def resolve_columns(
             )
         position = _POSITION[role]
         at = columns[position] if position < len(columns) else None
-        chosen[role] = at if at in free else free[0]
+        chosen[role], how[role] = (at if at in free else free[0]), "by position"
+    _log.info(
+        "data columns: image %r (%s), conditioning image %r (%s), caption %r (%s) — set --image_column / "
+        "--conditioning_image_column / --caption_column to change", chosen["image"], how["image"],
+        chosen["conditioning_image"], how["conditioning_image"], chosen["caption"], how["caption"],
+    )
     return chosen["image"], chosen["conditioning_image"], chosen["caption"]
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_ROLE_WORDS = {"image": "image", "conditioning_image": "conditioning image"}
+
+
+def _is_image_path(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower().endswith(_IMAGE_SUFFIXES)
+
+
+def captions_look_like_paths(rows: list[dict], caption_column: str) -> bool:
+    """Whether every caption looked at is an image file name (the caption column is likely wrong)."""
+    return bool(rows) and all(_is_image_path(row.get(caption_column)) for row in rows)
+
+
+def column_contents_problem(rows: list[dict], image_column: str, conditioning_image_column: str,
+                            caption_column: str) -> str | None:
+    """Why the chosen columns cannot be right, judged from a few rows; None if they may be.
+
+    A wrong mapping (the caption column holding file names, an image column holding text or
+    numbers) makes every sample fail to load: training would skip them all and "finish".
+    Only clear cases count: every row looked at must agree, and a string without an image
+    extension is taken for text only when the caption column holds image paths instead.
+    """
+    if not rows:
+        return None
+    captions = [row.get(caption_column) for row in rows]
+    captions_are_paths = captions_look_like_paths(rows, caption_column)
+    for role, column in (("image", image_column), ("conditioning_image", conditioning_image_column)):
+        values = [row.get(column) for row in rows]
+        what = f"the {_ROLE_WORDS[role]} column {column!r} holds"
+        if all(isinstance(v, (int, float)) for v in values):
+            what += f" numbers ({values[0]!r}), not images"
+        elif captions_are_paths and all(isinstance(v, str) and not _is_image_path(v) for v in values):
+            what += (f" text ({values[0]!r:.60}) while the caption column {caption_column!r} holds image "
+                     f"paths ({captions[0]!r:.60})")
+        else:
+            continue
+        return (f"{what}: every sample would fail to load — the columns are mixed up; set --image_column, "
+                f"--conditioning_image_column and --caption_column")
+    return None
 
 
 def select_samples(table: Table, max_train_samples: int | None, seed: int, buffer_size: int = 1000) -> Table:
