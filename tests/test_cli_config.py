@@ -26,8 +26,9 @@ tracker_project_name train_batch_size train_data_dir use_8bit_adam validation_im
 validation_steps variant
 model_family pretrained_vae_model_name_or_path crops_coords_top_left_h crops_coords_top_left_w image_interpolation_mode
 cache_latents latent_cache_dir channels_last torch_compile optimizer_in_backward fp8_frozen_unet profile_steps profile_start cuda_graphs
-timestep_sampling validation_control_guidance
-""".split())  # SDXL support (issue 6), speed and memory options (issue 5), T2I-Adapter's timestep bias, cond guidance
+timestep_sampling validation_control_guidance overwrite_output_dir
+""".split())  # SDXL support (issue 6), speed and memory options (issue 5), T2I-Adapter's timestep bias, cond guidance,
+# starting over in a run folder (diffusers' scripts overwrite silently)
 
 
 def _subparser(*path):
@@ -243,7 +244,7 @@ def test_data_check_cli(fill_dir, tiny_model_dir, capsys):
 
 TRAIN_CUSTOM_DIFFUSION_FLAGS = sorted("""
 adam_beta1 adam_beta2 adam_epsilon adam_weight_decay allow_tf32 cache_dir center_crop checkpointing_steps
-checkpoints_total_limit class_data_dir class_prompt concepts_list config
+checkpoints_total_limit class_data_dir class_prompt concepts_list config overwrite_output_dir
 dataloader_num_workers enable_xformers_memory_efficient_attention freeze_model gradient_accumulation_steps
 gradient_checkpointing hflip hub_model_id hub_token initializer_token instance_data_dir instance_prompt
 learning_rate logging_dir lr_num_cycles lr_power lr_scheduler lr_warmup_steps max_grad_norm max_train_steps
@@ -265,3 +266,66 @@ def test_train_custom_diffusion_flag_set_is_locked():
     )
     flags.remove("help")
     assert flags == TRAIN_CUSTOM_DIFFUSION_FLAGS
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(learning_rate=-1.0), "--learning_rate must be > 0, got -1.0"),
+    (dict(learning_rate=0.0), "--learning_rate must be > 0"),
+    (dict(learning_rate=float("nan")), "--learning_rate must be > 0"),
+    (dict(adam_beta1=1.0), r"--adam_beta1 must be in \[0, 1\)"),
+    (dict(adam_beta2=-0.5), r"--adam_beta2 must be in \[0, 1\)"),
+    (dict(adam_epsilon=0.0), "--adam_epsilon must be > 0"),
+    (dict(adam_weight_decay=-0.1), "--adam_weight_decay must be >= 0"),
+])
+def test_optimizer_settings_are_refused_with_the_flag_name(overrides, message, tmp_path):
+    """Caught with the config, not as the optimizer's bare ValueError once the model has loaded."""
+    with pytest.raises(ConfigError, match=message):
+        make_config("m", "d", tmp_path, **overrides)
+
+
+def test_negative_learning_rate_on_the_command_line_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "controlnet", "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+                 "--learning_rate", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--learning_rate must be > 0, got -1.0" in err and "Traceback" not in err
+
+
+def test_controlnet_mixups_are_named_with_what_to_pass_instead(tiny_model_dir, tmp_path):
+    """A UNet, the base model, a training checkpoint or a missing folder given as the ControlNet: each is
+    refused before diffusers half-loads it (a UNet ended in 'Cannot copy out of meta tensor')."""
+    import re
+
+    from difftune.models import load_controlnet
+
+    with pytest.raises(ModelLoadError, match=r"--controlnet_model_name_or_path .*unet is a UNet2DConditionModel "
+                                             r"folder \(the base model's.*give a ControlNet folder: config.json"):
+        load_controlnet(str(tiny_model_dir / "unet"))
+    with pytest.raises(ModelLoadError, match="--controlnet .* is a base model folder .* which goes to "
+                                             "--pretrained_model_name_or_path; give a ControlNet folder"):
+        load_controlnet(str(tiny_model_dir), flag="--controlnet")
+    with pytest.raises(ModelLoadError, match=r"--controlnet nope_cn does not exist; give a ControlNet folder: "
+                                             r"config.json \+ diffusion_pytorch_model.safetensors"):
+        load_controlnet("nope_cn", flag="--controlnet")
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainable.safetensors").write_bytes(b"")
+    run = re.escape(str(tmp_path / "run"))
+    with pytest.raises(ModelLoadError, match=f"training checkpoint.*Give the run's output folder {run} instead.*"
+                                             "finish the run"):
+        load_controlnet(str(ckpt))
+    (tmp_path / "run" / "config.json").write_text("{}")  # the run finished: no advice to finish it
+    with pytest.raises(ModelLoadError, match="training checkpoint") as refused:
+        load_controlnet(str(ckpt))
+    assert "finish the run" not in str(refused.value)
+    (tmp_path / "weights-only").mkdir()
+    with pytest.raises(ModelLoadError, match="weights-only is not a ControlNet: it has no config.json"):
+        load_controlnet(str(tmp_path / "weights-only"))
+
+
+def test_training_from_a_unet_folder_as_controlnet_is_a_clear_error(tiny_model_dir, fill_dir, tmp_path, capsys):
+    code = main(["train", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+                 str(fill_dir), "--output_dir", str(tmp_path / "o"), "--resolution", "64", "--max_train_steps", "1",
+                 "--controlnet_model_name_or_path", str(tiny_model_dir / "unet")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--controlnet_model_name_or_path" in err and "UNet2DConditionModel folder" in err

@@ -119,3 +119,30 @@ def test_by_radius_bins_the_demo_sizes_as_the_readme_table():
     bins = by_radius(scores, targets, 64)
     assert list(bins) == ["r 3-5 px", "r 6-9 px", "r 10-14 px", "r 15-19 px"]
     assert bins["r 3-5 px"]["n"] == 3 and bins["r 3-5 px"]["controlnet"]["iou"] == pytest.approx(4 / 20)
+
+
+def test_eval_data_and_controlnet_are_checked_before_anything_loads(tmp_path, capsys):
+    """A missing --data, or one the metric cannot read, is named before the base model loads (the base
+    given here does not exist: any load would fail first) instead of 'Empty data_files'."""
+    from difftune.cli import main
+
+    def run(*extra: str) -> str:
+        code = main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tmp_path / "no-model"),
+                     "--n", "2", "--num_inference_steps", "1", "--out", str(tmp_path / "ev"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err
+        return err
+
+    cn = tmp_path / "cn"
+    cn.mkdir()
+    (cn / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    err = run("--controlnet", str(cn), "--data", str(tmp_path / "nope_data"))
+    assert "--data" in err and "does not exist" in err and "difftune data fill50k" in err
+    plain = tmp_path / "plain"  # a trainer-readable folder without difftune_dataset.json: scored as fill50k
+    plain.mkdir()
+    (plain / "metadata.jsonl").write_text('{"image": "a.png", "conditioning_image": "b.png", "text": "x"}\n')
+    err = run("--controlnet", str(cn), "--data", str(plain))
+    assert "holds no fill50k circles" in err and "--metric canny" in err
+    (plain / "difftune_dataset.json").write_text(json.dumps({"kind": "conditions", "condition": "canny"}))
+    assert "leave out --metric" in run("--controlnet", str(cn), "--data", str(plain), "--metric", "fill50k")
+    assert "--controlnet nope_cn does not exist" in run("--controlnet", "nope_cn")

@@ -182,3 +182,37 @@ def test_validation_samples_with_the_configured_control_guidance(trained, fill_d
     cond_ref, both_ref = (np.asarray(run_controlnet_pipeline(pipe, [prompt], [cond], 1, 4, 2, 64, control_guidance=m)[0][0])
                           for m in ("cond", "both"))
     assert np.array_equal(ours, cond_ref) and not np.array_equal(ours, both_ref)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--out", "g10.txt"], "--out {tmp}/g10.txt: PIL cannot write RGB images as '.txt'; end the file name with .png"),
+    (["--out", "g10"], "--out {tmp}/g10: it has no extension"),
+    (["--resolution", "60", "--out", "g.png"], "--resolution 60 is not divisible by 8"),
+    (["--controlnet", "nope_cn", "--out", "g.png"], "--controlnet nope_cn does not exist; give a ControlNet folder"),
+])
+def test_generate_arguments_are_checked_before_anything_is_generated(extra, message, tmp_path, capsys):
+    """Checked before the base model loads (it does not exist here: a load would fail first), so no image is
+    generated to be lost to an unwritable --out, and no 60 px request silently gives 56 px."""
+    from difftune.cli import main
+
+    cn = tmp_path / "cn"
+    cn.mkdir()
+    (cn / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    argv = ["generate", "--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--controlnet", str(cn),
+            "--image", str(tmp_path / "c.png"), "--prompt", "x", "--num_inference_steps", "1"]
+    extra = [str(tmp_path / v) if i and extra[i - 1] == "--out" else v for i, v in enumerate(extra)]
+    err_code = main(argv + extra)
+    err = capsys.readouterr().err
+    assert err_code == 2 and "Traceback" not in err
+    assert message.format(tmp=tmp_path) in err
+    assert not list(tmp_path.glob("g*"))
+
+
+def test_generate_resolution_must_fit_the_base_vae():
+    from difftune.api import _check_latent_multiple
+    from difftune.errors import ConfigError
+
+    _check_latent_multiple(64, 8)
+    with pytest.raises(ConfigError, match="--resolution 72 is not a multiple of 16, the base model's VAE scale "
+                                          "factor: use 64 or 80"):
+        _check_latent_multiple(72, 16)

@@ -218,3 +218,65 @@ def test_continue_from_existing_controlnet(tiny_model_dir, fill_dir, tmp_path):
     saved = _weights(first)
     assert all(torch.equal(v, saved[k]) for k, v in method.controlnet.state_dict().items())
     assert torch.count_nonzero(method.controlnet.controlnet_mid_block.weight) > 0
+
+
+def _digests(folder):
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_never_mixes_into_another_runs_checkpoints(tiny_model_dir, fill_dir, tmp_path):
+    from difftune.errors import ConfigError
+
+    out = tmp_path / "run"
+    kw = dict(max_train_steps=2, checkpointing_steps=1)
+    train_controlnet(make_config(tiny_model_dir, fill_dir, out, **kw))
+    before = _digests(out / "checkpoints")
+    with pytest.raises(ConfigError, match="already holds a run's checkpoints.*--resume_from_checkpoint latest"):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, learning_rate=5e-3))
+    assert _digests(out / "checkpoints") == before  # nothing of the earlier run was touched
+    # asked to start over: the earlier run's checkpoints and metrics go, the new run's are alone
+    train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, checkpointing_steps=1,
+                                 checkpoints_total_limit=1, overwrite_output_dir=True))
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["checkpoint-1"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-1"
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resume_says_which_settings_changed_and_a_damaged_checkpoint_is_named(tiny_model_dir, fill_dir, tmp_path,
+                                                                               caplog):
+    import logging
+
+    from difftune.errors import ConfigError
+
+    out = tmp_path / "run"
+    train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=2, checkpointing_steps=1))
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=3, checkpointing_steps=1,
+                                     learning_rate=1e-2, resume_from_checkpoint="latest"))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "--learning_rate 0.001 -> 0.01" in said and "its learning rate, not a new --learning_rate" in said
+    assert "max_train_steps" not in said  # running longer is what resuming is for
+    caplog.clear()
+    # truncated on disk after it was written: named, with the intact checkpoints beside it
+    damaged = out / "checkpoints" / "checkpoint-3" / "trainable.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"checkpoint-3: it is damaged.*--resume_from_checkpoint checkpoint-2"):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=4, learning_rate=1e-2,
+                                     resume_from_checkpoint="latest"))
+
+
+def test_a_run_over_mostly_unreadable_samples_stops_with_the_reason(tiny_model_dir, tmp_path):
+    from difftune.errors import DataError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"image": f"missing/{i}.png", "conditioning_image": f"missing/c{i}.png", "text": "red circle"}
+            for i in range(12)]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"of the \d+ training samples read so far could not be loaded.*--image_column"):
+        train_controlnet(make_config(tiny_model_dir, data, out, max_train_steps=4, train_batch_size=4))
+    assert not (out / "diffusion_pytorch_model.safetensors").exists()  # nothing exported as if it had trained

@@ -61,6 +61,15 @@ def _open_condition(path: str | Path) -> Image.Image:
         raise ConfigError(f"--image {p} is not a readable image: {e}") from None
 
 
+def _check_latent_multiple(resolution: int, vae_scale_factor: int) -> None:
+    """A size the base's VAE maps to whole latent pixels: the pipeline would otherwise round it down without
+    a word (--resolution 60 gave 56x56 images), where training refuses it."""
+    if resolution % vae_scale_factor:
+        lower = resolution // vae_scale_factor * vae_scale_factor
+        raise ConfigError(f"--resolution {resolution} is not a multiple of {vae_scale_factor}, the base model's VAE "
+                          f"scale factor: use {lower or vae_scale_factor} or {lower + vae_scale_factor}.")
+
+
 def generate(
     pretrained_model_name_or_path: str,
     controlnet: str | Path | None,
@@ -98,7 +107,8 @@ def generate(
 
     fp16 on CUDA, fp32 on the CPU; the same seed gives the same images.
     """
-    from .models import load_base_model, load_controlnet
+    from .data.transforms import check_resolution
+    from .models import check_controlnet_source, load_base_model, load_controlnet
     from .pipelines import controlnet_pipeline, run_controlnet_pipeline
 
     if control_guidance not in CONTROL_GUIDANCE:
@@ -107,7 +117,13 @@ def generate(
         raise UserError("--control_guidance sets how a ControlNet enters guidance: it needs --controlnet.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    if resolution is not None:
+        check_resolution(resolution)  # as training does: the pipeline would quietly round it down
+    if controlnet is not None:
+        check_controlnet_source(str(controlnet), "--controlnet")  # before the base model loads
     base = load_base_model(pretrained_model_name_or_path)
+    res = resolution or base.native_resolution
+    _check_latent_multiple(res, base.vae_scale_factor)
     if controlnet is None:
         if custom_diffusion is None:
             raise UserError("generate needs a ControlNet (--controlnet) or a Custom Diffusion folder (--custom_diffusion).")
@@ -117,7 +133,7 @@ def generate(
         pipe = text2image_pipeline(base)
         load_custom_diffusion(pipe, custom_diffusion, weight_name)
     else:
-        pipe = controlnet_pipeline(base, load_controlnet(str(controlnet)))
+        pipe = controlnet_pipeline(base, load_controlnet(str(controlnet), flag="--controlnet"))
     if cpu_offload:
         if not device.startswith("cuda"):
             raise UserError("--cpu_offload only makes sense with a CUDA device.")
@@ -129,7 +145,6 @@ def generate(
         pipe.to(device, dtype=dtype)
     if enable_xformers_memory_efficient_attention:
         pipe.enable_xformers_memory_efficient_attention()
-    res = resolution or base.native_resolution
     if controlnet is None:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         return list(pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,

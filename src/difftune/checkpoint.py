@@ -266,7 +266,21 @@ def resolve_resume(root: Path, spec: str | None) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint folder (safetensors and JSON only)."""
+    """Read a checkpoint folder (safetensors and JSON only); a damaged one is a ConfigError that names
+    the file and the intact checkpoints beside it."""
+    try:
+        return _read_checkpoint(path)
+    except Exception as e:  # truncated safetensors, broken JSON, a missing file: all the same to the user
+        others = [p.name for p in list_checkpoints(path.parent) if p.resolve() != path.resolve()]
+        raise ConfigError(
+            f"Cannot resume from {path}: it is damaged ({type(e).__name__}: {e}). Checkpoints are written "
+            "atomically, so something changed it afterwards. Resume from an intact one with "
+            f"--resume_from_checkpoint {others[-1] if others else 'CHECKPOINT'} (there: {', '.join(others) or 'none'}), "
+            "or remove the damaged folder."
+        ) from None
+
+
+def _read_checkpoint(path: Path) -> dict:
     return {
         "state": TrainState(**json.loads((path / STATE_FILE).read_text())),
         "weights": load_file(str(path / "trainable.safetensors")),

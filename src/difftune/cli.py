@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import typing
@@ -102,6 +103,30 @@ def cmd_train_controlnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_image_out(out: Path, flag: str = "--out") -> None:
+    """Refuse, before anything is generated, an image file name PIL cannot write an RGB image to (by its
+    extension): the images would be made and then lost to ``unknown file extension``."""
+    import io
+
+    from PIL import Image
+
+    from .errors import ConfigError
+
+    Image.init()  # registers every format plugin, so the extension table is complete
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    writable = False
+    if fmt is not None:
+        try:  # a trial save: some formats are read-only stubs, or take no RGB (XBM: 1-bit only)
+            Image.new("RGB", (8, 8)).save(io.BytesIO(), format=fmt)
+            writable = True
+        except (OSError, KeyError, ValueError):
+            pass
+    if not writable:
+        what = f"PIL cannot write RGB images as '{out.suffix}'" if out.suffix else "it has no extension"
+        raise ConfigError(f"{flag} {out}: {what}; end the file name with .png (lossless), or .jpg, .jpeg, .webp, "
+                          ".bmp, .tif, ...")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import generate
 
@@ -112,6 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.condition and not args.controlnet:
         raise UserError("--condition computes a ControlNet's condition from --image: it needs --controlnet.")
     out = Path(args.out)
+    check_image_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     condition_out = out.with_name(f"{out.stem}-condition{out.suffix}") if args.condition else None
     images = generate(
@@ -307,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     g.add_argument("--cpu_offload", action="store_true", help="keep only the running model on the GPU")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-    g.add_argument("--out", default="generated.png", help="output PNG (several images get -0, -1, ... suffixes)")
+    g.add_argument("--out", default="generated.png", help="output image: .png, .jpg, .webp, ... (several images get -0, -1, ... "
+                                                  "suffixes)")
     g.set_defaults(func=cmd_generate)
 
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="tool", required=True)
@@ -421,8 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def show_messages() -> None:
+    """On the command line, difftune's progress messages ("resumed from ...", "encoding ... into the
+    cache") go to stderr with its warnings; a library user configures logging as they like."""
+    logger = logging.getLogger("difftune")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    show_messages()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

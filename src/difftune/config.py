@@ -145,6 +145,19 @@ class OptimConfig:
         "--gradient_accumulation_steps 1, one process and no fp16 loss scaling.",
     )
 
+    def __post_init__(self) -> None:
+        # the optimizer checks these too, but only once the model is loaded, and with a bare ValueError
+        # ("Invalid learning rate: -1.0") that names no flag; ``not x > 0`` also refuses NaN
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate} (5e-6 by default; e.g. 1e-5).")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)} (defaults: 0.9 and 0.999).")
+        if not self.adam_epsilon > 0:
+            raise ConfigError(f"--adam_epsilon must be > 0, got {self.adam_epsilon} (default 1e-8).")
+        if not self.adam_weight_decay >= 0:
+            raise ConfigError(f"--adam_weight_decay must be >= 0, got {self.adam_weight_decay} (default 1e-2).")
+
 
 @dataclass
 class LossConfig:
@@ -195,6 +208,10 @@ class TrainConfig:
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = opt(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder to resume from.")
+    overwrite_output_dir: bool = opt(
+        False, "Start a new run in an --output_dir that holds another run's checkpoints, deleting them (without "
+               "it that is refused, so that two runs never mix)."
+    )
     logging_dir: str = opt("logs", "Tracker log folder, relative to --output_dir.")
     report_to: str = opt("none", "Trackers: tensorboard, wandb, all or none (metrics.jsonl is always written).")
     tracker_project_name: str = opt("train_controlnet", "Project name given to the trackers.")

@@ -76,13 +76,18 @@ def resolve_builtin(name_or_path: str) -> str:
     return name_or_path
 
 
-def _hub_hint(name: str, err: Exception) -> ModelLoadError:
+BASE_FOLDER_ADVICE = ("Pass a local diffusers-layout folder (with model_index.json, unet/, vae/, text_encoder/, "
+                      "tokenizer/, scheduler/).")
+
+
+def _hub_hint(name: str, err: Exception, advice: str = BASE_FOLDER_ADVICE) -> ModelLoadError:
+    """Why a name that is no local folder could not come from the Hub; ``advice`` says what to pass instead
+    (a base model's layout by default: a ControlNet's is another)."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     why = "HF_HUB_OFFLINE is set" if offline else "no network or no such repository"
     return ModelLoadError(
         f"Could not load '{name}': it is not a local folder, and it could not be fetched from the "
-        f"Hugging Face Hub ({why}). Pass a local diffusers-layout folder (with model_index.json, unet/, "
-        f"vae/, text_encoder/, tokenizer/, scheduler/). Underlying error: {type(err).__name__}: {err}"
+        f"Hugging Face Hub ({why}). {advice} Underlying error: {type(err).__name__}: {err}"
     )
 
 
@@ -169,18 +174,92 @@ def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | No
         raise _hub_hint(name_or_path, e) from None
 
 
-def load_controlnet(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):
-    """An existing ControlNet (folder or hub id) to continue training from."""
-    from diffusers import ControlNetModel
+GIVE_CONTROLNET = ("give a ControlNet folder: config.json + diffusion_pytorch_model.safetensors, as a finished "
+                   "`difftune train controlnet` run writes them in its --output_dir (or a diffusers ControlNetModel's "
+                   "save_pretrained())")
+CONTROLNET_FLAG = "--controlnet_model_name_or_path"  # training's flag; generate and eval call it --controlnet
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``owner/name``: anything else that is not a local folder can only be a mistyped path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
+
+
+def _config_class(config: Path) -> str | None:
+    """The model class a ``config.json`` describes: diffusers' ``_class_name``, or a transformers architecture."""
+    import json
 
     try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{config} is not readable JSON ({e}); re-export the model folder.") from None
+    if not isinstance(cfg, dict):
+        return None
+    return cfg.get("_class_name") or next(iter(cfg.get("architectures") or []), None)
+
+
+def check_controlnet_source(name_or_path: str, flag: str = CONTROLNET_FLAG) -> None:
+    """Refuse, before anything loads, a ``flag`` value that cannot be a ControlNet, saying what to pass.
+
+    diffusers reads any config.json into a ControlNetModel (a UNet's half loads, then fails on meta
+    tensors with a traceback) and, for a folder without one, says only "no file named config.json";
+    the usual mix-ups (a training checkpoint, the base model, a UNet) each get their own advice.
+    """
+    local = Path(name_or_path).expanduser()
+    if not local.exists():
+        if not _looks_like_hub_id(name_or_path):
+            raise ModelLoadError(f"{flag} {name_or_path} does not exist; {GIVE_CONTROLNET}.")
+        return  # a Hub id: the loader tries the Hub
+    if not local.is_dir():
+        raise ModelLoadError(f"{flag} {local} is a file; {GIVE_CONTROLNET}.")
+    config = local / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{flag} {local} is not a ControlNet: {_what_folder_instead(local, flag)}")
+    kind = _config_class(config)
+    if kind is not None and kind != "ControlNetModel":
+        where = (" (the base model's; the base goes to --pretrained_model_name_or_path)"
+                 if (local.parent / "model_index.json").is_file() else "")
+        raise ModelLoadError(f"{flag} {local} is a {kind} folder{where}, not a ControlNet; {GIVE_CONTROLNET}.")
+
+
+def _what_folder_instead(local: Path, flag: str) -> str:
+    """For a folder without config.json: what it is (a checkpoint, a base model) and what to pass instead."""
+    if (local / "trainable.safetensors").is_file():
+        run = local.parent.parent if local.parent.name == "checkpoints" else None
+        output = f"the run's output folder {run}" if run is not None else "the run's --output_dir"
+        unfinished = (" It has no ControlNet yet: finish the run (the same command with --resume_from_checkpoint "
+                      "latest), which exports it there."
+                      if run is not None and not (run / "config.json").is_file() else "")
+        return (f"it is a training checkpoint, whose trainable.safetensors holds the trained weights without the "
+                f"architecture. Give {output} instead, whose config.json describes the architecture.{unfinished}")
+    if (local / "model_index.json").is_file() or (local / "unet").is_dir():
+        start = (" (or leave the flag out to start from a copy of the base UNet's encoder)"
+                 if flag == CONTROLNET_FLAG else "")
+        return (f"it is a base model folder (model_index.json, unet/, vae/, ...), which goes to "
+                f"--pretrained_model_name_or_path{start}; {GIVE_CONTROLNET}.")
+    return f"it has no config.json; {GIVE_CONTROLNET}."
+
+
+def load_controlnet(name_or_path: str, revision: str | None = None, cache_dir: str | None = None,
+                    flag: str = CONTROLNET_FLAG):
+    """An existing ControlNet (folder or hub id): to continue training from, or to sample and evaluate with.
+
+    ``flag`` names the option it came from in the messages (``--controlnet`` for generate and eval).
+    """
+    from diffusers import ControlNetModel
+
+    check_controlnet_source(name_or_path, flag)
+    local = Path(name_or_path).expanduser()
+    try:
         return ControlNetModel.from_pretrained(
-            name_or_path, revision=revision, cache_dir=cache_dir, torch_dtype=torch.float32
+            str(local) if local.exists() else name_or_path, revision=revision, cache_dir=cache_dir,
+            torch_dtype=torch.float32,
         )
     except (OSError, ValueError) as e:
-        if Path(name_or_path).exists():
-            raise ModelLoadError(f"Could not load the ControlNet in {name_or_path}: {e}") from None
-        raise _hub_hint(name_or_path, e) from None
+        if local.exists():
+            raise ModelLoadError(f"{flag} {name_or_path}: could not load the ControlNet ({e}); "
+                                 f"{GIVE_CONTROLNET}.") from None
+        raise _hub_hint(name_or_path, e, f"For {flag}, {GIVE_CONTROLNET}.") from None
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):

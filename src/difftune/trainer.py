@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, ValidationConfig, save_resolved, to_dict
-from .errors import ConfigError, UserError
+from .errors import ConfigError, DataError, UserError
 from .optim import build_lr_scheduler, build_optimizer, check_optimizer_in_backward, effective_learning_rate
 from .profiling import StepProfiler
 from .trackers import Trackers, requested_trackers
@@ -94,6 +95,61 @@ def autocast_cache_enabled(cfg: TrainConfig) -> bool:
     is emptied before backward recomputes anyway. The casts are the same, so is the training.
     """
     return not cfg.gradient_checkpointing
+
+
+def refuse_unreadable_data(readable: int, unreadable: int, step: int, root: Path) -> None:
+    """Stop once most samples cannot be read: a run over nothing (wrong columns, paths that do not
+    resolve) would otherwise "succeed" with a loss of 0. A few bad rows are skipped and counted."""
+    if unreadable <= readable or readable + unreadable < UNREADABLE_MIN_SEEN:
+        return
+    last = ckpt.list_checkpoints(root)
+    raise DataError(
+        f"{unreadable} of the {readable + unreadable} training samples read so far could not be loaded (each is "
+        "named in a 'skipping a sample' warning above), so training stopped at step "
+        f"{step} (last checkpoint: {last[-1].name if last else 'none'}). Most often the columns are not the ones "
+        "meant (give --image_column, --conditioning_image_column and --caption_column) or the image paths do not "
+        "resolve; `difftune data check --train_data_dir ...` lists every problem before training.")
+
+
+UNREADABLE_MIN_SEEN = 8  # samples seen before the share of unreadable ones is judged
+
+
+# settings a resumed run may change without changing what it trains
+RESUMABLE_CHANGES = frozenset({
+    "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+    "overwrite_output_dir", "output_dir", "logging_dir", "report_to", "tracker_project_name", "push_to_hub",
+    "hub_model_id", "hub_token", "dataloader_num_workers", "profile_steps", "profile_start", "nan_policy",
+    "cache_dir", "latent_cache_dir",
+    "seed",  # a resumed run keeps the checkpoint's seed whatever is passed
+})
+
+
+def warn_changed_settings(out: Path, run_config: Any, resume_from: Path) -> list[str]:
+    """Say which settings differ from those of the run that wrote the checkpoint (its saved
+    ``difftune_config.json``, read before this run replaces it), and what resuming does with them."""
+    saved_path = out / "difftune_config.json"
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    now = json.loads(json.dumps(to_dict(run_config)))  # as saved: tuples become lists
+    changes = []
+    for section, values in now.items():
+        if not isinstance(values, dict) or section == "validation":
+            continue
+        for key, value in values.items():
+            old = (saved.get(section) or {}).get(key, value)
+            if key not in RESUMABLE_CHANGES and old != value:
+                changes.append(f"--{key} {old} -> {value}")
+    if changes:
+        log.warning(
+            "resuming from %s with settings that differ from the run that wrote it: %s. The checkpoint's optimizer "
+            "state and learning-rate schedule continue (its learning rate, not a new --learning_rate), and the "
+            "data resumes after the samples already seen; the rest takes the new values, so the run is no "
+            "longer the uninterrupted one.", resume_from, "; ".join(changes))
+    return changes
 
 
 def refuse_sharded_launch() -> None:
@@ -167,6 +223,22 @@ class Trainer:
         self.out = Path(self.cfg.output_dir)
 
     # ------------------------------------------------------------------ set-up
+    def _claim_output_dir(self, accelerator, root: Path) -> None:
+        """A fresh run never mixes into another run's checkpoints: refuse, unless --overwrite_output_dir."""
+        earlier = ckpt.list_checkpoints(root)
+        if not earlier:
+            return
+        if not self.cfg.overwrite_output_dir:
+            raise ConfigError(
+                f"--output_dir {self.out} already holds a run's checkpoints ({', '.join(p.name for p in earlier)}). "
+                "Continue that run with --resume_from_checkpoint latest, pick another --output_dir, or pass "
+                "--overwrite_output_dir to delete them and start over.")
+        if accelerator.is_main_process:
+            log.warning("--overwrite_output_dir: deleting %s and the earlier run's metrics.jsonl", root)
+            shutil.rmtree(root)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
+
     def _data(self, accelerator, seed: int):
         dataset = self.method.train_dataset()
         self.sampler = EpochSampler(len(dataset), seed)
@@ -208,6 +280,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         root = self.out / "checkpoints"
         resume_from = ckpt.resolve_resume(root, cfg.resume_from_checkpoint)
+        if resume_from is None:
+            self._claim_output_dir(accelerator, root)
+        else:
+            warn_changed_settings(self.out, self.run_config, resume_from)
         resumed = ckpt.load_checkpoint(resume_from) if resume_from else None
         seed = resumed["state"].seed if resumed else int(cfg.seed)
         torch.manual_seed(seed)
@@ -236,8 +312,21 @@ class Trainer:
 
         state = ckpt.TrainState(seed=seed)
         if resumed:
-            self.method.load_state_tensors(resumed["weights"])
-            optimizer.load_state_dict(resumed["optimizer"])
+            try:
+                self.method.load_state_tensors(resumed["weights"])
+            except RuntimeError as e:  # torch's strict load: missing or unexpected tensors, other shapes
+                first = str(e).strip().splitlines()[0]
+                raise ConfigError(f"{resume_from}'s weights do not fit this run's model ({first}): it was made "
+                                  "with another base model or method. Resume with that run's settings, or use a "
+                                  "new --output_dir.") from None
+            try:
+                optimizer.load_state_dict(resumed["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise ConfigError(
+                    f"{resume_from}'s optimizer state does not fit this run's trained parameters ({e}): it was made "
+                    "by a run with other trained parts (another method, model or parameter grouping such as "
+                    "--embedding_learning_rate). Resume with that run's settings, or use a new --output_dir."
+                ) from None
             lr_scheduler.load_state_dict(resumed["scheduler"])
             state = resumed["state"]
             if not ckpt.restore_rng(resumed["rng"], generator, accelerator.process_index):
@@ -288,6 +377,7 @@ class Trainer:
         bar = tqdm(total=max_steps, initial=state.global_step, desc="train", unit="step",
                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
         t_start, images_seen, last_loss = time.perf_counter(), 0, float("nan")
+        readable = unreadable = 0  # this process's samples since the run (re)started
         pending = None  # --nan_policy stop: the last step's record, its loss still on the way from the device
         profiler = StepProfiler(self.out / "profile", cfg.profile_steps, cfg.profile_start, state.global_step,
                                 enabled=accelerator.is_main_process, device_type=accelerator.device.type)
@@ -303,6 +393,10 @@ class Trainer:
                     data_wait += time.perf_counter() - t_data
                     state.micro_batches += 1
                     state.skipped_samples += int(batch.get("n_skipped", 0))
+                    unreadable += int(batch.get("n_skipped", 0))
+                    readable += 0 if batch.get("empty") else images_in(batch)
+                    if unreadable:
+                        refuse_unreadable_data(readable, unreadable, state.global_step, root)
                     if batch.get("empty"):
                         continue
                     sync = micro == accum - 1

@@ -63,8 +63,7 @@ def eval_circles(n: int, resolution: int, seed: int, data: str | Path | None = N
     if data is not None:
         import datasets
 
-        ds = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in Path(data).glob("train/*.parquet")),
-                                   split="train")
+        ds = datasets.load_dataset("parquet", data_files=fill50k_shards(data), split="train")
         rows = iter(ds)
         make = lambda row: dict(cx=row["circle_cx"], cy=row["circle_cy"], r=row["circle_r"],  # noqa: E731
                                 color=tuple(row["circle_color"]), background=tuple(row["circle_background"]),
@@ -123,19 +122,34 @@ def eval_condition_rows(n: int, resolution: int, seed: int, data: str | Path | N
     return targets
 
 
-def condition_targets(metric: str | None, n: int, resolution: int, seed: int, data: str | Path | None,
-                      condition_settings: dict | None = None):
-    """(scorer, held-out targets) for a condition metric; by default the condition ``data``'s
-    ``difftune_dataset.json`` names, else fill50k.
+EVAL_DATA = ("a held-out data folder made by `difftune data fill50k` (train/*.parquet, difftune_dataset.json) or "
+             "by `difftune data conditions` (metadata.jsonl, images/, conditioning/, difftune_dataset.json)")
 
-    The detector's settings are the data set's, updated by ``condition_settings`` (e.g. another
-    ``model`` for depth, when the one the data set was made with has moved).
+
+def fill50k_shards(data: str | Path) -> list[str]:
+    """The parquet shards of a ``difftune data fill50k`` folder: the circles' geometry the fill50k metric needs."""
+    return sorted(str(p) for p in Path(data).glob("train/*.parquet"))
+
+
+def check_eval_request(metric: str | None, n: int, data: str | Path | None,
+                       condition_settings: dict | None = None) -> tuple[str, dict]:
+    """(metric, ``data``'s manifest) of an eval, refused before any model loads or image is generated
+    when ``n``, the metric, its detector settings or ``--data`` cannot give held-out targets.
+
+    The metric is ``metric``, else the condition ``data``'s ``difftune_dataset.json`` names, else
+    fill50k; the fill50k metric reads circles from a fill50k folder's parquet shards, the others
+    read any folder the trainer reads.
     """
-    from ..data.conditions import CONDITIONERS, conditioner_from_settings, read_manifest
+    from ..data.conditions import CONDITIONERS, MANIFEST, read_manifest
     from ..errors import DataError
 
     if n < 1:
         raise ConfigError(f"--n {n}: evaluate at least one held-out condition (default 200)")
+    if data is not None and not Path(data).exists():
+        raise ConfigError(f"--data {data} does not exist: give {EVAL_DATA}, or leave out --data to evaluate on "
+                          "fresh conditions.")
+    if data is not None and not Path(data).is_dir():
+        raise ConfigError(f"--data {data} is a file: give {EVAL_DATA}.")
     manifest = read_manifest(data) if data is not None else {}
     metric = metric or manifest.get("condition") or "fill50k"
     if metric not in CONDITION_METRICS:
@@ -144,6 +158,30 @@ def condition_targets(metric: str | None, n: int, resolution: int, seed: int, da
     if unknown := sorted(set(condition_settings or {}) - known):
         raise ConfigError(f"{', '.join(unknown)}: not a setting of the {metric} metric's detector"
                           f"{' (its settings: ' + ', '.join(sorted(known)) + ')' if known else ''}")
+    if metric == "fill50k" and data is not None and not fill50k_shards(data):
+        others = " or ".join(m for m in CONDITION_METRICS if m != "fill50k")
+        why, instead = ((f" (it was made for the {manifest['condition']} condition)", "leave out --metric")
+                        if manifest.get("condition") else
+                        (f" (a folder without {MANIFEST} is scored as fill50k)",
+                         f"pass --metric {others} to score a ControlNet data set of your own (image, "
+                         "conditioning image and caption columns)"))
+        raise DataError(f"--data {data} holds no fill50k circles (train/*.parquet), which the fill50k metric "
+                        f"scores against{why}: give a folder made by `difftune data fill50k`, or {instead}.")
+    return metric, manifest
+
+
+def condition_targets(metric: str | None, n: int, resolution: int, seed: int, data: str | Path | None,
+                      condition_settings: dict | None = None):
+    """(scorer, held-out targets) for a condition metric; by default the condition ``data``'s
+    ``difftune_dataset.json`` names, else fill50k.
+
+    The detector's settings are the data set's, updated by ``condition_settings`` (e.g. another
+    ``model`` for depth, when the one the data set was made with has moved).
+    """
+    from ..data.conditions import conditioner_from_settings
+    from ..errors import DataError
+
+    metric, manifest = check_eval_request(metric, n, data, condition_settings)
     if metric == "fill50k":
         scorer, targets = CONDITION_METRICS[metric](), eval_circles(n, resolution, seed, data)
     else:
@@ -180,7 +218,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     the pipeline's ``controlnet_conditioning_scale`` (the ControlNet's residuals times it; 0 gives
     the base alone's images).
     """
-    from ..models import load_base_model, load_controlnet
+    from ..models import check_controlnet_source, load_base_model, load_controlnet
     from ..pipelines import controlnet_pipeline
     from ..validation import image_grid
 
@@ -188,11 +226,15 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     unknown = [m for m in modes if m not in CONTROL_ROWS]
     if unknown or not modes:
         raise ConfigError(f"--control_guidance {' '.join(unknown) or '(none)'}: choose from {', '.join(CONTROL_ROWS)}.")
+    check_eval_request(metric, n, data, condition_settings)  # before minutes of loading and sampling
+    if not isinstance(controlnet, torch.nn.Module):
+        check_controlnet_source(str(controlnet), "--controlnet")
     base = load_base_model(pretrained_model_name_or_path)
     res = _base_resolution(base)
     scorer, targets = condition_targets(metric, n, res, seed, data, condition_settings)
     prompts = [t["prompt"] for t in targets]
-    net = controlnet if isinstance(controlnet, torch.nn.Module) else load_controlnet(str(controlnet))
+    net = (controlnet if isinstance(controlnet, torch.nn.Module)
+           else load_controlnet(str(controlnet), flag="--controlnet"))
     pipe = controlnet_pipeline(base, net)
     scores, generated = {}, {}
     for mode in modes:
