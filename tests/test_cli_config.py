@@ -95,6 +95,16 @@ def test_config_file_with_flag_override(tmp_path):
     bad.write_text("learning_rat: 0.1\n")
     with pytest.raises(ConfigError, match="Unknown setting 'learning_rat'"):
         config_from_args(ControlNetConfig, p.parse_args(["--config", str(bad)]))
+    # YAML reads 1e-5 (no dot) as a string: it is still the number meant
+    sci = tmp_path / "sci.yaml"
+    sci.write_text("pretrained_model_name_or_path: m\ntrain_data_dir: d\nlearning_rate: 1e-5\n")
+    assert config_from_args(ControlNetConfig, p.parse_args(["--config", str(sci)])).optim.learning_rate == 1e-5
+    for text, message in (("train_batch_size: two", "'train_batch_size' must be an integer, got 'two'"),
+                          ("gradient_checkpointing: maybe", "'gradient_checkpointing' must be true or false"),
+                          ("validation_steps: 2.5", "'validation_steps' must be an integer, got 2.5")):
+        bad.write_text(f"pretrained_model_name_or_path: m\ntrain_data_dir: d\n{text}\n")
+        with pytest.raises(ConfigError, match=message):
+            config_from_args(ControlNetConfig, p.parse_args(["--config", str(bad)]))
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,12 +372,69 @@ def nest(cfg_cls: type, values: dict) -> dict[str, dict]:
     return nested
 
 
+_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def typed_value(name: str, hint: Any, value: Any) -> Any:
+    """``value`` as the field's annotated type, or a ConfigError naming the setting.
+
+    Flags arrive typed by argparse; config files do not: YAML reads ``1e-5`` as a string, and a
+    ``train_batch_size: "two"`` would otherwise fail far away as "'<' not supported between str
+    and int". Numbers written as strings are converted; anything else of the wrong kind is refused.
+    """
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    if value is None:
+        if optional or hint is Any:
+            return None
+        raise ConfigError(f"Setting '{name}' needs a value, got null/None.")
+    if optional and len(args) == 1:
+        hint = args[0]
+    if typing.get_origin(hint) is list and typing.get_args(hint) == (str,):
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"Setting '{name}' must be a string or a list of strings, got {value!r}.")
+    if hint not in _KIND:
+        return value
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif isinstance(value, bool):  # a bool is an int to Python, never a count, rate or name here
+        ok = False
+    elif hint is int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                pass
+        ok = isinstance(value, int)
+    elif hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"Setting '{name}' must be {_KIND[hint]}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _typed_section(section_cls: type, values: dict) -> dict:
+    hints = typing.get_type_hints(section_cls)
+    return {k: typed_value(k, hints.get(k, Any), v) for k, v in values.items()}
+
+
 def from_dict(cfg_cls: type, values: dict) -> Any:
-    """Build a run config from a nested or flat dict (see ``nest``)."""
+    """Build a run config from a nested or flat dict (see ``nest``), each value checked against its field's type."""
     secs = sections(cfg_cls)
     nested = nest(cfg_cls, values)
     try:
-        built = {s: secs[s](**nested[s]) for s in secs}
+        built = {s: secs[s](**_typed_section(secs[s], nested[s])) for s in secs}
     except TypeError as e:  # pragma: no cover - guarded by the key check above
         raise ConfigError(str(e)) from None
     return cfg_cls(**built)
