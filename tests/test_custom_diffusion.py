@@ -346,3 +346,16 @@ def test_tokens_written_in_the_prompt_are_the_modifier_tokens_without_the_flag(t
     assert method.cfg.custom.modifier_token is None
     with pytest.raises(ConfigError, match="--modifier_token is empty"):
         cd_config(tiny_model_dir, tmp_path, instance_data_dir=str(star_dir), instance_prompt="x", modifier_token=" ")
+
+
+def test_a_checkpoint_of_another_method_is_refused_by_name(tiny_model_dir, fill_dir, star_dir, tmp_path):
+    from conftest import make_config
+
+    from difftune.api import train_controlnet
+
+    train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "cn", max_train_steps=1, train_batch_size=2))
+    cn_checkpoint = tmp_path / "cn" / "checkpoints" / "checkpoint-1"
+    assert json.loads((cn_checkpoint / "trainer_state.json").read_text())["method"] == "controlnet"
+    with pytest.raises(ConfigError, match="written by a controlnet run; this is a custom_diffusion run"):
+        train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "cd", instance_data_dir=str(star_dir),
+                                         instance_prompt="<new1> star", resume_from_checkpoint=str(cn_checkpoint)))

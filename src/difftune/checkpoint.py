@@ -44,6 +44,7 @@ class TrainState:
     skipped_samples: int = 0  # unreadable examples skipped
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss (--nan_policy skip)
     seed: int = 0
+    method: str | None = None  # the method that wrote it ("controlnet", "custom_diffusion"); None before 2026-12
 
 
 def _fsync_file(path: Path) -> None:

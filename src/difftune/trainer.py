@@ -10,6 +10,7 @@ counted in micro-batches, so a resumed run continues exactly where the killed on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -310,8 +311,12 @@ class Trainer:
         lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, max_steps)
         generator = torch.Generator().manual_seed(seed + 7919 * accelerator.process_index)
 
-        state = ckpt.TrainState(seed=seed)
+        state = ckpt.TrainState(seed=seed, method=self.method.name)
         if resumed:
+            written_by = resumed["state"].method
+            if written_by is not None and written_by != self.method.name:
+                raise ConfigError(f"{resume_from} was written by a {written_by} run; this is a {self.method.name} "
+                                  "run. Resume it with the command that trained it, or use a new --output_dir.")
             try:
                 self.method.load_state_tensors(resumed["weights"])
             except RuntimeError as e:  # torch's strict load: missing or unexpected tensors, other shapes
@@ -328,7 +333,7 @@ class Trainer:
                     "--embedding_learning_rate). Resume with that run's settings, or use a new --output_dir."
                 ) from None
             lr_scheduler.load_state_dict(resumed["scheduler"])
-            state = resumed["state"]
+            state = dataclasses.replace(resumed["state"], method=self.method.name)
             if not ckpt.restore_rng(resumed["rng"], generator, accelerator.process_index):
                 # saved by a run with fewer processes: this one's stream cannot be continued, so start
                 # a fresh one of its own (never a copy of another process's noise)
