@@ -132,6 +132,10 @@ def test_merge_keeps_both_concepts_and_loads(tiny_model_dir, two_concepts, tmp_p
     images = generate(str(tiny_model_dir), None, None, "<new1> star and <new2> heart", num_inference_steps=2,
                       custom_diffusion=out)
     assert images[0].size == (64, 64)
+    from difftune.api import warn_unknown_tokens  # a token the folder does not define is named
+
+    assert warn_unknown_tokens(["<new1> star", "<new3> heart"], info["tokens"], out) == ["<new3>"]
+    assert warn_unknown_tokens("<new1> star and <new2> heart", info["tokens"], out) == []
 
 
 def test_compress_rank_trades_size_for_error(tiny_model_dir, two_concepts, tmp_path, capsys):

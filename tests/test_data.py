@@ -347,6 +347,23 @@ def test_corrupt_sample_is_skipped_and_counted(pairs_with_a_corrupt_file):
     assert collate_examples([None, None]) == {"empty": True, "n_skipped": 2}
 
 
+def test_an_image_and_condition_of_other_shapes_are_named_once(tmp_path, caplog):
+    import logging
+
+    root = _metadata_folder(tmp_path / "pairs", [
+        {"image": "t0.png", "conditioning_image": "c0.png", "text": "same shape"},
+        {"image": "t1.png", "conditioning_image": "c1.png", "text": "wide", "_image": {"size": (32, 16)}},
+        {"image": "t2.png", "conditioning_image": "c2.png", "text": "wide too", "_image": {"size": (32, 16)}},
+    ])
+    table = load_table(train_data_dir=root, cache_dir=str(tmp_path / "cache"))
+    examples = ControlNetExamples(table, "image", "conditioning_image", "text", resolution=8)
+    with caplog.at_level(logging.WARNING):
+        items = [examples[k] for k in range(len(examples))]
+    assert all(item is not None for item in items)  # trained all the same, as diffusers would
+    said = [r.getMessage() for r in caplog.records if "no longer line up" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("row 1 ") and "32x16" in said[0] and "16x16" in said[0]
+
+
 def test_non_string_caption_is_a_data_error(tmp_path):
     root = _metadata_folder(tmp_path / "pairs", [{"image": "t.png", "conditioning_image": "c.png", "text": 42}])
     table = load_table(train_data_dir=root, cache_dir=str(tmp_path / "cache"))

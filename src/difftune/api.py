@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,21 @@ def _check_latent_multiple(resolution: int, vae_scale_factor: int) -> None:
                           f"scale factor: use {lower or vae_scale_factor} or {lower + vae_scale_factor}.")
 
 
+def warn_unknown_tokens(prompt: str | list[str], tokens: list[str], folder: str | Path) -> list[str]:
+    """Name the ``<...>`` tokens of a prompt that the Custom Diffusion folder does not define: the
+    tokenizer reads such a token as plain characters, so it means nothing learned (a typo, or the
+    token of another folder)."""
+    from .custom_diffusion.concepts import PROMPT_TOKEN
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    unknown = sorted({t for p in prompts for t in PROMPT_TOKEN.findall(p) if t not in tokens})
+    if unknown:
+        logging.getLogger("difftune").warning(
+            "the prompt uses %s, which %s does not define (its tokens: %s): it is read as plain characters",
+            ", ".join(unknown), folder, ", ".join(tokens) or "none")
+    return unknown
+
+
 def generate(
     pretrained_model_name_or_path: str,
     controlnet: str | Path | None,
@@ -131,7 +147,8 @@ def generate(
         from .custom_diffusion.export import load_custom_diffusion
 
         pipe = text2image_pipeline(base)
-        load_custom_diffusion(pipe, custom_diffusion, weight_name)
+        tokens = load_custom_diffusion(pipe, custom_diffusion, weight_name)
+        warn_unknown_tokens(prompt, tokens, custom_diffusion)
     else:
         pipe = controlnet_pipeline(base, load_controlnet(str(controlnet), flag="--controlnet"))
     if cpu_offload:

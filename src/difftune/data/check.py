@@ -15,10 +15,9 @@ from typing import Any
 
 from difftune.data.images import ImageLoadError, describe_source, load_image
 from difftune.data.sources import Table, captions_look_like_paths, column_contents_problem
-from difftune.data.transforms import check_resolution
+from difftune.data.transforms import aspects_differ, check_resolution
 
 _PEEK_ROWS = 5  # rows looked at to catch a mixed-up column mapping
-_ASPECT_TOLERANCE = 0.01  # relative; below it the crops differ by under 1% of the side
 
 
 @dataclass
@@ -170,7 +169,7 @@ def _check_row(report: CheckReport, table: Table, row: dict, index: int, image_c
         files = describe_source(row[image_column], table.base_dir), describe_source(row[conditioning_image_column], table.base_dir)
         file = " / ".join(f for f in files if f) or None
         what = f"image is {w1}x{h1} but the conditioning image is {w2}x{h2}"
-        if abs(w1 / h1 - w2 / h2) / max(w1 / h1, w2 / h2) > _ASPECT_TOLERANCE:
+        if aspects_differ((w1, h1), (w2, h2)):
             report.errors.append(Issue(
                 index, conditioning_image_column, file,
                 f"{what}: different aspect ratios, so after resize + centre crop the control no longer "

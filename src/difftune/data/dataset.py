@@ -20,6 +20,7 @@ import torch.utils.data
 from difftune.data.images import ImageLoadError, load_image
 from difftune.data.sources import Table, column_contents_problem
 from difftune.data.transforms import (
+    aspects_differ,
     check_resolution,
     conditioning_to_tensor,
     image_to_tensor,
@@ -68,6 +69,18 @@ class _ExampleBuilder:
         self.seed = seed
         self.interpolation = interpolation
         self.epoch = 0
+        self._aspect_warned = False
+
+    def _warn_misaligned(self, image_size: tuple[int, int], conditioning_size: tuple[int, int], index: int) -> None:
+        """Once per run: an image and its condition of other shapes are center-cropped differently, so the
+        condition no longer lies over what it describes (``difftune data check`` lists every such row)."""
+        if self._aspect_warned or not aspects_differ(image_size, conditioning_size):
+            return
+        (w, h), (cw, ch) = image_size, conditioning_size
+        self._aspect_warned = True
+        logger.warning("row %d of %s: the image is %dx%d but its conditioning image %dx%d; cropped to squares they "
+                       "no longer line up (further rows are not reported: `difftune data check` lists them all)",
+                       index, self.table.description, w, h, cw, ch)
 
     def set_epoch(self, epoch: int) -> None:
         """Vary caption choice / prompt dropping per epoch, reproducibly (call before iterating)."""
@@ -111,6 +124,7 @@ class _ExampleBuilder:
             "index": index,
         }
         if image is not None:
+            self._warn_misaligned(image.size, conditioning.size, index)
             _, crop_top_left = resize_center_crop_geometry(image.size, r)
             example["pixel_values"] = image_to_tensor(resize_center_crop(image, r, mode))
             # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): size before resizing, crop offset

@@ -88,3 +88,13 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
 def conditioning_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB conditioning image to a float tensor [3, H, W] in [0, 1] (ControlNet's input range)."""
     return _to_chw_uint8(img).float().div_(255.0)
+
+
+ASPECT_TOLERANCE = 0.01  # relative; below it two centre crops differ by under 1% of the side
+
+
+def aspects_differ(size_a: tuple[int, int], size_b: tuple[int, int]) -> bool:
+    """Whether two (width, height) sizes have aspect ratios so different that their centre crops
+    to a square cover different parts of the scene (an image and its condition then misalign)."""
+    (w1, h1), (w2, h2) = size_a, size_b
+    return abs(w1 / h1 - w2 / h2) / max(w1 / h1, w2 / h2) > ASPECT_TOLERANCE
