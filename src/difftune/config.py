@@ -398,27 +398,18 @@ def typed_value(name: str, hint: Any, value: Any) -> Any:
         raise ConfigError(f"Setting '{name}' must be a string or a list of strings, got {value!r}.")
     if hint not in _KIND:
         return value
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif isinstance(value, bool):  # a bool is an int to Python, never a count, rate or name here
-        ok = False
-    elif hint is int:
-        if isinstance(value, str):
-            try:
-                value = int(value.strip())
-            except ValueError:
-                pass
-        ok = isinstance(value, int)
+    if hint in (int, float) and isinstance(value, str):  # a number written as a string
+        try:
+            value = hint(value.strip())
+        except ValueError:
+            pass
+    if hint is bool or isinstance(value, bool):  # a bool is an int to Python, never a count, rate or name here
+        ok = hint is bool and isinstance(value, bool)
     elif hint is float:
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float))
         value = float(value) if ok else value
     else:
-        ok = isinstance(value, str)
+        ok = isinstance(value, hint)
     if not ok:
         raise ConfigError(f"Setting '{name}' must be {_KIND[hint]}, got {value!r} ({type(value).__name__}).")
     return value
