@@ -417,7 +417,10 @@ def typed_value(name: str, hint: Any, value: Any) -> Any:
 
 def _typed_section(section_cls: type, values: dict) -> dict:
     hints = typing.get_type_hints(section_cls)
-    return {k: typed_value(k, hints.get(k, Any), v) for k, v in values.items()}
+    # a flag that may stand alone (``--cuda_graphs`` = yes) also takes true/false; its section maps them
+    switch = {f.name for f in dataclasses.fields(section_cls) if f.metadata.get("bare") is not None}
+    return {k: v if k in switch and isinstance(v, bool) else typed_value(k, hints.get(k, Any), v)
+            for k, v in values.items()}
 
 
 def from_dict(cfg_cls: type, values: dict) -> Any:
