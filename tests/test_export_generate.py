@@ -83,6 +83,41 @@ def test_generate_cli_is_repeatable(trained, tiny_model_dir, fill_dir, tmp_path)
     assert not np.array_equal(a, c)
 
 
+def test_a_checkpoint_loads_for_inference_as_it_is(trained, tiny_model_dir, fill_dir, tmp_path):
+    import os
+
+    from diffusers import ControlNetModel
+
+    from difftune.cli import main
+
+    method, out = trained
+    ckpt = out / "checkpoints" / "checkpoint-3"  # the last step: the same weights as the export
+    loaded = ControlNetModel.from_pretrained(ckpt)
+    for k, v in method.controlnet.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    # diffusers' file name is the checkpoint's own weights, not a second copy of them
+    assert os.stat(ckpt / "diffusion_pytorch_model.safetensors").st_ino == os.stat(ckpt / "trainable.safetensors").st_ino
+    cond = fill_dir / "validation" / "conditioning_1.png"
+    args = ["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--image", str(cond), "--prompt",
+            "red circle with blue background", "--num_inference_steps", "2"]
+    assert main(args + ["--controlnet", str(ckpt), "--out", str(tmp_path / "ckpt.png")]) == 0
+    assert main(args + ["--controlnet", str(out), "--out", str(tmp_path / "export.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{x}.png")) for x in ("ckpt", "export"))
+    assert np.array_equal(a, b)
+
+
+def test_a_non_square_condition_is_sampled_at_its_own_aspect(trained, tiny_model_dir, fill_dir, tmp_path):
+    from difftune.cli import main
+
+    _, out = trained
+    tall = tmp_path / "tall.png"
+    Image.open(fill_dir / "validation" / "conditioning_1.png").convert("RGB").resize((64, 96)).save(tall)
+    assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(out),
+                 "--image", str(tall), "--prompt", "red circle", "--num_inference_steps", "2",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    assert Image.open(tmp_path / "g.png").size == (64, 96)  # not stretched into a 64x64 square
+
+
 def test_generate_missing_image_is_a_clear_error(trained, tiny_model_dir, tmp_path, capsys):
     from difftune.cli import main
 

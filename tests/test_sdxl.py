@@ -241,7 +241,9 @@ def test_in_memory_sampling_equals_the_exported_model(tiny_sdxl_dir, sdxl_base, 
     ours = method.sample([PROMPT], [cond], num_images=1, seed=3, steps=2)[0][0]
     from difftune.pipelines import controlnet_pipeline, run_controlnet_pipeline
 
-    theirs = run_controlnet_pipeline(controlnet_pipeline(sdxl_base, loaded), [PROMPT], [cond], 1, 3, 2, 64)[0][0]
+    # validation samples at the SDXL pipeline's own guidance, 5.0, as diffusers' SDXL script does
+    theirs = run_controlnet_pipeline(controlnet_pipeline(sdxl_base, loaded), [PROMPT], [cond], 1, 3, 2, 64,
+                                     guidance_scale=5.0)[0][0]
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 

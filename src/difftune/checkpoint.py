@@ -10,6 +10,9 @@ unpickled on resume):
                              process's, in a multi-process run)
     scheduler.json           learning-rate scheduler state
     extra.json               (optional) the caller's own JSON state
+    ...                      (optional) the method's own files: a ControlNet checkpoint also holds
+                             config.json and diffusion_pytorch_model.safetensors (a hard link to
+                             trainable.safetensors), so diffusers loads it for inference as it is
     trainer_state.json       step counters; written last, it marks the folder complete
 
 It is written into a hidden temporary folder, flushed to disk, then renamed into place in
@@ -25,6 +28,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -180,11 +184,14 @@ def save_checkpoint(
     total_limit: int | None = None,
     extra: dict | None = None,
     rng: dict[str, torch.Tensor] | None = None,
+    write_more: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically, move ``latest`` to it, prune old ones.
 
     ``extra``: JSON-able state of the caller's own (``extra.json``), e.g. a NumPy generator's.
-    ``rng``: the random states to store (``merge_process_rng``); by default this process's."""
+    ``rng``: the random states to store (``merge_process_rng``); by default this process's.
+    ``write_more(folder)``: the method's own files (e.g. what makes the folder loadable for inference),
+    written into the folder before it is marked complete."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{state.global_step}"
     tmp = root / f".checkpoint-{state.global_step}.tmp-{os.getpid()}"
@@ -204,6 +211,11 @@ def save_checkpoint(
         STATE_FILE: lambda p: p.write_text(json.dumps(asdict(state), indent=2)),  # last: marks complete
     }
     for name, write in files.items():
+        if name == STATE_FILE and write_more is not None:
+            write_more(tmp)
+            for p in tmp.iterdir():
+                if p.name not in files:
+                    _fsync_file(p)
         write(tmp / name)
         _fsync_file(tmp / name)
     umask_mode(tmp)

@@ -70,6 +70,7 @@ class SDFamily:
     extra_subfolders: tuple[str, ...] = ()
     vae_needs_fp32 = False
     controlnet_pipeline_name = "StableDiffusionControlNetPipeline"
+    validation_guidance_scale = 7.5  # the pipeline's default, which diffusers' validation uses
 
     def load_extra_encoders(self, name_or_path: str, variant: str | None, common: dict) -> dict:
         return {}
@@ -106,6 +107,7 @@ class SDXLFamily(SDFamily):
     extra_subfolders = ("text_encoder_2", "tokenizer_2")
     vae_needs_fp32 = True
     controlnet_pipeline_name = "StableDiffusionXLControlNetPipeline"
+    validation_guidance_scale = 5.0
 
     def load_extra_encoders(self, name_or_path: str, variant: str | None, common: dict) -> dict:
         from transformers import AutoTokenizer, CLIPTextModelWithProjection

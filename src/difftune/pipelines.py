@@ -85,6 +85,20 @@ def controlnet_in_guidance(pipe: Any, mode: str = "both") -> Iterator[None]:
         handle.remove()
 
 
+def output_size(condition: Any, resolution: int, multiple: int = 8) -> tuple[int, int]:
+    """(height, width) to sample a condition at: its own aspect ratio, the shorter side at ``resolution``,
+    both multiples of ``multiple``. A square stretched from a 2:3 condition would put every edge of it
+    in the wrong place; diffusers' SD script keeps the condition's whole native size instead, which
+    for a photo can be far larger than the model was trained at."""
+    size = getattr(condition, "size", None)  # a PIL image; tensors and arrays are used as given
+    if size is None or size[0] == size[1]:
+        return resolution, resolution
+    w, h = size
+    scale = resolution / min(w, h)
+    return (max(multiple, round(h * scale / multiple) * multiple),
+            max(multiple, round(w * scale / multiple) * multiple))
+
+
 def run_controlnet_pipeline(
     pipe: Any,
     prompts: list[str],
@@ -99,16 +113,18 @@ def run_controlnet_pipeline(
     control_guidance: str = "both",
 ) -> list[list]:
     """For each (prompt, condition) pair, ``num_images`` PIL images from a generator seeded ``seed``
-    (``control_guidance``: how the ControlNet enters guidance, ``controlnet_in_guidance``)."""
+    (``control_guidance``: how the ControlNet enters guidance, ``controlnet_in_guidance``). A non-square
+    condition is sampled at its own aspect ratio (``output_size``)."""
     out = []
     for prompt, cond in zip(prompts, conditions):
         generator = torch.Generator(device="cpu").manual_seed(seed)
+        height, width = output_size(cond, resolution, max(8, getattr(pipe, "vae_scale_factor", 8)))
         with controlnet_in_guidance(pipe, control_guidance):
             result = pipe(
                 prompt,
                 image=cond,
-                height=resolution,
-                width=resolution,
+                height=height,
+                width=width,
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 controlnet_conditioning_scale=controlnet_conditioning_scale,

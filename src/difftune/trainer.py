@@ -516,5 +516,6 @@ class Trainer:
                 generator,
                 self.cfg.checkpoints_total_limit,
                 rng=rng,
+                write_more=getattr(self.method, "checkpoint_extras", None),
             )
         accelerator.wait_for_everyone()

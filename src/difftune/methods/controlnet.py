@@ -319,6 +319,17 @@ class ControlNetMethod:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.controlnet.load_state_dict(tensors, strict=True)
 
+    def checkpoint_extras(self, folder: Path) -> None:
+        """Make a checkpoint loadable as it is by ``ControlNetModel.from_pretrained`` and ``difftune generate
+        --controlnet``: the ControlNet's config.json, and its weights under diffusers' file name as a hard
+        link to trainable.safetensors (the same tensors under the same names; no second copy on disk)."""
+        self.controlnet.save_config(folder)
+        weights, alias = folder / "trainable.safetensors", folder / "diffusion_pytorch_model.safetensors"
+        try:
+            os.link(weights, alias)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(weights, alias)
+
     def export(self, output_dir: Path) -> list[Path]:
         """``config.json`` + ``diffusion_pytorch_model.safetensors`` in ``output_dir``.
 
@@ -346,6 +357,7 @@ class ControlNetMethod:
             with ctx, self._encoders_on_device():
                 return run_controlnet_pipeline(
                     pipe, prompts, images, num_images, seed, steps, self.resolution,
+                    guidance_scale=self.family.validation_guidance_scale,
                     control_guidance=self.cfg.validation.validation_control_guidance,
                 )
         finally:
