@@ -190,11 +190,41 @@ def test_custom_diffusion_smoke_run(bench_out, tmp_path):
 def test_reference_options_are_checked_before_any_work(tmp_path):
     from difftune.bench.suite import run_bench
 
-    with pytest.raises(UserError, match="only diffusers' train_controlnet.py"):
+    with pytest.raises(UserError, match="only diffusers' ControlNet scripts"):
         run_bench("tiny", ["bf16"], tmp_path, method="custom-diffusion", reference_script="x.py", steptimer=".")
     with pytest.raises(UserError, match="--reference_configs fast"):
         run_bench("tiny", ["bf16"], tmp_path, reference_script=__file__, steptimer=".", reference_configs=["fast"])
     assert not (tmp_path / "model-tiny").exists()
+
+
+def test_the_sdxl_reference_runs_with_its_embedding_cast(tmp_path):
+    """diffusers' SDXL script hands its half-precision UNet float32 prompt embeddings and stops; the
+    reference is run through ``reference_fix``, which casts them (and changes nothing else)."""
+    import subprocess
+    import sys
+
+    from difftune.bench.runner import is_sdxl_model
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from diffusers import UNet2DConditionModel\n"
+        "u = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,\n"
+        "    down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'), up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'),\n"
+        "    attention_head_dim=8, norm_num_groups=8).to(torch.bfloat16)\n"
+        "u(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), 10, encoder_hidden_states=torch.randn(1, 7, 32))\n"
+        "print('ran', sys.argv[1:])\n")
+    plain = subprocess.run([sys.executable, str(script), "--flag"], capture_output=True, text=True)
+    assert plain.returncode != 0 and "same dtype" in plain.stderr
+    fixed = subprocess.run([sys.executable, "-m", "difftune.bench.reference_fix", str(script), "--flag"],
+                           capture_output=True, text=True)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert "ran ['--flag']" in fixed.stdout  # its own arguments, as __main__
+    (tmp_path / "xl").mkdir()
+    (tmp_path / "xl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert is_sdxl_model(tmp_path / "xl") and not is_sdxl_model(tmp_path / "sd")
 
 
 def test_memory_estimate_on_fake_tensors_equals_the_real_steps_count(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@
 # cd:       Custom Diffusion, 250 steps at 512 px, batch 2 + 2 class images, on sd15's model;
 # sd15fast: `fast_compile_full` (torch.compile of the whole UNet and ControlNet; SD15FAST_CONFIGS=fast_compile for
 #           the blocks) on sd15's model and data (apart: it compiles);
-# sdxl:     ControlNet on the SDXL architecture at 1024 px;
+# sdxl:     ControlNet on the SDXL architecture at 1024 px (with diffusers' train_controlnet_sdxl.py beside it when
+#           .ref/ has it: SDXL_REF_CONFIGS, default fast; run with the embedding cast ANCHORS.md used);
 # profile:  `--profile_steps 3` of PROFILE_CONFIGS (default fast,lowmem_fp8) on sd15's model and data (after
 #           sd15): where a step's time goes (device busy share, kernels per step, costliest operators), as
 #           $OUT/profile-NAME.md (sd15 + sdxl + profile of two configurations: the 8 files a device call returns).
@@ -17,7 +18,8 @@
 # Inputs beside the repository (git-ignored, carried to the GPU machine):
 #   .whl/*.whl          wheels the machine lacks (diffusers, datasets, ...), installed to /tmp/site;
 #   .whl/bnb_site/      bitsandbytes unpacked (its CUDA 13 library only), for --use_8bit_adam;
-#   .ref/steptimer/     ../shared/bench/steptimer;  .ref/train_controlnet.py  the diffusers script.
+#   .ref/steptimer/     ../shared/bench/steptimer;  .ref/train_controlnet.py (and .ref/train_controlnet_sdxl.py)
+#                       the diffusers scripts.
 # A CPU rehearsal of the script's logic: DEVICE=cpu SD15_ARCH=tiny SDXL_ARCH=tiny-sdxl
 # BENCH_EXTRA='--steps 3 --warmup 1 --resolution 64' (later flags override earlier ones).
 # PROFILE_FLAGS="--profile_steps 1 --profile_start 1" for the profile part of such a rehearsal.
@@ -52,6 +54,10 @@ run_part() {  # NAME, then difftune bench flags
   echo "[device_bench] $name took $((SECONDS - start)) s"
 }
 
+REFXL=()
+[ -f .ref/train_controlnet_sdxl.py ] && [ -d .ref/steptimer ] \
+  && REFXL=(--steptimer .ref/steptimer --reference_script .ref/train_controlnet_sdxl.py --reference_configs "${SDXL_REF_CONFIGS:-fast}")
+
 M15=(--model "$W/sd15/model-$SD15_ARCH")
 for part in "$@"; do
   case $part in
@@ -61,7 +67,7 @@ for part in "$@"; do
             --steps 30 --warmup 10 --timeout 270 ;;
     cd)   run_part cd --method custom-diffusion --arch "$SD15_ARCH" "${M15[@]}" --configs fast \
             --steps 250 --warmup 10 --timeout 150 ;;
-    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs "${SDXL_CONFIGS:-fast,lowmem_fp8}" --steps 20 --warmup 5 \
+    sdxl) run_part sdxl --arch "$SDXL_ARCH" --configs "${SDXL_CONFIGS:-fast,lowmem_fp8}" "${REFXL[@]}" --steps 20 --warmup 5 \
             --n_samples "${SDXL_SAMPLES:-100}" --timeout 200 ;;
     profile) PROF=${PROFILE_FLAGS:-"--profile_steps 3 --profile_start 8"}
             ADD=() NAMES=()

@@ -82,7 +82,8 @@ def register(sub) -> None:
     b.add_argument("--device", choices=("cuda", "cpu"), help="where the random model's weights are initialised (default: cuda if any)")
     b.add_argument("--steptimer", help="shared steptimer folder: also time each run from outside, as the reference")
     b.add_argument("--reference_script",
-                   help="diffusers train_controlnet.py: run it too, with the same flags (needs --steptimer)")
+                   help="diffusers' train_controlnet.py (train_controlnet_sdxl.py for an SDXL --arch, run with the "
+                        "embedding cast ANCHORS.md used): run it too, with the same flags (needs --steptimer)")
     b.add_argument("--reference_configs", help="which of --configs the reference runs (default: all of them)")
     b.add_argument("--peak_tflops", type=float, help="peak rate for MFU (default: 790 on H100/H200, else no MFU)")
     b.add_argument("--timeout", type=float, help="seconds before a configuration's run is stopped")

@@ -278,8 +278,18 @@ def run_config(name: str, flags: list[str], plan: BenchPlan) -> dict:
     return {**record, "status": "ok", **measured, **st}
 
 
+def is_sdxl_model(model_dir: Path) -> bool:
+    """Whether a diffusers model folder holds an SDXL pipeline (by its model_index.json)."""
+    try:
+        index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "XL" in str(index.get("_class_name", ""))
+
+
 def run_reference(name: str, flags: list[str], plan: BenchPlan, script: Path) -> dict:
-    """diffusers' ``train_controlnet.py`` with the matching flags, timed by the steptimer."""
+    """diffusers' ``train_controlnet.py`` (``train_controlnet_sdxl.py`` on an SDXL model, run through
+    ``reference_fix``, as ANCHORS.md measured it) with the matching flags, timed by the steptimer."""
     runs = plan.out_dir / "runs"
     output_dir = runs / f"reference-{name}"
     shutil.rmtree(output_dir, ignore_errors=True)
@@ -287,9 +297,13 @@ def run_reference(name: str, flags: list[str], plan: BenchPlan, script: Path) ->
     ref_flags, dropped = reference_flags(plan, output_dir, list(flags))
     steptimer_out = runs / f"reference-{name}.steptimer.json"
     steptimer_out.unlink(missing_ok=True)
-    proc = _launch([sys.executable, str(script), *ref_flags], plan, runs / f"reference-{name}", steptimer_out)
+    fix = is_sdxl_model(plan.model_dir)  # its half-precision UNet gets float32 embeddings: cast them
+    runner = [sys.executable, "-m", "difftune.bench.reference_fix"] if fix else [sys.executable]
+    proc = _launch([*runner, str(script), *ref_flags], plan, runs / f"reference-{name}", steptimer_out)
     record = {"config": f"reference:{name}", "flags": ref_flags[ref_flags.index("--dataloader_num_workers") + 2:],
-              "dropped_flags": dropped, "wall_seconds": proc["wall_seconds"], "output_dir": str(output_dir)}
+              "dropped_flags": dropped, "wall_seconds": proc["wall_seconds"], "output_dir": str(output_dir),
+              **({"outside_fix": "prompt embeddings cast to the UNet's dtype (difftune.bench.reference_fix)"}
+                 if fix else {})}
     st = _steptimer_result(steptimer_out)
     if proc["returncode"] != 0 or not st.get("steptimer_s_per_step"):
         why = "timed out" if proc["returncode"] is None else f"exit code {proc['returncode']}"

@@ -193,7 +193,8 @@ def run_bench(arch: str, configs: list[str], out: str | os.PathLike, *, steps: i
     if steps < 2 or not 0 <= warmup < steps:
         raise UserError(f"--steps {steps} --warmup {warmup}: need steps >= 2 and 0 <= warmup < steps.")
     if reference_script and method != "controlnet":
-        raise UserError("--reference_script: only diffusers' train_controlnet.py is supported (--method controlnet).")
+        raise UserError("--reference_script: only diffusers' ControlNet scripts are supported (--method controlnet): "
+                        "train_controlnet.py, or train_controlnet_sdxl.py for an SDXL --arch.")
     if reference_script and not steptimer:
         raise UserError("--reference_script is timed by the shared steptimer: give --steptimer DIR too.")
     for flag, path in (("--steptimer", steptimer), ("--reference_script", reference_script)):
