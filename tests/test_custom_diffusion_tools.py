@@ -146,9 +146,12 @@ def test_compress_rank_trades_size_for_error(tiny_model_dir, two_concepts, tmp_p
     errors = []
     for rank in (1, 4):
         out = tmp_path / f"r{rank}"
-        assert main(["custom-diffusion", "compress", "--pretrained_model_name_or_path", str(tiny_model_dir),
-                     "--custom_diffusion", str(two_concepts[0]), "--rank", str(rank), "--output_dir", str(out)]) == 0
-        info = json.loads(capsys.readouterr().out)
+        # no --pretrained_model_name_or_path: the base the concept was trained on (not the built-in default)
+        assert main(["custom-diffusion", "compress", "--custom_diffusion", str(two_concepts[0]), "--rank", str(rank),
+                     "--output_dir", str(out)]) == 0
+        said = capsys.readouterr()
+        assert f"base model: {tiny_model_dir} (from" in said.err
+        info = json.loads(said.out)
         assert info["parameters_lowrank"] < info["parameters_full"]
         errors.append(info["relative_delta_error"])
     assert errors[1] < errors[0] < 1.0

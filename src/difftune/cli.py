@@ -48,8 +48,9 @@ def _unwrap(tp):
     return tp, False
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type) -> None:
-    """One flag per config field, grouped by section; defaults suppressed to tell what was given."""
+def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type, defaults: dict | None = None) -> None:
+    """One flag per config field, grouped by section; defaults suppressed to tell what was given.
+    ``defaults`` ({section: {field: value}}): a command's own defaults over the fields', as --help shows them."""
     for section in dataclasses.fields(cfg_cls):
         sec_cls = section.default_factory().__class__  # type: ignore[misc]
         group = parser.add_argument_group(section.name)
@@ -57,6 +58,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type) -> None:
         for f in dataclasses.fields(sec_cls):
             base, is_list = _unwrap(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else None
+            default = (defaults or {}).get(section.name, {}).get(f.name, default)
             helptext = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
             kwargs: dict = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=helptext)
             if base is bool:

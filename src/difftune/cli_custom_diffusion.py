@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -44,6 +45,19 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0
 
 
+def base_of(args: argparse.Namespace, folder: str | Path) -> str:
+    """The base model: --pretrained_model_name_or_path, else the one the folder was trained on (its
+    custom_diffusion.json), so that a concept is never merged, compressed or evaluated on another base."""
+    from .custom_diffusion.export import read_meta
+
+    if args.pretrained_model_name_or_path:
+        return args.pretrained_model_name_or_path
+    base = read_meta(folder).get("base_model") or "tiny-shapes"
+    print(f"base model: {base} (from {Path(folder) / 'custom_diffusion.json'}; --pretrained_model_name_or_path "
+          "to choose another)", file=sys.stderr)
+    return base
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .custom_diffusion.merge import merge_concepts
     from .models import load_base_model
@@ -56,7 +70,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise ConfigError(f"--regularization_prompts {p} does not exist (one caption per line).")
         prompts = [x.strip() for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
-    info = merge_concepts(args.concepts, load_base_model(args.pretrained_model_name_or_path), args.output_dir,
+    info = merge_concepts(args.concepts, load_base_model(base_of(args, args.concepts[0])), args.output_dir,
                           prompts, safe=not args.no_safe_serialization)
     print(json.dumps(info, indent=2))
     return 0
@@ -66,7 +80,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .custom_diffusion.compress import compress
     from .models import load_base_model
 
-    base = load_base_model(args.pretrained_model_name_or_path)
+    base = load_base_model(base_of(args, args.custom_diffusion))
     print(json.dumps(compress(args.custom_diffusion, base.unet, args.output_dir, args.rank, args.energy), indent=2))
     return 0
 
@@ -74,7 +88,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .custom_diffusion.eval import eval_custom_diffusion, format_table
 
-    result = eval_custom_diffusion(args.pretrained_model_name_or_path, args.custom_diffusion, n=args.n,
+    result = eval_custom_diffusion(base_of(args, args.custom_diffusion), args.custom_diffusion, n=args.n,
                                    steps=args.num_inference_steps, seed=args.seed,
                                    guidance_scale=args.guidance_scale, out=args.out, weight_name=args.weight_name)
     print(format_table(result))
@@ -85,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def register(sub, train_sub, eval_sub=None) -> None:
     """Add the Custom Diffusion commands to the top-level, ``train`` and ``eval`` sub-parsers."""
     from .cli import add_config_flags, at_least
-    from .config_custom_diffusion import CustomDiffusionConfig
+    from .config_custom_diffusion import CustomDiffusionConfig, custom_diffusion_defaults
     from .recipes import recipes_for
 
     t = train_sub.add_parser("custom-diffusion", help="train Custom Diffusion concept(s) (flags as diffusers' "
@@ -93,7 +107,7 @@ def register(sub, train_sub, eval_sub=None) -> None:
     t.add_argument("--config", help="YAML/TOML/JSON file of settings (flags override it)")
     t.add_argument("--recipe", choices=sorted(recipes_for(CustomDiffusionConfig)),
                    help="start from a named recipe (flags override it)")
-    add_config_flags(t, CustomDiffusionConfig)
+    add_config_flags(t, CustomDiffusionConfig, custom_diffusion_defaults())
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("retrieve", help="download a real prior from a clip-retrieval kNN back-end")
@@ -116,14 +130,14 @@ def register(sub, train_sub, eval_sub=None) -> None:
     c.add_argument("--rank", type=at_least(1))
     c.add_argument("--energy", type=float, help="keep the fewest singular values with this share of sum(S^2)")
     for q in (m, c):
-        q.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
+        q.add_argument("--pretrained_model_name_or_path", help="base model (default: the one the folder was trained on, from its custom_diffusion.json)")
         q.add_argument("--output_dir", required=True)
     m.set_defaults(func=cmd_merge)
     c.set_defaults(func=cmd_compress)
 
     if eval_sub is not None:
         e = eval_sub.add_parser("custom-diffusion", help="concept fidelity and prior drift of a trained concept")
-        e.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
+        e.add_argument("--pretrained_model_name_or_path", help="base model (default: the one the folder was trained on, from its custom_diffusion.json)")
         e.add_argument("--custom_diffusion", required=True, help="Custom Diffusion output folder")
         e.add_argument("--weight_name", help="weight file in the folder (default: from custom_diffusion.json)")
         e.add_argument("--n", type=at_least(1), default=16, help="images per prompt")
