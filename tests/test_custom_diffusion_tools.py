@@ -150,7 +150,7 @@ def test_compress_rank_trades_size_for_error(tiny_model_dir, two_concepts, tmp_p
         assert main(["custom-diffusion", "compress", "--custom_diffusion", str(two_concepts[0]), "--rank", str(rank),
                      "--output_dir", str(out)]) == 0
         said = capsys.readouterr()
-        assert f"base model: {tiny_model_dir} (from" in said.err
+        assert f"base model: {tiny_model_dir} (recorded in" in said.err
         info = json.loads(said.out)
         assert info["parameters_lowrank"] < info["parameters_full"]
         errors.append(info["relative_delta_error"])

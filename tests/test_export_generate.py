@@ -83,7 +83,7 @@ def test_generate_cli_is_repeatable(trained, tiny_model_dir, fill_dir, tmp_path)
     assert not np.array_equal(a, c)
 
 
-def test_a_checkpoint_loads_for_inference_as_it_is(trained, tiny_model_dir, fill_dir, tmp_path):
+def test_a_checkpoint_loads_for_inference_as_it_is(trained, tiny_model_dir, fill_dir, tmp_path, capsys):
     import os
 
     from diffusers import ControlNetModel
@@ -98,10 +98,12 @@ def test_a_checkpoint_loads_for_inference_as_it_is(trained, tiny_model_dir, fill
     # diffusers' file name is the checkpoint's own weights, not a second copy of them
     assert os.stat(ckpt / "diffusion_pytorch_model.safetensors").st_ino == os.stat(ckpt / "trainable.safetensors").st_ino
     cond = fill_dir / "validation" / "conditioning_1.png"
-    args = ["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--image", str(cond), "--prompt",
-            "red circle with blue background", "--num_inference_steps", "2"]
+    args = ["generate", "--image", str(cond), "--prompt", "red circle with blue background", "--num_inference_steps", "2"]
+    # no --pretrained_model_name_or_path: the base the run recorded (for a checkpoint, its run's)
     assert main(args + ["--controlnet", str(ckpt), "--out", str(tmp_path / "ckpt.png")]) == 0
-    assert main(args + ["--controlnet", str(out), "--out", str(tmp_path / "export.png")]) == 0
+    assert f"base model: {tiny_model_dir} (recorded in {out / 'difftune_config.json'}" in capsys.readouterr().err
+    assert main(args + ["--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(out),
+                        "--out", str(tmp_path / "export.png")]) == 0
     a, b = (np.asarray(Image.open(tmp_path / f"{x}.png")) for x in ("ckpt", "export"))
     assert np.array_equal(a, b)
 

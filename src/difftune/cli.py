@@ -131,6 +131,7 @@ def check_image_out(out: Path, flag: str = "--out") -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import generate
+    from .models import resolve_base
 
     if bool(args.controlnet) == bool(args.custom_diffusion):
         raise UserError("generate needs either --controlnet DIR (with --image) or --custom_diffusion DIR.")
@@ -142,8 +143,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_image_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     condition_out = out.with_name(f"{out.stem}-condition{out.suffix}") if args.condition else None
+    base = resolve_base(args.pretrained_model_name_or_path, args.controlnet, args.custom_diffusion)
     images = generate(
-        args.pretrained_model_name_or_path, args.controlnet, args.image, args.prompt,
+        base, args.controlnet, args.image, args.prompt,
         custom_diffusion=args.custom_diffusion, weight_name=args.weight_name,
         num_inference_steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
         controlnet_conditioning_scale=args.controlnet_conditioning_scale, num_images=args.num_images,
@@ -254,8 +256,10 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_eval_controlnet(args: argparse.Namespace) -> int:
     from .eval.run import eval_controlnet, format_table
+    from .models import resolve_base
 
-    result = eval_controlnet(args.pretrained_model_name_or_path, args.controlnet, data=args.data, n=args.n,
+    result = eval_controlnet(resolve_base(args.pretrained_model_name_or_path, controlnet=args.controlnet),
+                             args.controlnet, data=args.data, n=args.n,
                              steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
                              out=args.out, baseline=not args.no_baseline, metric=args.metric,
                              condition_settings=_condition_settings(args, None),
@@ -313,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_custom_diffusion import register as register_custom_diffusion
 
     g = sub.add_parser("generate", help="generate images with a trained ControlNet or Custom Diffusion concept")
-    g.add_argument("--pretrained_model_name_or_path", default="tiny-shapes", help="base model folder, hub id or built-in name (default: tiny-shapes)")
+    g.add_argument("--pretrained_model_name_or_path", help="base model folder, hub id or built-in name (default: the "
+                   "base the adapter was trained on, as its run recorded it; else tiny-shapes)")
     g.add_argument("--controlnet", help="trained ControlNet folder (the training --output_dir)")
     g.add_argument("--image", help="conditioning image (with --controlnet)")
     g.add_argument("--condition", choices=tuple(CONDITIONERS),
@@ -387,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="measured quality").add_subparsers(dest="what", required=True)
     e = ev.add_parser("controlnet", help="condition fidelity on held-out conditions (fill50k: circle IoU; "
                                          "canny: edge F1; depth: depth correlation)")
-    e.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
+    e.add_argument("--pretrained_model_name_or_path", help="base model (default: the base the ControlNet was "
+                   "trained on, from its run's difftune_config.json; else tiny-shapes)")
     e.add_argument("--controlnet", required=True, help="trained ControlNet folder")
     e.add_argument("--data", help="held-out data folder to take the conditions from: fill50k, or one made by "
                                   "`difftune data conditions` (default: fresh circles / shapes)")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 
@@ -49,13 +48,10 @@ def base_of(args: argparse.Namespace, folder: str | Path) -> str:
     """The base model: --pretrained_model_name_or_path, else the one the folder was trained on (its
     custom_diffusion.json), so that a concept is never merged, compressed or evaluated on another base."""
     from .custom_diffusion.export import read_meta
+    from .models import resolve_base
 
-    if args.pretrained_model_name_or_path:
-        return args.pretrained_model_name_or_path
-    base = read_meta(folder).get("base_model") or "tiny-shapes"
-    print(f"base model: {base} (from {Path(folder) / 'custom_diffusion.json'}; --pretrained_model_name_or_path "
-          "to choose another)", file=sys.stderr)
-    return base
+    read_meta(folder)  # a folder that is no Custom Diffusion output is named as such
+    return resolve_base(args.pretrained_model_name_or_path, custom_diffusion=folder)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

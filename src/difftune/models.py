@@ -7,6 +7,7 @@ is not cached fails with a message that says so and what to pass instead.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,43 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, cache_dir: st
         if Path(name_or_path).exists():
             raise ModelLoadError(f"Could not load the tokenizer in {name_or_path}/tokenizer: {e}") from None
         raise _hub_hint(name_or_path, e) from None
+
+
+def recorded_base(controlnet: str | Path | None = None, custom_diffusion: str | Path | None = None) -> tuple[str, Path] | None:
+    """The base model an adapter folder was trained on, as its run recorded it, and the file that says so:
+    a Custom Diffusion folder's custom_diffusion.json, a ControlNet run folder's difftune_config.json (also
+    for one of its checkpoints, two levels below). None when nothing records it (e.g. a downloaded ControlNet)."""
+    import json
+
+    candidates: list[tuple[Path, tuple[str, ...]]] = []
+    if custom_diffusion is not None:
+        candidates.append((Path(custom_diffusion) / "custom_diffusion.json", ("base_model",)))
+    if controlnet is not None:
+        folder = Path(controlnet)
+        for run in (folder, folder.parent.parent):
+            candidates.append((run / "difftune_config.json", ("model", "pretrained_model_name_or_path")))
+    for path, keys in candidates:
+        try:
+            value: Any = json.loads(path.read_text())
+            for key in keys:
+                value = value[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, str) and value:
+            return value, path
+    return None
+
+
+def resolve_base(explicit: str | None, controlnet: str | Path | None = None,
+                 custom_diffusion: str | Path | None = None) -> str:
+    """--pretrained_model_name_or_path, else the base the adapter was trained on (said on stderr), else
+    the built-in tiny-shapes: an adapter is never sampled on a base it was not trained for by default."""
+    if explicit:
+        return explicit
+    found = recorded_base(controlnet, custom_diffusion)
+    if found is None:
+        return DEFAULT_MODEL
+    base, source = found
+    print(f"base model: {base} (recorded in {source}; --pretrained_model_name_or_path to choose another)",
+          file=sys.stderr)
+    return base
