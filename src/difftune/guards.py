@@ -1,0 +1,111 @@
+"""What a run refuses or warns about before and while it trains, so that nothing is lost or mixed.
+
+A fresh run never writes into another run's checkpoints; a resumed run names the settings that
+changed since the checkpoint; a launch that would shard the optimizer state (which difftune's
+checkpoints hold whole) is refused; a run over mostly unreadable samples stops instead of
+"finishing" on nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint as ckpt
+from .config import to_dict
+from .errors import ConfigError, DataError
+
+log = logging.getLogger("difftune")
+
+
+def claim_output_dir(accelerator: Any, out: Path, root: Path, overwrite: bool) -> None:
+    """A fresh run never mixes into another run's checkpoints: refuse, unless --overwrite_output_dir."""
+    earlier = ckpt.list_checkpoints(root)
+    if not earlier:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"--output_dir {out} already holds a run's checkpoints ({', '.join(p.name for p in earlier)}). "
+            "Continue that run with --resume_from_checkpoint latest, pick another --output_dir, or pass "
+            "--overwrite_output_dir to delete them and start over.")
+    if accelerator.is_main_process:
+        log.warning("--overwrite_output_dir: deleting %s and the earlier run's metrics.jsonl", root)
+        shutil.rmtree(root)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def refuse_unreadable_data(readable: int, unreadable: int, step: int, root: Path) -> None:
+    """Stop once most samples cannot be read: a run over nothing (wrong columns, paths that do not
+    resolve) would otherwise "succeed" with a loss of 0. A few bad rows are skipped and counted."""
+    if unreadable <= readable or readable + unreadable < UNREADABLE_MIN_SEEN:
+        return
+    last = ckpt.list_checkpoints(root)
+    raise DataError(
+        f"{unreadable} of the {readable + unreadable} training samples read so far could not be loaded (each is "
+        "named in a 'skipping a sample' warning above), so training stopped at step "
+        f"{step} (last checkpoint: {last[-1].name if last else 'none'}). Most often the columns are not the ones "
+        "meant (give --image_column, --conditioning_image_column and --caption_column) or the image paths do not "
+        "resolve; `difftune data check --train_data_dir ...` lists every problem before training.")
+
+
+UNREADABLE_MIN_SEEN = 8  # samples seen before the share of unreadable ones is judged
+
+
+# settings a resumed run may change without changing what it trains
+RESUMABLE_CHANGES = frozenset({
+    "max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+    "overwrite_output_dir", "output_dir", "logging_dir", "report_to", "tracker_project_name", "push_to_hub",
+    "hub_model_id", "hub_token", "dataloader_num_workers", "profile_steps", "profile_start", "nan_policy",
+    "cache_dir", "latent_cache_dir",
+    "seed",  # a resumed run keeps the checkpoint's seed whatever is passed
+})
+
+
+def warn_changed_settings(out: Path, run_config: Any, resume_from: Path) -> list[str]:
+    """Say which settings differ from those of the run that wrote the checkpoint (its saved
+    ``difftune_config.json``, read before this run replaces it), and what resuming does with them."""
+    saved_path = out / "difftune_config.json"
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    now = json.loads(json.dumps(to_dict(run_config)))  # as saved: tuples become lists
+    changes = []
+    for section, values in now.items():
+        if not isinstance(values, dict) or section == "validation":
+            continue
+        for key, value in values.items():
+            old = (saved.get(section) or {}).get(key, value)
+            if key not in RESUMABLE_CHANGES and old != value:
+                changes.append(f"--{key} {old} -> {value}")
+    if changes:
+        log.warning(
+            "resuming from %s with settings that differ from the run that wrote it: %s. The checkpoint's optimizer "
+            "state and learning-rate schedule continue (its learning rate, not a new --learning_rate), and the "
+            "data resumes after the samples already seen; the rest takes the new values, so the run is no "
+            "longer the uninterrupted one.", resume_from, "; ".join(changes))
+    return changes
+
+
+def refuse_sharded_launch() -> None:
+    """Stop before training starts when ``accelerate launch`` asks for DeepSpeed or FSDP.
+
+    Both shard the optimizer state (and FSDP the weights) across processes; difftune's checkpoints
+    and exports read them whole from one process, so a sharded run would fail at its first
+    checkpoint or save a part. What they are used for (fitting a card) the low-memory recipe does
+    on one GPU without sharding."""
+    from accelerate.utils import parse_flag_from_env
+
+    for env, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if parse_flag_from_env(env):
+            raise ConfigError(
+                f"This launch asks for {name} ({env} is set by your `accelerate config`), which difftune does not "
+                "support: its checkpoints hold the whole optimizer state, which sharding splits across processes. "
+                "For less GPU memory use `--recipe low_memory --use_8bit_adam --fp8_frozen_unet` (SD 1.5 at 512 px, "
+                "batch 4: 3.95 GiB peak on an H200); for several GPUs, data parallel: `accelerate launch --multi_gpu`.")
