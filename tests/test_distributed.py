@@ -16,15 +16,24 @@ import torch
 
 
 
-def _launch(model_dir, data_dir, out, *extra):
+def _launch(model_dir, data_dir, out, *extra, timeout=600):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "difftune", "train", "controlnet", "--pretrained_model_name_or_path", str(model_dir),
            "--train_data_dir", str(data_dir), "--output_dir", str(out), "--resolution", "64",
            "--train_batch_size", "2", "--seed", "0", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", *extra]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # processes waiting on each other: kill the launcher and its workers
+        import psutil  # (torchrun starts each worker in a session of its own)
+
+        for p in [*psutil.Process(proc.pid).children(recursive=True), proc]:
+            p.kill()
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"the two-process run hung for {timeout} s:\n{stderr[-3000:]}") from None
+    assert proc.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def test_two_process_run_with_cache_checkpoints_and_resume(tiny_model_dir, fill_dir, tmp_path):
@@ -80,3 +89,27 @@ def test_each_process_gets_its_own_random_state_back():
     before = g.get_state()
     assert not restore_rng(merged, g, 2)  # saved by two processes, resumed by three: the caller reseeds
     assert torch.equal(g.get_state(), before)
+
+
+def test_a_process_whose_batch_is_all_unreadable_still_joins_the_step(tiny_model_dir, tmp_path):
+    # batch 1 on two processes: the rank that draws the broken file has nothing to train on, yet
+    # the other waits in the gradient all-reduce (it crashed gloo, and hangs NCCL, before)
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    rows = []
+    for i in range(8):
+        Image.new("RGB", (64, 64), (i * 30, 0, 0)).save(data / "img" / f"{i}.png")
+        Image.new("L", (64, 64), 0).save(data / "img" / f"c{i}.png")
+        rows.append({"image": f"img/{i}.png", "conditioning_image": f"img/c{i}.png", "text": f"red circle {i}"})
+    (data / "img" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    _launch(tiny_model_dir, data, out, "--max_train_steps", "4", "--train_batch_size", "1",
+            "--checkpointing_steps", "4", timeout=180)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 4
+    assert summary["skipped_samples"] == 1  # counted by the process that met it, reported for the run
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["skipped_samples"] == 1

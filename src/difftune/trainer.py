@@ -39,6 +39,31 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite under ``--nan_policy stop``."""
 
 
+class Lookahead:
+    """A batch iterator that can look ahead for the next readable batch without consuming it."""
+
+    def __init__(self, batches, limit: int):
+        self._batches, self._ahead, self._limit = batches, [], limit
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return self._ahead.pop(0) if self._ahead else next(self._batches)
+
+    def next_readable(self) -> dict:
+        """The first batch ahead with a readable sample in it; it stays in the stream."""
+        for batch in self._ahead:
+            if not batch.get("empty"):
+                return batch
+        while len(self._ahead) <= self._limit:
+            self._ahead.append(next(self._batches))
+            if not self._ahead[-1].get("empty"):
+                return self._ahead[-1]
+        raise UserError(f"none of the {self._limit} batches of this process's share of the data could be read; "
+                        "check the data (difftune data check DIR) and fix or remove the unreadable files.")
+
+
 class DeviceScalars:
     """A step's scalars (e.g. its loss), read on the host later without waiting for the work queued after them.
 
@@ -168,7 +193,10 @@ class Trainer:
         )
         return loader
 
-    def _micro_batches(self, accelerator, loader, start: int):
+    def _micro_batches(self, accelerator, loader, start: int) -> "Lookahead":
+        return Lookahead(self._epochs(accelerator, loader, start), limit=len(loader))
+
+    def _epochs(self, accelerator, loader, start: int):
         """Endless micro-batch stream over epochs, starting ``start`` micro-batches in."""
         per_epoch = len(loader)
         epoch, skip = divmod(start, per_epoch)
@@ -246,6 +274,8 @@ class Trainer:
                 ) from None
             lr_scheduler.load_state_dict(resumed["scheduler"])
             state = dataclasses.replace(resumed["state"], method=self.method.name)
+            if not accelerator.is_main_process:  # the saved count is the run's: the processes' counts add up to it
+                state.skipped_samples = 0
             if not ckpt.restore_rng(resumed["rng"], generator, accelerator.process_index):
                 # saved by a run with fewer processes: this one's stream cannot be continued, so start
                 # a fresh one of its own (never a copy of another process's noise)
@@ -314,18 +344,23 @@ class Trainer:
                     readable += 0 if batch.get("empty") else images_in(batch)
                     if unreadable:
                         refuse_unreadable_data(readable, unreadable, state.global_step, root)
-                    if batch.get("empty"):
-                        continue
                     sync = micro == accum - 1
+                    weight = 1.0
+                    if batch.get("empty"):  # no sample of this micro-batch could be read
+                        if not (sync and accelerator.num_processes > 1):
+                            continue
+                        # Every process must join this backward's gradient all-reduce, or the others wait
+                        # for it forever: it runs the next batch it will read, weighted 0 (adds nothing).
+                        batch, weight = stream.next_readable(), 0.0
                     with contextlib.ExitStack() as stack:
                         if not sync:
                             for m in modules:
                                 stack.enter_context(accelerator.no_sync(m))
                         with accelerator.autocast():
                             loss = self.method.loss(batch, generator)
-                        accelerator.backward(loss / accum)
-                    loss_sum += loss.detach().float()
-                    step_images += images_in(batch)
+                        accelerator.backward(loss * (weight / accum))
+                    loss_sum += loss.detach().float() * weight  # (a non-finite stand-in still counts as one)
+                    step_images += images_in(batch) if weight else 0
                 # the loss summed over processes (is it finite everywhere?) and this process's, to log
                 reading = DeviceScalars(torch.stack([accelerator.reduce(loss_sum, reduction="sum"), loss_sum]))
                 if cfg.nan_policy == "skip":  # the host decides whether to step: it waits for the loss here
@@ -369,7 +404,7 @@ class Trainer:
             "final_loss": last_loss,
             "seconds": round(time.perf_counter() - t_start, 3),
             "images_per_s_this_session": images_seen / max(time.perf_counter() - t_start, 1e-9),
-            "skipped_samples": state.skipped_samples,
+            "skipped_samples": self._run_skipped(accelerator, state),
             "nonfinite_steps": state.nonfinite_steps,
             "seed": state.seed,
         }
@@ -411,8 +446,17 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{scalars['images_per_s']:.1f}")
         return loss
 
+    @staticmethod
+    def _run_skipped(accelerator, state) -> int:
+        """Unreadable samples skipped by all processes (each counts its own share of the data)."""
+        if accelerator.num_processes == 1:
+            return state.skipped_samples
+        count = torch.tensor(state.skipped_samples, device=accelerator.device)
+        return int(accelerator.reduce(count, reduction="sum"))
+
     def _save(self, accelerator, optimizer, lr_scheduler, generator, state, root) -> None:
         accelerator.wait_for_everyone()
+        state = dataclasses.replace(state, skipped_samples=self._run_skipped(accelerator, state))
         rng = ckpt.rng_tensors(generator)
         if accelerator.num_processes > 1:  # every process draws its own noise: keep each one's state
             from accelerate.utils import gather_object
