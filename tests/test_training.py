@@ -158,13 +158,21 @@ def test_device_scalars_read_back_on_the_cpu():
     assert r.get() == [1.5, float("inf")] and r.get() is r.get()
 
 
+def _tags(event_file):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(event_file))
+    board.Reload()
+    return board.Tags()["scalars"]
+
+
 def test_outputs_and_resolved_config(tiny_model_dir, fill_dir, tmp_path):
     out = tmp_path / "run"
     val = fill_dir / "validation"
     cfg = make_config(tiny_model_dir, fill_dir, out, max_train_steps=2, hub_token="hf_SECRET_do_not_write",
                       validation_image=[str(val / "conditioning_0.png"), str(val / "conditioning_1.png")],
                       validation_prompt=["red circle with blue background"], validation_steps=1,
-                      num_validation_images=1, num_validation_inference_steps=2)
+                      num_validation_images=1, num_validation_inference_steps=2, report_to="tensorboard")
     train_controlnet(cfg)
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "README.md", "difftune_config.json",
                  "metrics.jsonl", "train_summary.json", "validation/step-0000001.png", "validation/step-0000002.png"):
@@ -176,6 +184,16 @@ def test_outputs_and_resolved_config(tiny_model_dir, fill_dir, tmp_path):
             assert b"hf_SECRET_do_not_write" not in path.read_bytes(), path
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+    # the same scalars and the validation images reach TensorBoard (its own reader)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in (out / "logs").rglob("events.out.tfevents.*") if "loss" in _tags(p)}
+    board = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+    board.Reload()
+    assert [e.step for e in board.Scalars("loss")] == [1, 2]
+    assert [e.value for e in board.Scalars("loss")] == pytest.approx([r["loss"] for r in rows], rel=1e-5)
+    assert sorted(board.Tags()["images"]) == ["validation/0", "validation/1"]  # one per conditioning image
+    assert [(e.step, e.width) for e in board.Images("validation/1")] == [(1, 64), (2, 64)]
     assert "diffusion_pytorch_model.safetensors" in (out / "README.md").read_text() or "ControlNet" in (
         out / "README.md").read_text()
 

@@ -467,10 +467,30 @@ def show_messages() -> None:
         logger.setLevel(logging.INFO)
 
 
+def redact_secrets(argv: list[str]) -> list[str]:
+    """``argv`` with the values of secret flags (``--hub_token``) replaced by ``***``.
+
+    Trackers record the command line (Weights & Biases' run metadata, Comet's "command"), so a
+    token given as a flag would be saved with the run and uploaded with it.
+    """
+    from .config import SECRET_FIELDS
+
+    flags = {f"--{name}" for name in SECRET_FIELDS}
+    out = list(argv)
+    for i, arg in enumerate(out):
+        name, eq, _ = arg.partition("=")
+        if name in flags and eq:
+            out[i] = f"{name}=***"
+        elif arg in flags and i + 1 < len(out):
+            out[i + 1] = "***"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     show_messages()
     args = build_parser().parse_args(argv)
+    sys.argv[:] = redact_secrets(sys.argv)  # parsed: nothing after this needs the token in the command line
     try:
         return args.func(args)
     except UserError as e:

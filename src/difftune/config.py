@@ -214,7 +214,9 @@ class TrainConfig:
                "it that is refused, so that two runs never mix)."
     )
     logging_dir: str = opt("logs", "Tracker log folder, relative to --output_dir.")
-    report_to: str = opt("none", "Trackers: tensorboard, wandb, all or none (metrics.jsonl is always written).")
+    report_to: str = opt(
+        "none", "Trackers: tensorboard, wandb, comet_ml, all (those installed) or none; metrics.jsonl is always written."
+    )
     tracker_project_name: str = opt("train_controlnet", "Project name given to the trackers.")
     nan_policy: str = opt(
         "stop",
@@ -238,8 +240,8 @@ class TrainConfig:
             raise ConfigError(f"--max_train_steps must be >= 1, got {self.max_train_steps}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError("--checkpoints_total_limit must be >= 1.")
-        if self.report_to not in ("none", "all", "tensorboard", "wandb"):
-            raise ConfigError(f"--report_to {self.report_to!r}: choose tensorboard, wandb, all or none.")
+        if self.report_to not in ("none", "all", "tensorboard", "wandb", "comet_ml"):
+            raise ConfigError(f"--report_to {self.report_to!r}: choose tensorboard, wandb, comet_ml, all or none.")
 
 
 @dataclass

@@ -1,15 +1,16 @@
 """Experiment trackers behind one narrow interface: ``log_scalars`` and ``log_images``.
 
 ``metrics.jsonl`` in the output folder is always written (one JSON object per log call), so
-a run can be read back with nothing installed. TensorBoard and Weights & Biases come through
-accelerate's trackers (``--report_to``); the per-tracker image calls live here, not in the
-methods.
+a run can be read back with nothing installed. TensorBoard, Weights & Biases and Comet come
+through accelerate's trackers (``--report_to``); the per-tracker image calls live here, not in
+the methods.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,11 @@ import numpy as np
 
 from .errors import ConfigError
 
-_PACKAGES = {"tensorboard": ("tensorboard", "difftune[tensorboard]"), "wandb": ("wandb", "difftune[wandb]")}
+_PACKAGES = {
+    "tensorboard": ("tensorboard", "difftune[tensorboard]"),
+    "wandb": ("wandb", "difftune[wandb]"),
+    "comet_ml": ("comet_ml", "difftune[comet_ml]"),
+}
 
 
 def requested_trackers(report_to: str) -> list[str]:
@@ -49,14 +54,20 @@ def flat_hparams(config: dict) -> dict:
 class Trackers:
     """Logs to metrics.jsonl plus the accelerate trackers that were initialised."""
 
-    def __init__(self, accelerator: Any, output_dir: Path, names: list[str], project: str, config: dict):
+    def __init__(self, accelerator: Any, output_dir: Path, names: list[str], project: str, config: dict,
+                 logging_dir: Path | None = None):
         self.accelerator = accelerator
         self.names = names
         self.path = Path(output_dir) / "metrics.jsonl"
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        init_kwargs = {}
+        if "wandb" in names and logging_dir is not None and not os.environ.get("WANDB_DIR"):
+            # the run's wandb folder goes with its other logs, not into whatever folder it was started from
+            Path(logging_dir).mkdir(parents=True, exist_ok=True)
+            init_kwargs["wandb"] = {"dir": str(logging_dir)}
         if names:
-            accelerator.init_trackers(project, config=flat_hparams(config))
+            accelerator.init_trackers(project, config=flat_hparams(config), init_kwargs=init_kwargs)
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         if not self.accelerator.is_main_process:
@@ -78,6 +89,9 @@ class Trackers:
                 import wandb
 
                 tracker.log({tag: [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+            elif name == "comet_ml":
+                for j, (im, caption) in enumerate(zip(images, captions)):
+                    tracker.log_image(im, name=f"{tag}/{j}", step=step, metadata={"caption": caption})
 
     def close(self) -> None:
         if self.names:

@@ -1,0 +1,73 @@
+"""--report_to wandb / comet_ml through their own packages, offline: what reaches them, and no token.
+
+(TensorBoard is read back in test_training.py::test_outputs_and_resolved_config.)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+
+import pytest
+
+from difftune.cli import main, redact_secrets
+
+SECRET = "hf_SECRET_tracker_must_not_see"
+
+
+def test_secret_flag_values_are_redacted_in_both_spellings():
+    argv = ["difftune", "train", "controlnet", "--hub_token", SECRET, "--seed", "1", f"--hub_token={SECRET}"]
+    assert redact_secrets(argv) == ["difftune", "train", "controlnet", "--hub_token", "***", "--seed", "1",
+                                    "--hub_token=***"]
+    assert redact_secrets(["--hub_model_id", "me/x"]) == ["--hub_model_id", "me/x"]  # only secrets
+
+
+def _train(tracker, model_dir, data_dir, out, monkeypatch):
+    val = data_dir / "validation"
+    argv = ["train", "controlnet", "--pretrained_model_name_or_path", str(model_dir), "--train_data_dir",
+            str(data_dir), "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "2",
+            "--max_train_steps", "2", "--validation_steps", "1", "--validation_prompt", "red circle",
+            "--validation_image", str(val / "conditioning_0.png"), "--num_validation_images", "1",
+            "--num_validation_inference_steps", "2", "--report_to", tracker, "--hub_token", SECRET]
+    monkeypatch.setattr(sys, "argv", ["difftune", *argv])  # what the trackers record as the command
+    assert main(argv) == 0
+
+
+def test_wandb_offline_run_gets_losses_and_images_but_not_the_token(tiny_model_dir, fill_dir, tmp_path,
+                                                                    monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    out = tmp_path / "run"
+    _train("wandb", tiny_model_dir, fill_dir, out, monkeypatch)
+    (run,) = (out / "logs" / "wandb").glob("offline-run-*")  # with the run's other logs, not in the cwd
+    images = sorted((run / "files" / "media" / "images" / "validation").glob("*.png"))
+    assert [p.name.split("_")[:2] for p in images] == [["0", "1"], ["0", "2"]]  # image 0 at steps 1 and 2
+    (record,) = run.glob("run-*.wandb")
+    assert b"loss" in record.read_bytes()
+    for path in out.rglob("*"):
+        assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
+
+
+def test_comet_offline_experiment_gets_losses_and_images_but_not_the_token(tiny_model_dir, fill_dir, tmp_path,
+                                                                           monkeypatch):
+    pytest.importorskip("comet_ml")
+    monkeypatch.setenv("COMET_START_ONLINE", "false")
+    monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
+    _train("comet_ml", tiny_model_dir, fill_dir, tmp_path / "run", monkeypatch)
+    (archive,) = (tmp_path / "comet").glob("*.zip")
+    with zipfile.ZipFile(archive) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    messages = [json.loads(line) for line in members["messages.json"].splitlines()]
+    metrics = [m["payload"]["metric"] for m in messages if m["type"] == "metric_msg"]
+    assert [(m["metricName"], m["step"]) for m in metrics if m["metricName"] == "loss"] == [("loss", 1), ("loss", 2)]
+    images = [m["payload"] for m in messages
+              if m["type"] == "file_upload" and m["payload"]["upload_type"] == "visualization"]
+    assert [(i["additional_params"]["figName"], i["additional_params"]["step"]) for i in images] == [
+        ("validation/0/0", 1), ("validation/0/0", 2)]
+    assert all(members[i["file_path"]].startswith(b"\x89PNG") for i in images)
+    assert all(SECRET.encode() not in data for data in members.values())
+    (command,) = [m["payload"]["command"] for m in messages if "command" in m["payload"]]
+    assert "***" in command
