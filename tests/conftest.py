@@ -40,6 +40,23 @@ def tiny_base(tiny_model_dir):
     return load_base_model(str(tiny_model_dir))
 
 
+def write_data_with_a_corrupt_image(data):
+    """Eight 64 px ControlNet samples in ``data`` (metadata.jsonl); image 3 is not a readable PNG."""
+    import json
+
+    from PIL import Image
+
+    (data / "img").mkdir(parents=True)
+    rows = []
+    for i in range(8):
+        Image.new("RGB", (64, 64), (i * 30, 0, 0)).save(data / "img" / f"{i}.png")
+        Image.new("L", (64, 64), 0).save(data / "img" / f"c{i}.png")
+        rows.append({"image": f"img/{i}.png", "conditioning_image": f"img/c{i}.png", "text": f"red circle {i}"})
+    (data / "img" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return data
+
+
 def make_config(model_dir, data_dir, out_dir, **overrides):
     """A small ControlNet config; overrides are flat flag names."""
     from difftune.config import ControlNetConfig, from_dict

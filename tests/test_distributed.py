@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from conftest import write_data_with_a_corrupt_image
+
 
 
 def _launch(model_dir, data_dir, out, *extra, timeout=600):
@@ -94,17 +96,7 @@ def test_each_process_gets_its_own_random_state_back():
 def test_a_process_whose_batch_is_all_unreadable_still_joins_the_step(tiny_model_dir, tmp_path):
     # batch 1 on two processes: the rank that draws the broken file has nothing to train on, yet
     # the other waits in the gradient all-reduce (it crashed gloo, and hangs NCCL, before)
-    from PIL import Image
-
-    data = tmp_path / "data"
-    (data / "img").mkdir(parents=True)
-    rows = []
-    for i in range(8):
-        Image.new("RGB", (64, 64), (i * 30, 0, 0)).save(data / "img" / f"{i}.png")
-        Image.new("L", (64, 64), 0).save(data / "img" / f"c{i}.png")
-        rows.append({"image": f"img/{i}.png", "conditioning_image": f"img/c{i}.png", "text": f"red circle {i}"})
-    (data / "img" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = write_data_with_a_corrupt_image(tmp_path / "data")
     out = tmp_path / "run"
     _launch(tiny_model_dir, data, out, "--max_train_steps", "4", "--train_batch_size", "1",
             "--checkpointing_steps", "4", timeout=180)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_same_training, make_config
+from conftest import assert_same_training, make_config, write_data_with_a_corrupt_image
 from difftune import checkpoint as ckpt
 from difftune.api import train_controlnet
 
@@ -57,7 +57,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, fill_dir, tmp_path, monkeyp
     real = ckpt.save_checkpoint
 
     def save_then_die(*args, **kwargs):  # the process is killed right after checkpoint-5 lands
-        path = real(*args, **kwargs)
+        real(*args, **kwargs)
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
@@ -209,17 +209,7 @@ def test_streaming_trains_on_the_first_samples(tiny_model_dir, fill_dir, tmp_pat
 def test_corrupt_sample_is_skipped_and_counted(tiny_model_dir, tmp_path):
     import shutil
 
-    from PIL import Image
-
-    data = tmp_path / "data"
-    (data / "img").mkdir(parents=True)
-    rows = []
-    for i in range(8):
-        Image.new("RGB", (64, 64), (i * 30, 0, 0)).save(data / "img" / f"{i}.png")
-        Image.new("L", (64, 64), 0).save(data / "img" / f"c{i}.png")
-        rows.append({"image": f"img/{i}.png", "conditioning_image": f"img/c{i}.png", "text": f"red circle {i}"})
-    (data / "img" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = write_data_with_a_corrupt_image(tmp_path / "data")
     summary = train_controlnet(make_config(tiny_model_dir, data, tmp_path / "run", max_train_steps=2,
                                            train_batch_size=4))
     assert summary["global_step"] == 2 and summary["skipped_samples"] == 1
