@@ -105,3 +105,5 @@ def test_a_process_whose_batch_is_all_unreadable_still_joins_the_step(tiny_model
     assert summary["skipped_samples"] == 1  # counted by the process that met it, reported for the run
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["skipped_samples"] == 1
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["skipped_samples"] == 1  # the per-step log counts both processes too

@@ -326,6 +326,8 @@ class Trainer:
                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
         t_start, images_seen, last_loss = time.perf_counter(), 0, float("nan")
         readable = unreadable = 0  # this process's samples since the run (re)started
+        # this process's share of the run's skipped samples, on the device: summed with the loss each step
+        skipped = torch.tensor(float(state.skipped_samples), device=accelerator.device)
         pending = None  # --nan_policy stop: the last step's record, its loss still on the way from the device
         profiler = StepProfiler(self.out / "profile", cfg.profile_steps, cfg.profile_start, state.global_step,
                                 enabled=accelerator.is_main_process, device_type=accelerator.device.type)
@@ -340,8 +342,10 @@ class Trainer:
                     batch = next(stream)
                     data_wait += time.perf_counter() - t_data
                     state.micro_batches += 1
-                    state.skipped_samples += int(batch.get("n_skipped", 0))
-                    unreadable += int(batch.get("n_skipped", 0))
+                    if batch.get("n_skipped"):
+                        state.skipped_samples += int(batch["n_skipped"])
+                        unreadable += int(batch["n_skipped"])
+                        skipped += int(batch["n_skipped"])  # (a host number into a device add: no wait)
                     readable += 0 if batch.get("empty") else images_in(batch)
                     if unreadable:
                         refuse_unreadable_data(readable, unreadable, state.global_step, root)
@@ -362,8 +366,10 @@ class Trainer:
                         accelerator.backward(loss * (weight / accum))
                     loss_sum += loss.detach().float() * weight  # (a non-finite stand-in still counts as one)
                     step_images += images_in(batch) if weight else 0
-                # the loss summed over processes (is it finite everywhere?) and this process's, to log
-                reading = DeviceScalars(torch.stack([accelerator.reduce(loss_sum, reduction="sum"), loss_sum]))
+                # the loss summed over processes (is it finite everywhere?), this process's, to log, and
+                # the run's skipped samples (every process's count)
+                total, run_skipped = accelerator.reduce(torch.stack([loss_sum, skipped]), reduction="sum")
+                reading = DeviceScalars(torch.stack([total, loss_sum, run_skipped]))
                 if cfg.nan_policy == "skip":  # the host decides whether to step: it waits for the loss here
                     if math.isfinite(reading.get()[0]):
                         self._step(accelerator, optimizer, lr_scheduler, params)
@@ -382,7 +388,6 @@ class Trainer:
                 images_seen += step_images * accelerator.num_processes
                 now = time.perf_counter()
                 record = {"step": state.global_step, "reading": reading, "nonfinite_steps": state.nonfinite_steps,
-                          "skipped_samples": state.skipped_samples,
                           "scalars": {"lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_seen / (now - t_start),
                                       "step_seconds": round(now - t_step, 5), "data_wait_seconds": round(data_wait, 5)}}
                 bar.update(1)
@@ -430,7 +435,7 @@ class Trainer:
     def _report(self, record: dict, accum: int, trackers, bar, root: Path) -> float:
         """Read a step's loss (waiting for it if need be), stop on a non-finite one (``--nan_policy stop``),
         log the step's scalars; returns the loss."""
-        total, local = record["reading"].get()
+        total, local, skipped = record["reading"].get()
         if not math.isfinite(total) and self.cfg.nan_policy == "stop":
             last = ckpt.list_checkpoints(root)
             raise TrainingDiverged(
@@ -440,9 +445,10 @@ class Trainer:
             )
         loss = local / accum
         scalars = {"loss": loss, **record["scalars"]}
-        for key in ("skipped_samples", "nonfinite_steps"):
-            if record[key]:
-                scalars[key] = record[key]
+        if skipped:
+            scalars["skipped_samples"] = int(skipped)
+        if record["nonfinite_steps"]:
+            scalars["nonfinite_steps"] = record["nonfinite_steps"]
         trackers.log_scalars(scalars, record["step"])
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{scalars['images_per_s']:.1f}")
         return loss
