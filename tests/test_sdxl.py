@@ -203,6 +203,7 @@ def test_cli_run_exports_a_controlnet_that_loads_in_the_sdxl_pipeline(cli_traine
     out = cli_trained
     saved = json.loads((out / "difftune_config.json").read_text())
     assert saved["model"]["model_family"] == "sdxl" and saved["data"]["crops_coords_top_left_h"] == 0
+    assert saved["train"]["tracker_project_name"] == "sd_xl_train_controlnet"  # diffusers' SDXL name
     assert (out / "validation" / "step-0000002.png").is_file()
     assert "StableDiffusionXLControlNetPipeline" in (out / "README.md").read_text()
     loaded = ControlNetModel.from_pretrained(out)

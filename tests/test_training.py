@@ -179,6 +179,7 @@ def test_outputs_and_resolved_config(tiny_model_dir, fill_dir, tmp_path):
         assert (out / name).is_file(), name
     saved = json.loads((out / "difftune_config.json").read_text())
     assert saved["train"]["seed"] == 0 and saved["data"]["resolution"] == 64
+    assert saved["train"]["tracker_project_name"] == "train_controlnet"
     for path in out.rglob("*"):
         if path.is_file():
             assert b"hf_SECRET_do_not_write" not in path.read_bytes(), path

@@ -217,7 +217,10 @@ class TrainConfig:
     report_to: str = opt(
         "none", "Trackers: tensorboard, wandb, comet_ml, all (those installed) or none; metrics.jsonl is always written."
     )
-    tracker_project_name: str = opt("train_controlnet", "Project name given to the trackers.")
+    tracker_project_name: str | None = opt(
+        None, "Project name given to the trackers (default: train_controlnet, or sd_xl_train_controlnet for an "
+              "SDXL base, as diffusers' scripts name them)."
+    )
     nan_policy: str = opt(
         "stop",
         "On a NaN/inf loss: stop with a message (the loss is checked while the next step runs, and always before "

@@ -70,6 +70,7 @@ class SDFamily:
     extra_subfolders: tuple[str, ...] = ()
     vae_needs_fp32 = False
     controlnet_pipeline_name = "StableDiffusionControlNetPipeline"
+    controlnet_tracker_project = "train_controlnet"  # diffusers' name for the project of its runs
     validation_guidance_scale = 7.5  # the pipeline's default, which diffusers' validation uses
 
     def load_extra_encoders(self, name_or_path: str, variant: str | None, common: dict) -> dict:
@@ -107,6 +108,7 @@ class SDXLFamily(SDFamily):
     extra_subfolders = ("text_encoder_2", "tokenizer_2")
     vae_needs_fp32 = True
     controlnet_pipeline_name = "StableDiffusionXLControlNetPipeline"
+    controlnet_tracker_project = "sd_xl_train_controlnet"
     validation_guidance_scale = 5.0
 
     def load_extra_encoders(self, name_or_path: str, variant: str | None, common: dict) -> dict:

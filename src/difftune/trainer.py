@@ -285,8 +285,8 @@ class Trainer:
                             accelerator.process_index)
             log.info("resumed from %s at step %d", resume_from, state.global_step)
 
-        trackers = Trackers(accelerator, self.out, tracker_names, cfg.tracker_project_name, to_dict(self.run_config),
-                            logging_dir=self.out / cfg.logging_dir)
+        trackers = Trackers(accelerator, self.out, tracker_names, cfg.tracker_project_name or self.method.name,
+                            to_dict(self.run_config), logging_dir=self.out / cfg.logging_dir)
         validator = Validator(self.val_cfg, self.method, self.out, trackers, seed)
         setup_seconds = time.perf_counter() - t_setup
         setup_peak = None

@@ -105,10 +105,12 @@ class ControlNetMethod:
         )
         self.family = family_of(self.base)
         self.resolution = cfg.data.resolution or self.family.default_resolution
-        # the resolved config (what Trainer saves) names the family and resolution actually used
+        # the resolved config (what Trainer saves) names the family, resolution and tracker project used
+        project = cfg.train.tracker_project_name or self.family.controlnet_tracker_project
         self.cfg = cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(m, model_family=self.family.name),
             data=dataclasses.replace(cfg.data, resolution=self.resolution),
+            train=dataclasses.replace(cfg.train, tracker_project_name=project),
         )
         if m.controlnet_model_name_or_path:
             self.controlnet = load_controlnet(m.controlnet_model_name_or_path, cache_dir=m.cache_dir)
