@@ -364,11 +364,15 @@ def test_an_image_and_condition_of_other_shapes_are_named_once(tmp_path, caplog)
     assert len(said) == 1 and said[0].startswith("row 1 ") and "32x16" in said[0] and "16x16" in said[0]
 
 
-def test_non_string_caption_is_a_data_error(tmp_path):
-    root = _metadata_folder(tmp_path / "pairs", [{"image": "t.png", "conditioning_image": "c.png", "text": 42}])
-    table = load_table(train_data_dir=root, cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(DataError, match="row 0, column 'text'.*caption is int"):
-        ControlNetExamples(table, "image", "conditioning_image", "text", resolution=8)[0]
+@pytest.mark.parametrize("captions, message", [
+    ([42], "row 0, column 'text'.*caption is int"),
+    (["a", "b", None, "d"], "row 2, column 'text'.*caption is NoneType"),  # a string column with a gap
+])
+def test_a_caption_that_is_not_text_is_refused_before_training(captions, message, tmp_path):
+    rows = [{"image": "t.png", "conditioning_image": "c.png", "text": c} for c in captions]
+    table = load_table(train_data_dir=_metadata_folder(tmp_path / "pairs", rows), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=message):  # when the data set is opened, not when the row is drawn
+        ControlNetExamples(table, "image", "conditioning_image", "text", resolution=8)
 
 
 def test_streaming_examples_match_and_resume(small_fill_dir):

@@ -133,6 +133,14 @@ class _ExampleBuilder:
         return example
 
 
+def _is_text(feature: Any) -> bool:
+    """A datasets feature of strings or of lists of strings."""
+    from datasets import Value
+
+    feature = getattr(feature, "feature", feature)  # a list's items
+    return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+
 class ControlNetExamples(torch.utils.data.Dataset):
     """Map-style dataset over a non-streaming Table.
 
@@ -158,6 +166,17 @@ class ControlNetExamples(torch.utils.data.Dataset):
             table, image_column, conditioning_image_column, caption_column, resolution, proportion_empty_prompts, seed,
             interpolation,
         )
+        self._check_captions()
+
+    def _check_captions(self) -> None:
+        """A caption that is not text stops the run at its start, naming the row, rather than hours in
+        when that row is drawn (an unreadable image is skipped instead: a caption cannot be guessed)."""
+        b = self._builder
+        dataset = b.table.dataset
+        if _is_text(dataset.features.get(b.caption_column)) and not dataset.data.column(b.caption_column).null_count:
+            return  # Arrow's own type and null count say every value is text: nothing to scan
+        for index, value in enumerate(dataset[b.caption_column]):
+            b.caption(value, index)  # raises on the first bad one
 
     def set_epoch(self, epoch: int) -> None:
         self._builder.set_epoch(epoch)
