@@ -26,7 +26,7 @@ tracker_project_name train_batch_size train_data_dir use_8bit_adam validation_im
 validation_steps variant
 model_family pretrained_vae_model_name_or_path crops_coords_top_left_h crops_coords_top_left_w image_interpolation_mode
 cache_latents latent_cache_dir channels_last torch_compile optimizer_in_backward fp8_frozen_unet profile_steps profile_start cuda_graphs
-timestep_sampling validation_control_guidance overwrite_output_dir
+timestep_sampling validation_control_guidance overwrite_output_dir local_rank local-rank
 """.split())  # SDXL support (issue 6), speed and memory options (issue 5), T2I-Adapter's timestep bias, cond guidance,
 # starting over in a run folder (diffusers' scripts overwrite silently)
 
@@ -265,7 +265,7 @@ real_prior recipe report_to resolution resume_from_checkpoint revision sample_ba
 set_grads_to_none snr_gamma tokenizer_name tracker_project_name train_batch_size use_8bit_adam
 validation_prompt validation_steps variant with_prior_preservation
 channels_last torch_compile optimizer_in_backward profile_steps profile_start
-embedding_learning_rate timestep_sampling
+embedding_learning_rate timestep_sampling local_rank local-rank
 """.split())  # speed and memory options (issue 5); a learning rate of the embeddings alone; T2I-Adapter's timestep bias
 
 
@@ -339,3 +339,17 @@ def test_training_from_a_unet_folder_as_controlnet_is_a_clear_error(tiny_model_d
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "--controlnet_model_name_or_path" in err and "UNet2DConditionModel folder" in err
+
+
+@pytest.mark.parametrize("method", ["controlnet", "custom-diffusion"])
+def test_the_launchers_local_rank_flag_is_taken_and_left_out_of_the_config(method):
+    from difftune.cli import config_from_args
+    from difftune.config import to_dict
+    from difftune.config_custom_diffusion import CustomDiffusionConfig
+
+    for flag in (["--local_rank", "1"], ["--local-rank=1"]):  # diffusers' spelling, torch.distributed.launch's
+        data = ["--train_data_dir", "d"] if method == "controlnet" else ["--instance_data_dir", "d",
+                                                                         "--instance_prompt", "a <new1> dog"]
+        args = build_parser().parse_args(["train", method, *data, *flag])
+        cfg = config_from_args(ControlNetConfig if method == "controlnet" else CustomDiffusionConfig, args)
+        assert "local_rank" not in json.dumps(to_dict(cfg))

@@ -66,6 +66,28 @@ def test_family_detection_loading_and_resolution(tiny_sdxl_dir, tiny_model_dir, 
     assert ControlNetMethod(make_config(tiny_model_dir, fill_dir, tmp_path, resolution=None)).resolution == 512
 
 
+def test_a_controlnet_made_for_another_base_is_refused_before_any_step(tiny_model_dir, tiny_sdxl_dir, sdxl_base,
+                                                                      tiny_base, fill_dir, tmp_path):
+    from diffusers import ControlNetModel
+
+    from difftune.api import generate
+    from difftune.errors import ModelLoadError
+    from difftune.methods.controlnet import ControlNetMethod
+
+    sd_controlnet = tmp_path / "sd-controlnet"
+    ControlNetModel.from_unet(tiny_base.unet).save_pretrained(sd_controlnet)
+    cfg = make_config(tiny_sdxl_dir, fill_dir, tmp_path / "run", controlnet_model_name_or_path=str(sd_controlnet))
+    # (it failed inside diffusers at the first step: "The size of tensor a (8) must match ...")
+    with pytest.raises(ModelLoadError, match=r"--controlnet_model_name_or_path .*sd-controlnet was made for another "
+                                             r"base model \(cross_attention_dim 32 here, 64 in the base; "):
+        ControlNetMethod(cfg, base=sdxl_base)
+    with pytest.raises(ModelLoadError, match="--controlnet .*made for another base"):
+        generate(str(tiny_sdxl_dir), sd_controlnet, fill_dir / "validation" / "conditioning_0.png", PROMPT,
+                 num_inference_steps=1)
+    ControlNetMethod(make_config(tiny_model_dir, fill_dir, tmp_path / "ok",  # its own base: fine
+                                 controlnet_model_name_or_path=str(sd_controlnet)), base=tiny_base)
+
+
 @torch.no_grad()
 def test_prompt_embeds_pooled_and_time_ids_match_the_diffusers_pipeline(sdxl_base):
     from diffusers import StableDiffusionXLPipeline

@@ -150,7 +150,7 @@ def generate(
         tokens = load_custom_diffusion(pipe, custom_diffusion, weight_name)
         warn_unknown_tokens(prompt, tokens, custom_diffusion)
     else:
-        pipe = controlnet_pipeline(base, load_controlnet(str(controlnet), flag="--controlnet"))
+        pipe = controlnet_pipeline(base, load_controlnet(str(controlnet), flag="--controlnet", unet=base.unet))
     if cpu_offload:
         if not device.startswith("cuda"):
             raise UserError("--cpu_offload only makes sense with a CUDA device.")

@@ -48,6 +48,13 @@ def _unwrap(tp):
     return tp, False
 
 
+def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
+    """``--local_rank``, which diffusers' scripts take and ``python -m torch.distributed.launch`` passes (as
+    ``--local-rank``): accepted and unused, since each process finds its rank in the launcher's environment."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                        help="accepted for torch.distributed.launch; the launcher's LOCAL_RANK is what counts")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type, defaults: dict | None = None) -> None:
     """One flag per config field, grouped by section; defaults suppressed to tell what was given.
     ``defaults`` ({section: {field: value}}): a command's own defaults over the fields', as --help shows them."""
@@ -313,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--config", help="YAML/TOML/JSON file of settings (flags override it)")
     cn.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe (flags override it)")
     add_config_flags(cn, ControlNetConfig)
+    add_launcher_flags(cn)
     cn.set_defaults(func=cmd_train_controlnet)
     from .cli_custom_diffusion import register as register_custom_diffusion
 

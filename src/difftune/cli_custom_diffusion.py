@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub, train_sub, eval_sub=None) -> None:
     """Add the Custom Diffusion commands to the top-level, ``train`` and ``eval`` sub-parsers."""
-    from .cli import add_config_flags, at_least
+    from .cli import add_config_flags, add_launcher_flags, at_least
     from .config_custom_diffusion import CustomDiffusionConfig, custom_diffusion_defaults
     from .recipes import recipes_for
 
@@ -104,6 +104,7 @@ def register(sub, train_sub, eval_sub=None) -> None:
     t.add_argument("--recipe", choices=sorted(recipes_for(CustomDiffusionConfig)),
                    help="start from a named recipe (flags override it)")
     add_config_flags(t, CustomDiffusionConfig, custom_diffusion_defaults())
+    add_launcher_flags(t)
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("retrieve", help="download a real prior from a clip-retrieval kNN back-end")

@@ -242,17 +242,18 @@ def _what_folder_instead(local: Path, flag: str) -> str:
 
 
 def load_controlnet(name_or_path: str, revision: str | None = None, cache_dir: str | None = None,
-                    flag: str = CONTROLNET_FLAG):
+                    flag: str = CONTROLNET_FLAG, unet: Any = None):
     """An existing ControlNet (folder or hub id): to continue training from, or to sample and evaluate with.
 
-    ``flag`` names the option it came from in the messages (``--controlnet`` for generate and eval).
+    ``flag`` names the option it came from in the messages (``--controlnet`` for generate and eval);
+    given the base's ``unet``, a ControlNet built for another base is refused (``check_controlnet_fits``).
     """
     from diffusers import ControlNetModel
 
     check_controlnet_source(name_or_path, flag)
     local = Path(name_or_path).expanduser()
     try:
-        return ControlNetModel.from_pretrained(
+        controlnet = ControlNetModel.from_pretrained(
             str(local) if local.exists() else name_or_path, revision=revision, cache_dir=cache_dir,
             torch_dtype=torch.float32,
         )
@@ -261,6 +262,30 @@ def load_controlnet(name_or_path: str, revision: str | None = None, cache_dir: s
             raise ModelLoadError(f"{flag} {name_or_path}: could not load the ControlNet ({e}); "
                                  f"{GIVE_CONTROLNET}.") from None
         raise _hub_hint(name_or_path, e, f"For {flag}, {GIVE_CONTROLNET}.") from None
+    if unet is not None:
+        check_controlnet_fits(controlnet.config, unet.config, f"{flag} {name_or_path}")
+    return controlnet
+
+
+# the settings a ControlNet shares with the UNet it steers: any difference fails at the first step
+# (not in_channels: a 4-channel ControlNet may steer a 9-channel inpainting UNet)
+_SHARED_WITH_UNET = ("block_out_channels", "cross_attention_dim", "addition_embed_type",
+                     "projection_class_embeddings_input_dim")
+
+
+def check_controlnet_fits(controlnet_config: Any, unet_config: Any, what: str) -> None:
+    """Refuse a ControlNet made for another base (an SD 1.5 one on SDXL, ...), naming the differences,
+    before its residuals fail to add up with the UNet's inside diffusers."""
+    def norm(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    differ = [f"{key} {norm(controlnet_config.get(key))} here, {norm(unet_config.get(key))} in the base"
+              for key in _SHARED_WITH_UNET if norm(controlnet_config.get(key)) != norm(unet_config.get(key))]
+    if differ:
+        raise ModelLoadError(
+            f"{what} was made for another base model ({'; '.join(differ)}). Give the base it was trained on "
+            "(--pretrained_model_name_or_path), or train a new ControlNet on this one."
+        )
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):

@@ -234,7 +234,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     scorer, targets = condition_targets(metric, n, res, seed, data, condition_settings)
     prompts = [t["prompt"] for t in targets]
     net = (controlnet if isinstance(controlnet, torch.nn.Module)
-           else load_controlnet(str(controlnet), flag="--controlnet"))
+           else load_controlnet(str(controlnet), flag="--controlnet", unet=base.unet))
     pipe = controlnet_pipeline(base, net)
     scores, generated = {}, {}
     for mode in modes:

@@ -113,7 +113,8 @@ class ControlNetMethod:
             train=dataclasses.replace(cfg.train, tracker_project_name=project),
         )
         if m.controlnet_model_name_or_path:
-            self.controlnet = load_controlnet(m.controlnet_model_name_or_path, cache_dir=m.cache_dir)
+            self.controlnet = load_controlnet(m.controlnet_model_name_or_path, cache_dir=m.cache_dir,
+                                              unet=self.base.unet)
         else:
             # the conditioning embedding is randomly initialised: same seed, same ControlNet
             with torch.random.fork_rng(devices=[]):
