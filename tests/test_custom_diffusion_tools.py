@@ -173,7 +173,71 @@ def test_eval_command_reports_fidelity_and_drift(tiny_model_dir, two_concepts, t
     r = result["concepts"]["<new1> star"]
     assert r["reference"]["kind"] == "star" and 0 <= r["fidelity"]["concept_ok"] <= 1
     assert r["class_drift_delta_e"] >= 0 and result["unrelated"]["drift_delta_e"] >= 0
+    assert "clip" not in r and "accuracy_base" in result["unrelated"]  # shapes: read, no CLIP needed
     assert "concept_ok" in capsys.readouterr().out and (out / "eval_custom_diffusion.png").is_file()
+
+
+def write_photo_concept(folder, n=4):
+    """A concept that is no shapes-world picture: smooth colour fields, as textured as a photo."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        small = rng.integers(0, 255, size=(5, 5, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((64, 64), Image.Resampling.BICUBIC).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tiny_model_dir, tmp_path_factory):
+    """A CLIP model the size of a test, built from a config (random weights), with its processor."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    out = tmp_path_factory.mktemp("clip")
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, **layers),
+                         vision_config=dict(image_size=32, patch_size=8, **layers), projection_dim=16)
+              ).save_pretrained(out)
+    CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer).save_pretrained(out)
+    return out
+
+
+def test_clip_scores_are_cosine_similarities(tiny_clip_dir):
+    from difftune.errors import ModelLoadError
+    from difftune.eval.clip import ClipScorer
+
+    clip = ClipScorer(str(tiny_clip_dir))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    assert clip.paired_similarity(images, images) == pytest.approx(1.0, abs=1e-5)  # an image is itself
+    assert clip.image_alignment(images, images) < 1.0  # ... but not every other one
+    assert -1.0 <= clip.text_alignment(images, ["a cat", "a dog", "a car"]) <= 1.0
+    with pytest.raises(ModelLoadError, match="--clip_model, give a CLIP model folder"):
+        ClipScorer("nobody/no-such-clip")  # offline: a clear error naming the flag
+
+
+def test_a_photo_concept_is_measured_with_clip_not_with_shape_readings(tiny_model_dir, tiny_clip_dir, tmp_path,
+                                                                        capsys):
+    photos = write_photo_concept(tmp_path / "photos")
+    run = tmp_path / "run"
+    train_custom_diffusion(cd_config(tiny_model_dir, run, instance_data_dir=str(photos),
+                                     instance_prompt="a photo of <new1> star", max_train_steps=1))
+    argv = ["eval", "custom-diffusion", "--custom_diffusion", str(run), "--n", "2", "--num_inference_steps", "1",
+            "--out", str(tmp_path / "eval")]
+    assert main(argv) == 2  # shape readings would be numbers about nothing: refused, with what to pass
+    assert "not flat shapes on flat backgrounds" in capsys.readouterr().err
+    assert main([*argv, "--clip_model", str(tiny_clip_dir)]) == 0
+    result = json.loads((tmp_path / "eval" / "eval_custom_diffusion.json").read_text())
+    (prompt, r), = result["concepts"].items()
+    assert prompt == "<new1> star" and "fidelity" not in r
+    assert set(r["clip"]) == {"image_alignment", "text_alignment", "baseline_image_alignment_base_on_class_prompt",
+                              "class_similarity_base_vs_adapted"}
+    assert all(-1.0 <= v <= 1.0 + 1e-6 for v in r["clip"].values())
+    assert "accuracy_base" not in result["unrelated"] and "clip_similarity_base_vs_adapted" in result["unrelated"]
+    assert "clip_image" in capsys.readouterr().out
 
 
 def test_cli_trains_and_generate_needs_one_adapter(tiny_model_dir, tmp_path, capsys):

@@ -86,7 +86,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     result = eval_custom_diffusion(base_of(args, args.custom_diffusion), args.custom_diffusion, n=args.n,
                                    steps=args.num_inference_steps, seed=args.seed,
-                                   guidance_scale=args.guidance_scale, out=args.out, weight_name=args.weight_name)
+                                   guidance_scale=args.guidance_scale, out=args.out, weight_name=args.weight_name,
+                                   clip_model=args.clip_model)
     print(format_table(result))
     print(f"details: {Path(args.out) / 'eval_custom_diffusion.json'}, grid: {Path(args.out) / 'eval_custom_diffusion.png'}")
     return 0
@@ -142,4 +143,7 @@ def register(sub, train_sub, eval_sub=None) -> None:
         e.add_argument("--guidance_scale", type=float, default=7.5)
         e.add_argument("--seed", type=int, default=0)
         e.add_argument("--out", default="eval", help="folder for the JSON and the PNG grid")
+        e.add_argument("--clip_model", help="CLIP model (folder or hub id, e.g. openai/clip-vit-large-patch14) for "
+                                            "CLIP image/text alignment: needed for concepts that are not shapes-world "
+                                            "images (photos)")
         e.set_defaults(func=cmd_eval)

@@ -8,6 +8,13 @@
   the adapted model and the base model draw from the same seeds; drift is the mean per-pixel
   Delta E between the two images (0 = unchanged), and for the unrelated prompts we also report
   whether the prompt's shape and colours are still drawn (accuracy, base vs adapted).
+
+Those readings only mean something for concepts of the shapes world (flat shapes on flat
+backgrounds, what the bundled base draws). For any other concept (photos, on an SD model) give
+``--clip_model``: the paper's CLIP image alignment (generated vs the concept's images) and text
+alignment (generated vs the prompt without its tokens), and CLIP similarity between base and
+adapted images as the drift (``eval.clip``); unrelated prompts are then everyday captions.
+Without a CLIP model such a concept is refused rather than given shape numbers.
 """
 
 from __future__ import annotations
@@ -16,10 +23,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..data.shapes import ALL_SHAPES, BASE_SHAPES, sample_shapes, srgb_to_lab
-from ..eval.metrics import COLOR_TOLERANCE, delta_e, read_shape, shape_scores
+from ..errors import UserError
+from ..eval.metrics import COLOR_TOLERANCE, FOREGROUND_MIN, delta_e, read_shape, shape_scores
 from .concepts import list_images
+
+# unrelated prompts for concepts outside the shapes world (prior drift on everyday subjects)
+EVERYDAY_PROMPTS = (
+    "a photo of a mountain lake at sunrise", "a bowl of fruit on a wooden table", "a red bicycle leaning on a wall",
+    "a city street at night in the rain", "a portrait of an old man with a beard", "a sailing boat on the sea",
+    "a plate of pasta with tomato sauce", "a snowy forest with pine trees",
+)
 
 
 def _load(path: Path, resolution: int) -> np.ndarray:
@@ -29,12 +45,32 @@ def _load(path: Path, resolution: int) -> np.ndarray:
         return np.asarray(im.convert("RGB").resize((resolution, resolution), Image.Resampling.BILINEAR))
 
 
+def is_flat_shape(image: np.ndarray) -> bool:
+    """A shapes-world image: one flat-coloured region on a flat background (a photo's border and
+    subject vary in colour; flat shapes do not)."""
+    reading, lab = read_shape(image, ALL_SHAPES), srgb_to_lab(image)
+    if reading.foreground_lab is None:
+        return False
+    border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
+    flat_border = np.mean(delta_e(border, reading.background_lab) < FOREGROUND_MIN)
+    flat_shape = np.mean(delta_e(lab[reading.mask], reading.foreground_lab) < COLOR_TOLERANCE)
+    return bool(flat_border >= 0.9 and flat_shape >= 0.9)
+
+
+def is_shapes_concept(instance_dir: str | Path, resolution: int = 64) -> bool:
+    """Are three in four of a concept's instance images shapes-world images?"""
+    images = [_load(p, resolution) for p in list_images(instance_dir, "instance_data_dir")]
+    return bool(np.mean([is_flat_shape(im) for im in images]) >= 0.75)
+
+
 def concept_reference(instance_dir: str | Path, resolution: int) -> dict:
-    """Shape kind (majority) and median shape/background colours of a concept's instance images."""
-    readings = [read_shape(_load(p, resolution), ALL_SHAPES) for p in list_images(instance_dir, "instance_data_dir")]
+    """The concept's instance images, their shape kind (majority) and median shape/background colours."""
+    images = [_load(p, resolution) for p in list_images(instance_dir, "instance_data_dir")]
+    readings = [read_shape(im, ALL_SHAPES) for im in images]
     kinds = [r.kind for r in readings if r.kind]
     fg = [r.foreground_lab for r in readings if r.foreground_lab is not None]
-    return {"kind": max(set(kinds), key=kinds.count) if kinds else None,
+    return {"images": images,
+            "kind": max(set(kinds), key=kinds.count) if kinds else None,
             "foreground_lab": np.median(fg, axis=0) if fg else None,
             "background_lab": np.median([r.background_lab for r in readings], axis=0)}
 
@@ -59,7 +95,7 @@ def pixel_drift(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int = 16, steps: int = 20, seed: int = 0,
                           guidance_scale: float = 7.5, out: str | Path = "eval", n_unrelated: int = 8,
-                          weight_name: str | None = None) -> dict:
+                          weight_name: str | None = None, clip_model: str | None = None) -> dict:
     """Measure every concept of a Custom Diffusion folder; writes ``eval_custom_diffusion.json`` and a grid."""
     from ..eval.run import _base_resolution, generate_batched, text2image_pipeline
     from ..models import load_base_model
@@ -67,8 +103,23 @@ def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int 
     from .export import load_custom_diffusion, read_meta
 
     meta = read_meta(custom_diffusion)
+    shapes = [is_shapes_concept(c["instance_data_dir"]) for c in meta["concepts"]]  # before anything loads
+    shapes_world = all(shapes)
+    if not shapes_world and clip_model is None:
+        other = [c["instance_data_dir"] for c, flat in zip(meta["concepts"], shapes) if not flat]
+        raise UserError(
+            f"the images of {', '.join(other)} are not flat shapes on flat backgrounds, so this evaluation's shape "
+            "and colour readings do not apply to them. Pass --clip_model (e.g. openai/clip-vit-large-patch14, or "
+            "a local CLIP folder) to measure them with CLIP image and text alignment instead."
+        )
+    clip = None
+    if clip_model is not None:
+        from ..eval.clip import ClipScorer
+
+        clip = ClipScorer(clip_model, device="cuda" if torch.cuda.is_available() else "cpu")
     base = load_base_model(pretrained)
     res = _base_resolution(base)
+    refs = [concept_reference(c["instance_data_dir"], res) for c in meta["concepts"]]
     base_pipe = text2image_pipeline(base)
     adapted = text2image_pipeline(load_base_model(pretrained))
     load_custom_diffusion(adapted, custom_diffusion, weight_name)
@@ -81,35 +132,47 @@ def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int 
     result: dict = {"custom_diffusion": str(custom_diffusion), "base_model": pretrained, "n": n, "steps": steps,
                     "seed": seed, "concepts": {}}
     rows = []
-    for concept in meta["concepts"]:
+    for concept, ref, is_shapes in zip(meta["concepts"], refs, shapes):
         tokens = concept.get("modifier_tokens") or meta["modifier_tokens"][:1]
         # the class noun: from the class prompt, else the instance prompt's last word that is not a token
         plain = [w for w in concept["instance_prompt"].split() if not any(t in w for t in meta["modifier_tokens"])]
         word = (concept.get("class_prompt") or "").split()[-1:] or plain[-1:] or [""]
         class_prompt = concept.get("class_prompt") or word[0]
-        ref = concept_reference(concept["instance_data_dir"], res)
         # without tokens the concept lives in the prompt's own words: sample the instance prompt itself
         token_prompt = f"{' '.join(tokens)} {word[0]}".strip() if tokens else concept["instance_prompt"]
         concept_imgs = generate_batched(adapted, [token_prompt] * n, seed=seed, steps=steps, resolution=res,
                                         guidance_scale=guidance_scale, desc=token_prompt)
         base_cls, adapted_cls = both([class_prompt] * n, class_prompt)
-        result["concepts"][token_prompt] = {
-            "reference": {"kind": ref["kind"]},
-            "fidelity": fidelity(concept_imgs, ref),
-            "baseline_fidelity_base_on_class_prompt": fidelity(base_cls, ref),
-            "class_prompt": class_prompt,
-            "class_drift_delta_e": pixel_drift(base_cls, adapted_cls),
-        }
+        r = result["concepts"][token_prompt] = {
+            "class_prompt": class_prompt, "class_drift_delta_e": pixel_drift(base_cls, adapted_cls)}
+        if is_shapes:
+            r.update({"reference": {"kind": ref["kind"]}, "fidelity": fidelity(concept_imgs, ref),
+                      "baseline_fidelity_base_on_class_prompt": fidelity(base_cls, ref)})
+        if clip is not None:
+            # text alignment with the prompt as a reader would write it: without the new tokens
+            plain_prompt = " ".join(w for w in token_prompt.split() if not any(t in w for t in meta["modifier_tokens"]))
+            r["clip"] = {"image_alignment": clip.image_alignment(concept_imgs, ref["images"]),
+                         "text_alignment": clip.text_alignment(concept_imgs, [plain_prompt or class_prompt] * n),
+                         "baseline_image_alignment_base_on_class_prompt": clip.image_alignment(base_cls, ref["images"]),
+                         "class_similarity_base_vs_adapted": clip.paired_similarity(base_cls, adapted_cls)}
         rows += [concept_imgs[:8], base_cls[:8], adapted_cls[:8]]
-    unrelated = sample_shapes(n_unrelated, res, 777 + seed, BASE_SHAPES)
-    base_un, adapted_un = both([s.prompt for s in unrelated], "unrelated")
+    if shapes_world:
+        unrelated = sample_shapes(n_unrelated, res, 777 + seed, BASE_SHAPES)
+        prompts = [s.prompt for s in unrelated]
+    else:
+        prompts = [EVERYDAY_PROMPTS[i % len(EVERYDAY_PROMPTS)] for i in range(n_unrelated)]
+    base_un, adapted_un = both(prompts, "unrelated")
+    result["unrelated"] = {"prompts": len(prompts), "drift_delta_e": pixel_drift(base_un, adapted_un)}
+    if shapes_world:
+        def accuracy(images):
+            scores = [shape_scores(im, s.shape, s.color, s.background) for im, s in zip(images, unrelated)]
+            return {k: float(np.mean([x[k] for x in scores])) for k in ("shape_kind_ok", "shape_color_ok",
+                                                                          "background_ok")}
 
-    def accuracy(images):
-        scores = [shape_scores(im, s.shape, s.color, s.background) for im, s in zip(images, unrelated)]
-        return {k: float(np.mean([x[k] for x in scores])) for k in ("shape_kind_ok", "shape_color_ok", "background_ok")}
-
-    result["unrelated"] = {"prompts": len(unrelated), "drift_delta_e": pixel_drift(base_un, adapted_un),
-                           "accuracy_base": accuracy(base_un), "accuracy_adapted": accuracy(adapted_un)}
+        result["unrelated"].update(accuracy_base=accuracy(base_un), accuracy_adapted=accuracy(adapted_un))
+    if clip is not None:
+        result["clip_model"] = clip.name
+        result["unrelated"]["clip_similarity_base_vs_adapted"] = clip.paired_similarity(base_un, adapted_un)
     rows += [base_un[:8], adapted_un[:8]]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,13 +184,28 @@ def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int 
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'prompt':<28} {'concept_ok':>10} {'kind_ok':>8} {'color_ok':>8} {'base@class':>10} {'class_drift':>11}"]
-    for prompt, r in result["concepts"].items():
-        f, b = r["fidelity"], r["baseline_fidelity_base_on_class_prompt"]
-        lines.append(f"{prompt:<28} {f['concept_ok']:>10.2f} {f['kind_ok']:>8.2f} {f['color_ok']:>8.2f} "
-                     f"{b['concept_ok']:>10.2f} {r['class_drift_delta_e']:>11.2f}")
+    lines = []
+    shapes = {p: r for p, r in result["concepts"].items() if "fidelity" in r}
+    if shapes:
+        lines.append(f"{'prompt':<28} {'concept_ok':>10} {'kind_ok':>8} {'color_ok':>8} {'base@class':>10} "
+                     f"{'class_drift':>11}")
+        for prompt, r in shapes.items():
+            f, b = r["fidelity"], r["baseline_fidelity_base_on_class_prompt"]
+            lines.append(f"{prompt:<28} {f['concept_ok']:>10.2f} {f['kind_ok']:>8.2f} {f['color_ok']:>8.2f} "
+                         f"{b['concept_ok']:>10.2f} {r['class_drift_delta_e']:>11.2f}")
+    clipped = {p: r["clip"] for p, r in result["concepts"].items() if "clip" in r}
+    if clipped:
+        lines.append(f"{'prompt':<28} {'clip_image':>10} {'clip_text':>9} {'base@class':>10} {'class_sim':>9}")
+        for prompt, c in clipped.items():
+            lines.append(f"{prompt:<28} {c['image_alignment']:>10.3f} {c['text_alignment']:>9.3f} "
+                         f"{c['baseline_image_alignment_base_on_class_prompt']:>10.3f} "
+                         f"{c['class_similarity_base_vs_adapted']:>9.3f}")
     u = result["unrelated"]
-    lines.append(f"unrelated prompts: drift {u['drift_delta_e']:.2f} Delta E; shape-kind accuracy "
-                 f"{u['accuracy_base']['shape_kind_ok']:.2f} (base) -> {u['accuracy_adapted']['shape_kind_ok']:.2f}; "
-                 f"colour {u['accuracy_base']['shape_color_ok']:.2f} -> {u['accuracy_adapted']['shape_color_ok']:.2f}")
-    return "\n".join(lines)
+    line = f"unrelated prompts: drift {u['drift_delta_e']:.2f} Delta E"
+    if "accuracy_base" in u:
+        line += (f"; shape-kind accuracy {u['accuracy_base']['shape_kind_ok']:.2f} (base) -> "
+                 f"{u['accuracy_adapted']['shape_kind_ok']:.2f}; colour {u['accuracy_base']['shape_color_ok']:.2f} "
+                 f"-> {u['accuracy_adapted']['shape_color_ok']:.2f}")
+    if "clip_similarity_base_vs_adapted" in u:
+        line += f"; CLIP similarity base vs adapted {u['clip_similarity_base_vs_adapted']:.3f}"
+    return "\n".join(lines + [line])
