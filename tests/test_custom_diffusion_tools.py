@@ -164,6 +164,21 @@ def test_compress_rank_trades_size_for_error(tiny_model_dir, two_concepts, tmp_p
     assert Image.open(tmp_path / "g.png").size == (64, 64)
 
 
+def test_a_concept_under_a_controlnets_control(tiny_model_dir, tiny_base, two_concepts, fill_dir, tmp_path):
+    from diffusers import ControlNetModel
+
+    controlnet = tmp_path / "controlnet"
+    ControlNetModel.from_unet(tiny_base.unet).save_pretrained(controlnet)
+    outline = str(fill_dir / "validation" / "conditioning_0.png")
+    argv = ["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(controlnet),
+            "--image", outline, "--prompt", "<new1> star", "--num_inference_steps", "2", "--seed", "3"]
+    assert main([*argv, "--custom_diffusion", str(two_concepts[0]), "--out", str(tmp_path / "both.png")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "controlnet-only.png")]) == 0
+    both, alone = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("both", "controlnet-only"))
+    assert both.shape == alone.shape == (64, 64, 3)
+    assert np.abs(both.astype(int) - alone.astype(int)).max() > 0  # the concept's token and weights took part
+
+
 def test_eval_command_reports_fidelity_and_drift(tiny_model_dir, two_concepts, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", "custom-diffusion", "--pretrained_model_name_or_path", str(tiny_model_dir),
@@ -250,7 +265,7 @@ def test_cli_trains_and_generate_needs_one_adapter(tiny_model_dir, tmp_path, cap
     saved = json.loads((out / "difftune_config.json").read_text())
     assert saved["train"]["tracker_project_name"] == "custom-diffusion" and saved["optim"]["learning_rate"] == 1e-5
     assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--prompt", "x"]) == 2
-    assert "either --controlnet" in capsys.readouterr().err
+    assert "generate needs --controlnet DIR (with --image), --custom_diffusion DIR, or both" in capsys.readouterr().err
     code = main(["train", "custom-diffusion", "--pretrained_model_name_or_path", str(tiny_model_dir),
                  "--instance_data_dir", str(star), "--instance_prompt", "a star", "--modifier_token", "<new1>",
                  "--output_dir", str(tmp_path / "x")])

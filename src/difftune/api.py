@@ -109,8 +109,9 @@ def generate(
     control_guidance: str = "both",
 ) -> list[Image.Image]:
     """Images for ``prompt`` conditioned on ``image`` with a trained ControlNet (UniPC sampler),
-    or, with ``custom_diffusion`` (and no ControlNet), text-to-image with a Custom Diffusion folder's
-    processors and tokens (several concepts together when the folder holds several).
+    or, with ``custom_diffusion``, with a Custom Diffusion folder's processors and tokens (several
+    concepts together when the folder holds several): text-to-image alone, or under the ControlNet's
+    control when both are given (the concept drawn where the condition puts it).
 
     ``condition`` (e.g. ``"canny"``, settings such as thresholds in ``condition_settings``) makes
     ``image`` a plain picture: it is resized and centre-cropped to the output size and its
@@ -140,17 +141,20 @@ def generate(
     base = load_base_model(pretrained_model_name_or_path)
     res = resolution or base.native_resolution
     _check_latent_multiple(res, base.vae_scale_factor)
+    if controlnet is None and custom_diffusion is None:
+        raise UserError("generate needs a ControlNet (--controlnet), a Custom Diffusion folder (--custom_diffusion), "
+                        "or both.")
     if controlnet is None:
-        if custom_diffusion is None:
-            raise UserError("generate needs a ControlNet (--controlnet) or a Custom Diffusion folder (--custom_diffusion).")
         from .custom_diffusion.class_images import text2image_pipeline
-        from .custom_diffusion.export import load_custom_diffusion
 
         pipe = text2image_pipeline(base)
-        tokens = load_custom_diffusion(pipe, custom_diffusion, weight_name)
-        warn_unknown_tokens(prompt, tokens, custom_diffusion)
     else:
         pipe = controlnet_pipeline(base, load_controlnet(str(controlnet), flag="--controlnet", unet=base.unet))
+    if custom_diffusion is not None:  # (with a ControlNet too: the concept, placed by the condition)
+        from .custom_diffusion.export import load_custom_diffusion
+
+        tokens = load_custom_diffusion(pipe, custom_diffusion, weight_name)
+        warn_unknown_tokens(prompt, tokens, custom_diffusion)
     if cpu_offload:
         if not device.startswith("cuda"):
             raise UserError("--cpu_offload only makes sense with a CUDA device.")

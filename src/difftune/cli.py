@@ -140,8 +140,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .api import generate
     from .models import resolve_base
 
-    if bool(args.controlnet) == bool(args.custom_diffusion):
-        raise UserError("generate needs either --controlnet DIR (with --image) or --custom_diffusion DIR.")
+    if not args.controlnet and not args.custom_diffusion:
+        raise UserError("generate needs --controlnet DIR (with --image), --custom_diffusion DIR, or both (a "
+                        "concept drawn under a ControlNet's control).")
     if args.controlnet and not args.image:
         raise UserError("--controlnet needs --image (the conditioning image).")
     if args.condition and not args.controlnet:
