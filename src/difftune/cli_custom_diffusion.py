@@ -11,7 +11,7 @@ from pathlib import Path
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .api import train_custom_diffusion
-    from .cli import config_from_args
+    from .cli_flags import config_from_args
     from .config import merge
     from .config_custom_diffusion import CustomDiffusionConfig, custom_diffusion_defaults
     from .recipes import recipes_for
@@ -95,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub, train_sub, eval_sub=None) -> None:
     """Add the Custom Diffusion commands to the top-level, ``train`` and ``eval`` sub-parsers."""
-    from .cli import add_config_flags, add_launcher_flags, at_least
+    from .cli_flags import add_config_flags, add_launcher_flags, at_least
     from .config_custom_diffusion import CustomDiffusionConfig, custom_diffusion_defaults
     from .recipes import recipes_for
 

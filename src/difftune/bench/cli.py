@@ -58,7 +58,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``difftune bench`` to the top-level sub-parsers."""
-    from ..cli import at_least
+    from ..cli_flags import at_least
     from .architectures import ARCHS
 
     b = sub.add_parser("bench", help="time named training configurations (s/step, images/s, memory, MFU)")

@@ -1,0 +1,87 @@
+"""The machinery that turns typed config dataclasses into command-line flags and back.
+
+Every config field becomes a flag with the diffusers script's name, grouped by section, its default
+suppressed so that only what the user gave overrides a recipe or a ``--config`` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+
+def at_least(minimum: int):
+    """An argparse ``type``: an integer no smaller than ``minimum`` (counts, steps, batch sizes), so
+    ``--n 0`` is refused with the flag's name instead of failing later on an empty list."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its messages
+    return parse
+
+
+def _unwrap(tp):
+    """(base type, is_list) of an annotation like ``int | None`` or ``list[str] | None``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        tp = args[0]
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
+    """``--local_rank``, which diffusers' scripts take and ``python -m torch.distributed.launch`` passes (as
+    ``--local-rank``): accepted and unused, since each process finds its rank in the launcher's environment."""
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                        help="accepted for torch.distributed.launch; the launcher's LOCAL_RANK is what counts")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type, defaults: dict | None = None) -> None:
+    """One flag per config field, grouped by section; defaults suppressed to tell what was given.
+    ``defaults`` ({section: {field: value}}): a command's own defaults over the fields', as --help shows them."""
+    for section in dataclasses.fields(cfg_cls):
+        sec_cls = section.default_factory().__class__  # type: ignore[misc]
+        group = parser.add_argument_group(section.name)
+        hints = typing.get_type_hints(sec_cls)
+        for f in dataclasses.fields(sec_cls):
+            base, is_list = _unwrap(hints[f.name])
+            default = f.default if f.default is not dataclasses.MISSING else None
+            default = (defaults or {}).get(section.name, {}).get(f.name, default)
+            helptext = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
+            kwargs: dict = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=helptext)
+            if base is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction  # --flag, and --no-flag to undo a recipe's
+            else:
+                kwargs["type"] = base
+                if is_list:
+                    kwargs["nargs"] = "+"
+                if f.metadata.get("choices"):
+                    kwargs["choices"] = f.metadata["choices"]
+                if f.metadata.get("bare") is not None:  # the flag alone means this value
+                    kwargs.update(nargs="?", const=f.metadata["bare"])
+            group.add_argument(f"--{f.name}", **kwargs)
+
+
+def config_from_args(cfg_cls: type, args: argparse.Namespace, recipe: dict | None = None):
+    """defaults < recipe < --config file < explicit flags."""
+    from .config import from_dict, merge, nest, read_config_file
+
+    values: dict = dict(recipe or {})
+    if getattr(args, "config", None):
+        values = merge(values, nest(cfg_cls, read_config_file(args.config)))
+    given: dict = {}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            given.setdefault(section, {})[name] = value
+    return from_dict(cfg_cls, merge(values, given))
