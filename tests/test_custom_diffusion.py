@@ -127,6 +127,12 @@ def test_bad_inputs_give_clear_errors(tiny_base, tiny_model_dir, star_dir, tmp_p
 
     with pytest.raises(ConfigError, match="contains none of the modifier tokens"):  # a token named, not used
         build(instance_data_dir=str(star_dir), instance_prompt="a star", modifier_token="<new1>")
+    with pytest.raises(ConfigError, match=r"has the token <new2>, which --modifier_token does not list .* "
+                                          r"--modifier_token '<new1>\+<new2>'"):  # a concept's own token, unlisted
+        build(instance_data_dir=str(star_dir), instance_prompt="a <new2> star", modifier_token="<new1>")
+    with pytest.raises(ConfigError, match=r"gives 2 word\(s\) for 1 modifier token\(s\)"):  # diffusers drops one
+        build(instance_data_dir=str(star_dir), instance_prompt="<new1> star", modifier_token="<new1>",
+              initializer_token="star+cat")
     with pytest.raises(ConfigError, match="'ktn' is 3 tokens"):
         build(instance_data_dir=str(star_dir), instance_prompt="<new1> star", initializer_token="ktn")
     with pytest.raises(ConfigError, match=r"default initializer \(no --initializer_token\) 'thing' is 3 tokens"):  # the default initializer: the prompt's noun

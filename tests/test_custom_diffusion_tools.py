@@ -14,6 +14,7 @@ from PIL import Image
 from custom_diffusion_helpers import cd_config, write_concept
 from difftune.api import train_custom_diffusion
 from difftune.cli import main
+from difftune.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +98,12 @@ def test_real_prior_from_a_captioned_folder_trains(tiny_model_dir, tmp_path):
     for i in range(3):
         Image.new("RGB", (80, 64), (i * 60, 100, 100)).save(prior / f"p{i}.png")
         (prior / f"p{i}.txt").write_text(f"a star number {i}\n")
-    summary = train_custom_diffusion(cd_config(
-        tiny_model_dir, tmp_path / "run", instance_data_dir=str(star), instance_prompt="<new1> star",
-        with_prior_preservation=True, real_prior=True, class_data_dir=str(prior), scale_lr=True))
+    settings = dict(instance_data_dir=str(star), instance_prompt="<new1> star", with_prior_preservation=True,
+                    real_prior=True, class_data_dir=str(prior), scale_lr=True)
+    with pytest.raises(DataError, match=r"holds 3 real class image\(s\), fewer than --num_class_images 200.*"
+                                        r"--num_class_images 3"):  # not a silent prior of 3 where 200 were asked
+        train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "short", **settings))
+    summary = train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "run", num_class_images=3, **settings))
     assert np.isfinite(summary["final_loss"])
     cfg = json.loads((tmp_path / "run" / "difftune_config.json").read_text())
     assert cfg["optim"]["learning_rate"] == 1e-3  # stored unscaled; the loop scales (x2 x batch 2)

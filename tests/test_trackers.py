@@ -51,6 +51,23 @@ def test_wandb_offline_run_gets_losses_and_images_but_not_the_token(tiny_model_d
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
 
 
+def test_wandb_without_a_login_is_one_clear_error_before_training(tiny_model_dir, fill_dir, tmp_path, monkeypatch,
+                                                                  capsys):
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # an earlier test's offline settings stay in wandb's process-wide state otherwise
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc login
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    with pytest.raises(AssertionError):
+        _train("wandb", tiny_model_dir, fill_dir, out, monkeypatch)
+    err = capsys.readouterr().err
+    assert "--report_to wandb: the tracker could not start" in err and "WANDB_MODE=offline" in err
+    assert "Traceback" not in err and not (out / "checkpoints").exists()
+
+
 def test_comet_offline_experiment_gets_losses_and_images_but_not_the_token(tiny_model_dir, fill_dir, tmp_path,
                                                                            monkeypatch):
     pytest.importorskip("comet_ml")

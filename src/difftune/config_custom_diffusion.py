@@ -113,9 +113,10 @@ class CustomDiffusionModelConfig:
         if self.embedding_learning_rate is not None and not self.embedding_learning_rate > 0:
             raise ConfigError(f"--embedding_learning_rate must be > 0, got {self.embedding_learning_rate}.")
         inits = self.initializer_tokens()
-        if inits and tokens and len(inits) < len(tokens):
+        if inits and tokens and len(inits) != len(tokens):  # diffusers drops the extra words; one may be a lost token
             raise ConfigError(f"--initializer_token {self.initializer_token!r} gives {len(inits)} word(s) for "
-                              f"{len(tokens)} modifier tokens: give one per token, '+'-separated.")
+                              f"{len(tokens)} modifier token(s) ({'+'.join(tokens)}): give one per token, "
+                              "'+'-separated, in the same order.")
 
 
 @dataclass

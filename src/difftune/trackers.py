@@ -26,6 +26,10 @@ _PACKAGES = {
 }
 
 
+_START_HINT = ("W&B: run `wandb login` or set WANDB_API_KEY, or log locally with WANDB_MODE=offline; Comet: set "
+               "COMET_API_KEY, or COMET_START_ONLINE=false; or train without one: --report_to none.")
+
+
 def requested_trackers(report_to: str) -> list[str]:
     """Tracker names for ``--report_to``; a clear error if one is not installed."""
     if report_to == "none":
@@ -67,7 +71,12 @@ class Trackers:
             Path(logging_dir).mkdir(parents=True, exist_ok=True)
             init_kwargs["wandb"] = {"dir": str(logging_dir)}
         if names:
-            accelerator.init_trackers(project, config=flat_hparams(config), init_kwargs=init_kwargs)
+            try:
+                accelerator.init_trackers(project, config=flat_hparams(config), init_kwargs=init_kwargs)
+            except Exception as e:  # a tracker's own failure (no login, no network): one line, before any step
+                raise ConfigError(f"--report_to {'+'.join(names)}: the tracker could not start ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}). "
+                                  f"{_START_HINT}") from e
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         if not self.accelerator.is_main_process:

@@ -86,6 +86,12 @@ def resolve_concepts(data_cfg: Any, modifier_tokens: list[str]) -> list[Concept]
     modifier_tokens = modifier_tokens or tokens_in_prompts(concepts)
     for c in concepts:
         c.modifier_tokens = [t for t in modifier_tokens if t in c.instance_prompt]
+        own = [t for t in PROMPT_TOKEN.findall(c.instance_prompt) if t not in modifier_tokens]
+        if explicit and not c.modifier_tokens and own:
+            raise ConfigError(
+                f"{c.where}: the instance prompt {c.instance_prompt!r} has the token {own[0]}, which --modifier_token "
+                f"does not list ({', '.join(modifier_tokens)}). List every concept's token: --modifier_token "
+                f"'{'+'.join(dict.fromkeys([*modifier_tokens, *own]))}'.")
         if explicit and not c.modifier_tokens:
             raise ConfigError(
                 f"{c.where}: the instance prompt {c.instance_prompt!r} contains none of the modifier tokens "

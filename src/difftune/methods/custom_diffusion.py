@@ -30,7 +30,7 @@ from ..custom_diffusion import data as cd
 from ..custom_diffusion import surgery
 from ..custom_diffusion.class_images import ensure_class_images, text2image_pipeline
 from ..custom_diffusion.export import save_custom_diffusion
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models import BaseModel, load_base_model
 from ..noising import DiffusionObjective, latent_moments, sample_latents, to_device, tokenize
 from ..speed import apply_compile, to_channels_last
@@ -138,10 +138,10 @@ class CustomDiffusionMethod:
         d = self.cfg.data
         instances = []
         for c in self.concepts:
-            files = cc.list_images(c.instance_data_dir, f"{c.where}: instance_data_dir" if c.where != "the flags"
-                                   else "--instance_data_dir")
+            flag = f"{c.where}: instance_data_dir" if c.where != "the flags" else "--instance_data_dir"
+            files = cc.list_images(c.instance_data_dir, flag)
             for f in files:
-                cc.check_image(f, "--instance_data_dir")
+                cc.check_image(f, flag)
             instances += [(f, c.instance_prompt) for f in files]
         classes = self._class_images() if d.with_prior_preservation else None
         return cd.CustomDiffusionExamples(instances, classes, d.resolution, d.center_crop, aug=not d.noaug)
@@ -150,8 +150,15 @@ class CustomDiffusionMethod:
         d, acc = self.cfg.data, self._accelerator
         pairs: list[tuple[Path, str]] = []
         for c in self.concepts:
+            flag = f"{c.where}: class_data_dir" if c.where != "the flags" else "--class_data_dir"
             if d.real_prior:
                 found = cc.real_prior_pairs(c.class_data_dir)[: d.num_class_images]
+                if len(found) < d.num_class_images:  # (diffusers stops here too): a prior far smaller than asked for
+                    raise DataError(
+                        f"--real_prior: {flag} {c.class_data_dir} holds {len(found)} real class image(s), fewer than "
+                        f"--num_class_images {d.num_class_images}. Retrieve more (difftune retrieve --class_prompt "
+                        f"... --class_data_dir {c.class_data_dir} --num_class_images {d.num_class_images}) or train "
+                        f"on what is there with --num_class_images {len(found)}.")
             else:
                 if acc is None or acc.is_main_process:
                     ensure_class_images(self.base, c.class_data_dir, c.class_prompt, d.num_class_images, d.resolution,
@@ -159,10 +166,10 @@ class CustomDiffusionMethod:
                                         d.prior_generation_precision, self.device)
                 if acc is not None:
                     acc.wait_for_everyone()
-                files = cc.list_images(c.class_data_dir, "--class_data_dir")[: d.num_class_images]
+                files = cc.list_images(c.class_data_dir, flag)[: d.num_class_images]
                 found = [(f, c.class_prompt) for f in files]
             for f, _ in found:
-                cc.check_image(f, "--class_data_dir")
+                cc.check_image(f, flag)
             pairs += found
         return pairs
 
