@@ -111,6 +111,30 @@ def test_load_image_converts_every_mode_to_rgb(tmp_path):
     assert np.asarray(load_image(np.full((4, 4, 4), 7, dtype=np.uint8)))[0, 0].tolist() == [7, 7, 7]
 
 
+def test_flag_images_read_as_the_training_data_is(tmp_path):
+    """--image and --validation_image go through the same loader: a 16-bit depth map is scaled, not
+    clipped to white (PIL's convert alone), and a 32-bit TIFF holding 0-255 keeps its values."""
+    from types import SimpleNamespace
+
+    from difftune.data.images import read_image_file
+    from difftune.validation import load_validation_images
+
+    depth = np.full((8, 8), 10000, dtype=np.uint16)
+    depth[2:6, 2:6] = 30000
+    Image.fromarray(depth).save(tmp_path / "depth16.png")
+    Image.fromarray(np.full((8, 8), 126, dtype=np.int32), mode="I").save(tmp_path / "i32.tif")
+    assert np.asarray(read_image_file(tmp_path / "depth16.png", "--image"))[[0, 3], [0, 3], 0].tolist() == [39, 117]
+    assert np.asarray(read_image_file(tmp_path / "i32.tif", "--image")).mean() == 126
+    cfg = SimpleNamespace(validation_image=["x"], pairs=lambda: [("a prompt", str(tmp_path / "depth16.png"))])
+    ((prompt, image),) = load_validation_images(cfg)
+    assert np.asarray(image)[[0, 3], [0, 3], 0].tolist() == [39, 117]
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"--image: cannot read image .*bad\.png"):
+        read_image_file(tmp_path / "bad.png", "--image")
+    with pytest.raises(DataError, match="--validation_image .*nope.png does not exist"):
+        read_image_file(tmp_path / "nope.png", "--validation_image")
+
+
 def test_load_image_names_row_column_and_file(tmp_path):
     broken = tmp_path / "broken.png"
     good = io.BytesIO()

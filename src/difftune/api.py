@@ -48,18 +48,13 @@ def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
 
     cfg = resolve_seed(cfg)
     method = CustomDiffusionMethod(cfg, base=base)
-    return Trainer(method, cfg).fit()
+    return Trainer(method, method.cfg).fit()  # method.cfg: resolution resolved
 
 
 def _open_condition(path: str | Path) -> Image.Image:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--image {p} does not exist.")
-    try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except OSError as e:
-        raise ConfigError(f"--image {p} is not a readable image: {e}") from None
+    from .data.images import read_image_file
+
+    return read_image_file(path, "--image")
 
 
 def _check_latent_multiple(resolution: int, vae_scale_factor: int) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import ConfigError
+from .data.images import read_image_file
 
 
 def image_grid(rows: list[list[Image.Image]], pad: int = 2, background=(255, 255, 255)) -> Image.Image:
@@ -35,13 +35,7 @@ def load_validation_images(cfg: Any) -> list[tuple[str, Image.Image | None]]:
         return [(p, None) for p in (cfg.validation_prompt or [])]
     pairs = []
     for prompt, path in cfg.pairs():
-        if not Path(path).is_file():
-            raise ConfigError(f"--validation_image {path} does not exist.")
-        try:
-            with Image.open(path) as im:
-                pairs.append((prompt, im.convert("RGB")))
-        except OSError as e:
-            raise ConfigError(f"--validation_image {path} is not a readable image: {e}") from None
+        pairs.append((prompt, read_image_file(path, "--validation_image")))
     return pairs
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import DataError
+from ..data.images import read_image_file
 
 SMALL_PREFIXES = ("a far away ", "very small ")
 LARGE_PREFIXES = ("zoomed in ", "close up ")
@@ -36,12 +36,7 @@ def _to_tensor(im: Image.Image) -> torch.Tensor:
 
 
 def _open(path: Path, flag: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{flag}: cannot read image {path} ({type(e).__name__}: {e}); fix or remove the file.") from None
+    return read_image_file(path, flag)
 
 
 def square_instance(im: Image.Image, size: int, center_crop: bool) -> Image.Image:

@@ -41,8 +41,10 @@ EVERYDAY_PROMPTS = (
 def _load(path: Path, resolution: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB").resize((resolution, resolution), Image.Resampling.BILINEAR))
+    from ..data.images import read_image_file
+
+    im = read_image_file(path, "the concept's images")
+    return np.asarray(im.resize((resolution, resolution), Image.Resampling.BILINEAR))
 
 
 def is_flat_shape(image: np.ndarray) -> bool:

@@ -88,13 +88,40 @@ def _from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+def _integer_to_8bit(array: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """A 16- or 32-bit integer image as 8 bits. 16-bit data (PNG, "I;16") keeps its scale, 0-65535 to
+    0-255; a 32-bit "I" image (a TIFF) says nothing of its range, so it is read by its values: 0-255 as
+    they are, up to 65535 as 16-bit, beyond that scaled by its maximum."""
+    array = array.clip(0, None)
+    top = int(array.max(initial=0))
+    if sixteen_bit or 255 < top <= 65535:
+        return (array >> 8).clip(0, 255).astype(np.uint8)
+    if top <= 255:
+        return array.astype(np.uint8)
+    return (array * 255 // top).astype(np.uint8)
+
+
+def read_image_file(path: str | os.PathLike, flag: str) -> Image.Image:
+    """An image file a flag names (``--image``, ``--validation_image``, a concept's folder), read as
+    the training data is (16-bit and other modes scaled, EXIF orientation applied); a DataError naming
+    the flag and the file otherwise."""
+    if not os.path.isfile(path):
+        raise DataError(f"{flag} {path} does not exist.")
+    try:
+        return load_image(os.fspath(path))
+    except ImageLoadError as e:
+        raise DataError(f"{flag}: cannot read image {path} ({e.__cause__ and type(e.__cause__).__name__}: "
+                        f"{e.__cause__}); fix or replace the file.") from None
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit PNGs load as "I"/"I;16"; PIL's own convert clips to 255 (white), so rescale.
-        array = np.asarray(image, dtype=np.uint32)
-        return Image.fromarray((array >> 8).clip(0, 255).astype(np.uint8)).convert("RGB")
+        array = np.asarray(image, dtype=np.int64)
+        return Image.fromarray(_integer_to_8bit(array, sixteen_bit=image.mode != "I" or image.format == "PNG"))\
+            .convert("RGB")
     if image.mode == "F":
         return _from_array(np.asarray(image, dtype=np.float32)).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
