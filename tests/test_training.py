@@ -65,10 +65,22 @@ def test_resume_equals_uninterrupted(tiny_model_dir, fill_dir, tmp_path, monkeyp
         train_controlnet(make_config(tiny_model_dir, fill_dir, part, **kw))
     monkeypatch.setattr(ckpt, "save_checkpoint", real)
     assert [p.name for p in ckpt.list_checkpoints(part / "checkpoints")] == ["checkpoint-5"]
+    with open(part / "metrics.jsonl", "a") as f:  # what the killed run logged after its checkpoint, cut mid-line
+        f.write(json.dumps({"step": 6, "loss": 0.5}) + "\n" + '{"step": 7, "lo')
     # a different --seed on the command line must not change a resumed run's data order
     summary = train_controlnet(make_config(tiny_model_dir, fill_dir, part, seed=99,
                                            resume_from_checkpoint="latest", **kw))
     assert summary["global_step"] == 14
+    assert _max_diff(_weights(tmp_path / "full"), _weights(part)) == 0.0
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses(part) == losses(tmp_path / "full") and [s for s, _ in losses(part)] == list(range(1, 15))
+    # the finished run resumed again: nothing to train, the export and its summary stay whole
+    again = train_controlnet(make_config(tiny_model_dir, fill_dir, part, resume_from_checkpoint="latest", **kw))
+    assert again["global_step"] == 14 and again["final_loss"] == summary["final_loss"] is not None
+    json.loads((part / "train_summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert _max_diff(_weights(tmp_path / "full"), _weights(part)) == 0.0
 
 

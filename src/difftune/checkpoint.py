@@ -49,6 +49,7 @@ class TrainState:
     nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss (--nan_policy skip)
     seed: int = 0
     method: str | None = None  # the method that wrote it ("controlnet", "custom_diffusion"); None before 2026-12
+    last_loss: float | None = None  # the loss of the step it was saved at (a resumed run that trains no step reports it)
 
 
 def _fsync_file(path: Path) -> None:

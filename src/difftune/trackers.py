@@ -55,6 +55,29 @@ def flat_hparams(config: dict) -> dict:
     return out
 
 
+def drop_metrics_after(path: Path, step: int) -> int:
+    """Cut ``metrics.jsonl`` back to the lines of steps up to ``step`` (where a run resumes: the killed run's
+    later steps are trained again and logged anew, so a loss curve read from the file has each step once).
+    Returns how many lines went. Rewritten through a temporary file, so a kill here loses nothing."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            late = int(json.loads(line).get("step", 0)) > step
+        except (ValueError, AttributeError):
+            late = True  # a line cut short by the kill
+        if late:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
 class Trackers:
     """Logs to metrics.jsonl plus the accelerate trackers that were initialised."""
 

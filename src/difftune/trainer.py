@@ -29,7 +29,7 @@ from .guards import (claim_output_dir, refuse_sharded_launch, refuse_unreadable_
                      warn_changed_settings)
 from .optim import build_lr_scheduler, build_optimizer, check_optimizer_in_backward, effective_learning_rate
 from .profiling import StepProfiler
-from .trackers import Trackers, requested_trackers
+from .trackers import Trackers, drop_metrics_after, requested_trackers
 from .validation import Validator
 
 log = logging.getLogger("difftune")
@@ -223,6 +223,9 @@ class Trainer:
         resume_from = ckpt.resolve_resume(root, cfg.resume_from_checkpoint)
         if resume_from is None:
             claim_output_dir(accelerator, self.out, root, cfg.overwrite_output_dir)
+            if cfg.resume_from_checkpoint and accelerator.is_main_process:
+                log.info("--resume_from_checkpoint %s: no checkpoint in %s yet; starting a new run.",
+                         cfg.resume_from_checkpoint, root)
         else:
             warn_changed_settings(self.out, self.run_config, resume_from)
         resumed = ckpt.load_checkpoint(resume_from) if resume_from else None
@@ -285,6 +288,11 @@ class Trainer:
                             accelerator.process_index)
             log.info("resumed from %s at step %d", resume_from, state.global_step)
 
+        if accelerator.is_main_process:  # steps logged after the checkpoint by the run that was killed: redone now
+            drop_metrics_after(self.out / "metrics.jsonl", state.global_step)
+        if resumed and state.global_step >= max_steps and accelerator.is_main_process:
+            log.info("%s is at step %d of %d: nothing left to train; exporting it.", resume_from, state.global_step,
+                     max_steps)
         trackers = Trackers(accelerator, self.out, tracker_names, cfg.tracker_project_name or self.method.name,
                             to_dict(self.run_config), logging_dir=self.out / cfg.logging_dir)
         validator = Validator(self.val_cfg, self.method, self.out, trackers, seed)
@@ -324,7 +332,8 @@ class Trainer:
         stream = self._micro_batches(accelerator, loader, state.micro_batches)
         bar = tqdm(total=max_steps, initial=state.global_step, desc="train", unit="step",
                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-        t_start, images_seen, last_loss = time.perf_counter(), 0, float("nan")
+        t_start, images_seen = time.perf_counter(), 0
+        last_loss = state.last_loss if state.last_loss is not None else float("nan")
         readable = unreadable = 0  # this process's samples since the run (re)started
         # this process's share of the run's skipped samples, on the device: summed with the loss each step
         skipped = torch.tensor(float(state.skipped_samples), device=accelerator.device)
@@ -399,6 +408,7 @@ class Trainer:
                     pending = record
                 profiler.step()  # before saving and validating: the profile is of training steps alone
                 if save:
+                    state.last_loss = last_loss if math.isfinite(last_loss) else None
                     with torch.profiler.record_function("difftune: save checkpoint"):  # named in a profile
                         self._save(accelerator, optimizer, lr_scheduler, generator, state, root)
                 if validate:
@@ -407,7 +417,7 @@ class Trainer:
         bar.close()
         summary = {
             "global_step": state.global_step,
-            "final_loss": last_loss,
+            "final_loss": last_loss if math.isfinite(last_loss) else None,  # (JSON has no NaN)
             "seconds": round(time.perf_counter() - t_start, 3),
             "images_per_s_this_session": images_seen / max(time.perf_counter() - t_start, 1e-9),
             "skipped_samples": self._run_skipped(accelerator, state),
