@@ -125,6 +125,12 @@ def test_condition_dataset_errors_name_the_file_and_leave_nothing_behind(tmp_pat
     (src / "metadata.jsonl").write_text('{"file_name": "1.png", "caption": "x"}\n')
     with pytest.raises(DataError, match="metadata.jsonl line 1 needs 'file_name' and 'text'"):
         write_condition_dataset(src, tmp_path / "out", progress=False)
+    (src / "metadata.jsonl").write_text('{"file_name": "1.png", "text": null}\n')  # not the caption "None"
+    with pytest.raises(DataError, match=r"metadata.jsonl line 1 \(1.png\): the 'text' is null, not text"):
+        write_condition_dataset(src, tmp_path / "out", progress=False)
+    (src / "metadata.jsonl").write_text('{"file_name": "1.png", "text": "a"}\n{"file_name": "./1.png", "text": "b"}\n')
+    with pytest.raises(DataError, match="lines 1 and 2 both give ./1.png's caption"):
+        write_condition_dataset(src, tmp_path / "out", progress=False)
 
 
 def test_canny_controlnet_end_to_end_through_the_cli(tiny_model_dir, tiny_depth_model, tmp_path, capsys):

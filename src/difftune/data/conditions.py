@@ -19,6 +19,7 @@ people make for those at generation time. ``depth`` is a transformers depth esti
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -28,6 +29,8 @@ import numpy as np
 from PIL import Image
 
 from difftune.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST = "difftune_dataset.json"
@@ -194,11 +197,13 @@ def find_images(input_dir: Path) -> list[Path]:
     return sorted(p for p in input_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_captions(input_dir: Path, images: list[Path], caption: str | None, caption_column: str) -> list[str]:
-    """One caption per image: ``caption`` for all, else ``metadata.jsonl``'s, else a ``.txt`` beside the image."""
+def read_captions(input_dir: Path, images: list[Path], caption: str | None, caption_column: str) -> list:
+    """One caption per image: ``caption`` for all, else ``metadata.jsonl``'s (text, or a list of texts to draw
+    from), else a ``.txt`` beside the image."""
     if caption is not None:
         return [caption] * len(images)
-    by_file: dict[str, str] = {}
+    by_file: dict[str, str | list[str]] = {}
+    lines: dict[str, int] = {}
     metadata = input_dir / "metadata.jsonl"
     if metadata.is_file():
         for i, line in enumerate(metadata.read_text().splitlines(), start=1):
@@ -213,7 +218,20 @@ def read_captions(input_dir: Path, images: list[Path], caption: str | None, capt
                     f"{metadata} line {i} needs 'file_name' and '{caption_column}' (the caption; another "
                     f"column with --caption_column); it has {sorted(row)}"
                 )
-            by_file[os.path.normpath(row["file_name"])] = str(row[caption_column])
+            text, name = row[caption_column], os.path.normpath(str(row["file_name"]))
+            if not (isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text))):
+                raise DataError(f"{metadata} line {i} ({row['file_name']}): the '{caption_column}' is "
+                                f"{json.dumps(text)}, not text — write the caption, or \"\" for none")
+            if name in lines:
+                raise DataError(f"{metadata} lines {lines[name]} and {i} both give {row['file_name']}'s caption — "
+                                "keep one")
+            by_file[name], lines[name] = text, i
+    on_disk = {os.path.normpath(p.relative_to(input_dir)) for p in images}
+    strays = [name for name in by_file if name not in on_disk]
+    if strays:
+        shown = ", ".join(strays[:5]) + (f" and {len(strays) - 5} more" if len(strays) > 5 else "")
+        logger.warning("%s names %d file(s) that are not images in %s (%s): those rows are left out", metadata,
+                       len(strays), input_dir, shown)
     captions, missing = [], []
     for path in images:
         rel = os.path.normpath(path.relative_to(input_dir))
