@@ -247,10 +247,21 @@ def test_resume_equals_uninterrupted(tiny_model_dir, star_dir, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "part", **kw))
     monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    from difftune.api import generate
+    from difftune.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"has not finished, but each checkpoint loads: give .*checkpoint-2"):
+        generate(str(tiny_model_dir), None, None, "<new1> star", num_inference_steps=2,
+                 custom_diffusion=tmp_path / "part")
+    (image,) = generate(str(tiny_model_dir), None, None, "<new1> star", num_inference_steps=2,  # as the seed's
+                        custom_diffusion=tmp_path / "part" / "checkpoints" / "checkpoint-2")  # inference from one
+    assert image.size == (64, 64)
     train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "part", resume_from_checkpoint="latest", **kw))
     for name in ("pytorch_custom_diffusion_weights.safetensors", "<new1>.safetensors"):
         a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "part" / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+        last = load_file(str(tmp_path / "part" / "checkpoints" / "checkpoint-5" / name))  # the last step's checkpoint
+        assert all(torch.equal(a[k], last[k]) for k in a), name  # holds what was exported
 
 
 def test_accumulation_2x2_equals_batch_4(tiny_model_dir, star_dir, tmp_path):

@@ -107,6 +107,8 @@ def test_real_prior_from_a_captioned_folder_trains(tiny_model_dir, tmp_path):
     assert np.isfinite(summary["final_loss"])
     cfg = json.loads((tmp_path / "run" / "difftune_config.json").read_text())
     assert cfg["optim"]["learning_rate"] == 1e-3  # stored unscaled; the loop scales (x2 x batch 2)
+    assert summary["learning_rate"] == 4e-3  # the card states the rate used, and where it came from
+    assert "learning rate 0.004 (--learning_rate 0.001 scaled by --scale_lr)" in (tmp_path / "run" / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,8 @@ def test_merge_keeps_both_concepts_and_loads(tiny_model_dir, two_concepts, tmp_p
     assert main(["custom-diffusion", "merge", "--pretrained_model_name_or_path", str(tiny_model_dir),
                  "--concepts", *map(str, two_concepts), "--output_dir", str(out)]) == 0
     info = json.loads((out / "merge_info.json").read_text())
-    assert info["tokens"] == ["<new1>", "<new2>"]  # the second concept's <new1> was renamed
+    assert info["tokens"] == ["<new1>", "<new2>"]  # the second concept's <new1> was renamed, and it says so
+    assert info["renamed"] == {str(two_concepts[1]): {"<new1>": "<new2>"}}
     assert max(info["constraint_relative_error"].values()) < 1e-3
     meta = json.loads((out / "custom_diffusion.json").read_text())
     assert [c["instance_prompt"] for c in meta["concepts"]] == ["<new1> star", "<new2> heart"]
@@ -166,6 +169,30 @@ def test_compress_rank_trades_size_for_error(tiny_model_dir, two_concepts, tmp_p
                  str(tmp_path / "r4"), "--weight_name", LOWRANK, "--prompt", "<new1> star",
                  "--num_inference_steps", "2", "--out", str(tmp_path / "g.png")]) == 0
     assert Image.open(tmp_path / "g.png").size == (64, 64)
+
+
+def test_compress_writes_safetensors_from_a_bin_folder(tiny_model_dir, two_concepts, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    src = tmp_path / "bin"  # the folder --no_safe_serialization writes: .bin weights and embeddings
+    shutil.copytree(two_concepts[0], src)
+    meta = json.loads((src / "custom_diffusion.json").read_text())
+    for name in [meta["weight_name"], *meta["embeddings"].values()]:
+        torch.save(load_file(str(src / name)), src / name.replace(".safetensors", ".bin"))
+        (src / name).unlink()
+    meta["weight_name"] = meta["weight_name"].replace(".safetensors", ".bin")
+    meta["embeddings"] = {t: f"{t}.bin" for t in meta["embeddings"]}
+    (src / "custom_diffusion.json").write_text(json.dumps(meta))
+    out = tmp_path / "c"
+    assert main(["custom-diffusion", "compress", "--custom_diffusion", str(src), "--rank", "2",
+                 "--output_dir", str(out)]) == 0
+    written = json.loads((out / "custom_diffusion.json").read_text())
+    assert written["embeddings"] == {"<new1>": "<new1>.safetensors"} and not list(out.glob("*.bin"))
+    assert torch.equal(load_file(str(out / "<new1>.safetensors"))["<new1>"],
+                       load_file(str(two_concepts[0] / "<new1>.safetensors"))["<new1>"].float())
 
 
 def test_a_concept_under_a_controlnets_control(tiny_model_dir, tiny_base, two_concepts, fill_dir, tmp_path):

@@ -59,11 +59,20 @@ def test_family_detection_loading_and_resolution(tiny_sdxl_dir, tiny_model_dir, 
         load_base_model(str(tiny_sdxl_dir), family="sd")
     # a separate VAE (folder with vae/ or the VAE at its root) is trusted in the weight dtype
     assert not load_base_model(str(tiny_sdxl_dir), vae_name_or_path=str(tiny_sdxl_dir / "vae")).vae_in_fp32
-    # --resolution defaults to the family's: 1024 for SDXL (diffusers' SDXL script), 512 for SD
+    # --resolution defaults to the family's: 1024 for SDXL (diffusers' SDXL script), 512 for SD; a base whose
+    # own size is smaller (these tiny ones, tiny-shapes' 64) trains at its own size, not upscaled to those
+    from types import SimpleNamespace
+
+    from difftune.models import default_resolution
+
+    assert [default_resolution(family, SimpleNamespace(native_resolution=own))
+            for family, own in ((1024, 1024), (512, 512), (512, 768), (512, 64))] == [1024, 512, 512, 64]
     method = ControlNetMethod(make_config(tiny_sdxl_dir, fill_dir, tmp_path, resolution=None), base=sdxl_base)
-    assert method.resolution == 1024 and method.cfg.model.model_family == "sdxl"
-    assert method.cfg.data.resolution == 1024  # what the saved config records
-    assert ControlNetMethod(make_config(tiny_model_dir, fill_dir, tmp_path, resolution=None)).resolution == 512
+    own = sdxl_base.native_resolution
+    assert own < 1024 and method.resolution == own and method.cfg.model.model_family == "sdxl"
+    assert method.cfg.data.resolution == own  # what the saved config records
+    sd = ControlNetMethod(make_config(tiny_model_dir, fill_dir, tmp_path, resolution=None))
+    assert sd.resolution == sd.base.native_resolution < 512
 
 
 def test_a_controlnet_made_for_another_base_is_refused_before_any_step(tiny_model_dir, tiny_sdxl_dir, sdxl_base,

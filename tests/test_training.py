@@ -65,6 +65,11 @@ def test_resume_equals_uninterrupted(tiny_model_dir, fill_dir, tmp_path, monkeyp
         train_controlnet(make_config(tiny_model_dir, fill_dir, part, **kw))
     monkeypatch.setattr(ckpt, "save_checkpoint", real)
     assert [p.name for p in ckpt.list_checkpoints(part / "checkpoints")] == ["checkpoint-5"]
+    from difftune.errors import ModelLoadError
+    from difftune.models import load_controlnet
+
+    with pytest.raises(ModelLoadError, match=r"has not finished .* give .*checkpoint-5 \(the latest\)"):
+        load_controlnet(str(part), flag="--controlnet")  # the unfinished run's folder: its checkpoint is named
     with open(part / "metrics.jsonl", "a") as f:  # what the killed run logged after its checkpoint, cut mid-line
         f.write(json.dumps({"step": 6, "loss": 0.5}) + "\n" + '{"step": 7, "lo')
     # a different --seed on the command line must not change a resumed run's data order

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 
 
@@ -56,8 +57,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type, defaults: d
         for f in dataclasses.fields(sec_cls):
             base, is_list = _unwrap(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else None
-            default = (defaults or {}).get(section.name, {}).get(f.name, default)
-            helptext = f.metadata.get("help", "") + (f" (default: {default})" if default not in (None, False) else "")
+            helptext = f.metadata.get("help", "")
+            if f.name in (defaults or {}).get(section.name, {}):  # this command's default replaces the field's own
+                default = defaults[section.name][f.name]
+                helptext = re.sub(r"\s*\(default: [^()]*\)(?=\.?$)", "", helptext)
+            helptext += f" (default: {default})" if default not in (None, False) else ""
             kwargs: dict = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=helptext)
             if base is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction  # --flag, and --no-flag to undo a recipe's

@@ -87,7 +87,8 @@ class DataConfig:
     max_train_samples: int | None = opt(None, "Train on at most this many samples (shuffled with --seed).")
     streaming: bool = opt(False, "Stream the data set instead of loading it (needs --max_train_samples).")
     resolution: int | None = opt(
-        None, "Training resolution: resize and centre crop; divisible by 8 (default: 512 for SD, 1024 for SDXL)."
+        None, "Training resolution: resize and centre crop; divisible by 8 (default: 512 for SD, 1024 for SDXL, "
+              "or the base model's own size where smaller: 64 for tiny-shapes)."
     )
     image_interpolation_mode: str = opt(
         "bilinear", "Resampling filter of the resize (images and conditioning images alike).", choices=INTERPOLATION_MODES
@@ -104,8 +105,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise ConfigError(
-                f"--resolution {self.resolution} is not a positive multiple of 8: the VAE down-samples "
-                f"by 8, so use e.g. {max(8, self.resolution // 8 * 8)}."
+                f"--resolution {self.resolution} is not a positive multiple of 8 (as diffusers requires; Stable "
+                f"Diffusion's VAE down-samples by 8): use e.g. {max(8, self.resolution // 8 * 8)}."
             )
         for flag in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
             if (getattr(self, flag) or 0) < 0:

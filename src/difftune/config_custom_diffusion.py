@@ -40,7 +40,8 @@ class CustomDiffusionDataConfig:
         choices=("no", "fp32", "fp16", "bf16"),
     )
     num_class_inference_steps: int = opt(25, "Denoising steps (UniPC) for each generated class image.")
-    resolution: int = opt(512, "Training resolution; divisible by 8.")
+    resolution: int | None = opt(None, "Training resolution; divisible by 8 (default: 512, or the base model's own "
+                                       "size where smaller: 64 for tiny-shapes).")
     center_crop: bool = opt(False, "Centre-crop images to a square (default: class images are randomly cropped, "
                                    "instance images resized to a square).")
     hflip: bool = opt(False, "Randomly flip images horizontally.")
@@ -48,9 +49,9 @@ class CustomDiffusionDataConfig:
     dataloader_num_workers: int = opt(0, "Data loading worker processes (0: in the main process).")
 
     def __post_init__(self) -> None:
-        if self.resolution <= 0 or self.resolution % 8:
-            raise ConfigError(f"--resolution {self.resolution} is not a positive multiple of 8: the VAE "
-                              f"down-samples by 8, so use e.g. {max(8, self.resolution // 8 * 8)}.")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise ConfigError(f"--resolution {self.resolution} is not a positive multiple of 8 (as diffusers requires; "
+                              f"Stable Diffusion's VAE down-samples by 8): use e.g. {max(8, self.resolution // 8 * 8)}.")
         if self.concepts_list and (self.instance_data_dir or self.instance_prompt):
             raise ConfigError("Give either --concepts_list or --instance_data_dir/--instance_prompt, not both.")
         if not self.concepts_list:

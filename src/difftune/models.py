@@ -61,6 +61,12 @@ class BaseModel:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
 
+def default_resolution(family_default: int, base: BaseModel) -> int:
+    """Training resolution without --resolution: the family's (diffusers' 512 for SD, 1024 for SDXL), or the
+    base's own size where that is smaller (64 for tiny-shapes: 512 would upscale its 64-px world 8x)."""
+    return min(family_default, base.native_resolution)
+
+
 BUILTIN_MODELS = {"tiny-shapes": "assets/tiny-shapes"}
 DEFAULT_MODEL = "tiny-shapes"
 
@@ -238,6 +244,12 @@ def _what_folder_instead(local: Path, flag: str) -> str:
                  if flag == CONTROLNET_FLAG else "")
         return (f"it is a base model folder (model_index.json, unet/, vae/, ...), which goes to "
                 f"--pretrained_model_name_or_path{start}; {GIVE_CONTROLNET}.")
+    done = sorted((local / "checkpoints").glob("checkpoint-*/config.json"), key=lambda p: int(p.parent.name[11:])
+                  if p.parent.name[11:].isdigit() else -1)
+    if done:
+        return (f"it is the output folder of a run that has not finished (no ControlNet exported yet), but each "
+                f"checkpoint loads as one: give {done[-1].parent} (the latest), or finish the run with "
+                "--resume_from_checkpoint latest.")
     return f"it has no config.json; {GIVE_CONTROLNET}."
 
 

@@ -213,3 +213,11 @@ def check_optimizer_in_backward(cfg: OptimConfig, accumulation: int, mixed_preci
         problems.append(f"{processes} processes (DDP all-reduces gradients after backward: use it on one GPU)")
     if problems:
         raise ConfigError("--optimizer_in_backward cannot be combined with " + "; ".join(problems) + ".")
+
+
+def learning_rate_text(summary: dict, optim_cfg) -> str:
+    """The learning rate as a model card states it: the rate used, and how --scale_lr got there."""
+    used = summary.get("learning_rate", optim_cfg.learning_rate)
+    if optim_cfg.scale_lr and used != optim_cfg.learning_rate:
+        return f"learning rate {used:g} (--learning_rate {optim_cfg.learning_rate:g} scaled by --scale_lr)"
+    return f"learning rate {used:g}"

@@ -303,6 +303,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         summary = self._loop(accelerator, prepared, optimizer, lr_scheduler, loader, generator, state, max_steps,
                              trackers, validator, root)
+        summary["learning_rate"] = lr  # the peak rate used: --learning_rate, scaled with --scale_lr
         summary["setup_seconds"] = round(setup_seconds, 3)
         if setup_peak is not None:
             summary["setup_peak_allocated_gib"] = setup_peak

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..optim import learning_rate_text
+
 
 def model_card(method: Any, output_dir: Path, summary: dict) -> str:
     c = method.cfg
@@ -33,8 +35,7 @@ def model_card(method: Any, output_dir: Path, summary: dict) -> str:
         f"({n_params:,} parameters) + {len(tokens)} embedding row(s); prior preservation: "
         f"{'on, weight ' + str(c.data.prior_loss_weight) if c.data.with_prior_preservation else 'off'}",
         f"- Optimizer steps: {summary.get('global_step')} (batch {c.train.train_batch_size} x accumulation "
-        f"{c.train.gradient_accumulation_steps}), learning rate {c.optim.learning_rate}"
-        + (" (scaled)" if c.optim.scale_lr else ""),
+        f"{c.train.gradient_accumulation_steps}), {learning_rate_text(summary, c.optim)}",
         f"- Final loss: {loss:.4f}" if isinstance(loss, float) else "",
         "",
         "```python",

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import atomic_write
 from ..errors import ConfigError
-from .export import META, WEIGHTS_SAFE, full_processor_dict, read_meta, read_weights
+from .export import META, WEIGHTS_SAFE, full_processor_dict, read_meta, read_tensors, read_weights
 
 LOWRANK = "pytorch_custom_diffusion_weights.lowrank.safetensors"
 UP, DOWN = ".lora_up", ".lora_down"
@@ -78,10 +78,17 @@ def compress(folder: str | Path, base_unet: torch.nn.Module, output_dir: str | P
     atomic_write(out / LOWRANK, lambda p: save_file(compact, str(p), metadata={"format": "pt", "difftune": "lowrank"}))
     atomic_write(out / WEIGHTS_SAFE, lambda p: save_file(full_processor_dict(base_unet, full, safe=True), str(p),
                                                           metadata={"format": "pt"}))
-    for token, file in meta.get("embeddings", {}).items():
-        if Path(folder, file).resolve() != Path(out, file).resolve():
-            shutil.copyfile(folder / file, out / file)
-    meta = dict(meta, weight_name=WEIGHTS_SAFE, compressed={"rank": rank, "energy": energy, "file": LOWRANK})
+    embeddings = {}
+    for token, file in meta.get("embeddings", {}).items():  # safetensors like the weights, whatever the source was
+        name = f"{token}.safetensors"
+        if Path(file).suffix == ".safetensors" and Path(folder, file).resolve() != Path(out, name).resolve():
+            shutil.copyfile(folder / file, out / name)
+        elif Path(file).suffix != ".safetensors":
+            row = {token: read_tensors(folder / file)[token].float().contiguous()}
+            atomic_write(out / name, lambda p, t=row: save_file(t, str(p)))
+        embeddings[token] = name
+    meta = dict(meta, weight_name=WEIGHTS_SAFE, embeddings=embeddings,
+                compressed={"rank": rank, "energy": energy, "file": LOWRANK})
     (out / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return {
         "relative_delta_error": (err_num / err_den) ** 0.5 if err_den else 0.0,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from ..errors import ConfigError
 from ..noising import tokenize
 from .export import read_meta, read_tensors, read_weights, save_custom_diffusion
 from .surgery import add_tokens, set_embeddings
+
+log = logging.getLogger(__name__)
 
 
 def default_regularization_prompts(class_prompts: list[str], n: int = 200) -> list[str]:
@@ -96,7 +99,7 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
     if len(folders) < 2:
         raise ConfigError("merge needs at least two Custom Diffusion folders.")
     base = copy.deepcopy(base)
-    parts, used, all_tokens, rows, concepts = [], set(), [], [], []
+    parts, used, all_tokens, rows, concepts, renamed = [], set(), [], [], [], {}
     for folder in folders:
         meta = read_meta(folder)
         if meta.get("freeze_model") != "crossattn_kv":
@@ -113,6 +116,10 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
                 new, k = f"<new{k}>", k + 1
             used.add(new)
             mapping[token] = new
+            if new != token:  # the prompts for this concept change: say so, and record it
+                renamed.setdefault(str(folder), {})[token] = new
+                log.warning("merge: %s's %s is %s in the merged folder (%s is taken by an earlier concept); "
+                            "prompt it with %s.", folder, token, new, token, new)
         embeds = {mapping[t]: read_tensors(Path(folder) / f)[t] for t, f in meta["embeddings"].items()}
         prompts = [_rename(c["instance_prompt"], mapping) for c in meta["concepts"]]
         concepts += [dict(c, instance_prompt=_rename(c["instance_prompt"], mapping),
@@ -142,7 +149,7 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
         num = sum(float(((merged[k].double() - w[k].double()) @ f.T).norm() ** 2) for k in keys)
         den = sum(float((w[k].double() @ f.T).norm() ** 2) for k in keys)
         errors["+".join(toks)] = (num / den) ** 0.5
-    info = {"tokens": all_tokens, "constraint_relative_error": errors, "regularization_prompts": len(reg),
+    info = {"tokens": all_tokens, "renamed": renamed, "constraint_relative_error": errors, "regularization_prompts": len(reg),
             "output_dir": str(output_dir)}
     (Path(output_dir) / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info

@@ -27,8 +27,9 @@ from ..data import ControlNetExamples, collate_examples, load_table, resolve_col
 from ..data.materialize import materialize
 from ..errors import ConfigError
 from ..families import family_of, micro_conditions
-from ..models import BaseModel, load_base_model, load_controlnet
+from ..models import BaseModel, default_resolution, load_base_model, load_controlnet
 from ..noising import DiffusionObjective, drop_captions, latent_moments, per_sample_error, sample_latents, to_device
+from ..optim import learning_rate_text
 from ..pipelines import controlnet_pipeline, run_controlnet_pipeline
 from ..encoded_cache import (
     CachedExamples, LatentCache, TextCache, build_latent_shards, build_text_cache, cache_key, distinct_captions,
@@ -104,7 +105,7 @@ class ControlNetMethod:
             family=m.model_family, vae_name_or_path=m.pretrained_vae_model_name_or_path,
         )
         self.family = family_of(self.base)
-        self.resolution = cfg.data.resolution or self.family.default_resolution
+        self.resolution = cfg.data.resolution or default_resolution(self.family.default_resolution, self.base)
         # the resolved config (what Trainer saves) names the family, resolution and tracker project used
         project = cfg.train.tracker_project_name or self.family.controlnet_tracker_project
         self.cfg = cfg = dataclasses.replace(
@@ -384,7 +385,7 @@ class ControlNetMethod:
             f"- Base model: `{c.model.pretrained_model_name_or_path}`",
             f"- Data: `{data}` at {self.resolution} px",
             f"- Optimizer steps: {summary.get('global_step')} (batch {c.train.train_batch_size} x "
-            f"accumulation {c.train.gradient_accumulation_steps}), learning rate {c.optim.learning_rate}",
+            f"accumulation {c.train.gradient_accumulation_steps}), {learning_rate_text(summary, c.optim)}",
             f"- Final loss: {summary.get('final_loss'):.4f}" if summary.get("final_loss") is not None else "",
             f"- Trainable parameters: {count_parameters(self.controlnet):,}",
             "",

@@ -31,7 +31,7 @@ from ..custom_diffusion import surgery
 from ..custom_diffusion.class_images import ensure_class_images, text2image_pipeline
 from ..custom_diffusion.export import save_custom_diffusion
 from ..errors import ConfigError, DataError
-from ..models import BaseModel, load_base_model
+from ..models import BaseModel, default_resolution, load_base_model
 from ..noising import DiffusionObjective, latent_moments, sample_latents, to_device, tokenize
 from ..speed import apply_compile, to_channels_last
 from .controlnet import weight_dtype_for
@@ -54,6 +54,9 @@ class CustomDiffusionMethod:
         if getattr(self.base, "family", "sd") != "sd":  # one text encoder is assumed throughout (tokens, embeddings, eval)
             raise ConfigError(f"Custom Diffusion supports SD 1.x/2.x bases; {m.pretrained_model_name_or_path} is "
                               "SDXL, which is not supported yet.")
+        if cfg.data.resolution is None:  # resolved here: the saved config, card and summary name the size used
+            self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, resolution=default_resolution(512, self.base)))
         self.concepts = cc.resolve_concepts(cfg.data, c.modifier_tokens())
         self.modifier_tokens = c.modifier_tokens() or cc.tokens_in_prompts(self.concepts)
         self.token_ids: list[int] = []
@@ -258,6 +261,11 @@ class CustomDiffusionMethod:
             "resolution": c.data.resolution,
             "concepts": [dataclasses.asdict(x) for x in self.concepts],
         }
+
+    def checkpoint_extras(self, folder: Path) -> None:
+        """Make a checkpoint usable as it is, like the final output: ``generate --custom_diffusion``,
+        ``eval``, ``merge`` and diffusers' ``load_attn_procs`` + ``load_textual_inversion`` all read it."""
+        self.export(folder)
 
     def export(self, output_dir: Path) -> list[Path]:
         embeddings = surgery.learned_embeddings(self.base.text_encoder, self.modifier_tokens, self.token_ids)
