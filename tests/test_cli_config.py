@@ -26,7 +26,7 @@ tracker_project_name train_batch_size train_data_dir use_8bit_adam validation_im
 validation_steps variant
 model_family pretrained_vae_model_name_or_path crops_coords_top_left_h crops_coords_top_left_w image_interpolation_mode
 cache_latents latent_cache_dir channels_last torch_compile optimizer_in_backward fp8_frozen_unet profile_steps profile_start cuda_graphs
-timestep_sampling validation_control_guidance overwrite_output_dir local_rank local-rank
+timestep_sampling validation_control_guidance overwrite_output_dir local_rank local-rank enable_npu_flash_attention
 """.split())  # SDXL support (issue 6), speed and memory options (issue 5), T2I-Adapter's timestep bias, cond guidance,
 # starting over in a run folder (diffusers' scripts overwrite silently)
 
@@ -178,6 +178,8 @@ def test_optional_packages_give_install_hints(tiny_model_dir, fill_dir, tmp_path
         with pytest.raises(ConfigError, match="xformers"):
             train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "c",
                                          enable_xformers_memory_efficient_attention=True))
+    with pytest.raises(ConfigError, match="--enable_npu_flash_attention needs an Ascend NPU"):  # diffusers' flag
+        train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "d", enable_npu_flash_attention=True))
 
 
 def test_fp16_without_a_gpu_is_refused_with_the_alternative(tiny_model_dir, fill_dir, tmp_path):
@@ -265,7 +267,7 @@ real_prior recipe report_to resolution resume_from_checkpoint revision sample_ba
 set_grads_to_none snr_gamma tokenizer_name tracker_project_name train_batch_size use_8bit_adam
 validation_prompt validation_steps variant with_prior_preservation
 channels_last torch_compile optimizer_in_backward profile_steps profile_start
-embedding_learning_rate timestep_sampling local_rank local-rank
+embedding_learning_rate timestep_sampling local_rank local-rank enable_npu_flash_attention
 """.split())  # speed and memory options (issue 5); a learning rate of the embeddings alone; T2I-Adapter's timestep bias
 
 

@@ -197,8 +197,8 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
                              control_guidance=tuple(args.control_guidance),
                              conditioning_scale=args.controlnet_conditioning_scale)
     print(format_table(result))
-    print(f"details: {Path(args.out) / 'eval_controlnet.json'}, grid (condition | ControlNet | base alone): "
-          f"{Path(args.out) / 'eval_controlnet.png'}")
+    columns = " | ".join(["condition", "ControlNet", *([] if args.no_baseline else ["base alone"])])
+    print(f"details: {Path(args.out) / 'eval_controlnet.json'}, grid ({columns}): {Path(args.out) / 'eval_controlnet.png'}")
     return 0
 
 

@@ -195,6 +195,9 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = opt(
         False, "Use xFormers attention (PyTorch's SDPA is already the default)."
     )
+    enable_npu_flash_attention: bool = opt(
+        False, "Ascend NPU flash attention (diffusers' NPU processors; needs torch_npu on an NPU machine)."
+    )
     channels_last: bool = opt(False, "Keep the UNet and the trained model in channels-last memory format.")
     torch_compile: str = opt(
         "no",

@@ -367,6 +367,9 @@ def resolve_columns(
             raise DataError(
                 f"the data set has only {len(columns)} column(s) ({', '.join(columns) or 'none'}); training needs "
                 f"an image, a conditioning image and a caption column — set {_FLAGS[role]}"
+                + (", or, for a folder of pictures and captions without conditions, make them with `difftune data "
+                   "conditions --input_dir DIR --out DIR2 --condition canny` and train on DIR2"
+                   if role == "conditioning_image" else "")
             )
         position = _POSITION[role]
         at = columns[position] if position < len(columns) else None
@@ -433,6 +436,9 @@ def select_samples(table: Table, max_train_samples: int | None, seed: int, buffe
         dataset = table.dataset.shuffle(seed=seed, buffer_size=buffer_size).take(max_train_samples)
     else:
         count = min(max_train_samples, len(table.dataset))
+        if count < max_train_samples:
+            _log.info("--max_train_samples %d: the data set has %d rows; training on all of them", max_train_samples,
+                        count)
         # keep_in_memory: never write index caches into the user's data folder.
         dataset = table.dataset.shuffle(seed=seed, keep_in_memory=True).select(range(count), keep_in_memory=True)
     return replace(table, dataset=dataset, description=f"{table.description} (first {max_train_samples} after shuffle)")

@@ -166,6 +166,14 @@ class ControlNetMethod:
                 ) from None
             self.base.unet.enable_xformers_memory_efficient_attention()
             self.controlnet.enable_xformers_memory_efficient_attention()
+        if t.enable_npu_flash_attention:
+            npu = getattr(torch, "npu", None)  # torch_npu registers it
+            if npu is None or not npu.is_available() or self.device.type != "npu":
+                raise ConfigError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu installed (as in "
+                                  f"diffusers' script); this run is on {self.device.type}. Leave the flag out: "
+                                  "PyTorch's scaled-dot-product attention is the default on GPUs and CPUs.")
+            self.base.unet.enable_npu_flash_attention()
+            self.controlnet.enable_npu_flash_attention()
         apply_compile(t.torch_compile, self.base.unet, self.controlnet)
         self.use_graphs = t.cuda_graphs != "no" and use_cuda_graphs(
             t.cuda_graphs, self.device, gradient_checkpointing=t.gradient_checkpointing,

@@ -96,6 +96,9 @@ class CustomDiffusionMethod:
             except ImportError:
                 raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers: pip install "
                                   "'difftune[xformers]'. PyTorch's scaled-dot-product attention is the default.") from None
+        if self.cfg.train.enable_npu_flash_attention:  # (diffusers' Custom Diffusion script has no such flag)
+            raise ConfigError("--enable_npu_flash_attention would replace the Custom Diffusion attention processors "
+                              "that this method trains; leave it out (it is a ControlNet training flag).")
         self.base.vae.to(self.device, dtype=self.weight_dtype)
         # processors are registered sub-modules of the UNet: its own weights go to the weight
         # dtype, the processors' trainable copies stay fp32 masters
