@@ -203,14 +203,23 @@ def test_a_sharded_launch_is_refused_with_the_alternative(env, name, tiny_model_
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_push_to_hub_offline_fails_clearly_and_keeps_outputs(tiny_model_dir, fill_dir, tmp_path):
+def test_push_to_hub_offline_fails_clearly_and_keeps_outputs(tiny_model_dir, fill_dir, tmp_path, monkeypatch):
     from difftune.api import train_controlnet
 
     from huggingface_hub.utils import filter_repo_objects
 
+    from difftune import hub
     from difftune.hub import RUN_UPLOAD_IGNORE
 
     out = tmp_path / "run"
+    # offline from the start: refused before any training, as diffusers creates the repo first
+    with pytest.raises(UserError, match=r"--push_to_hub: the Hub repo 'me/cn' cannot be created.*nothing was trained"
+                       ) as info:
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, push_to_hub=True,
+                                     hub_model_id="me/cn", hub_token="hf_TOPSECRET"))
+    assert "hf_TOPSECRET" not in str(info.value) and not (out / "checkpoints").exists()
+    # the repo was there at the start, the upload fails at the end (the network went): the outputs stay
+    monkeypatch.setattr(hub, "ensure_repo", lambda folder, repo_id, token: repo_id)
     with pytest.raises(UserError, match="--push_to_hub") as info:
         train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, push_to_hub=True,
                                      hub_model_id="me/cn", hub_token="hf_TOPSECRET", cache_latents=True,

@@ -20,6 +20,24 @@ class HubPushError(UserError):
 RUN_UPLOAD_IGNORE = ["checkpoints/*", "logs/*", "encoded-cache/*", "stream-cache/*", "profile/*", ".*"]
 
 
+def ensure_repo(folder: Path, repo_id: str | None, token: str | None) -> str:
+    """Create (or find) the Hub repo before training, as diffusers' scripts do, so that a bad token, a name that
+    is not yours or no network stops the run at its start, not after hours of training."""
+    from huggingface_hub import HfApi
+
+    repo_id = repo_id or Path(folder).resolve().name
+    try:
+        return HfApi(token=token).create_repo(repo_id, exist_ok=True).repo_id
+    except Exception as e:
+        msg = str(e).replace(token, "***") if token else str(e)
+        raise HubPushError(
+            f"--push_to_hub: the Hub repo '{repo_id}' cannot be created or reached ({type(e).__name__}: "
+            f"{msg.strip().splitlines()[0] if msg.strip() else 'no message'}), so nothing was trained. Check "
+            "--hub_token (or `huggingface-cli login`), --hub_model_id and the network; or train without "
+            f"--push_to_hub and upload later with `huggingface-cli upload {repo_id} {folder}`."
+        ) from None
+
+
 def push_folder(folder: Path, repo_id: str | None, token: str | None, ignore: list[str] | None = None) -> str:
     from huggingface_hub import HfApi
 

@@ -219,6 +219,10 @@ class Trainer:
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if cfg.push_to_hub and accelerator.is_main_process:
+            from . import hub
+
+            hub.ensure_repo(self.out, cfg.hub_model_id, cfg.hub_token)
         root = self.out / "checkpoints"
         resume_from = ckpt.resolve_resume(root, cfg.resume_from_checkpoint)
         if resume_from is None:
@@ -318,9 +322,10 @@ class Trainer:
         accelerator.wait_for_everyone()  # every process returns with the exported model in place
         trackers.close()
         if cfg.push_to_hub and accelerator.is_main_process:  # once, after the export, without what only resumes
-            from .hub import RUN_UPLOAD_IGNORE, push_folder
+            from . import hub
 
-            summary["hub_url"] = push_folder(self.out, cfg.hub_model_id, cfg.hub_token, ignore=RUN_UPLOAD_IGNORE)
+            summary["hub_url"] = hub.push_folder(self.out, cfg.hub_model_id, cfg.hub_token,
+                                                 ignore=hub.RUN_UPLOAD_IGNORE)
         return summary
 
     def _loop(self, accelerator, modules, optimizer, lr_scheduler, loader, generator, state, max_steps,
