@@ -244,11 +244,12 @@ def _what_folder_instead(local: Path, flag: str) -> str:
                  if flag == CONTROLNET_FLAG else "")
         return (f"it is a base model folder (model_index.json, unet/, vae/, ...), which goes to "
                 f"--pretrained_model_name_or_path{start}; {GIVE_CONTROLNET}.")
-    done = sorted((local / "checkpoints").glob("checkpoint-*/config.json"), key=lambda p: int(p.parent.name[11:])
-                  if p.parent.name[11:].isdigit() else -1)
+    from .checkpoint import list_checkpoints
+
+    done = [p for p in list_checkpoints(local / "checkpoints") if (p / "config.json").is_file()]
     if done:
         return (f"it is the output folder of a run that has not finished (no ControlNet exported yet), but each "
-                f"checkpoint loads as one: give {done[-1].parent} (the latest), or finish the run with "
+                f"checkpoint loads as one: give {done[-1]} (the latest), or finish the run with "
                 "--resume_from_checkpoint latest.")
     return f"it has no config.json; {GIVE_CONTROLNET}."
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, list_checkpoints
 from ..errors import ConfigError, ModelLoadError
 
 WEIGHTS_SAFE = "pytorch_custom_diffusion_weights.safetensors"
@@ -71,9 +71,8 @@ def save_custom_diffusion(output_dir: str | Path, unet: torch.nn.Module, weights
 def read_meta(folder: str | Path) -> dict:
     path = Path(folder) / META
     if not path.is_file():
-        done = sorted(Path(folder).glob(f"checkpoints/checkpoint-*/{META}"),
-                      key=lambda p: int(p.parent.name[11:]) if p.parent.name[11:].isdigit() else -1)
-        hint = (f" It is a run that has not finished, but each checkpoint loads: give {done[-1].parent} (the latest),"
+        done = [p for p in list_checkpoints(Path(folder) / "checkpoints") if (p / META).is_file()]
+        hint = (f" It is a run that has not finished, but each checkpoint loads: give {done[-1]} (the latest),"
                 " or finish the run with --resume_from_checkpoint latest." if done else
                 " Give a `difftune train custom-diffusion` output folder or one of its checkpoints/checkpoint-N.")
         raise ModelLoadError(f"--custom_diffusion {folder}: no {META}; is this a difftune Custom Diffusion output "
