@@ -89,6 +89,9 @@ def test_unreachable_backend_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--backend" in err and "no longer online" in err and "--real_prior" in err
     assert not (tmp_path / "r2").exists()
+    code = main(["retrieve", "--class_prompt", "cat", "--class_data_dir", str(tmp_path / "r3"), "--backend", "notaurl"])
+    err = capsys.readouterr().err  # not urllib's ValueError traceback, and no empty folder left behind
+    assert code == 2 and "'notaurl' is not an http(s) URL" in err and not (tmp_path / "r3").exists()
 
 
 def test_real_prior_from_a_captioned_folder_trains(tiny_model_dir, tmp_path):

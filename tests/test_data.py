@@ -158,7 +158,7 @@ def test_load_fill50k_parquet_folder(small_fill_dir, cache):
     assert isinstance(table.dataset.features["image"], datasets.Image)
     assert table.dataset.features["image"].decode is False  # decoded per sample, later
     assert resolve_columns(table.column_names) == ("image", "conditioning_image", "text")
-    with pytest.raises(DataError, match=r"set --conditioning_image_column, or, .* `difftune data conditions"):
+    with pytest.raises(DataError, match=r"name them with --conditioning_image_column, or, .* `difftune data conditions"):
         resolve_columns(["image", "text"])  # a captioned picture folder: the tool that makes its conditions is named
     single = load_table(train_data_dir=str(next((small_fill_dir / "train").glob("*.parquet"))), cache_dir=cache)
     assert single.dataset["text"] == table.dataset["text"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from difftune.errors import UserError
+
 
 def test_pretrain_base_with_16x16_latents_builds_a_loadable_model_and_guards_its_vae(tmp_path):
     from difftune.models import load_base_model
@@ -18,9 +20,9 @@ def test_pretrain_base_with_16x16_latents_builds_a_loadable_model_and_guards_its
                                       output_type="np").images[0]
     assert image.shape == (64, 64, 3)
     # a second run reuses out/vae, so asking it for another latent size must stop, not mix the two
-    with pytest.raises(ValueError, match="latent size"):
+    with pytest.raises(UserError, match="latent size"):
         pretrain_base(out, n_images=64, vae_steps=2, unet_steps=2, stop_at_step=None, latent_downsample=8)
-    with pytest.raises(ValueError, match="latent size.*--latent_channels 8"):
+    with pytest.raises(UserError, match="latent size.*--latent_channels 8"):
         pretrain_base(out, n_images=64, vae_steps=2, unet_steps=2, stop_at_step=None, latent_channels=8)
 
 
@@ -52,7 +54,7 @@ def test_wide_world_adds_fill50k_geometry_and_keeps_the_standard_half():
     cut = [s for s in extra if min(s.cx, s.cy) < s.size or max(s.cx, s.cy) > RESOLUTION - s.size]
     assert len(cut) > 50  # cut by the border, as fill50k's circles are
     assert min(s.size for s in extra) < radius_range(RESOLUTION)[0] + 1  # down to fill50k's smallest circle
-    with pytest.raises(ValueError, match="world"):
+    with pytest.raises(UserError, match="world"):
         world_samples(4, seed=0, world="round")
 
 
@@ -63,7 +65,7 @@ def test_pretrain_refuses_a_gpu_it_cannot_see(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == "cpu"
-    with pytest.raises(ValueError, match="--device cpu"):
+    with pytest.raises(UserError, match="--device cpu"):
         pretrain_base(tmp_path / "b", n_images=8, vae_steps=1, unet_steps=1, device="cuda")
 
 
@@ -93,7 +95,7 @@ def test_a_killed_pretraining_resumes_and_trains_what_the_uninterrupted_run_does
     with pytest.raises(Killed):  # killed in the VAE stage, just after its step-2 checkpoint
         pretrain.pretrain_base(out, **kw)
     assert (out / "checkpoints-vae" / "checkpoint-2").is_dir() and not (out / "vae").exists()
-    with pytest.raises(ValueError, match="another run .*differs in: steps.*delete"):  # never mixed with another run
+    with pytest.raises(UserError, match="another run .*differs in: steps.*delete"):  # never mixed with another run
         pretrain.pretrain_base(out, **{**kw, "vae_steps": 6})
     with pytest.raises(Killed):  # resumes the VAE at step 3, finishes it, is killed in the UNet stage
         pretrain.pretrain_base(out, **kw)
@@ -126,5 +128,5 @@ def test_latent_downsample_2_gives_32x32_latents_the_unet_takes():
     with torch.no_grad():
         out = unet(latents, 10, encoder_hidden_states=torch.zeros(1, 3, unet_config["cross_attention_dim"])).sample
     assert out.shape == latents.shape
-    with pytest.raises(ValueError, match="2, 4 or 8"):
+    with pytest.raises(UserError, match="2, 4 or 8"):
         architecture(16)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-from .cli_flags import add_config_flags, add_launcher_flags, at_least, config_from_args  # noqa: F401 (re-exported)
+from .cli_flags import add_config_flags, add_launcher_flags, at_least, config_from_args, out_dir  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -189,6 +189,7 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
     from .eval.run import eval_controlnet, format_table
     from .models import resolve_base
 
+    out_dir(args.out)
     result = eval_controlnet(resolve_base(args.pretrained_model_name_or_path, controlnet=args.controlnet),
                              args.controlnet, data=args.data, n=args.n,
                              steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
@@ -205,6 +206,7 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
 def cmd_eval_base(args: argparse.Namespace) -> int:
     from .eval.run import eval_base, format_table
 
+    out_dir(args.out)
     result = eval_base(args.pretrained_model_name_or_path, n_prompts=args.n_prompts, per_prompt=args.per_prompt,
                        steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
                        out=args.out)

@@ -84,6 +84,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .custom_diffusion.eval import eval_custom_diffusion, format_table
 
+    from .cli_flags import out_dir
+
+    out_dir(args.out)
     result = eval_custom_diffusion(base_of(args, args.custom_diffusion), args.custom_diffusion, n=args.n,
                                    steps=args.num_inference_steps, seed=args.seed,
                                    guidance_scale=args.guidance_scale, out=args.out, weight_name=args.weight_name,

@@ -89,3 +89,17 @@ def config_from_args(cfg_cls: type, args: argparse.Namespace, recipe: dict | Non
             section, name = key.split(".", 1)
             given.setdefault(section, {})[name] = value
     return from_dict(cfg_cls, merge(values, given))
+
+
+def out_dir(path: str, flag: str = "--out"):
+    """Make an output folder before any work (sampling can take minutes): a clear error if it cannot be."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, a path through a file, no permission
+        raise ConfigError(f"{flag} {folder}: cannot make this folder ({e.strerror or e}); give another path.") from None
+    return folder

@@ -30,9 +30,16 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import (
-    TrainState, clean_partial, load_checkpoint, resolve_resume, restore_rng, save_checkpoint, umask_mode,
+    TrainState,
+    clean_partial,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+    umask_mode,
 )
 from .data.shapes import BASE_SHAPES, render_batch, sample_shapes
+from .errors import ConfigError
 from .noising import DiffusionObjective
 from .tiny import SD_SCHEDULER, default_words, write_tokenizer
 
@@ -70,7 +77,7 @@ def architecture(latent_downsample: int = 4, latent_channels: int = 4) -> tuple[
     first and last convolutions widen); 4 ships.
     """
     if latent_channels < 1:
-        raise ValueError(f"latent_channels must be at least 1, not {latent_channels}")
+        raise ConfigError(f"latent_channels must be at least 1, not {latent_channels}")
     if latent_downsample == 8:
         vae, unet = dict(VAE_CONFIG), dict(UNET_CONFIG)
     elif latent_downsample == 4:
@@ -86,7 +93,7 @@ def architecture(latent_downsample: int = 4, latent_channels: int = 4) -> tuple[
                     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
     else:
-        raise ValueError(f"latent_downsample must be 2, 4 or 8, not {latent_downsample}")
+        raise ConfigError(f"latent_downsample must be 2, 4 or 8, not {latent_downsample}")
     return (dict(vae, latent_channels=latent_channels),
             dict(unet, in_channels=latent_channels, out_channels=latent_channels))
 
@@ -121,7 +128,7 @@ class StageCheckpoints:
         theirs = ck["extra"].get("run", {})
         if theirs != self.run:
             differ = sorted(k for k in set(theirs) | set(self.run) if theirs.get(k) != self.run.get(k))
-            raise ValueError(f"{path} is a checkpoint of another run (it differs in: {', '.join(differ)}). "
+            raise ConfigError(f"{path} is a checkpoint of another run (it differs in: {', '.join(differ)}). "
                              f"Rerun with that run's flags to resume it, or delete {self.folder} to start over.")
         return ck
 
@@ -291,14 +298,18 @@ def world_samples(n_images: int, seed: int, world: str = "standard") -> list:
         half = n_images // 2
         return (sample_shapes(n_images - half, RESOLUTION, seed, BASE_SHAPES)
                 + sample_shapes(half, RESOLUTION, seed + 1_000_003, BASE_SHAPES, wide=True))
-    raise ValueError(f"world must be 'standard' or 'wide', not {world!r}")
+    raise ConfigError(f"world must be 'standard' or 'wide', not {world!r}")
 
 
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
+        raise ConfigError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a torch device: use auto, cpu, cuda or cuda:N.") from None
     return device
 
 
@@ -343,7 +354,7 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
         vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
         if (list(vae.config.block_out_channels) != list(vae_config["block_out_channels"])
                 or vae.config.latent_channels != latent_channels):
-            raise ValueError(f"{vae_dir} holds a VAE of another latent size than --latent_downsample "
+            raise ConfigError(f"{vae_dir} holds a VAE of another latent size than --latent_downsample "
                              f"{latent_downsample} --latent_channels {latent_channels}; use a new --out folder")
     else:
         ckpts = StageCheckpoints(out / "checkpoints-vae", {"stage": "vae", "steps": vae_steps, "batch": vae_batch,

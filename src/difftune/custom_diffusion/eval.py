@@ -105,6 +105,11 @@ def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int 
     from .export import load_custom_diffusion, read_meta
 
     meta = read_meta(custom_diffusion)
+    for c in meta["concepts"]:  # the concept's own images are the reference: they must still be where training read them
+        if not Path(c["instance_data_dir"]).is_dir():
+            raise UserError(f"{Path(custom_diffusion) / 'custom_diffusion.json'} records the concept's images in "
+                            f"{c['instance_data_dir']}, which is not a folder (here, {Path.cwd()}). Put them back there, "
+                            "or edit instance_data_dir in that file to where they are now.")
     shapes = [is_shapes_concept(c["instance_data_dir"]) for c in meta["concepts"]]  # before anything loads
     shapes_world = all(shapes)
     if not shapes_world and clip_model is None:

@@ -21,6 +21,7 @@ import base64
 import io
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def retrieve(class_prompt: str, class_data_dir: str | Path, num_class_images: in
     """Download ``num_class_images`` images for ``class_prompt`` into ``class_data_dir``."""
     from tqdm.auto import tqdm
 
+    if urllib.parse.urlparse(backend).scheme not in ("http", "https"):
+        raise RetrievalError(f"--backend {backend!r} is not an http(s) URL; give the clip-retrieval kNN endpoint, "
+                             "e.g. http://HOST:1234/knn-service.")
     out = Path(class_data_dir)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)

@@ -115,10 +115,15 @@ def single_token_id(tokenizer: Any, word: str, flag: str = "--initializer_token"
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
+        singles = [w for w in ("cat", "dog", "person", "star", "circle", "square", "thing", "object")
+                   if len(tokenizer(w, add_special_tokens=False).input_ids) == 1][:3]  # examples true of this tokenizer
+        example = f", e.g. {', '.join(map(repr, singles))}" if singles else ""
+        way_out = ("" if flag.startswith("the default") else
+                   ", or leave the flag out to use the class prompt's last word")
         raise ConfigError(
             f"{flag} {word!r} is {len(ids)} tokens in this tokenizer ({', '.join(map(repr, pieces))}); a new "
-            "token's embedding is copied from ONE existing token. Pick a word that is a single token, e.g. the "
-            "class word ('cat', 'dog', 'star'), or leave the flag out to use the class prompt's last word."
+            f"token's embedding is copied from ONE existing token. Give --initializer_token with a word that is a "
+            f"single token here{example}{way_out}."
         )
     return int(ids[0])
 

@@ -365,10 +365,11 @@ def resolve_columns(
         free = [c for c in columns if c not in chosen.values()]
         if not free:
             raise DataError(
-                f"the data set has only {len(columns)} column(s) ({', '.join(columns) or 'none'}); training needs "
-                f"an image, a conditioning image and a caption column — set {_FLAGS[role]}"
+                f"the data set has only {len(columns)} column(s) ({', '.join(columns) or 'none'}); a ControlNet data "
+                f"set needs an image, a conditioning image and a caption column — in training, name them with "
+                f"{_FLAGS[role]}"
                 + (", or, for a folder of pictures and captions without conditions, make them with `difftune data "
-                   "conditions --input_dir DIR --out DIR2 --condition canny` and train on DIR2"
+                   "conditions --input_dir DIR --out DIR2 --condition canny` and use DIR2"
                    if role == "conditioning_image" else "")
             )
         position = _POSITION[role]

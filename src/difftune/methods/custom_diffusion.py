@@ -41,6 +41,11 @@ EMBED_PREFIX = "text_embeddings."
 log = logging.getLogger("difftune")
 
 
+def _absolute_dirs(concept: dict) -> dict:
+    return dict(concept, **{k: str(Path(concept[k]).resolve()) for k in ("instance_data_dir", "class_data_dir")
+                            if concept.get(k)})
+
+
 class CustomDiffusionMethod:
     name = "custom_diffusion"
 
@@ -262,7 +267,7 @@ class CustomDiffusionMethod:
             "initializer_tokens": self.initializers,
             "freeze_model": c.custom.freeze_model,
             "resolution": c.data.resolution,
-            "concepts": [dataclasses.asdict(x) for x in self.concepts],
+            "concepts": [_absolute_dirs(dataclasses.asdict(x)) for x in self.concepts],  # eval reads them from anywhere
         }
 
     def checkpoint_extras(self, folder: Path) -> None:
