@@ -112,6 +112,8 @@ def test_unknown_config_name_is_refused_before_any_work(tmp_path):
     with pytest.raises(UserError, match="unknown nope"):
         run_bench("tiny", ["fp32", "nope"], tmp_path)
     assert not (tmp_path / "model-tiny").exists()
+    assert main(["bench", "--arch", "tiny", "--out", str(tmp_path / "b"), "--configs", ","]) == 2  # nothing to run
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("arch, expected", [

@@ -156,6 +156,7 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, fill_dir, capsys):
     (["generate", "--controlnet", "c", "--image", "i", "--prompt", "p", "--num_images", "two"],
      "--num_images: 'two' is not an integer"),
     (["bench", "--steps", "0"], "--steps: must be at least 1"),
+    (["bench", "--timeout", "0"], "--timeout: must be more than 0 seconds"),  # every run would 'time out' at once
 ])
 def test_counts_below_their_minimum_are_refused_with_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_:

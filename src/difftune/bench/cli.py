@@ -18,8 +18,24 @@ def _extra_configs(specs: list[str] | None) -> dict[str, list[str]]:
     return extra
 
 
-def _names(text: str) -> list[str]:
-    return [c.strip() for c in text.split(",") if c.strip()]
+def _names(text: str, flag: str = "--configs") -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:  # nothing to run would still rewrite the table, leaving it out of step with bench.json
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{flag} {text!r} names no configuration; give e.g. bf16,low_memory or 'all' "
+                          "(--list_configs shows them).")
+    return names
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -49,7 +65,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup, resolution=args.resolution, n_samples=args.n_samples, model=args.model, data=args.data,
         device=args.device, steptimer=args.steptimer, reference_script=args.reference_script,
         peak_tflops=args.peak_tflops, extra_configs=extra, timeout_s=args.timeout, method=args.method,
-        reference_configs=_names(args.reference_configs) if args.reference_configs else None,
+        reference_configs=_names(args.reference_configs, "--reference_configs") if args.reference_configs else None,
     )
     print(format_table(result))
     print(f"\nwritten: {args.out}/bench.json, {args.out}/bench.md (logs and run folders in {args.out}/runs)")
@@ -86,7 +102,7 @@ def register(sub) -> None:
                         "embedding cast ANCHORS.md used): run it too, with the same flags (needs --steptimer)")
     b.add_argument("--reference_configs", help="which of --configs the reference runs (default: all of them)")
     b.add_argument("--peak_tflops", type=float, help="peak rate for MFU (default: 790 on H100/H200, else no MFU)")
-    b.add_argument("--timeout", type=float, help="seconds before a configuration's run is stopped")
+    b.add_argument("--timeout", type=_positive_seconds, help="seconds before a configuration's run is stopped")
     b.add_argument("--estimate_memory", action="store_true",
                    help="no training and no GPU: estimate each configuration's peak GPU memory on the CPU (one "
                         "training step on fake tensors; live tensor bytes by kind; ControlNet only)")
