@@ -225,7 +225,8 @@ def cli_trained(tiny_sdxl_dir, fill_dir, tmp_path_factory):
     return out
 
 
-def test_cli_run_exports_a_controlnet_that_loads_in_the_sdxl_pipeline(cli_trained, tiny_sdxl_dir, fill_dir, tmp_path):
+def test_cli_run_exports_a_controlnet_that_loads_in_the_sdxl_pipeline(cli_trained, tiny_sdxl_dir, fill_dir, tmp_path,
+                                                                      capsys):
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler
 
     from difftune.api import generate
@@ -255,6 +256,11 @@ def test_cli_run_exports_a_controlnet_that_loads_in_the_sdxl_pipeline(cli_traine
     assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(ours))
     assert main(args[:-1] + [str(tmp_path / "c.png"), "--control_guidance", "cond"]) == 0  # guidance amplifies control
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(ours))
+    capsys.readouterr()
+    assert main(args[:1] + args[3:-1] + [str(tmp_path / "r.png")]) == 0  # no base given: the run's base, and the VAE it trained with
+    assert f"VAE: {tiny_sdxl_dir / 'vae'} (recorded in" in capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "r.png")), np.asarray(ours))  # (the same VAE weights)
+    assert main(args[:-1] + [str(tmp_path / "n.png"), "--pretrained_vae_model_name_or_path", str(tmp_path / "nope")]) == 2
 
 
 def test_in_memory_sampling_equals_the_exported_model(tiny_sdxl_dir, sdxl_base, fill_dir, tmp_path):

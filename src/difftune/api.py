@@ -102,6 +102,7 @@ def generate(
     condition_settings: dict | None = None,
     condition_out: str | Path | None = None,
     control_guidance: str = "both",
+    vae: str | None = None,
 ) -> list[Image.Image]:
     """Images for ``prompt`` conditioned on ``image`` with a trained ControlNet (UniPC sampler),
     or, with ``custom_diffusion``, with a Custom Diffusion folder's processors and tokens (several
@@ -133,7 +134,7 @@ def generate(
         check_resolution(resolution)  # as training does: the pipeline would quietly round it down
     if controlnet is not None:
         check_controlnet_source(str(controlnet), "--controlnet")  # before the base model loads
-    base = load_base_model(pretrained_model_name_or_path)
+    base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae)
     res = resolution or base.native_resolution
     _check_latent_multiple(res, base.vae_scale_factor)
     if controlnet is None and custom_diffusion is None:

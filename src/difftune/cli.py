@@ -61,7 +61,7 @@ def check_image_out(out: Path, flag: str = "--out") -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import generate
-    from .models import resolve_base
+    from .models import resolve_base, resolve_vae
 
     if not args.controlnet and not args.custom_diffusion:
         raise UserError("generate needs --controlnet DIR (with --image), --custom_diffusion DIR, or both (a "
@@ -84,6 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cpu_offload=args.cpu_offload,
         enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
         condition=args.condition, condition_out=condition_out, control_guidance=args.control_guidance,
+        vae=resolve_vae(args.pretrained_vae_model_name_or_path, args.pretrained_model_name_or_path, args.controlnet),
         condition_settings=_condition_settings(args, args.condition) if args.condition else {},
     )
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cond: on the conditional half only, so guidance amplifies the control too")
     g.add_argument("--num_images", type=at_least(1), default=1)
     g.add_argument("--resolution", type=at_least(8), help="image size (default: the base model's)")
+    g.add_argument("--pretrained_vae_model_name_or_path",
+                   help="a VAE in place of the base's (e.g. an fp16-safe SDXL VAE; default: the one the ControlNet's "
+                        "run recorded, when the base is too)")
     g.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     g.add_argument("--cpu_offload", action="store_true", help="keep only the running model on the GPU")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")

@@ -314,6 +314,27 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, cache_dir: st
         raise _hub_hint(name_or_path, e) from None
 
 
+def resolve_vae(explicit: str | None, explicit_base: str | None, controlnet: str | Path | None) -> str | None:
+    """--pretrained_vae_model_name_or_path for sampling: the one given, else the one the ControlNet's run trained
+    with (e.g. an fp16-safe SDXL VAE) when the base is also the recorded one, else None (the base's own VAE)."""
+    if explicit or explicit_base or controlnet is None:
+        return explicit
+    import json
+
+    folder = Path(controlnet)
+    for path in (folder / "difftune_config.json", folder.parent.parent / "difftune_config.json"):
+        try:
+            vae = json.loads(path.read_text())["model"]["pretrained_vae_model_name_or_path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(vae, str) and vae:
+            print(f"VAE: {vae} (recorded in {path}; --pretrained_vae_model_name_or_path to choose another)",
+                  file=sys.stderr)
+            return vae
+        return None
+    return None
+
+
 def recorded_base(controlnet: str | Path | None = None, custom_diffusion: str | Path | None = None) -> tuple[str, Path] | None:
     """The base model an adapter folder was trained on, as its run recorded it, and the file that says so:
     a Custom Diffusion folder's custom_diffusion.json, a ControlNet run folder's difftune_config.json (also
