@@ -299,9 +299,9 @@ def test_eval_targets_refuse_nothing_to_score_and_take_setting_overrides(tiny_de
     write_condition_dataset(flat, tmp_path / "flat-canny", caption="x", progress=False)
     with pytest.raises(DataError, match="flat-canny: no held-out condition to evaluate \\(blank conditions"):
         condition_targets(None, 5, 64, 0, tmp_path / "flat-canny")
-    with pytest.raises(ConfigError, match="model: not a setting of the canny metric's detector"):
+    with pytest.raises(ConfigError, match="--depth_model: not a setting of the canny metric's detector"):
         condition_targets("canny", 2, 64, 0, None, {"model": "x"})
-    with pytest.raises(ConfigError, match="low_threshold: not a setting of the fill50k"):
+    with pytest.raises(ConfigError, match="--low_threshold: not a setting of the fill50k"):
         condition_targets("fill50k", 2, 64, 0, None, {"low_threshold": 1})
     # a depth data set whose estimator has moved since: --depth_model points eval at its new place
     moved = tmp_path / "dpt-then"

@@ -188,7 +188,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_eval_controlnet(args: argparse.Namespace) -> int:
     from .eval.run import eval_controlnet, format_table
-    from .models import resolve_base
+    from .models import resolve_base, resolve_vae
 
     out_dir(args.out)
     result = eval_controlnet(resolve_base(args.pretrained_model_name_or_path, controlnet=args.controlnet),
@@ -197,7 +197,9 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
                              out=args.out, baseline=not args.no_baseline, metric=args.metric,
                              condition_settings=_condition_settings(args, None),
                              control_guidance=tuple(args.control_guidance),
-                             conditioning_scale=args.controlnet_conditioning_scale)
+                             conditioning_scale=args.controlnet_conditioning_scale,
+                             vae=resolve_vae(args.pretrained_vae_model_name_or_path, args.pretrained_model_name_or_path,
+                                             args.controlnet))
     print(format_table(result))
     columns = " | ".join(["condition", "ControlNet", *([] if args.no_baseline else ["base alone"])])
     print(f"details: {Path(args.out) / 'eval_controlnet.json'}, grid ({columns}): {Path(args.out) / 'eval_controlnet.png'}")
@@ -340,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--data was made with, else fill50k)")
     e.add_argument("--n", type=at_least(1), default=200)
     e.add_argument("--no_baseline", action="store_true", help="skip the base-model-alone baseline")
+    e.add_argument("--pretrained_vae_model_name_or_path",
+                   help="a VAE in place of the base's (default: the one the ControlNet's run recorded, when the base is too)")
     e.add_argument("--control_guidance", nargs="+", choices=CONTROL_GUIDANCE, default=["both"],
                    help="evaluate with the ControlNet on both halves of classifier-free guidance (both, row "
                         "controlnet; diffusers' default) and/or on the conditional half only (cond, row "

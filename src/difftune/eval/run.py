@@ -156,8 +156,11 @@ def check_eval_request(metric: str | None, n: int, data: str | Path | None,
         raise ConfigError(f"--metric {metric!r}: known metrics are {', '.join(CONDITION_METRICS)}")
     known = {f.name for f in fields(CONDITIONERS[metric])} if metric in CONDITIONERS else set()
     if unknown := sorted(set(condition_settings or {}) - known):
-        raise ConfigError(f"{', '.join(unknown)}: not a setting of the {metric} metric's detector"
-                          f"{' (its settings: ' + ', '.join(sorted(known)) + ')' if known else ''}")
+        flag = {"model": "--depth_model", "low_threshold": "--low_threshold", "high_threshold": "--high_threshold"}
+        named = [flag.get(k, k) for k in unknown]
+        raise ConfigError(f"{', '.join(named)}: not a setting of the {metric} metric's detector"
+                          f"{' (its settings: ' + ', '.join(flag.get(k, k) for k in sorted(known)) + ')' if known else ''}"
+                          "; leave it out")
     if metric == "fill50k" and data is not None and not fill50k_shards(data):
         others = " or ".join(m for m in CONDITION_METRICS if m != "fill50k")
         why, instead = ((f" (it was made for the {manifest['condition']} condition)", "leave out --metric")
@@ -206,7 +209,8 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
                     n: int = 200, steps: int = 20, seed: int = 0, guidance_scale: float = 7.5,
                     out: str | Path | None = None, metric: str | None = None, baseline: bool = True,
                     condition_settings: dict | None = None,
-                    control_guidance: str | tuple[str, ...] = "both", conditioning_scale: float = 1.0) -> dict:
+                    control_guidance: str | tuple[str, ...] = "both", conditioning_scale: float = 1.0,
+                    vae: str | None = None) -> dict:
     """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline.
 
     ``metric``: ``fill50k`` (circle IoU), ``canny`` (edge F1) or ``depth`` (depth correlation);
@@ -229,7 +233,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     check_eval_request(metric, n, data, condition_settings)  # before minutes of loading and sampling
     if not isinstance(controlnet, torch.nn.Module):
         check_controlnet_source(str(controlnet), "--controlnet")
-    base = load_base_model(pretrained_model_name_or_path)
+    base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae)
     res = _base_resolution(base)
     scorer, targets = condition_targets(metric, n, res, seed, data, condition_settings)
     prompts = [t["prompt"] for t in targets]
@@ -253,7 +257,10 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     # latents the encoder never does that decode closer to the truth (tiny circles, for example).
     truth_rt = vae_round_trip(base, np.stack([np.asarray(t["image"]) for t in targets]))
     scores["vae_ceiling"] = score_all(scorer, list(truth_rt), targets)
-    result = {"n": len(targets), "metric": scorer.name, "guidance_scale": guidance_scale,
+    result = {"n": len(targets), "metric": scorer.name, "base_model": str(pretrained_model_name_or_path),
+              "controlnet": str(controlnet) if not isinstance(controlnet, torch.nn.Module) else "(in memory)",
+              "data": str(data) if data is not None else None, "num_inference_steps": steps, "seed": seed,
+              "condition_settings": condition_settings or {}, "guidance_scale": guidance_scale,
               "controlnet_conditioning_scale": conditioning_scale, **{k: _summary(v) for k, v in scores.items()}}
     if "r" in targets[0]:
         result["by_radius"] = by_radius(scores, targets, res)
