@@ -72,7 +72,7 @@ def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, c
     assert result["n"] == 3 and 0.0 <= result["controlnet"]["iou"] <= 1.0 and "base_alone" in result
     assert 0.0 <= result["controlnet_cond"]["iou"] <= 1.0 and result["guidance_scale"] == 7.5
     assert 0.0 <= result["vae_ceiling"]["iou"] <= 1.0  # the true images through the VAE
-    assert (result["base_model"], result["controlnet"], result["num_inference_steps"], result["seed"]) == (
+    assert (result["base_model"], result["controlnet_path"], result["num_inference_steps"], result["seed"]) == (
         str(tiny_model_dir), str(run), 2, 0)  # what was measured, recorded with the numbers
     assert sum(b["n"] for b in result["by_radius"].values()) == 3 and all(
         "vae_ceiling" in b and "base_alone" in b and "controlnet_cond" in b for b in result["by_radius"].values())

@@ -258,7 +258,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     truth_rt = vae_round_trip(base, np.stack([np.asarray(t["image"]) for t in targets]))
     scores["vae_ceiling"] = score_all(scorer, list(truth_rt), targets)
     result = {"n": len(targets), "metric": scorer.name, "base_model": str(pretrained_model_name_or_path),
-              "controlnet": str(controlnet) if not isinstance(controlnet, torch.nn.Module) else "(in memory)",
+              "controlnet_path": str(controlnet) if not isinstance(controlnet, torch.nn.Module) else "(in memory)",
               "data": str(data) if data is not None else None, "num_inference_steps": steps, "seed": seed,
               "condition_settings": condition_settings or {}, "guidance_scale": guidance_scale,
               "controlnet_conditioning_scale": conditioning_scale, **{k: _summary(v) for k, v in scores.items()}}
