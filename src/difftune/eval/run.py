@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import fields
 from pathlib import Path
 
@@ -236,6 +237,9 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae)
     res = _base_resolution(base)
     scorer, targets = condition_targets(metric, n, res, seed, data, condition_settings)
+    if len(targets) < n:
+        logging.getLogger("difftune").warning("--n %d: %s holds %d usable conditions; evaluating those", n, data,
+                                              len(targets))
     prompts = [t["prompt"] for t in targets]
     net = (controlnet if isinstance(controlnet, torch.nn.Module)
            else load_controlnet(str(controlnet), flag="--controlnet", unet=base.unet))
