@@ -16,7 +16,9 @@ from pathlib import Path
 
 from .errors import UserError
 
-from .cli_flags import add_config_flags, add_launcher_flags, at_least, config_from_args, out_dir  # noqa: F401 (re-exported)
+from .cli_flags import (  # noqa: F401 (re-exported)
+    add_config_flags, add_launcher_flags, add_vae_flag, at_least, config_from_args, out_dir,
+)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -274,9 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "cond: on the conditional half only, so guidance amplifies the control too")
     g.add_argument("--num_images", type=at_least(1), default=1)
     g.add_argument("--resolution", type=at_least(8), help="image size (default: the base model's)")
-    g.add_argument("--pretrained_vae_model_name_or_path",
-                   help="a VAE in place of the base's (e.g. an fp16-safe SDXL VAE; default: the one the ControlNet's "
-                        "run recorded, when the base is too)")
+    add_vae_flag(g)
     g.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     g.add_argument("--cpu_offload", action="store_true", help="keep only the running model on the GPU")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
@@ -342,8 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--data was made with, else fill50k)")
     e.add_argument("--n", type=at_least(1), default=200)
     e.add_argument("--no_baseline", action="store_true", help="skip the base-model-alone baseline")
-    e.add_argument("--pretrained_vae_model_name_or_path",
-                   help="a VAE in place of the base's (default: the one the ControlNet's run recorded, when the base is too)")
+    add_vae_flag(e)
     e.add_argument("--control_guidance", nargs="+", choices=CONTROL_GUIDANCE, default=["both"],
                    help="evaluate with the ControlNet on both halves of classifier-free guidance (both, row "
                         "controlnet; diffusers' default) and/or on the conditional half only (cond, row "

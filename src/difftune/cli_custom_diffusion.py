@@ -82,9 +82,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .custom_diffusion.eval import eval_custom_diffusion, format_table
-
     from .cli_flags import out_dir
+    from .custom_diffusion.eval import eval_custom_diffusion, format_table
 
     out_dir(args.out)
     result = eval_custom_diffusion(base_of(args, args.custom_diffusion), args.custom_diffusion, n=args.n,

@@ -12,7 +12,6 @@ import re
 import typing
 
 
-
 def at_least(minimum: int):
     """An argparse ``type``: an integer no smaller than ``minimum`` (counts, steps, batch sizes), so
     ``--n 0`` is refused with the flag's name instead of failing later on an empty list."""
@@ -103,3 +102,10 @@ def out_dir(path: str, flag: str = "--out"):
     except OSError as e:  # a file of that name, a path through a file, no permission
         raise ConfigError(f"{flag} {folder}: cannot make this folder ({e.strerror or e}); give another path.") from None
     return folder
+
+
+def add_vae_flag(parser: argparse.ArgumentParser) -> None:
+    """``--pretrained_vae_model_name_or_path`` for commands that sample with a trained ControlNet."""
+    parser.add_argument("--pretrained_vae_model_name_or_path",
+                        help="a VAE in place of the base's (e.g. an fp16-safe SDXL VAE; default: the one the "
+                             "ControlNet's run recorded, when the base is too)")

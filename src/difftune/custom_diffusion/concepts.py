@@ -137,14 +137,10 @@ def list_images(folder: str | Path, flag: str) -> list[Path]:
 
 
 def check_image(path: Path, flag: str) -> None:
-    """Decode ``path`` fully; a DataError naming the file if it cannot be read."""
-    from PIL import Image
+    """Decode ``path`` fully, as training will read it; a DataError naming the file if it cannot be read."""
+    from ..data.images import read_image_file
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{flag}: cannot read image {path} ({type(e).__name__}: {e}); fix or remove the file.") from None
+    read_image_file(path, flag)
 
 
 def real_prior_pairs(folder: str | Path) -> list[tuple[Path, str]]:

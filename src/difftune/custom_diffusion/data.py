@@ -35,10 +35,6 @@ def _to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def _open(path: Path, flag: str) -> Image.Image:
-    return read_image_file(path, flag)
-
-
 def square_instance(im: Image.Image, size: int, center_crop: bool) -> Image.Image:
     """Instance images become ``size`` squares: squashed like diffusers, or centre-cropped first."""
     if center_crop:
@@ -77,12 +73,12 @@ class CustomDiffusionExamples(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path, prompt = self.instances[i % len(self.instances)]
-        item = {"instance": _to_tensor(square_instance(_open(path, "--instance_data_dir"), self.stored,
+        item = {"instance": _to_tensor(square_instance(read_image_file(path, "--instance_data_dir"), self.stored,
                                                        self.center_crop)),
                 "instance_prompt": prompt}
         if self.classes:
             cpath, cprompt = self.classes[i % len(self.classes)]
-            item["class"] = _to_tensor(shorter_side(_open(cpath, "--class_data_dir"), self.resolution,
+            item["class"] = _to_tensor(shorter_side(read_image_file(cpath, "--class_data_dir"), self.resolution,
                                                     self.center_crop))
             item["class_prompt"] = cprompt
         return item
