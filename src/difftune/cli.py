@@ -397,12 +397,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message, not the one it was made with
+    (``main`` may be called many times in one process, each with its stderr redirected)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property always answers
+        pass
+
+
 def show_messages() -> None:
     """On the command line, difftune's progress messages ("resumed from ...", "encoding ... into the
     cache") go to stderr with its warnings; a library user configures logging as they like."""
     logger = logging.getLogger("difftune")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
