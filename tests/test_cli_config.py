@@ -262,6 +262,13 @@ def test_data_check_cli(fill_dir, tiny_model_dir, capsys):
     assert "ready to train" in capsys.readouterr().out
     assert main(["data", "check", "--train_data_dir", str(fill_dir), "--resolution", "128"]) == 0  # warnings only
     assert "smaller than" in capsys.readouterr().out
+    # without --resolution: what training would use with that base (64 for the tiny-shapes default, not 512)
+    assert main(["data", "check", "--train_data_dir", str(fill_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "smaller than" not in captured.out and "--resolution 64: the training default for tiny-shapes" in captured.err
+    from difftune.models import load_base_model, training_resolution
+
+    assert training_resolution(str(tiny_model_dir)) == load_base_model(str(tiny_model_dir)).native_resolution
 
 
 TRAIN_CUSTOM_DIFFUSION_FLAGS = sorted("""

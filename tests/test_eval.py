@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from difftune.data.fill50k import render_circle, sample_circles
 from difftune.data.shapes import BASE_SHAPES, render_shape, sample_shapes
@@ -76,7 +78,9 @@ def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, c
         str(tiny_model_dir), str(run), 2, 0)  # what was measured, recorded with the numbers
     assert sum(b["n"] for b in result["by_radius"].values()) == 3 and all(
         "vae_ceiling" in b and "base_alone" in b and "controlnet_cond" in b for b in result["by_radius"].values())
-    assert (tmp_path / "ev" / "eval_controlnet.png").is_file()
+    assert result["data_is_training_data"] is False
+    grid = Image.open(tmp_path / "ev" / "eval_controlnet.png")  # condition | both | cond | base alone, a row each
+    assert (grid.width, grid.height) == (4 * 66 + 2, 3 * 66 + 2)  # 64-px cells, 2-px padding
     assert main(["eval", "base", "--pretrained_model_name_or_path", str(tiny_model_dir), "--n_prompts", "2",
                  "--per_prompt", "2", "--num_inference_steps", "2", "--out", str(tmp_path / "eb")]) == 0
     result = json.loads((tmp_path / "eb" / "eval_base.json").read_text())
@@ -84,6 +88,37 @@ def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, c
     assert 0.0 <= result["vae_ceiling"]["shape_kind_ok"] <= 1.0  # the truth through the VAE
     printed = capsys.readouterr().out
     assert "shape_kind_ok" in printed and "controlnet_cond " in printed
+
+
+def test_eval_on_the_training_data_says_so(tiny_model_dir, fill_dir, tmp_path, caplog, monkeypatch):
+    """Scores on the conditions a ControlNet trained on are no held-out measure: eval warns and records it,
+    also when the run recorded its data and output folders relative to where training ran."""
+    import shutil
+
+    from difftune.api import train_controlnet
+    from difftune.cli import main
+    from difftune.models import recorded_train_data
+    from conftest import make_config
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(fill_dir, "fill")
+    train_controlnet(make_config(tiny_model_dir, "fill", "runs/cn", max_train_steps=1))
+    assert recorded_train_data("runs/cn") == tmp_path.resolve() / "fill"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # eval run from another folder still recognises it
+    assert main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet",
+                 "../runs/cn", "--data", "../fill", "--n", "2", "--num_inference_steps", "1", "--no_baseline",
+                 "--out", "ev"]) == 0
+    assert json.loads(Path("ev/eval_controlnet.json").read_text())["data_is_training_data"] is True
+    assert any("is the data set this ControlNet was trained on" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    shutil.copytree(fill_dir, "other")  # the same rows, but not the recorded folder: no warning
+    assert main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet",
+                 "../runs/cn", "--data", "other", "--n", "2", "--num_inference_steps", "1", "--no_baseline",
+                 "--out", "ev2"]) == 0
+    assert json.loads(Path("ev2/eval_controlnet.json").read_text())["data_is_training_data"] is False
+    assert not any("trained on" in r.getMessage() for r in caplog.records)
 
 
 def test_eval_conditioning_scale_zero_is_the_base_alone(tiny_model_dir, tiny_base, tmp_path, capsys):

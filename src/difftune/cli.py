@@ -160,7 +160,13 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .data import check_dataset, load_table, resolve_columns
     from .data.transforms import check_resolution
+    from .models import DEFAULT_MODEL, training_resolution
 
+    if args.resolution is None:  # what `train` would use with the same base
+        base = args.pretrained_model_name_or_path or DEFAULT_MODEL
+        args.resolution = training_resolution(base)
+        print(f"checking at --resolution {args.resolution}: the training default for {base} (pass "
+              f"--resolution to check another)", file=sys.stderr)
     check_resolution(args.resolution)
     table = load_table(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
                        train_data_dir=args.train_data_dir, cache_dir=args.cache_dir)
@@ -203,7 +209,9 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
                              vae=resolve_vae(args.pretrained_vae_model_name_or_path, args.pretrained_model_name_or_path,
                                              args.controlnet))
     print(format_table(result))
-    columns = " | ".join(["condition", "ControlNet", *([] if args.no_baseline else ["base alone"])])
+    modes = {"both": "ControlNet", "cond": "ControlNet, cond only"}
+    columns = " | ".join(["condition", *(modes[m] for m in dict.fromkeys(args.control_guidance)),
+                          *([] if args.no_baseline else ["base alone"])])
     print(f"details: {Path(args.out) / 'eval_controlnet.json'}, grid ({columns}): {Path(args.out) / 'eval_controlnet.png'}")
     return 0
 
@@ -318,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("dataset_name", "dataset_config_name", "train_data_dir", "image_column",
                  "conditioning_image_column", "caption_column", "cache_dir", "pretrained_model_name_or_path"):
         c.add_argument(f"--{name}")
-    c.add_argument("--resolution", type=at_least(8), default=512)
+    c.add_argument("--resolution", type=at_least(8),
+                   help="the training resolution to check images against (default: the one training would use "
+                        "with --pretrained_model_name_or_path, or with the default base tiny-shapes: 64)")
     c.add_argument("--limit", type=at_least(1), help="check only the first N rows")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=cmd_data_check)

@@ -62,7 +62,7 @@ def run_demo(out: Path, steps: int | None = None, n: int | None = None, eval_n: 
         "train_seconds": summary["seconds"],
         "total_seconds": round(time.perf_counter() - t0, 1),
         "controlnet": str(run_dir),
-        "eval_grid (condition | ControlNet | base alone)": str(out / "eval_controlnet.png"),
+        "eval_grid (condition | ControlNet | ControlNet, cond only | base alone)": str(out / "eval_controlnet.png"),
         "validation_grids": str(run_dir / "validation"),
     }
     (out / "demo_result.json").write_text(json.dumps(report, indent=2) + "\n")

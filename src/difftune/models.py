@@ -67,6 +67,24 @@ def default_resolution(family_default: int, base: BaseModel) -> int:
     return min(family_default, base.native_resolution)
 
 
+def training_resolution(name_or_path: str) -> int:
+    """``default_resolution`` read from a model folder's configs, without loading any weights (for
+    ``difftune data check``): the family's default where the configs cannot be read (a Hub id offline)."""
+    import json
+
+    from .families import FAMILIES, detect_family
+
+    folder = resolve_builtin(name_or_path)
+    family_default = FAMILIES[detect_family(folder)].default_resolution
+    try:
+        unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
+        vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
+        native = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return family_default
+    return min(family_default, native)
+
+
 BUILTIN_MODELS = {"tiny-shapes": "assets/tiny-shapes"}
 DEFAULT_MODEL = "tiny-shapes"
 
@@ -357,6 +375,32 @@ def recorded_base(controlnet: str | Path | None = None, custom_diffusion: str | 
             continue
         if isinstance(value, str) and value:
             return value, path
+    return None
+
+
+def recorded_train_data(controlnet: str | Path) -> Path | None:
+    """The folder a ControlNet run (or one of its checkpoints) trained on, as an absolute path: its
+    difftune_config.json's --train_data_dir, which a relative path resolves against the folder training ran
+    in (where --output_dir, recorded as given, leads to the run). None when nothing records one."""
+    import json
+
+    folder = Path(controlnet)
+    for run in (folder, folder.parent.parent):
+        try:
+            saved = json.loads((run / "difftune_config.json").read_text())
+            data, output_dir = saved["data"]["train_data_dir"], saved["train"]["output_dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(data, str) or not data:
+            return None
+        data_path = Path(data).expanduser()
+        if data_path.is_absolute():
+            return data_path
+        out = Path(output_dir) if isinstance(output_dir, str) else Path("/")
+        run_parts, out_parts = run.resolve().parts, out.parts  # Path drops "." parts
+        if out.is_absolute() or not out_parts or ".." in out_parts or run_parts[-len(out_parts):] != out_parts:
+            return None  # the training folder cannot be told
+        return Path(*run_parts[: len(run_parts) - len(out_parts)]) / data_path
     return None
 
 

@@ -201,6 +201,21 @@ def condition_targets(metric: str | None, n: int, resolution: int, seed: int, da
     return scorer, targets
 
 
+def _is_training_data(data: str | Path, controlnet: str | Path) -> bool:
+    """Whether ``data`` is the folder the ControlNet trained on (its run records it): said as a warning, since
+    scores on training conditions measure how well it learned them, not how it does on new ones."""
+    from ..models import recorded_train_data
+
+    trained = recorded_train_data(controlnet)
+    if trained is None or Path(data).resolve() != trained.resolve():
+        return False
+    logging.getLogger("difftune").warning(
+        "--data %s is the data set this ControlNet was trained on (its difftune_config.json says so): its scores "
+        "are on training conditions, not held-out ones. Leave out --data for fresh conditions, or give a folder "
+        "made apart from the training data (e.g. `difftune data fill50k --seed 1`).", data)
+    return True
+
+
 def _summary(scores: list[dict]) -> dict:
     keys = scores[0].keys() if scores else []
     return {k: float(np.nanmean([s[k] for s in scores])) for k in keys}
@@ -232,8 +247,10 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     if unknown or not modes:
         raise ConfigError(f"--control_guidance {' '.join(unknown) or '(none)'}: choose from {', '.join(CONTROL_ROWS)}.")
     check_eval_request(metric, n, data, condition_settings)  # before minutes of loading and sampling
+    training_data = False
     if not isinstance(controlnet, torch.nn.Module):
         check_controlnet_source(str(controlnet), "--controlnet")
+        training_data = data is not None and _is_training_data(data, controlnet)
     base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae)
     res = _base_resolution(base)
     scorer, targets = condition_targets(metric, n, res, seed, data, condition_settings)
@@ -251,7 +268,6 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
                                            [t["condition"] for t in targets], desc=name,
                                            control_guidance=mode, conditioning_scale=conditioning_scale)
         scores[name] = score_all(scorer, generated[name], targets)
-    with_cn = next(iter(generated.values()))
     if baseline:
         alone = generate_batched(text2image_pipeline(base), prompts, seed, steps, res, guidance_scale,
                                  desc="base alone")
@@ -263,7 +279,8 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     scores["vae_ceiling"] = score_all(scorer, list(truth_rt), targets)
     result = {"n": len(targets), "metric": scorer.name, "base_model": str(pretrained_model_name_or_path),
               "controlnet_path": str(controlnet) if not isinstance(controlnet, torch.nn.Module) else "(in memory)",
-              "data": str(data) if data is not None else None, "num_inference_steps": steps, "seed": seed,
+              "data": str(data) if data is not None else None, "data_is_training_data": training_data,
+              "num_inference_steps": steps, "seed": seed,
               "condition_settings": condition_settings or {}, "guidance_scale": guidance_scale,
               "controlnet_conditioning_scale": conditioning_scale, **{k: _summary(v) for k, v in scores.items()}}
     if "r" in targets[0]:
@@ -271,8 +288,8 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        rows = [[t["condition"], Image.fromarray(a)] + ([Image.fromarray(b)] if baseline else [])
-                for t, a, b in zip(targets[:16], with_cn, (alone if baseline else with_cn))]
+        columns = [*generated.values(), *([alone] if baseline else [])]  # one per row of the table but vae_ceiling
+        rows = [[t["condition"], *(Image.fromarray(c[i]) for c in columns)] for i, t in enumerate(targets[:16])]
         image_grid(rows).save(out / "eval_controlnet.png")
         (out / "eval_controlnet.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
