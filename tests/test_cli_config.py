@@ -271,6 +271,20 @@ def test_data_check_cli(fill_dir, tiny_model_dir, capsys):
     assert training_resolution(str(tiny_model_dir)) == load_base_model(str(tiny_model_dir)).native_resolution
 
 
+def test_data_check_measures_captions_with_the_default_bases_tokenizer(tmp_path, capsys):
+    """Without --pretrained_model_name_or_path, captions are checked against tiny-shapes' text encoder (24
+    tokens), the one training would use, not skipped."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "img" / "a.png")
+    long = "a " + " and ".join(["red circle with blue background"] * 6)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(
+        {"image": "img/a.png", "conditioning_image": "img/a.png", "text": long}) + "\n")
+    assert main(["data", "check", "--train_data_dir", str(tmp_path)]) == 0  # a warning, not an error
+    assert "more than the text encoder's 24" in capsys.readouterr().out
+
+
 TRAIN_CUSTOM_DIFFUSION_FLAGS = sorted("""
 adam_beta1 adam_beta2 adam_epsilon adam_weight_decay allow_tf32 cache_dir center_crop checkpointing_steps
 checkpoints_total_limit class_data_dir class_prompt concepts_list config overwrite_output_dir
@@ -372,3 +386,53 @@ def test_the_launchers_local_rank_flag_is_taken_and_left_out_of_the_config(metho
         args = build_parser().parse_args(["train", method, *data, *flag])
         cfg = config_from_args(ControlNetConfig if method == "controlnet" else CustomDiffusionConfig, args)
         assert "local_rank" not in json.dumps(to_dict(cfg))
+
+
+def test_sigterm_ends_a_command_like_ctrl_c_with_a_resume_hint(monkeypatch, capsys):
+    """A scheduler's SIGTERM stops a training run with a line saying how to resume (on its own line, after any
+    progress bar), exit status 143; the handler is put back when main returns."""
+    import os
+    import signal
+
+    import difftune.cli as cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "cmd_train_controlnet", lambda args: os.kill(os.getpid(), signal.SIGTERM) or 0)
+    assert main(["train", "controlnet", "--output_dir", "x"]) == 143
+    assert capsys.readouterr().err.endswith("\nterminated: resume with --resume_from_checkpoint latest\n")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_data_conditions_refuses_a_caption_and_a_caption_column_together(tmp_path, capsys):
+    assert main(["data", "conditions", "--input_dir", str(tmp_path), "--out", str(tmp_path / "o"), "--caption", "x",
+                 "--caption_column", "prompt"]) == 2
+    assert "exclude each other" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def _report_sigterm(queue) -> None:
+    import signal
+
+    queue.put(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+
+
+def test_processes_forked_during_a_command_keep_the_default_sigterm(monkeypatch):
+    """A forked pool worker with the CLI's Python-level SIGTERM handler can miss Pool.terminate's SIGTERM
+    while blocked on a queue's semaphore, and the pool's exit then waits for ever (seen in a full test run)."""
+    import multiprocessing as mp
+
+    import difftune.cli as cli
+
+    seen = []
+
+    def fork_a_worker(args):
+        ctx = mp.get_context("fork")
+        queue = ctx.SimpleQueue()
+        worker = ctx.Process(target=_report_sigterm, args=(queue,))
+        worker.start()
+        worker.join(timeout=60)
+        seen.append(queue.get())
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_train_controlnet", fork_a_worker)
+    assert main(["train", "controlnet", "--output_dir", "x"]) == 0
+    assert seen == [True]

@@ -116,6 +116,7 @@ def test_condition_dataset_errors_name_the_file_and_leave_nothing_behind(tmp_pat
     (src / "1.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="1.png") as info:
         write_condition_dataset(src, tmp_path / "out", caption="x", progress=False)
+    assert "--input_dir: cannot read file" in str(info.value) and "move it out of --input_dir" in str(info.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
     with pytest.raises(ConfigError, match="inside --input_dir"):
         write_condition_dataset(src, src / "out", caption="x", progress=False)
@@ -302,6 +303,8 @@ def test_eval_targets_refuse_nothing_to_score_and_take_setting_overrides(tiny_de
     write_condition_dataset(flat, tmp_path / "flat-canny", caption="x", progress=False)
     with pytest.raises(DataError, match="flat-canny: no held-out condition to evaluate \\(blank conditions"):
         condition_targets(None, 5, 64, 0, tmp_path / "flat-canny")
+    with pytest.raises(ConfigError, match="--metric depth: --data .*flat-canny holds canny conditions"):
+        condition_targets("depth", 2, 64, 0, tmp_path / "flat-canny")
     with pytest.raises(ConfigError, match="--depth_model: not a setting of the canny metric's detector"):
         condition_targets("canny", 2, 64, 0, None, {"model": "x"})
     with pytest.raises(ConfigError, match="--low_threshold: not a setting of the fill50k"):

@@ -152,6 +152,11 @@ def test_bad_inputs_give_clear_errors(tiny_base, tiny_model_dir, star_dir, tmp_p
     (tmp_path / "d.json").write_text(json.dumps([{"instance_prompt": "<new1> star"}]))
     with pytest.raises(ConfigError, match="entry 0 has no 'instance_data_dir'"):
         build(concepts_list=str(tmp_path / "d.json"))
+    (tmp_path / "e.json").write_text(json.dumps([{"instance_prompt": 5, "instance_data_dir": str(star_dir)}]))
+    with pytest.raises(ConfigError, match=r"entry 0: 'instance_prompt' must be text, not int \(5\)"):
+        build(concepts_list=str(tmp_path / "e.json"))
+    with pytest.raises(ConfigError, match=r"^the instance prompt 'a star' contains none"):  # given by flags: no prefix
+        build(instance_data_dir=str(star_dir), instance_prompt="a star", modifier_token="<new1>")
     with pytest.raises(ConfigError, match="<new2> appears in no instance prompt"):
         build(instance_data_dir=str(star_dir), instance_prompt="<new1> star", modifier_token="<new1>+<new2>")
     with pytest.raises(ConfigError, match="--with_prior_preservation needs --class_prompt"):
@@ -378,3 +383,24 @@ def test_a_checkpoint_of_another_method_is_refused_by_name(tiny_model_dir, fill_
     with pytest.raises(ConfigError, match="written by a controlnet run; this is a custom_diffusion run"):
         train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "cd", instance_data_dir=str(star_dir),
                                          instance_prompt="<new1> star", resume_from_checkpoint=str(cn_checkpoint)))
+
+
+def test_an_export_over_an_earlier_one_removes_what_is_no_longer_its_own(tiny_base, tmp_path):
+    """--overwrite_output_dir (or a rerun) with other tokens or another weight format: the earlier run's token
+    files would sit beside weights whose custom_diffusion.json does not list them (load_textual_inversion of a
+    stale <new1>); only files an earlier custom_diffusion.json listed are removed."""
+    import torch
+
+    from difftune.custom_diffusion.export import META, WEIGHTS_BIN, WEIGHTS_SAFE, read_meta, save_custom_diffusion
+    from difftune.errors import ModelLoadError
+
+    out = tmp_path / "out"
+    save_custom_diffusion(out, tiny_base.unet, {}, {"<new1>": torch.zeros(4), "<new9>": torch.ones(4)}, {})
+    (out / "notes.txt").write_text("mine")
+    save_custom_diffusion(out, tiny_base.unet, {}, {"<new2>": torch.zeros(4)}, {}, safe=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted([META, WEIGHTS_BIN, "<new2>.bin", "notes.txt"])
+    save_custom_diffusion(out, tiny_base.unet, {}, {}, {})  # no tokens: no embedding files
+    assert sorted(p.name for p in out.iterdir()) == sorted([META, WEIGHTS_SAFE, "notes.txt"])
+    assert read_meta(out)["embeddings"] == {}
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        read_meta(tmp_path / "nope")

@@ -73,6 +73,18 @@ def test_retrieve_writes_the_real_prior_layout(knn_server, tmp_path, capsys):
     assert len(pairs) == 5 and pairs[2][1] == "a cat number 2"
 
 
+def test_real_prior_folder_names_the_images_it_leaves_out(tmp_path, caplog):
+    from PIL import Image
+
+    from difftune.custom_diffusion.concepts import real_prior_pairs
+
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("a cat\n")
+    assert real_prior_pairs(tmp_path) == [(tmp_path / "a.png", "a cat")]
+    assert "1 image(s)" in caplog.text and "b.png" in caplog.text
+
+
 def test_unreachable_backend_is_a_clear_error(tmp_path, capsys):
     import socket
 

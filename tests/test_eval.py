@@ -90,27 +90,31 @@ def test_eval_commands_run_on_a_tiny_model(tiny_model_dir, fill_dir, tmp_path, c
     assert "shape_kind_ok" in printed and "controlnet_cond " in printed
 
 
-def test_eval_on_the_training_data_says_so(tiny_model_dir, fill_dir, tmp_path, caplog, monkeypatch):
+def test_eval_on_the_training_data_says_so(tiny_model_dir, fill_dir, tmp_path, caplog, monkeypatch, capsys):
     """Scores on the conditions a ControlNet trained on are no held-out measure: eval warns and records it,
     also when the run recorded its data and output folders relative to where training ran."""
     import shutil
 
     from difftune.api import train_controlnet
     from difftune.cli import main
-    from difftune.models import recorded_train_data
+    from difftune.models import recorded_base, recorded_train_data
     from conftest import make_config
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(fill_dir, "fill")
-    train_controlnet(make_config(tiny_model_dir, "fill", "runs/cn", max_train_steps=1))
+    shutil.copytree(tiny_model_dir, "base")
+    train_controlnet(make_config("base", "fill", "runs/cn", max_train_steps=1))
     assert recorded_train_data("runs/cn") == tmp_path.resolve() / "fill"
+    # a checkpoint's own copy of the settings resolves against the same training folder
+    assert recorded_train_data("runs/cn/checkpoints/checkpoint-1") == tmp_path.resolve() / "fill"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)  # eval run from another folder still recognises it
-    assert main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet",
-                 "../runs/cn", "--data", "../fill", "--n", "2", "--num_inference_steps", "1", "--no_baseline",
-                 "--out", "ev"]) == 0
+    monkeypatch.chdir(elsewhere)  # from another folder: the recorded base and data still resolve
+    assert recorded_base(controlnet="../runs/cn")[0] == str(tmp_path.resolve() / "base")
+    assert main(["eval", "controlnet", "--controlnet", "../runs/cn", "--data", "../fill", "--n", "2",
+                 "--num_inference_steps", "1", "--no_baseline", "--out", "ev"]) == 0
     assert json.loads(Path("ev/eval_controlnet.json").read_text())["data_is_training_data"] is True
+    assert "(2 training-set conditions" in capsys.readouterr().out
     assert any("is the data set this ControlNet was trained on" in r.getMessage() for r in caplog.records)
     caplog.clear()
     shutil.copytree(fill_dir, "other")  # the same rows, but not the recorded folder: no warning

@@ -101,7 +101,7 @@ def test_a_checkpoint_loads_for_inference_as_it_is(trained, tiny_model_dir, fill
     args = ["generate", "--image", str(cond), "--prompt", "red circle with blue background", "--num_inference_steps", "2"]
     # no --pretrained_model_name_or_path: the base the run recorded (for a checkpoint, its run's)
     assert main(args + ["--controlnet", str(ckpt), "--out", str(tmp_path / "ckpt.png")]) == 0
-    assert f"base model: {tiny_model_dir} (recorded in {out / 'difftune_config.json'}" in capsys.readouterr().err
+    assert f"base model: {tiny_model_dir} (recorded in {ckpt / 'difftune_config.json'}" in capsys.readouterr().err
     assert main(args + ["--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(out),
                         "--out", str(tmp_path / "export.png")]) == 0
     a, b = (np.asarray(Image.open(tmp_path / f"{x}.png")) for x in ("ckpt", "export"))
@@ -226,6 +226,7 @@ def test_validation_samples_with_the_configured_control_guidance(trained, fill_d
     (["--out", "g10"], "--out {tmp}/g10: it has no extension"),
     (["--resolution", "60", "--out", "g.png"], "--resolution 60 is not divisible by 8"),
     (["--controlnet", "nope_cn", "--out", "g.png"], "--controlnet nope_cn does not exist; give a ControlNet folder"),
+    (["--image", "missing.png", "--out", "g.png"], "--image missing.png does not exist"),
 ])
 def test_generate_arguments_are_checked_before_anything_is_generated(extra, message, tmp_path, capsys):
     """Checked before the base model loads (it does not exist here: a load would fail first), so no image is
@@ -235,6 +236,7 @@ def test_generate_arguments_are_checked_before_anything_is_generated(extra, mess
     cn = tmp_path / "cn"
     cn.mkdir()
     (cn / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    Image.new("RGB", (64, 64)).save(tmp_path / "c.png")
     argv = ["generate", "--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--controlnet", str(cn),
             "--image", str(tmp_path / "c.png"), "--prompt", "x", "--num_inference_steps", "1"]
     extra = [str(tmp_path / v) if i and extra[i - 1] == "--out" else v for i, v in enumerate(extra)]
@@ -253,3 +255,19 @@ def test_generate_resolution_must_fit_the_base_vae():
     with pytest.raises(ConfigError, match="--resolution 72 is not a multiple of 16, the base model's VAE scale "
                                           "factor: use 64 or 80"):
         _check_latent_multiple(72, 16)
+
+
+def test_the_model_cards_code_runs_for_the_built_in_base(fill_dir, tmp_path):
+    """"tiny-shapes" is no Hub id: the card's snippet finds the base inside difftune and loads in diffusers."""
+    import re
+
+    from difftune.api import train_controlnet
+    from conftest import make_config
+
+    out = tmp_path / "cn"
+    train_controlnet(make_config("tiny-shapes", fill_dir, out, max_train_steps=1))
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    assert "resolve_builtin(\"tiny-shapes\")" in code
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the card's own example, as a user would paste it
+    assert scope["pipe"].unet.config.sample_size * 4 == 64 and scope["pipe"].controlnet is not None

@@ -125,6 +125,95 @@ def test_kill_during_checkpoint_save_keeps_previous(tiny_model_dir, fill_dir, tm
     assert not any(p.name.startswith(".") for p in root.iterdir())
 
 
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tiny_model_dir, fill_dir, tmp_path, caplog):
+    """Resumed from checkpoint-2 beside checkpoint-4 and -6 of the run that went on, the new line of the run
+    owns 'latest' and pruning: the old later ones are moved aside whole (not deleted, never pruned in place of
+    the new ones), and a stale export temp folder is cleared."""
+    import logging
+
+    out = tmp_path / "run"
+    kw = dict(checkpointing_steps=2, train_batch_size=2)
+    train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=6, **kw))
+    (out / ".export.tmp-999999").mkdir()  # a run killed while exporting, as another process
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=4, checkpoints_total_limit=2,
+                                     resume_from_checkpoint="checkpoint-2", **kw))
+    root = out / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["checkpoint-2", "checkpoint-4"]
+    assert (root / "latest").read_text().strip() == "checkpoint-4"
+    assert sorted(p.name for p in (root / "superseded-from-2").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert "moved to" in caplog.text and not (out / ".export.tmp-999999").exists()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    # another run's checkpoint, by its path: this run's later checkpoints go aside, the other run is not touched
+    other = tmp_path / "other"
+    train_controlnet(make_config(tiny_model_dir, fill_dir, other, max_train_steps=6, **kw))
+    train_controlnet(make_config(tiny_model_dir, fill_dir, other, max_train_steps=4, checkpoints_total_limit=2,
+                                 resume_from_checkpoint=str(root / "checkpoint-2"), **kw))
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["checkpoint-2", "checkpoint-4"]  # as it was
+    assert (root / "latest").read_text().strip() == "checkpoint-4" and len(list(root.glob("superseded-*"))) == 1
+    assert [p.name for p in ckpt.list_checkpoints(other / "checkpoints")] == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (other / "checkpoints" / "superseded-from-2").iterdir()) == ["checkpoint-4",
+                                                                                               "checkpoint-6"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="difftune"):  # asked for fewer steps than the checkpoint holds
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=2,
+                                     resume_from_checkpoint="latest", **kw))
+    assert "past --max_train_steps 2" in caplog.text and "--resume_from_checkpoint checkpoint-2" in caplog.text
+
+
+def test_bf16_on_the_cpu_samples_validation_and_keeps_training_in_bf16(tiny_model_dir, fill_dir, tmp_path):
+    """The CPU's group norm refuses bf16 weights under the fp32 latents the pipeline makes for an fp32
+    ControlNet: validation used to crash after every step had trained, before the export."""
+    from difftune.models import load_base_model
+
+    base = load_base_model(str(tiny_model_dir))
+    cfg = make_config(tiny_model_dir, fill_dir, tmp_path / "run", max_train_steps=2, mixed_precision="bf16",
+                      validation_steps=1, num_validation_images=1, num_validation_inference_steps=2,
+                      validation_prompt=["red circle with blue background"],
+                      validation_image=[str(fill_dir / "validation" / "conditioning_0.png")])
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
+    try:
+        summary = train_controlnet(cfg, base=base)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == ["step-0000001.png",
+                                                                                  "step-0000002.png"]
+    assert summary["exported"] and base.unet.dtype == torch.bfloat16  # put back after sampling
+
+
+def test_a_killed_prune_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    args = ({"w": torch.ones(2)}, {"state": {}, "param_groups": []}, {}, torch.Generator())
+    for step in (1, 2):
+        ckpt.save_checkpoint(root, ckpt.TrainState(global_step=step), *args, total_limit=2)
+
+    def killed(path, *a, **k):  # dies after the first file of the pruned checkpoint is gone
+        next(p for p in sorted(path.rglob("*")) if p.is_file()).unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(root, ckpt.TrainState(global_step=3), *args, total_limit=2)
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["checkpoint-2", "checkpoint-3"]  # never 1, half gone
+    ckpt.clean_partial(root)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3", "latest"]
+
+
+def test_data_position_follows_samples_when_the_batch_size_changes():
+    """A checkpoint 10 micro-batches of 2 into an epoch of 48 samples has seen 20: at batch 4 that is 5."""
+    from difftune.resuming import data_position
+
+    state = ckpt.TrainState(micro_batches=10, micro_batch_samples=2)
+    assert data_position(state, 48, 4) == 5 and data_position(state, 48, 2) == 10
+    assert data_position(state, 48, 3) == 6  # 18 samples skipped, the 2 after them seen again
+    # a second epoch: 24 micro-batches of 2 per epoch, so 30 is 6 into epoch 1; at batch 4, 12 per epoch + 3
+    assert data_position(ckpt.TrainState(micro_batches=30, micro_batch_samples=2), 48, 4) == 15
+    assert data_position(ckpt.TrainState(micro_batches=7), 48, 4) == 7  # saved before the count was recorded
+
+
 def test_nan_loss_stops_with_step_or_is_skipped(tiny_model_dir, fill_dir, tmp_path):
     from difftune.methods.controlnet import ControlNetMethod
     from difftune.trainer import Trainer, TrainingDiverged
@@ -272,25 +361,46 @@ def test_a_new_run_never_mixes_into_another_runs_checkpoints(tiny_model_dir, fil
 
 
 def test_resume_says_which_settings_changed_and_a_damaged_checkpoint_is_named(tiny_model_dir, fill_dir, tmp_path,
-                                                                               caplog):
+                                                                               caplog, monkeypatch):
     import logging
 
     from difftune.errors import ConfigError
 
     out = tmp_path / "run"
     train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=2, checkpointing_steps=1))
-    with caplog.at_level(logging.WARNING, logger="difftune"):
-        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=3, checkpointing_steps=1,
-                                     learning_rate=1e-2, resume_from_checkpoint="latest"))
-    said = " ".join(r.getMessage() for r in caplog.records)
-    assert "--learning_rate 0.001 -> 0.01" in said and "its learning rate, not a new --learning_rate" in said
-    assert "max_train_steps" not in said  # running longer is what resuming is for
+    changed = dict(max_train_steps=3, checkpointing_steps=1, learning_rate=1e-2, resume_from_checkpoint="latest")
+    real = ckpt.save_checkpoint
+    for attempt in ("killed before its first checkpoint", "again"):  # the second compares with the checkpoint too
+        if attempt == "again":
+            monkeypatch.setattr(ckpt, "save_checkpoint", real)
+        else:
+            monkeypatch.setattr(ckpt, "save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="difftune"):
+            try:
+                summary = train_controlnet(make_config(tiny_model_dir, fill_dir, out, **changed))
+            except KeyboardInterrupt:
+                pass
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert "--learning_rate 0.001 -> 0.01" in said and "its learning rate, not a new --learning_rate" in said
+        assert "max_train_steps" not in said  # running longer is what resuming is for
+    # the rate used is the checkpoint's, and the card says what changed
+    assert summary["learning_rate"] == 0.001 and summary["resumed_changes"] == ["--learning_rate 0.001 -> 0.01"]
+    card = (out / "README.md").read_text()
+    assert "learning rate 0.001" in card and "Resumed with settings changed" in card
     caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="difftune"):  # the rate used is what the checkpoint recorded
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=4, checkpointing_steps=1,
+                                     resume_from_checkpoint="latest"))
+    assert "--learning_rate" not in caplog.text
+    (out / "checkpoints" / "checkpoint-2" / "scheduler.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"checkpoint-2: it is damaged \(.*scheduler\.json: JSONDecodeError"):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, resume_from_checkpoint="checkpoint-2"))
     # truncated on disk after it was written: named, with the intact checkpoints beside it
-    damaged = out / "checkpoints" / "checkpoint-3" / "trainable.safetensors"
+    damaged = out / "checkpoints" / "checkpoint-4" / "trainable.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])
-    with pytest.raises(ConfigError, match=r"checkpoint-3: it is damaged.*--resume_from_checkpoint checkpoint-2"):
-        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=4, learning_rate=1e-2,
+    with pytest.raises(ConfigError, match=r"checkpoint-4: it is damaged.*--resume_from_checkpoint checkpoint-3"):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=5, learning_rate=1e-2,
                                      resume_from_checkpoint="latest"))
 
 

@@ -23,10 +23,11 @@ leaves the previous checkpoint intact and ``latest`` never names a partial one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from .errors import ConfigError
 
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "difftune_config.json"  # the settings of the run that wrote it
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -50,6 +52,8 @@ class TrainState:
     seed: int = 0
     method: str | None = None  # the method that wrote it ("controlnet", "custom_diffusion"); None before 2026-12
     last_loss: float | None = None  # the loss of the step it was saved at (a resumed run that trains no step reports it)
+    micro_batch_samples: int | None = None  # samples per micro-batch over all processes (None before 2026-12)
+    resumed_changes: list[str] = field(default_factory=list)  # settings changed by resumes, "--flag old -> new"
 
 
 def _fsync_file(path: Path) -> None:
@@ -186,13 +190,15 @@ def save_checkpoint(
     extra: dict | None = None,
     rng: dict[str, torch.Tensor] | None = None,
     write_more: Callable[[Path], None] | None = None,
+    config: dict | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically, move ``latest`` to it, prune old ones.
 
     ``extra``: JSON-able state of the caller's own (``extra.json``), e.g. a NumPy generator's.
     ``rng``: the random states to store (``merge_process_rng``); by default this process's.
     ``write_more(folder)``: the method's own files (e.g. what makes the folder loadable for inference),
-    written into the folder before it is marked complete."""
+    written into the folder before it is marked complete. ``config``: the run's settings (``CONFIG_FILE``),
+    which a resume compares its own with."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{state.global_step}"
     tmp = root / f".checkpoint-{state.global_step}.tmp-{os.getpid()}"
@@ -209,6 +215,7 @@ def save_checkpoint(
         "rng.safetensors": lambda p: save_file(rng if rng is not None else rng_tensors(generator), str(p)),
         "scheduler.json": lambda p: p.write_text(json.dumps(scheduler_to_json(scheduler_state))),
         **({"extra.json": lambda p: p.write_text(json.dumps(extra))} if extra is not None else {}),
+        **({CONFIG_FILE: lambda p: p.write_text(json.dumps(config, indent=2))} if config is not None else {}),
         STATE_FILE: lambda p: p.write_text(json.dumps(asdict(state), indent=2)),  # last: marks complete
     }
     for name, write in files.items():
@@ -232,8 +239,48 @@ def save_checkpoint(
     atomic_write(root / "latest", lambda p: p.write_text(final.name + "\n"))
     if total_limit:
         for old in list_checkpoints(root)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     return final
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint so that a kill midway never leaves a half-deleted one that still looks complete:
+    renamed out of sight first (one atomic step), then deleted (``clean_partial`` ends a killed deletion)."""
+    trash = folder.parent / f".trash-{folder.name}-{os.getpid()}"
+    folder.rename(trash)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def supersede_later(root: Path, step: int) -> Path | None:
+    """Resuming at ``step`` in a run whose ``root`` holds later checkpoints (``--resume_from_checkpoint
+    checkpoint-5`` beside checkpoint-10 and -20, or another run's checkpoint-5) starts a new line of the run:
+    the later checkpoints belong to the old one. ``latest`` first names the newest checkpoint left (the one
+    resumed from, when it is in ``root``; none left: no pointer), so that a kill partway never points back
+    into the old line; then they move, whole, into ``superseded-from-<step>`` (kept, not deleted: out of
+    ``latest``, pruning and listing). Only ``root`` is touched. Returns the folder they went to, or None."""
+    def step_of(p: Path) -> int:
+        return int(_NAME.match(p.name).group(1))
+
+    done = list_checkpoints(root)
+    later = [p for p in done if step_of(p) > step]
+    if not later:
+        return None
+    kept = [p for p in done if step_of(p) <= step]
+    if kept:
+        atomic_write(root / "latest", lambda p: p.write_text(kept[-1].name + "\n"))
+    else:
+        (root / "latest").unlink(missing_ok=True)
+        _fsync_dir(root)
+    dest, n = root / f"superseded-from-{step}", 1
+    while dest.exists():
+        n += 1
+        dest = root / f"superseded-from-{step}-{n}"
+    dest.mkdir()
+    for p in later:
+        p.rename(dest / p.name)
+    _fsync_dir(root)
+    return dest
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -262,11 +309,14 @@ def resolve_resume(root: Path, spec: str | None) -> Path | None:
         return None
     if spec == "latest":
         pointer = root / "latest"
+        done = list_checkpoints(root)
         if pointer.is_file():
             named = root / pointer.read_text().strip()
             if (named / STATE_FILE).is_file():
                 return named
-        done = list_checkpoints(root)
+            if done:
+                logging.getLogger("difftune").warning("%s names %s, which is no complete checkpoint: resuming from "
+                                                      "the newest one, %s", pointer, named.name, done[-1].name)
         return done[-1] if done else None  # nothing yet: start fresh, as diffusers does
     path = Path(spec)
     if not path.is_absolute() and not path.exists():
@@ -287,21 +337,27 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:  # truncated safetensors, broken JSON, a missing file: all the same to the user
         others = [p.name for p in list_checkpoints(path.parent) if p.resolve() != path.resolve()]
         raise ConfigError(
-            f"Cannot resume from {path}: it is damaged ({type(e).__name__}: {e}). Checkpoints are written "
-            "atomically, so something changed it afterwards. Resume from an intact one with "
+            f"Cannot resume from {path}: it is damaged ({e if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'}). "
+            "Checkpoints are written atomically, so something changed it afterwards. Resume from an intact one with "
             f"--resume_from_checkpoint {others[-1] if others else 'CHECKPOINT'} (there: {', '.join(others) or 'none'}), "
             "or remove the damaged folder."
         ) from None
 
 
 def _read_checkpoint(path: Path) -> dict:
+    def read(name: str, reader):
+        try:
+            return reader(path / name)
+        except Exception as e:  # say which file: a JSON error alone names none
+            raise ValueError(f"{path / name}: {type(e).__name__}: {e}") from None
+
+    as_json = lambda p: json.loads(p.read_text())  # noqa: E731
+    as_tensors = lambda p: load_file(str(p))  # noqa: E731
     return {
-        "state": TrainState(**json.loads((path / STATE_FILE).read_text())),
-        "weights": load_file(str(path / "trainable.safetensors")),
-        "optimizer": optimizer_from_files(
-            load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
-        ),
-        "scheduler": json.loads((path / "scheduler.json").read_text()),
-        "rng": load_file(str(path / "rng.safetensors")),
-        "extra": json.loads((path / "extra.json").read_text()) if (path / "extra.json").is_file() else {},
+        "state": TrainState(**read(STATE_FILE, as_json)),
+        "weights": read("trainable.safetensors", as_tensors),
+        "optimizer": optimizer_from_files(read("optimizer.safetensors", as_tensors), read("optimizer.json", as_json)),
+        "scheduler": read("scheduler.json", as_json),
+        "rng": read("rng.safetensors", as_tensors),
+        "extra": read("extra.json", as_json) if (path / "extra.json").is_file() else {},
     }

@@ -74,6 +74,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("--condition computes a ControlNet's condition from --image: it needs --controlnet.")
     out = Path(args.out)
     check_image_out(out)
+    if args.image:  # a missing or unreadable --image is said before minutes of model loading
+        from .data.images import read_image_file
+
+        read_image_file(args.image, "--image")
     out.parent.mkdir(parents=True, exist_ok=True)
     condition_out = out.with_name(f"{out.stem}-condition{out.suffix}") if args.condition else None
     base = resolve_base(args.pretrained_model_name_or_path, args.controlnet, args.custom_diffusion)
@@ -135,8 +139,12 @@ def _add_condition_flags(parser: argparse.ArgumentParser, defaults: bool = True)
 def cmd_data_conditions(args: argparse.Namespace) -> int:
     from .data.conditions import write_condition_dataset
 
+    if args.caption is not None and args.caption_column:
+        raise UserError("--caption (one caption for every picture) and --caption_column (each picture's own, from "
+                        "INPUT_DIR/metadata.jsonl) exclude each other: give one.")
     info = write_condition_dataset(args.input_dir, args.out, condition=args.condition, resolution=args.resolution,
-                                   caption=args.caption, caption_column=args.caption_column, overwrite=args.overwrite,
+                                   caption=args.caption, caption_column=args.caption_column or "text",
+                                   overwrite=args.overwrite,
                                    workers=args.workers, **_condition_settings(args, args.condition))
     blank = info.pop("blank_conditions")
     print(json.dumps({**info, "blank_conditions": len(blank)}, indent=2))
@@ -162,19 +170,17 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from .data.transforms import check_resolution
     from .models import DEFAULT_MODEL, training_resolution
 
-    if args.resolution is None:  # what `train` would use with the same base
-        base = args.pretrained_model_name_or_path or DEFAULT_MODEL
+    base = args.pretrained_model_name_or_path or DEFAULT_MODEL  # what `train` would use
+    if args.resolution is None:
         args.resolution = training_resolution(base)
         print(f"checking at --resolution {args.resolution}: the training default for {base} (pass "
               f"--resolution to check another)", file=sys.stderr)
     check_resolution(args.resolution)
     table = load_table(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
                        train_data_dir=args.train_data_dir, cache_dir=args.cache_dir)
-    tokenizer = None
-    if args.pretrained_model_name_or_path:
-        from .models import load_tokenizer
+    from .models import load_tokenizer
 
-        tokenizer = load_tokenizer(args.pretrained_model_name_or_path)
+    tokenizer = load_tokenizer(base)  # caption lengths against the text encoder training would use
     try:
         cols = resolve_columns(table.column_names, args.image_column, args.conditioning_image_column,
                                args.caption_column)
@@ -245,13 +251,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """Every flag with a default says it in --help (sub-commands inherit the class), unless its help does."""
+
+    def add_argument(self, *args, **kwargs):
+        default = kwargs.get("default")
+        if not any(default is x for x in (None, False, argparse.SUPPRESS)) and "default" not in (kwargs.get("help") or ""):
+            kwargs["help"] = f"{kwargs.get('help') or ''} (default: %(default)s)".strip()
+        return super().add_argument(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import CONTROL_GUIDANCE, ControlNetConfig
     from .data.conditions import CONDITIONERS
     from .eval.metrics import CONDITION_METRICS
     from .recipes import RECIPES
 
-    p = argparse.ArgumentParser(prog="difftune", description="Train ControlNet and Custom Diffusion adapters on frozen Stable Diffusion models.")
+    p = Parser(prog="difftune", description="Train ControlNet and Custom Diffusion adapters on frozen Stable Diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train an adapter").add_subparsers(dest="method", required=True)
@@ -309,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--resolution", type=at_least(8), help="resize + centre-crop to this size before computing the "
                                                    "condition (recommended: your training --resolution)")
     dc.add_argument("--caption", help="one caption for every image")
-    dc.add_argument("--caption_column", default="text", help="caption column of INPUT_DIR/metadata.jsonl")
+    dc.add_argument("--caption_column", help="caption column of INPUT_DIR/metadata.jsonl (default: text)")
     _add_condition_flags(dc)
     dc.add_argument("--workers", type=at_least(1), help="processes (default: all cores)")
     dc.add_argument("--overwrite", action="store_true")
@@ -450,19 +466,62 @@ def redact_secrets(argv: list[str]) -> list[str]:
     return out
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`): ended like Ctrl-C, through the same clean-up."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _default_sigterm_in_child() -> None:
+    """A process forked while ``_on_sigterm`` is set (a multiprocessing pool or data-loader worker) gets the
+    default back at once: a Python-level handler can be tripped while the worker is about to block in a C
+    call (a queue's semaphore), and then the worker never ends, and the parent's ``Pool.terminate`` waits on
+    it for ever. With the default, SIGTERM ends it in the kernel."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
+def _stop_on_sigterm():
+    """SIGTERM raises ``Terminated`` in this process (the main thread), so a stopped run says how to resume
+    instead of vanishing; processes forked from it keep the default (``_default_sigterm_in_child``).
+    Returns the handler it replaced (None off the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     show_messages()
     args = build_parser().parse_args(argv)
     sys.argv[:] = redact_secrets(sys.argv)  # parsed: nothing after this needs the token in the command line
+    previous = _stop_on_sigterm()
     try:
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: resume with --resume_from_checkpoint latest", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        hint = {"train": ": resume with --resume_from_checkpoint latest",
+                "demo": ": run it again to resume", "pretrain-base": ": run it again to resume"}.get(args.command, "")
+        print(f"\n{what}{hint}", file=sys.stderr)  # on a line of its own, after any progress bar
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:  # main() called in a longer-lived process (tests, a notebook)
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -66,6 +66,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise ConfigError(f"--regularization_prompts {p} does not exist (one caption per line).")
         prompts = [x.strip() for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+    from .custom_diffusion.export import read_meta
+
+    for folder in args.concepts:  # each named with the flag that gave it, before the base model loads
+        read_meta(folder, flag="--concepts")
     info = merge_concepts(args.concepts, load_base_model(base_of(args, args.concepts[0])), args.output_dir,
                           prompts, safe=not args.no_safe_serialization)
     print(json.dumps(info, indent=2))

@@ -124,7 +124,8 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     learning_rate: float = opt(5e-6, "Initial learning rate (after warm-up).")
-    scale_lr: bool = opt(False, "Multiply the learning rate by GPUs x batch size x accumulation steps.")
+    scale_lr: bool = opt(False, "Multiply the learning rate by GPUs x batch size x accumulation steps (x2 for "
+                                "Custom Diffusion with prior preservation: each example adds a class image).")
     lr_scheduler: str = opt(
         "constant",
         "Learning-rate schedule.",

@@ -66,9 +66,12 @@ RESUMABLE_CHANGES = frozenset({
 
 
 def warn_changed_settings(out: Path, run_config: Any, resume_from: Path) -> list[str]:
-    """Say which settings differ from those of the run that wrote the checkpoint (its saved
-    ``difftune_config.json``, read before this run replaces it), and what resuming does with them."""
-    saved_path = out / "difftune_config.json"
+    """Say which settings differ from those of the run that wrote the checkpoint, and what resuming does
+    with them: the checkpoint's own ``difftune_config.json`` (the output folder's, read before this run
+    replaces it, for a checkpoint from before 2026-12 that holds none)."""
+    saved_path = resume_from / "difftune_config.json"
+    if not saved_path.is_file():
+        saved_path = out / "difftune_config.json"
     if not saved_path.is_file():
         return []
     try:
@@ -83,7 +86,7 @@ def warn_changed_settings(out: Path, run_config: Any, resume_from: Path) -> list
         for key, value in values.items():
             old = (saved.get(section) or {}).get(key, value)
             if key not in RESUMABLE_CHANGES and old != value:
-                changes.append(f"--{key} {old} -> {value}")
+                changes.append(f"--{key} {'(unset)' if old is None else old} -> {'(unset)' if value is None else value}")
     if changes:
         log.warning(
             "resuming from %s with settings that differ from the run that wrote it: %s. The checkpoint's optimizer "

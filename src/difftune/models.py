@@ -101,6 +101,15 @@ def resolve_builtin(name_or_path: str) -> str:
     return name_or_path
 
 
+def base_in_code(name_or_path: str) -> tuple[list[str], str]:
+    """How a model card's Python names a base: (import lines, expression). A built-in name is no Hub id, so
+    the card finds its folder in the installed difftune; anything else is the string it was given as."""
+    if name_or_path in BUILTIN_MODELS and not Path(name_or_path).exists():
+        return [f"from difftune.models import resolve_builtin  # {name_or_path} ships inside difftune"], \
+            f'resolve_builtin("{name_or_path}")'
+    return [], f'"{name_or_path}"'
+
+
 BASE_FOLDER_ADVICE = ("Pass a local diffusers-layout folder (with model_index.json, unet/, vae/, text_encoder/, "
                       "tokenizer/, scheduler/).")
 
@@ -342,10 +351,12 @@ def resolve_vae(explicit: str | None, explicit_base: str | None, controlnet: str
     folder = Path(controlnet)
     for path in (folder / "difftune_config.json", folder.parent.parent / "difftune_config.json"):
         try:
-            vae = json.loads(path.read_text())["model"]["pretrained_vae_model_name_or_path"]
+            saved = json.loads(path.read_text())
+            vae = saved["model"]["pretrained_vae_model_name_or_path"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if isinstance(vae, str) and vae:
+            vae = _as_recorded(vae, path, saved)
             print(f"VAE: {vae} (recorded in {path}; --pretrained_vae_model_name_or_path to choose another)",
                   file=sys.stderr)
             return vae
@@ -368,14 +379,48 @@ def recorded_base(controlnet: str | Path | None = None, custom_diffusion: str | 
             candidates.append((run / "difftune_config.json", ("model", "pretrained_model_name_or_path")))
     for path, keys in candidates:
         try:
-            value: Any = json.loads(path.read_text())
+            saved = json.loads(path.read_text())
+            value: Any = saved
             for key in keys:
                 value = value[key]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if isinstance(value, str) and value:
-            return value, path
+            return _as_recorded(value, path, saved), path
     return None
+
+
+def local_or_name(name_or_path: str) -> str:
+    """A local folder as an absolute path (a run's record is read from other folders later); anything else
+    (a Hub id, a built-in name) as given."""
+    local = Path(name_or_path).expanduser()
+    return str(local.resolve()) if local.is_dir() else name_or_path
+
+
+def _training_dir(run: Path, output_dir: Any) -> Path | None:
+    """The folder a run was started in, from where it is now and its --output_dir as recorded (relative to
+    that folder); None when that cannot be told (an absolute or '..' output_dir, a moved run)."""
+    out = Path(output_dir) if isinstance(output_dir, str) and output_dir else Path("/")
+    run_parts, out_parts = run.resolve().parts, out.parts  # Path drops "." parts
+    if out.is_absolute() or not out_parts or ".." in out_parts or run_parts[-len(out_parts):] != out_parts:
+        return None
+    return Path(*run_parts[: len(run_parts) - len(out_parts)])
+
+
+def _as_recorded(value: str, config: Path, saved: dict) -> str:
+    """A path a run's config recorded as typed (relative to where training ran): as it reads from here.
+    Kept as it is when it reads from here already, or is no local path there (a Hub id, a built-in name)."""
+    if Path(value).expanduser().exists() or Path(value).is_absolute():
+        return value
+    where = _training_dir(_run_of(config), (saved.get("train") or {}).get("output_dir"))
+    return str(where / value) if where is not None and (where / value).exists() else value
+
+
+def _run_of(config: Path) -> Path:
+    """The run folder of a difftune_config.json: its own folder, or for a checkpoint's copy
+    (OUTPUT_DIR/checkpoints/checkpoint-N/), the output folder two levels up."""
+    folder = config.parent
+    return folder.parent.parent if folder.parent.name == "checkpoints" else folder
 
 
 def recorded_train_data(controlnet: str | Path) -> Path | None:
@@ -385,9 +430,10 @@ def recorded_train_data(controlnet: str | Path) -> Path | None:
     import json
 
     folder = Path(controlnet)
-    for run in (folder, folder.parent.parent):
+    for config in (folder / "difftune_config.json", folder.parent.parent / "difftune_config.json"):
+        run = _run_of(config)
         try:
-            saved = json.loads((run / "difftune_config.json").read_text())
+            saved = json.loads(config.read_text())
             data, output_dir = saved["data"]["train_data_dir"], saved["train"]["output_dir"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -396,11 +442,8 @@ def recorded_train_data(controlnet: str | Path) -> Path | None:
         data_path = Path(data).expanduser()
         if data_path.is_absolute():
             return data_path
-        out = Path(output_dir) if isinstance(output_dir, str) else Path("/")
-        run_parts, out_parts = run.resolve().parts, out.parts  # Path drops "." parts
-        if out.is_absolute() or not out_parts or ".." in out_parts or run_parts[-len(out_parts):] != out_parts:
-            return None  # the training folder cannot be told
-        return Path(*run_parts[: len(run_parts) - len(out_parts)]) / data_path
+        where = _training_dir(run, output_dir)
+        return None if where is None else where / data_path
     return None
 
 

@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader, Sampler
 
 from . import checkpoint as ckpt
 from .config import OptimConfig, TrainConfig, ValidationConfig, save_resolved, to_dict
-from .errors import ConfigError, UserError
+from .errors import UserError
 from .guards import (claim_output_dir, refuse_sharded_launch, refuse_unreadable_data,
                      warn_changed_settings)
 from .optim import build_lr_scheduler, build_optimizer, check_optimizer_in_backward, effective_learning_rate
 from .profiling import StepProfiler
+from .resuming import config_to_record, data_position, learning_rate_used, nothing_left_to_train, restore
 from .trackers import Trackers, drop_metrics_after, requested_trackers
 from .validation import Validator
 
@@ -225,13 +226,15 @@ class Trainer:
             hub.ensure_repo(self.out, cfg.hub_model_id, cfg.hub_token)
         root = self.out / "checkpoints"
         resume_from = ckpt.resolve_resume(root, cfg.resume_from_checkpoint)
+        changes: list[str] = []
+        self._resumed_from = resume_from
         if resume_from is None:
             claim_output_dir(accelerator, self.out, root, cfg.overwrite_output_dir)
             if cfg.resume_from_checkpoint and accelerator.is_main_process:
                 log.info("--resume_from_checkpoint %s: no checkpoint in %s yet; starting a new run.",
                          cfg.resume_from_checkpoint, root)
         else:
-            warn_changed_settings(self.out, self.run_config, resume_from)
+            changes = warn_changed_settings(self.out, self.run_config, resume_from)
         resumed = ckpt.load_checkpoint(resume_from) if resume_from else None
         seed = resumed["state"].seed if resumed else int(cfg.seed)
         torch.manual_seed(seed)
@@ -259,44 +262,19 @@ class Trainer:
         generator = torch.Generator().manual_seed(seed + 7919 * accelerator.process_index)
 
         state = ckpt.TrainState(seed=seed, method=self.method.name)
+        micro_batch_samples = cfg.train_batch_size * accelerator.num_processes
         if resumed:
-            written_by = resumed["state"].method
-            if written_by is not None and written_by != self.method.name:
-                raise ConfigError(f"{resume_from} was written by a {written_by} run; this is a {self.method.name} "
-                                  "run. Resume it with the command that trained it, or use a new --output_dir.")
-            try:
-                self.method.load_state_tensors(resumed["weights"])
-            except RuntimeError as e:  # torch's strict load: missing or unexpected tensors, other shapes
-                first = str(e).strip().splitlines()[0]
-                raise ConfigError(f"{resume_from}'s weights do not fit this run's model ({first}): it was made "
-                                  "with another base model or method. Resume with that run's settings, or use a "
-                                  "new --output_dir.") from None
-            try:
-                optimizer.load_state_dict(resumed["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise ConfigError(
-                    f"{resume_from}'s optimizer state does not fit this run's trained parameters ({e}): it was made "
-                    "by a run with other trained parts (another method, model or parameter grouping such as "
-                    "--embedding_learning_rate). Resume with that run's settings, or use a new --output_dir."
-                ) from None
-            lr_scheduler.load_state_dict(resumed["scheduler"])
-            state = dataclasses.replace(resumed["state"], method=self.method.name)
-            if not accelerator.is_main_process:  # the saved count is the run's: the processes' counts add up to it
-                state.skipped_samples = 0
-            if not ckpt.restore_rng(resumed["rng"], generator, accelerator.process_index):
-                # saved by a run with fewer processes: this one's stream cannot be continued, so start
-                # a fresh one of its own (never a copy of another process's noise)
-                generator.manual_seed(seed + 7919 * accelerator.process_index + 104729 * state.global_step)
-                log.warning("%s holds no random state for process %d (it was saved by a run with fewer "
-                            "processes): that process continues with new noise draws", resume_from,
-                            accelerator.process_index)
-            log.info("resumed from %s at step %d", resume_from, state.global_step)
+            lr_before = optimizer.param_groups[0].get("initial_lr")
+            state = restore(resumed, resume_from, root, self.method, optimizer, lr_scheduler, generator,
+                            accelerator, changes)
+            lr = learning_rate_used(optimizer, lr, lr_before)
+            state.micro_batches = data_position(state, len(self.sampler), micro_batch_samples)
+        state.micro_batch_samples = micro_batch_samples
 
         if accelerator.is_main_process:  # steps logged after the checkpoint by the run that was killed: redone now
             drop_metrics_after(self.out / "metrics.jsonl", state.global_step)
         if resumed and state.global_step >= max_steps and accelerator.is_main_process:
-            log.info("%s is at step %d of %d: nothing left to train; exporting it.", resume_from, state.global_step,
-                     max_steps)
+            nothing_left_to_train(resume_from, state.global_step, max_steps)
         trackers = Trackers(accelerator, self.out, tracker_names, cfg.tracker_project_name or self.method.name,
                             to_dict(self.run_config), logging_dir=self.out / cfg.logging_dir)
         validator = Validator(self.val_cfg, self.method, self.out, trackers, seed)
@@ -307,7 +285,9 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         summary = self._loop(accelerator, prepared, optimizer, lr_scheduler, loader, generator, state, max_steps,
                              trackers, validator, root)
-        summary["learning_rate"] = lr  # the peak rate used: --learning_rate, scaled with --scale_lr
+        summary["learning_rate"] = lr  # the peak rate used: --learning_rate (the checkpoint's), scaled with --scale_lr
+        if state.resumed_changes:
+            summary["resumed_changes"] = state.resumed_changes
         summary["setup_seconds"] = round(setup_seconds, 3)
         if setup_peak is not None:
             summary["setup_peak_allocated_gib"] = setup_peak
@@ -317,7 +297,11 @@ class Trainer:
         if accelerator.is_main_process:
             summary["validation_grid"] = str(validator.run(state.global_step) or "") or None
             summary["exported"] = [str(p) for p in self.method.export(self.out)]
-            (self.out / "README.md").write_text(self.method.model_card(self.out, summary), encoding="utf-8")
+            card = self.method.model_card(self.out, summary)
+            if state.resumed_changes:  # the card's settings are the last resume's
+                card += ("\nResumed with settings changed from the run before: " + "; ".join(state.resumed_changes)
+                         + ".\n")
+            (self.out / "README.md").write_text(card, encoding="utf-8")
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         accelerator.wait_for_everyone()  # every process returns with the exported model in place
         trackers.close()
@@ -496,5 +480,6 @@ class Trainer:
                 self.cfg.checkpoints_total_limit,
                 rng=rng,
                 write_more=getattr(self.method, "checkpoint_extras", None),
+                config=config_to_record(to_dict(self.run_config), self._resumed_from),
             )
         accelerator.wait_for_everyone()

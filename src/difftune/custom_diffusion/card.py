@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..models import base_in_code
 from ..optim import learning_rate_text
 
 
@@ -40,7 +41,8 @@ def model_card(method: Any, output_dir: Path, summary: dict) -> str:
         "",
         "```python",
         "from diffusers import StableDiffusionPipeline",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+        *base_in_code(base)[0],
+        f'pipe = StableDiffusionPipeline.from_pretrained({base_in_code(base)[1]})',
         "# _pipeline=pipe works around huggingface/diffusers#9320 (load_attn_procs is a no-op without it)",
         f'pipe.unet.load_attn_procs("{output_dir}", weight_name="pytorch_custom_diffusion_weights.{ext}", '
         "_pipeline=pipe)",

@@ -8,6 +8,7 @@ before any training starts, naming the flag, the file or the list entry.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,11 @@ class Concept:
     class_prompt: str | None = None
     class_data_dir: str | None = None
     where: str = "the flags"  # for messages: "--concepts_list FILE, entry 2"
+
+    @property
+    def prefix(self) -> str:
+        """What an error about this concept starts with: where it was given, unless by the flags themselves."""
+        return "" if self.where == "the flags" else f"{self.where}: "
     modifier_tokens: list[str] = field(default_factory=list)
 
     @property
@@ -55,6 +61,9 @@ def read_concepts_list(path: str | Path) -> list[Concept]:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(CONCEPT_KEYS)}.")
         for key in ("instance_prompt", "instance_data_dir"):
+            if key in entry and entry[key] is not None and not isinstance(entry[key], str):
+                raise ConfigError(f"{where}: '{key}' must be text, not {type(entry[key]).__name__} "
+                                  f"({json.dumps(entry[key])[:40]}).")
             if not isinstance(entry.get(key), str) or not entry[key].strip():
                 raise ConfigError(f"{where} has no '{key}'.")
         concepts.append(Concept(entry["instance_prompt"], entry["instance_data_dir"], entry.get("class_prompt"),
@@ -89,19 +98,19 @@ def resolve_concepts(data_cfg: Any, modifier_tokens: list[str]) -> list[Concept]
         own = [t for t in PROMPT_TOKEN.findall(c.instance_prompt) if t not in modifier_tokens]
         if explicit and not c.modifier_tokens and own:
             raise ConfigError(
-                f"{c.where}: the instance prompt {c.instance_prompt!r} has the token {own[0]}, which --modifier_token "
+                f"{c.prefix}the instance prompt {c.instance_prompt!r} has the token {own[0]}, which --modifier_token "
                 f"does not list ({', '.join(modifier_tokens)}). List every concept's token: --modifier_token "
                 f"'{'+'.join(dict.fromkeys([*modifier_tokens, *own]))}'.")
         if explicit and not c.modifier_tokens:
             raise ConfigError(
-                f"{c.where}: the instance prompt {c.instance_prompt!r} contains none of the modifier tokens "
+                f"{c.prefix}the instance prompt {c.instance_prompt!r} contains none of the modifier tokens "
                 f"({', '.join(modifier_tokens)}). Put the token in the prompt, e.g. 'photo of a "
                 f"{modifier_tokens[0]} {c.class_word or 'cat'}' - otherwise it never learns the concept.")
         if data_cfg.with_prior_preservation:
             if not c.class_data_dir:
-                raise ConfigError(f"{c.where}: --with_prior_preservation needs a class_data_dir.")
+                raise ConfigError(f"{c.prefix}--with_prior_preservation needs a class_data_dir.")
             if not c.class_prompt and not data_cfg.real_prior:
-                raise ConfigError(f"{c.where}: --with_prior_preservation needs a class_prompt.")
+                raise ConfigError(f"{c.prefix}--with_prior_preservation needs a class_prompt.")
     unused = [t for t in modifier_tokens if not any(t in c.modifier_tokens for c in concepts)]
     if unused:
         raise ConfigError(f"--modifier_token {'+'.join(modifier_tokens)}: {', '.join(unused)} appears in no "
@@ -118,7 +127,7 @@ def default_initializers(concepts: list[Concept], modifier_tokens: list[str]) ->
         words = [w for w in concept.instance_prompt.split() if not any(t in w for t in modifier_tokens)]
         word = concept.class_word or (words[-1] if words else None)
         if not word:
-            raise ConfigError(f"{concept.where}: no --initializer_token and no class word to start {token} from. "
+            raise ConfigError(f"{concept.prefix}no --initializer_token and no class word to start {token} from. "
                               "Give --initializer_token WORD (one token, e.g. 'cat').")
         out.append(word)
     return out
@@ -168,8 +177,14 @@ def real_prior_pairs(folder: str | Path) -> list[tuple[Path, str]]:
             pairs.append((found, cap))
         return pairs
     if d.is_dir():
+        images = [p for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
         pairs = [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip())
-                 for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file()]
+                 for p in images if p.with_suffix(".txt").is_file()]
+        uncaptioned = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+        if pairs and uncaptioned:  # a real prior image trains with its caption: one without is left out, said
+            logging.getLogger("difftune").warning(
+                "--real_prior: %d image(s) in %s have no same-name .txt caption and are left out: %s%s", len(uncaptioned),
+                d, ", ".join(uncaptioned[:5]), " ..." if len(uncaptioned) > 5 else "")
         if pairs:
             return pairs
     raise DataError(f"--real_prior: {d} has neither images.txt + caption.txt nor images with same-name .txt "

@@ -64,18 +64,35 @@ def save_custom_diffusion(output_dir: str | Path, unet: torch.nn.Module, weights
                                else (lambda p, t=tensors: torch.save(t, p))))
     meta = dict(meta, weight_name=written[0].name, embeddings={t: f"{t}.{'safetensors' if safe else 'bin'}"
                                                                for t in embeddings})
+    earlier = _exported_files(out)
     written.append(atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")))
+    for name in earlier - {p.name for p in written}:  # an earlier run's tokens or weight format: no longer this folder's
+        (out / name).unlink(missing_ok=True)
     return written
 
 
-def read_meta(folder: str | Path) -> dict:
+def _exported_files(folder: Path) -> set[str]:
+    """The files a folder's current custom_diffusion.json says an export wrote (none when it has none)."""
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        names = {meta["weight_name"], *meta.get("embeddings", {}).values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n and Path(n).name == n}
+
+
+def read_meta(folder: str | Path, flag: str = "--custom_diffusion") -> dict:
+    """A Custom Diffusion folder's custom_diffusion.json; errors name ``flag``, the flag that gave the folder."""
     path = Path(folder) / META
+    if not Path(folder).is_dir():
+        raise ModelLoadError(f"{flag} {folder}: no such folder. Give a `difftune train custom-diffusion` "
+                             "output folder or one of its checkpoints/checkpoint-N.")
     if not path.is_file():
         done = [p for p in list_checkpoints(Path(folder) / "checkpoints") if (p / META).is_file()]
         hint = (f" It is a run that has not finished, but each checkpoint loads: give {done[-1]} (the latest),"
                 " or finish the run with --resume_from_checkpoint latest." if done else
                 " Give a `difftune train custom-diffusion` output folder or one of its checkpoints/checkpoint-N.")
-        raise ModelLoadError(f"--custom_diffusion {folder}: no {META}; is this a difftune Custom Diffusion output "
+        raise ModelLoadError(f"{flag} {folder}: no {META}; is this a difftune Custom Diffusion output "
                              f"folder?{hint}")
     return json.loads(path.read_text(encoding="utf-8"))
 

@@ -267,7 +267,7 @@ def _make_pairs(jobs: list[tuple]) -> list[bool]:
 
     images = []
     for index, path, tmp, name, resolution, _ in jobs:
-        image = load_image(str(path), where=f"image {index}")
+        image = load_image(str(path), where="--input_dir", remedy="fix or replace it, or move it out of --input_dir")
         if resolution is not None:
             image = resize_center_crop(image, resolution, "bicubic")
         image.save(tmp / "images" / name)

@@ -130,7 +130,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(value: Any, base_dir: str | None = None, where: str = "") -> Image.Image:
+def load_image(value: Any, base_dir: str | None = None, where: str = "",
+               remedy: str = "fix or replace the file, or remove the row") -> Image.Image:
     """Decode one image cell fully and return it as RGB.
 
     ``where`` (e.g. ``"row 17, column 'conditioning_image'"``) goes into the error message,
@@ -150,7 +151,6 @@ def load_image(value: Any, base_dir: str | None = None, where: str = "") -> Imag
         place = f"{where}: " if where else ""
         source = f"file {file}" if file else "image embedded in the data set"
         raise ImageLoadError(
-            f"{place}cannot read {source} ({type(err).__name__}: {err}) — fix or replace the "
-            f"file, or remove the row",
+            f"{place}cannot read {source} ({type(err).__name__}: {err}) — {remedy}",
             file=file,
         ) from err

@@ -155,6 +155,10 @@ def check_eval_request(metric: str | None, n: int, data: str | Path | None,
     metric = metric or manifest.get("condition") or "fill50k"
     if metric not in CONDITION_METRICS:
         raise ConfigError(f"--metric {metric!r}: known metrics are {', '.join(CONDITION_METRICS)}")
+    made_for = manifest.get("condition")
+    if made_for and metric != made_for and made_for in CONDITION_METRICS:  # scored against conditions of another kind
+        raise ConfigError(f"--metric {metric}: --data {data} holds {made_for} conditions (its {MANIFEST}), which the "
+                          f"{metric} metric cannot score against; leave out --metric, or give a {metric} data set.")
     known = {f.name for f in fields(CONDITIONERS[metric])} if metric in CONDITIONERS else set()
     if unknown := sorted(set(condition_settings or {}) - known):
         flag = {"model": "--depth_model", "low_threshold": "--low_threshold", "high_threshold": "--high_threshold"}
@@ -382,7 +386,8 @@ def format_table(result: dict) -> str:
         sampling = "".join(f", {label} {result[key]:g}" for key, label, default in (
             ("guidance_scale", "guidance", 7.5), ("controlnet_conditioning_scale", "controlnet_conditioning_scale", 1.0))
             if result.get(key, default) != default)  # named only where not the defaults
-        lines.append(f"({result['n']} held-out conditions, metric {result['metric']}{sampling}{cond}; vae_ceiling: "
+        held_out = "training-set" if result.get("data_is_training_data") else "held-out"
+        lines.append(f"({result['n']} {held_out} conditions, metric {result['metric']}{sampling}{cond}; vae_ceiling: "
                      "the true images encoded and decoded by the base's VAE, what it keeps of the targets)")
     else:
         cols = ["background_ok", "shape_color_ok", "shape_kind_ok", "background_delta_e", "shape_delta_e"]
@@ -394,5 +399,6 @@ def format_table(result: dict) -> str:
             lines.append(f"{'VAE only':10s}" + "".join(f"{result['vae_ceiling'][c]:20.3f}" for c in cols))
         ceiling = (f"; VAE only: {result['n_vae_ceiling']} true images encoded and decoded"
                    if "vae_ceiling" in result else "")
-        lines.append(f"({result['n_images']} images, {result['n_prompts']} prompts{ceiling})")
+        count = lambda n, what: f"{n} {what}{'' if n == 1 else 's'}"  # noqa: E731
+        lines.append(f"({count(result['n_images'], 'image')}, {count(result['n_prompts'], 'prompt')}{ceiling})")
     return "\n".join(lines)

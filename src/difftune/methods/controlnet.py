@@ -27,7 +27,7 @@ from ..data import ControlNetExamples, collate_examples, load_table, resolve_col
 from ..data.materialize import materialize
 from ..errors import ConfigError
 from ..families import family_of, micro_conditions
-from ..models import BaseModel, default_resolution, load_base_model, load_controlnet
+from ..models import BaseModel, base_in_code, default_resolution, load_base_model, load_controlnet
 from ..noising import DiffusionObjective, drop_captions, latent_moments, per_sample_error, sample_latents, to_device
 from ..optim import learning_rate_text
 from ..pipelines import controlnet_pipeline, run_controlnet_pipeline
@@ -348,8 +348,9 @@ class ControlNetMethod:
         Saved into a temporary folder first, then each file moved into place atomically.
         """
         output_dir = Path(output_dir)
+        for stale in output_dir.glob(".export.tmp-*"):  # left by a run killed while exporting
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = output_dir / f".export.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         self.controlnet.save_pretrained(tmp, safe_serialization=True)
         umask_mode(tmp)
         written = []
@@ -366,7 +367,7 @@ class ControlNetMethod:
         try:
             pipe = controlnet_pipeline(self.base, self.controlnet)
             ctx = self._accelerator.autocast() if self._accelerator else torch.autocast("cpu", enabled=False)
-            with ctx, self._encoders_on_device():
+            with ctx, self._encoders_on_device(), self._frozen_in_fp32_on_cpu():
                 return run_controlnet_pipeline(
                     pipe, prompts, images, num_images, seed, steps, self.resolution,
                     guidance_scale=self.family.validation_guidance_scale,
@@ -375,11 +376,29 @@ class ControlNetMethod:
         finally:
             self.controlnet.train(was_training)
 
+    @contextlib.contextmanager
+    def _frozen_in_fp32_on_cpu(self):
+        """The frozen parts in fp32 while sampling on the CPU under bf16: the pipeline makes its latents in the
+        fp32 ControlNet's dtype, and the CPU's group norm refuses fp32 inputs with bf16 weights (CUDA's takes
+        them). Put back after: bf16 -> fp32 -> bf16 is exact, so training goes on unchanged."""
+        held = [(m, m.dtype) for m in self.base.frozen_modules() if m.dtype != torch.float32]
+        if self.device.type != "cpu" or not held:
+            yield
+            return
+        for m, _ in held:
+            m.float()
+        try:
+            yield
+        finally:
+            for m, dtype in held:
+                m.to(dtype)
+
     def model_card(self, output_dir: Path, summary: dict) -> str:
         c = self.cfg
         data = c.data.train_data_dir or c.data.dataset_name
         grid = summary.get("validation_grid")
         pipe_cls = self.family.controlnet_pipeline_name
+        base_imports, base_expr = base_in_code(c.model.pretrained_model_name_or_path)
         extra = ", safety_checker=None" if self.family.name == "sd" else ""
         lines = [
             "---",
@@ -399,9 +418,10 @@ class ControlNetMethod:
             "",
             "```python",
             f"from diffusers import ControlNetModel, {pipe_cls}, UniPCMultistepScheduler",
+            *base_imports,
             f'controlnet = ControlNetModel.from_pretrained("{output_dir}")',
             f"pipe = {pipe_cls}.from_pretrained(",
-            f'    "{c.model.pretrained_model_name_or_path}", controlnet=controlnet{extra})',
+            f'    {base_expr}, controlnet=controlnet{extra})',
             "pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)",
             "```",
         ]

@@ -31,7 +31,7 @@ from ..custom_diffusion import surgery
 from ..custom_diffusion.class_images import ensure_class_images, text2image_pipeline
 from ..custom_diffusion.export import save_custom_diffusion
 from ..errors import ConfigError, DataError
-from ..models import BaseModel, default_resolution, load_base_model
+from ..models import BaseModel, default_resolution, load_base_model, local_or_name
 from ..noising import DiffusionObjective, latent_moments, sample_latents, to_device, tokenize
 from ..speed import apply_compile, to_channels_last
 from .controlnet import weight_dtype_for
@@ -262,7 +262,7 @@ class CustomDiffusionMethod:
         c = self.cfg
         return {
             "format": "difftune-custom-diffusion/1",
-            "base_model": c.model.pretrained_model_name_or_path,
+            "base_model": local_or_name(c.model.pretrained_model_name_or_path),  # absolute: read from anywhere
             "modifier_tokens": self.modifier_tokens,
             "initializer_tokens": self.initializers,
             "freeze_model": c.custom.freeze_model,
