@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from .errors import UserError
 from .cli_flags import (  # noqa: F401 (re-exported)
     add_config_flags, add_launcher_flags, add_vae_flag, at_least, config_from_args, out_dir,
 )
+from .cli_process import Terminated, redact_secrets, show_messages, stop_on_sigterm  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -423,89 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of each message, not the one it was made with
-    (``main`` may be called many times in one process, each with its stderr redirected)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property always answers
-        pass
-
-
-def show_messages() -> None:
-    """On the command line, difftune's progress messages ("resumed from ...", "encoding ... into the
-    cache") go to stderr with its warnings; a library user configures logging as they like."""
-    logger = logging.getLogger("difftune")
-    if not logger.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
-def redact_secrets(argv: list[str]) -> list[str]:
-    """``argv`` with the values of secret flags (``--hub_token``) replaced by ``***``.
-
-    Trackers record the command line (Weights & Biases' run metadata, Comet's "command"), so a
-    token given as a flag would be saved with the run and uploaded with it.
-    """
-    from .config import SECRET_FIELDS
-
-    flags = {f"--{name}" for name in SECRET_FIELDS}
-    out = list(argv)
-    for i, arg in enumerate(out):
-        name, eq, _ = arg.partition("=")
-        if name in flags and eq:
-            out[i] = f"{name}=***"
-        elif arg in flags and i + 1 < len(out):
-            out[i + 1] = "***"
-    return out
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop, `kill`): ended like Ctrl-C, through the same clean-up."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
-def _default_sigterm_in_child() -> None:
-    """A process forked while ``_on_sigterm`` is set (a multiprocessing pool or data-loader worker) gets the
-    default back at once: a Python-level handler can be tripped while the worker is about to block in a C
-    call (a queue's semaphore), and then the worker never ends, and the parent's ``Pool.terminate`` waits on
-    it for ever. With the default, SIGTERM ends it in the kernel."""
-    import signal
-
-    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-os.register_at_fork(after_in_child=_default_sigterm_in_child)
-
-
-def _stop_on_sigterm():
-    """SIGTERM raises ``Terminated`` in this process (the main thread), so a stopped run says how to resume
-    instead of vanishing; processes forked from it keep the default (``_default_sigterm_in_child``).
-    Returns the handler it replaced (None off the main thread)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _on_sigterm)
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     show_messages()
     args = build_parser().parse_args(argv)
     sys.argv[:] = redact_secrets(sys.argv)  # parsed: nothing after this needs the token in the command line
-    previous = _stop_on_sigterm()
+    previous = stop_on_sigterm()
     try:
         return args.func(args)
     except UserError as e:
