@@ -146,6 +146,24 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, fill_dir, capsys):
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err
 
 
+def test_a_failed_start_records_no_run(tiny_model_dir, fill_dir, tmp_path, capsys):
+    out = tmp_path / "o"  # a bad column is found when the data loads: no difftune_config.json for a run that never was
+    assert main(["train", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+                 str(fill_dir), "--caption_column", "nope", "--output_dir", str(out)]) == 2
+    assert "--caption_column" in capsys.readouterr().err
+    assert not (out / "difftune_config.json").exists()
+
+
+def test_make_tiny_model_keeps_a_folder_unless_told(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["make-tiny-model", "--out", str(out)]) == 2
+    assert f"--out {out} already exists and is not empty" in capsys.readouterr().err
+    assert main(["make-tiny-model", "--out", str(out), "--overwrite"]) == 0
+    assert (out / "model_index.json").is_file()
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["data", "fill50k", "--out", "x", "--n", "0"], "--n: must be at least 1, not 0"),
     (["data", "shapes", "--out", "x", "--n", "-3"], "--n: must be at least 1, not -3"),

@@ -186,6 +186,26 @@ def test_compress_rank_trades_size_for_error(tiny_model_dir, two_concepts, tmp_p
     assert Image.open(tmp_path / "g.png").size == (64, 64)
 
 
+def test_merge_and_compress_never_write_over_a_folder(tiny_model_dir, two_concepts, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in two_concepts[0].iterdir() if p.is_file()}
+    assert main(["custom-diffusion", "merge", "--concepts", *map(str, two_concepts),
+                 "--output_dir", str(two_concepts[0])]) == 2  # the output would replace an input's weights
+    assert f"is the --concepts folder {two_concepts[0]}" in capsys.readouterr().err
+    assert main(["custom-diffusion", "compress", "--custom_diffusion", str(two_concepts[0]), "--rank", "1",
+                 "--output_dir", str(two_concepts[0]), "--overwrite"]) == 2  # not even with --overwrite
+    assert "is the --custom_diffusion folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in two_concepts[0].iterdir() if p.is_file()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    args = ["custom-diffusion", "compress", "--custom_diffusion", str(two_concepts[0]), "--rank", "1",
+            "--output_dir", str(other)]
+    assert main(args) == 2
+    assert f"--output_dir {other} already exists and is not empty" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert (other / "pytorch_custom_diffusion_weights.safetensors").is_file()
+
+
 def test_compress_writes_safetensors_from_a_bin_folder(tiny_model_dir, two_concepts, tmp_path, capsys):
     import shutil
 

@@ -130,6 +130,21 @@ def test_generate_missing_image_is_a_clear_error(trained, tiny_model_dir, tmp_pa
     assert "nope.png does not exist" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_condition_setting_it_would_ignore(trained, tiny_model_dir, tmp_path, capsys):
+    from difftune.cli import main
+
+    _, out = trained
+    image = tmp_path / "c.png"
+    Image.new("RGB", (64, 64)).save(image)
+    base = ["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(out),
+            "--image", str(image), "--prompt", "x", "--out", str(tmp_path / "o.png")]
+    assert main([*base, "--low_threshold", "50"]) == 2  # no --condition: the image is used as it is
+    assert "--low_threshold is a canny setting, but this command computes no --condition" in capsys.readouterr().err
+    assert main([*base, "--condition", "depth", "--high_threshold", "50"]) == 2
+    assert "computes --condition depth" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
 def _unet_calls_during(pipe, mode, guidance_scale, cond, prompt):
     """(encoder_hidden_states, residuals) of each UNet call while ``pipe`` samples under ``mode``."""
     from difftune.pipelines import controlnet_in_guidance

@@ -183,6 +183,31 @@ def test_bf16_on_the_cpu_samples_validation_and_keeps_training_in_bf16(tiny_mode
     assert summary["exported"] and base.unet.dtype == torch.bfloat16  # put back after sampling
 
 
+def test_a_validation_killed_after_its_checkpoint_runs_again_on_resume(tiny_model_dir, fill_dir, tmp_path,
+                                                                          monkeypatch):
+    from difftune.validation import Validator
+
+    out = tmp_path / "run"
+    flags = dict(max_train_steps=4, checkpointing_steps=2, validation_steps=2, num_validation_inference_steps=1,
+                 validation_prompt=["red circle with blue background"],
+                 validation_image=[str(fill_dir / "validation" / "conditioning_0.png")])
+    real, ran = Validator.run, []
+
+    def killed_while_sampling(self, step):
+        raise KeyboardInterrupt  # after checkpoint-2 was saved, before its grid
+
+    monkeypatch.setattr(Validator, "run", killed_while_sampling)
+    with pytest.raises(KeyboardInterrupt):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, **flags))
+    assert (out / "checkpoints" / "checkpoint-2").is_dir() and not (out / "validation").exists()
+    monkeypatch.setattr(Validator, "run", lambda self, step: ran.append(step) or real(self, step))
+    train_controlnet(make_config(tiny_model_dir, fill_dir, out, resume_from_checkpoint="latest", **flags))
+    assert ran == [2, 4] and (out / "validation" / "step-0000002.png").is_file()
+    train_controlnet(make_config(tiny_model_dir, fill_dir, out, resume_from_checkpoint="checkpoint-2",
+                                 **flags))
+    assert ran == [2, 4, 4]  # its grid is there now: not sampled again
+
+
 def test_a_killed_prune_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     args = ({"w": torch.ones(2)}, {"state": {}, "param_groups": []}, {}, torch.Generator())
@@ -402,6 +427,12 @@ def test_resume_says_which_settings_changed_and_a_damaged_checkpoint_is_named(ti
     with pytest.raises(ConfigError, match=r"checkpoint-4: it is damaged.*--resume_from_checkpoint checkpoint-3"):
         train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=5, learning_rate=1e-2,
                                      resume_from_checkpoint="latest"))
+    (out / "checkpoints" / "checkpoint-3" / "difftune_config.json").write_text("[1, 2")  # damaged: said, not skipped
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=4, checkpointing_steps=1,
+                                     resume_from_checkpoint="checkpoint-3"))
+    assert "checkpoint-3/difftune_config.json (Expecting" in caplog.text and "cannot be listed" in caplog.text
 
 
 def test_a_run_over_mostly_unreadable_samples_stops_with_the_reason(tiny_model_dir, tmp_path):

@@ -72,6 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("--controlnet needs --image (the conditioning image).")
     if args.condition and not args.controlnet:
         raise UserError("--condition computes a ControlNet's condition from --image: it needs --controlnet.")
+    _check_condition_flags(args, args.condition)
     out = Path(args.out)
     check_image_out(out)
     if args.image:  # a missing or unreadable --image is said before minutes of model loading
@@ -123,12 +124,22 @@ def _condition_settings(args: argparse.Namespace, condition: str | None) -> dict
             if (condition is None or name == condition) and getattr(args, flag) is not None}
 
 
+def _check_condition_flags(args: argparse.Namespace, condition: str | None) -> None:
+    """A setting of another condition than the one computed would be silently ignored: refuse it."""
+    for flag, (name, _) in CONDITION_FLAGS.items():
+        if getattr(args, flag) is not None and name != condition:
+            used = f"--condition {condition}" if condition else "no --condition"
+            raise UserError(f"--{flag} is a {name} setting, but this command computes {used}: it would be ignored. "
+                            f"Drop it, or pass --condition {name}.")
+
+
 def _add_condition_flags(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """The conditioners' settings; None unless given (so that a setting given for nothing can be refused)."""
     from .data.conditions import DEFAULT_DEPTH_MODEL
 
     def flag(name: str, default, help: str, **kwargs) -> None:
         told = f"default {default}" if defaults else "default: the setting --data was made with"
-        parser.add_argument(name, default=default if defaults else None, help=f"{help} ({told})", **kwargs)
+        parser.add_argument(name, default=None, help=f"{help} ({told})", **kwargs)
 
     flag("--low_threshold", 100, "canny: lower hysteresis threshold", type=int)
     flag("--high_threshold", 200, "canny: upper hysteresis threshold", type=int)
@@ -139,6 +150,7 @@ def _add_condition_flags(parser: argparse.ArgumentParser, defaults: bool = True)
 def cmd_data_conditions(args: argparse.Namespace) -> int:
     from .data.conditions import write_condition_dataset
 
+    _check_condition_flags(args, args.condition)
     if args.caption is not None and args.caption_column:
         raise UserError("--caption (one caption for every picture) and --caption_column (each picture's own, from "
                         "INPUT_DIR/metadata.jsonl) exclude each other: give one.")
@@ -193,8 +205,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from .data.writing import check_out_dir
     from .tiny import save_tiny_model, save_tiny_sdxl_model
 
+    check_out_dir(Path(args.out), args.overwrite, what="the model")
     save = save_tiny_sdxl_model if args.family == "sdxl" else save_tiny_model
     print(save(args.out, seed=args.seed))
     return 0
@@ -353,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="SD 1.x layout or SDXL layout")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     t.set_defaults(func=cmd_make_tiny_model)
 
     ev = sub.add_parser("eval", help="measured quality").add_subparsers(dest="what", required=True)

@@ -54,6 +54,19 @@ def base_of(args: argparse.Namespace, folder: str | Path) -> str:
     return resolve_base(args.pretrained_model_name_or_path, custom_diffusion=folder)
 
 
+def _check_output_dir(args: argparse.Namespace, inputs: list[str], flag: str) -> None:
+    """Never write over an input folder; an existing non-empty --output_dir needs --overwrite."""
+    from .data.writing import check_out_dir
+    from .errors import ConfigError
+
+    out = Path(args.output_dir).resolve()
+    for folder in inputs:
+        if Path(folder).resolve() == out:
+            raise ConfigError(f"--output_dir {args.output_dir} is the {flag} folder {folder}: writing there would "
+                              "replace the weights being read. Choose a new folder.")
+    check_out_dir(out, args.overwrite, flag="--output_dir", what="the weights")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .custom_diffusion.merge import merge_concepts
     from .models import load_base_model
@@ -70,6 +83,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     for folder in args.concepts:  # each named with the flag that gave it, before the base model loads
         read_meta(folder, flag="--concepts")
+    _check_output_dir(args, args.concepts, "--concepts")
     info = merge_concepts(args.concepts, load_base_model(base_of(args, args.concepts[0])), args.output_dir,
                           prompts, safe=not args.no_safe_serialization)
     print(json.dumps(info, indent=2))
@@ -80,6 +94,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .custom_diffusion.compress import compress
     from .models import load_base_model
 
+    _check_output_dir(args, [args.custom_diffusion], "--custom_diffusion")
     base = load_base_model(base_of(args, args.custom_diffusion))
     print(json.dumps(compress(args.custom_diffusion, base.unet, args.output_dir, args.rank, args.energy), indent=2))
     return 0
@@ -135,7 +150,8 @@ def register(sub, train_sub, eval_sub=None) -> None:
     c.add_argument("--energy", type=float, help="keep the fewest singular values with this share of sum(S^2)")
     for q in (m, c):
         q.add_argument("--pretrained_model_name_or_path", help="base model (default: the one the folder was trained on, from its custom_diffusion.json)")
-        q.add_argument("--output_dir", required=True)
+        q.add_argument("--output_dir", required=True, help="a new folder for the result")
+        q.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
     m.set_defaults(func=cmd_merge)
     c.set_defaults(func=cmd_compress)
 

@@ -76,7 +76,11 @@ def warn_changed_settings(out: Path, run_config: Any, resume_from: Path) -> list
         return []
     try:
         saved = json.loads(saved_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:  # (json.JSONDecodeError is a ValueError)
+        log.warning("could not read %s (%s): settings changed since the checkpoint cannot be listed; resuming with "
+                    "the flags given.", saved_path, exc)
         return []
     now = json.loads(json.dumps(to_dict(run_config)))  # as saved: tuples become lists
     changes = []

@@ -241,13 +241,14 @@ class Trainer:
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(root)
-            save_resolved(self.run_config, self.out)
 
         check_optimizer_in_backward(self.optim_cfg, cfg.gradient_accumulation_steps, accelerator.mixed_precision,
                                     accelerator.num_processes)
         t_setup = time.perf_counter()
         modules = self.method.setup(accelerator)
         loader = self._data(accelerator, seed)
+        if accelerator.is_main_process:  # after the models and data loaded: a failed start records no run
+            save_resolved(self.run_config, self.out)
         lr = effective_learning_rate(
             self.optim_cfg, cfg.train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes
         )
@@ -278,6 +279,11 @@ class Trainer:
         trackers = Trackers(accelerator, self.out, tracker_names, cfg.tracker_project_name or self.method.name,
                             to_dict(self.run_config), logging_dir=self.out / cfg.logging_dir)
         validator = Validator(self.val_cfg, self.method, self.out, trackers, seed)
+        if resumed and 0 < state.global_step < max_steps and accelerator.is_main_process \
+                and validator.interrupted(state.global_step):
+            log.info("validation at step %d was interrupted (no grid in %s): running it now.", state.global_step,
+                     validator.folder)
+            validator.run(state.global_step)
         setup_seconds = time.perf_counter() - t_setup
         setup_peak = None
         if torch.cuda.is_available():  # the loop's peak apart from the set-up's (e.g. a latent-cache build)

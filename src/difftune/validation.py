@@ -51,6 +51,13 @@ class Validator:
     def should_run(self, step: int) -> bool:
         return bool(self.pairs) and step % self.cfg.validation_steps == 0
 
+    def grid_path(self, step: int) -> Path:
+        return self.folder / f"step-{step:07d}.png"
+
+    def interrupted(self, step: int) -> bool:
+        """Step ``step`` was due for validation and has no grid: the run was killed while sampling it."""
+        return self.should_run(step) and not self.grid_path(step).is_file()
+
     def run(self, step: int) -> Path | None:
         if not self.pairs:
             return None
@@ -62,8 +69,10 @@ class Validator:
         rows = [([cond.resize(imgs[0].size)] if cond is not None else []) + list(imgs)
                 for cond, imgs in zip(conditions, samples)]
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step-{step:07d}.png"
-        image_grid(rows).save(path)
+        path = self.grid_path(step)
+        from .checkpoint import atomic_write  # a kill mid-save leaves no half-written grid
+
+        atomic_write(path, lambda tmp: image_grid(rows).save(tmp, format="PNG"))
         for i, (prompt, imgs) in enumerate(zip(prompts, samples)):
             self.trackers.log_images(f"validation/{i}", imgs, [prompt] * len(imgs), step)
         return path

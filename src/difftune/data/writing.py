@@ -15,12 +15,14 @@ J = TypeVar("J")
 R = TypeVar("R")
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
+def check_out_dir(out: Path, overwrite: bool, flag: str = "--out", what: str = "the data set") -> None:
+    """Refuse to write into a file or a non-empty folder unless --overwrite."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file, not a folder — choose a folder path for the data set")
+        raise DataError(f"{flag} {out} is a file, not a folder — choose a folder path for {what}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DataError(
-            f"--out {out} already exists and is not empty — choose another folder, delete it, "
+            f"{flag} {out} already exists and is not empty — choose another folder, delete it, "
             f"or pass --overwrite to replace it"
         )
 
