@@ -114,9 +114,12 @@ def test_condition_dataset_errors_name_the_file_and_leave_nothing_behind(tmp_pat
         write_condition_dataset(src, tmp_path / "out", progress=False)
     assert "sub/0.jpg" in str(info.value) and "--caption" in str(info.value)
     (src / "1.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="1.png") as info:
+    (src / "2.gif").write_bytes(b"not a gif either")  # a .gif is read too (as training reads it), and every bad file named
+    with pytest.raises(DataError, match="2 of the 4 images") as info:
         write_condition_dataset(src, tmp_path / "out", caption="x", progress=False)
-    assert "--input_dir: cannot read file" in str(info.value) and "move it out of --input_dir" in str(info.value)
+    said = str(info.value)
+    assert "--input_dir: cannot read file" in said and "move it out of --input_dir" in said
+    assert "1.png" in said and "2.gif" in said and "nothing was written" in said
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
     with pytest.raises(ConfigError, match="inside --input_dir"):
         write_condition_dataset(src, src / "out", caption="x", progress=False)

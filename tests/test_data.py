@@ -125,7 +125,7 @@ def test_flag_images_read_as_the_training_data_is(tmp_path):
     Image.fromarray(np.full((8, 8), 126, dtype=np.int32), mode="I").save(tmp_path / "i32.tif")
     assert np.asarray(read_image_file(tmp_path / "depth16.png", "--image"))[[0, 3], [0, 3], 0].tolist() == [39, 117]
     assert np.asarray(read_image_file(tmp_path / "i32.tif", "--image")).mean() == 126
-    cfg = SimpleNamespace(validation_image=["x"], pairs=lambda: [("a prompt", str(tmp_path / "depth16.png"))])
+    cfg = SimpleNamespace(validation_prompt=["a prompt"], validation_image=["x"], pairs=lambda: [("a prompt", str(tmp_path / "depth16.png"))])
     ((prompt, image),) = load_validation_images(cfg)
     assert np.asarray(image)[[0, 3], [0, 3], 0].tolist() == [39, 117]
     (tmp_path / "bad.png").write_bytes(b"not a png")
@@ -158,7 +158,8 @@ def test_load_fill50k_parquet_folder(small_fill_dir, cache):
     assert isinstance(table.dataset.features["image"], datasets.Image)
     assert table.dataset.features["image"].decode is False  # decoded per sample, later
     assert resolve_columns(table.column_names) == ("image", "conditioning_image", "text")
-    with pytest.raises(DataError, match=r"name them with --conditioning_image_column, or, .* `difftune data conditions"):
+    with pytest.raises(DataError, match=r"no conditions, make the conditions: `difftune data conditions .*"
+                                        r"--conditioning_image_column"):
         resolve_columns(["image", "text"])  # a captioned picture folder: the tool that makes its conditions is named
     single = load_table(train_data_dir=str(next((small_fill_dir / "train").glob("*.parquet"))), cache_dir=cache)
     assert single.dataset["text"] == table.dataset["text"]
@@ -344,6 +345,47 @@ def test_select_samples(small_fill_dir, tmp_path, cache):
     assert len(captions) == 4 and captions == [row["text"] for row in streamed.dataset]
     with pytest.raises(ConfigError, match="--max_train_samples 0"):
         select_samples(table, 0, seed=1)
+
+
+def test_a_csv_is_read_as_the_text_it_holds(tmp_path, cache, caplog):
+    import logging
+
+    root = tmp_path / "pairs"
+    for k in range(3):
+        _save(root / f"t{k}.png")
+        _save(root / f"c{k}.png")
+    # spaces after the commas, a caption that looks like a number, an empty caption, an empty image cell
+    (root / "metadata.csv").write_text("image, conditioning_image, text\nt0.png, c0.png, 007\n"
+                                       "t1.png, c1.png,\nt2.png,, a red circle\n")
+    table = load_table(train_data_dir=root, cache_dir=cache)
+    assert table.column_names == ["image", "conditioning_image", "text"]
+    assert table.dataset["text"] == ["007", "", "a red circle"]  # "" is an unconditional sample, as in JSON Lines
+    examples = ControlNetExamples(table, *resolve_columns(table.column_names), resolution=8)
+    assert examples[0]["caption"] == "007" and examples[1]["caption"] == ""
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        assert examples[2] is None
+    assert "row 2, column 'conditioning_image': no image: the cell is empty or the row lacks this column" in caplog.text
+    (tmp_path / "header.csv").write_text("image,conditioning_image,text\n")
+    with pytest.raises(DataError, match="header.csv has a header line but no rows"):
+        load_table(train_data_dir=tmp_path / "header.csv", cache_dir=cache)
+
+
+def test_messages_name_the_row_of_the_data_set_after_max_train_samples(pairs_with_a_corrupt_file, caplog):
+    import logging
+
+    import numpy as np
+
+    table = pairs_with_a_corrupt_file
+    picked = select_samples(table, 3, seed=0)
+    # the rows Dataset.shuffle(seed) would pick (diffusers' semantics), and where each came from
+    assert picked.dataset["text"] == table.dataset.shuffle(seed=0, keep_in_memory=True)["text"]
+    assert list(picked.row_numbers) == np.random.default_rng(0).permutation(3).tolist()
+    position = picked.row_numbers.index(1)
+    assert position != 1  # (else this test would not tell the two numbers apart)
+    examples = ControlNetExamples(picked, "image", "conditioning_image", "text", resolution=8)
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        assert examples[position] is None
+    assert "row 1, column 'conditioning_image'" in caplog.text and f"row {position}," not in caplog.text
 
 
 # --- examples and batches ---------------------------------------------------------------------

@@ -346,6 +346,13 @@ def test_corrupt_sample_is_skipped_and_counted(tiny_model_dir, tmp_path):
                                            train_batch_size=4))
     assert summary["global_step"] == 2 and summary["skipped_samples"] == 1
     shutil.rmtree(tmp_path / "run")
+    # a batch with nothing readable in it is no step: no loss of 0 logged, no learning-rate step taken
+    summary = train_controlnet(make_config(tiny_model_dir, data, tmp_path / "run", max_train_steps=8,
+                                           train_batch_size=1, lr_scheduler="linear"))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["global_step"] == 8 and summary["skipped_samples"] >= 1
+    assert [r["step"] for r in logged] == list(range(1, 9)) and all(r["loss"] > 0 for r in logged)
+    assert [r["lr"] for r in logged] == pytest.approx([1e-3 * (1 - k / 8) for k in range(1, 9)])  # one decay a step
 
 
 def test_continue_from_existing_controlnet(tiny_model_dir, fill_dir, tmp_path):
@@ -368,7 +375,7 @@ def _digests(folder):
 
 
 def test_a_new_run_never_mixes_into_another_runs_checkpoints(tiny_model_dir, fill_dir, tmp_path):
-    from difftune.errors import ConfigError
+    from difftune.errors import ConfigError, DataError
 
     out = tmp_path / "run"
     kw = dict(max_train_steps=2, checkpointing_steps=1)
@@ -377,6 +384,14 @@ def test_a_new_run_never_mixes_into_another_runs_checkpoints(tiny_model_dir, fil
     with pytest.raises(ConfigError, match="already holds a run's checkpoints.*--resume_from_checkpoint latest"):
         train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, learning_rate=5e-3))
     assert _digests(out / "checkpoints") == before  # nothing of the earlier run was touched
+    # asked to start over with a flag at fault (a column, a validation file): it fails before deleting anything
+    for wrong in (dict(caption_column="no_such_column"),
+                  dict(validation_prompt=["red circle"], validation_image=[str(tmp_path / "missing.png")])):
+        with pytest.raises((ConfigError, DataError)):
+            train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, overwrite_output_dir=True,
+                                         **wrong))
+        assert _digests(out / "checkpoints") == before
+        assert (out / "metrics.jsonl").is_file()
     # asked to start over: the earlier run's checkpoints and metrics go, the new run's are alone
     train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, checkpointing_steps=1,
                                  checkpoints_total_limit=1, overwrite_output_dir=True))

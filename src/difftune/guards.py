@@ -21,16 +21,26 @@ from .errors import ConfigError, DataError
 log = logging.getLogger("difftune")
 
 
-def claim_output_dir(accelerator: Any, out: Path, root: Path, overwrite: bool) -> None:
-    """A fresh run never mixes into another run's checkpoints: refuse, unless --overwrite_output_dir."""
+def claim_output_dir(out: Path, root: Path, overwrite: bool) -> bool:
+    """A fresh run never mixes into another run's checkpoints: refuse, unless --overwrite_output_dir.
+
+    Returns whether an earlier run is there to clear. Nothing is deleted here: ``clear_earlier_run``
+    does that once the new run's models, data and validation images have loaded, so a typo in a flag
+    (a wrong column, a missing file) fails with the earlier run intact.
+    """
     earlier = ckpt.list_checkpoints(root)
     if not earlier:
-        return
+        return False
     if not overwrite:
         raise ConfigError(
             f"--output_dir {out} already holds a run's checkpoints ({', '.join(p.name for p in earlier)}). "
             "Continue that run with --resume_from_checkpoint latest, pick another --output_dir, or pass "
             "--overwrite_output_dir to delete them and start over.")
+    return True
+
+
+def clear_earlier_run(accelerator: Any, out: Path, root: Path) -> None:
+    """--overwrite_output_dir, once the new run has started well: the earlier checkpoints and metrics go."""
     if accelerator.is_main_process:
         log.warning("--overwrite_output_dir: deleting %s and the earlier run's metrics.jsonl", root)
         shutil.rmtree(root)

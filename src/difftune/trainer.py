@@ -20,98 +20,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
+from .batches import DeviceScalars, EpochSampler, Lookahead, images_in
 from .config import OptimConfig, TrainConfig, ValidationConfig, save_resolved, to_dict
 from .errors import UserError
-from .guards import (claim_output_dir, refuse_sharded_launch, refuse_unreadable_data,
+from .guards import (claim_output_dir, clear_earlier_run, refuse_sharded_launch, refuse_unreadable_data,
                      warn_changed_settings)
 from .optim import build_lr_scheduler, build_optimizer, check_optimizer_in_backward, effective_learning_rate
 from .profiling import StepProfiler
 from .resuming import config_to_record, data_position, learning_rate_used, nothing_left_to_train, restore
 from .trackers import Trackers, drop_metrics_after, requested_trackers
-from .validation import Validator
+from .validation import Validator, load_validation_images
+
 
 log = logging.getLogger("difftune")
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite under ``--nan_policy stop``."""
-
-
-class Lookahead:
-    """A batch iterator that can look ahead for the next readable batch without consuming it."""
-
-    def __init__(self, batches, limit: int):
-        self._batches, self._ahead, self._limit = batches, [], limit
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        return self._ahead.pop(0) if self._ahead else next(self._batches)
-
-    def next_readable(self) -> dict:
-        """The first batch ahead with a readable sample in it; it stays in the stream."""
-        for batch in self._ahead:
-            if not batch.get("empty"):
-                return batch
-        while len(self._ahead) <= self._limit:
-            self._ahead.append(next(self._batches))
-            if not self._ahead[-1].get("empty"):
-                return self._ahead[-1]
-        raise UserError(f"none of the {self._limit} batches of this process's share of the data could be read; "
-                        "check the data (difftune data check DIR) and fix or remove the unreadable files.")
-
-
-class DeviceScalars:
-    """A step's scalars (e.g. its loss), read on the host later without waiting for the work queued after them.
-
-    ``.item()`` on a GPU tensor waits for everything queued before it, so the host cannot
-    prepare the next step meanwhile. Here the values are copied to pinned host memory in the
-    stream's order and only that copy is waited for, when ``get`` is called.
-    """
-
-    def __init__(self, values: torch.Tensor):
-        self._event = None
-        if values.device.type == "cuda":
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-            values = host
-        self._values = values
-        self._read: list[float] | None = None
-
-    def get(self) -> list[float]:
-        if self._read is None:
-            if self._event is not None:
-                self._event.synchronize()
-            self._read = self._values.tolist()
-        return self._read
-
-
-class EpochSampler(Sampler[int]):
-    """A fresh permutation of the data set each epoch, a pure function of (seed, epoch)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def images_in(batch: dict) -> int:
-    """Images in a collated batch: ``n_images`` if the method counts them, else the pixel batch size."""
-    return int(batch["n_images"]) if "n_images" in batch else int(batch["pixel_values"].shape[0])
 
 
 def autocast_cache_enabled(cfg: TrainConfig) -> bool:
@@ -228,8 +156,9 @@ class Trainer:
         resume_from = ckpt.resolve_resume(root, cfg.resume_from_checkpoint)
         changes: list[str] = []
         self._resumed_from = resume_from
+        clear_earlier = False
         if resume_from is None:
-            claim_output_dir(accelerator, self.out, root, cfg.overwrite_output_dir)
+            clear_earlier = claim_output_dir(self.out, root, cfg.overwrite_output_dir)
             if cfg.resume_from_checkpoint and accelerator.is_main_process:
                 log.info("--resume_from_checkpoint %s: no checkpoint in %s yet; starting a new run.",
                          cfg.resume_from_checkpoint, root)
@@ -247,6 +176,9 @@ class Trainer:
         t_setup = time.perf_counter()
         modules = self.method.setup(accelerator)
         loader = self._data(accelerator, seed)
+        validation_pairs = load_validation_images(self.val_cfg)
+        if clear_earlier:  # only now: a flag or file at fault has failed above with the earlier run intact
+            clear_earlier_run(accelerator, self.out, root)
         if accelerator.is_main_process:  # after the models and data loaded: a failed start records no run
             save_resolved(self.run_config, self.out)
         lr = effective_learning_rate(
@@ -278,7 +210,7 @@ class Trainer:
             nothing_left_to_train(resume_from, state.global_step, max_steps)
         trackers = Trackers(accelerator, self.out, tracker_names, cfg.tracker_project_name or self.method.name,
                             to_dict(self.run_config), logging_dir=self.out / cfg.logging_dir)
-        validator = Validator(self.val_cfg, self.method, self.out, trackers, seed)
+        validator = Validator(self.val_cfg, self.method, self.out, trackers, seed, validation_pairs)
         if resumed and 0 < state.global_step < max_steps and accelerator.is_main_process \
                 and validator.interrupted(state.global_step):
             log.info("validation at step %d was interrupted (no grid in %s): running it now.", state.global_step,
@@ -341,7 +273,7 @@ class Trainer:
                 t_step = time.perf_counter()
                 data_wait = 0.0
                 loss_sum = torch.zeros((), device=accelerator.device)
-                step_images = 0
+                step_images = used = 0  # images trained on; micro-batches that trained (weight > 0)
                 for micro in range(accum):
                     t_data = time.perf_counter()
                     batch = next(stream)
@@ -371,6 +303,9 @@ class Trainer:
                         accelerator.backward(loss * (weight / accum))
                     loss_sum += loss.detach().float() * weight  # (a non-finite stand-in still counts as one)
                     step_images += images_in(batch) if weight else 0
+                    used += weight > 0
+                if not used and accelerator.num_processes == 1:
+                    continue  # nothing of this step's batches could be read: no step, no loss of 0 logged
                 # the loss summed over processes (is it finite everywhere?), this process's, to log, and
                 # the run's skipped samples (every process's count)
                 total, run_skipped = accelerator.reduce(torch.stack([loss_sum, skipped]), reduction="sum")
@@ -385,7 +320,7 @@ class Trainer:
                     # one's update), so the host prepares each step while the GPU still works on the last.
                     # A step that is checkpointed, validated or last is checked before anything is saved.
                     if pending is not None:
-                        last_loss = self._report(pending, accum, trackers, bar, root)
+                        last_loss = self._report(pending, trackers, bar, root)
                         pending = None
                     self._step(accelerator, optimizer, lr_scheduler, params)
                 optimizer.zero_grad(set_to_none=self.optim_cfg.set_grads_to_none)
@@ -393,13 +328,14 @@ class Trainer:
                 images_seen += step_images * accelerator.num_processes
                 now = time.perf_counter()
                 record = {"step": state.global_step, "reading": reading, "nonfinite_steps": state.nonfinite_steps,
+                          "micro_batches": max(used, 1),
                           "scalars": {"lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_seen / (now - t_start),
                                       "step_seconds": round(now - t_step, 5), "data_wait_seconds": round(data_wait, 5)}}
                 bar.update(1)
                 save = state.global_step % cfg.checkpointing_steps == 0 or state.global_step == max_steps
                 validate = validator.should_run(state.global_step) and state.global_step != max_steps
                 if cfg.nan_policy == "skip" or save or validate:
-                    last_loss = self._report(record, accum, trackers, bar, root)
+                    last_loss = self._report(record, trackers, bar, root)
                 else:
                     pending = record
                 profiler.step()  # before saving and validating: the profile is of training steps alone
@@ -438,7 +374,7 @@ class Trainer:
         if not accelerator.optimizer_step_was_skipped:
             lr_scheduler.step()
 
-    def _report(self, record: dict, accum: int, trackers, bar, root: Path) -> float:
+    def _report(self, record: dict, trackers, bar, root: Path) -> float:
         """Read a step's loss (waiting for it if need be), stop on a non-finite one (``--nan_policy stop``),
         log the step's scalars; returns the loss."""
         total, local, skipped = record["reading"].get()
@@ -449,7 +385,7 @@ class Trainer:
                 f"last checkpoint ({last[-1] if last else 'none'}) was saved. Try a lower --learning_rate, "
                 "--mixed_precision bf16 instead of fp16, or --nan_policy skip to skip such steps."
             )
-        loss = local / accum
+        loss = local / record["micro_batches"]  # the mean over the micro-batches that could be read
         scalars = {"loss": loss, **record["scalars"]}
         if skipped:
             scalars["skipped_samples"] = int(skipped)

@@ -31,6 +31,8 @@ def load_validation_images(cfg: Any) -> list[tuple[str, Image.Image | None]]:
 
     A config without ``validation_image`` (text-to-image methods) gives (prompt, None) pairs.
     """
+    if not cfg.validation_prompt:
+        return []
     if not hasattr(cfg, "validation_image"):
         return [(p, None) for p in (cfg.validation_prompt or [])]
     pairs = []
@@ -40,13 +42,14 @@ def load_validation_images(cfg: Any) -> list[tuple[str, Image.Image | None]]:
 
 
 class Validator:
-    def __init__(self, cfg: Any, method: Any, output_dir: Path, trackers: Any, seed: int):
+    def __init__(self, cfg: Any, method: Any, output_dir: Path, trackers: Any, seed: int,
+                 pairs: list[tuple[str, Image.Image | None]] | None = None):
         self.cfg = cfg
         self.method = method
         self.folder = Path(output_dir) / "validation"
         self.trackers = trackers
         self.seed = seed
-        self.pairs = load_validation_images(cfg) if cfg.validation_prompt else []
+        self.pairs = load_validation_images(cfg) if pairs is None else pairs
 
     def should_run(self, step: int) -> bool:
         return bool(self.pairs) and step % self.cfg.validation_steps == 0

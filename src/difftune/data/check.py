@@ -60,6 +60,7 @@ class CheckReport:
         lines = [
             f"checked {self.rows_checked} row(s) of {self.description or 'the data set'}: "
             f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
+            + (" (rows are numbered from 0, in the data set's order)" if self.errors or self.warnings else "")
         ]
         if self.columns is not None:  # a swapped mapping reads fine row by row: show it
             image, conditioning, caption = self.columns

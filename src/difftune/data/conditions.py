@@ -32,7 +32,7 @@ from difftune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # as training reads
 MANIFEST = "difftune_dataset.json"
 
 
@@ -256,26 +256,36 @@ def read_captions(input_dir: Path, images: list[Path], caption: str | None, capt
 IN_PROCESS_BATCH = 16  # pictures per forward pass of a model-based condition
 
 
-def _make_pairs(jobs: list[tuple]) -> list[bool]:
-    """Read pictures, crop them, write them and their conditions; True for each blank condition.
+def _make_pairs(jobs: list[tuple]) -> list[bool | str]:
+    """Read pictures, crop them, write them and their conditions; for each picture, whether its
+    condition is blank, or why it could not be read (every bad file is named at the end, not the first).
 
     A worker gets one job; the main process gets ``IN_PROCESS_BATCH`` of them for a model-based
     condition, which computes their conditions in one batch.
     """
-    from .images import load_image
+    from .images import ImageLoadError, load_image
     from .transforms import resize_center_crop
 
+    results: list[bool | str] = []
     images = []
     for index, path, tmp, name, resolution, _ in jobs:
-        image = load_image(str(path), where="--input_dir", remedy="fix or replace it, or move it out of --input_dir")
+        try:
+            image = load_image(str(path), where="--input_dir", remedy="fix or replace it, or move it out of --input_dir")
+        except ImageLoadError as err:
+            results.append(str(err))
+            continue
         if resolution is not None:
             image = resize_center_crop(image, resolution, "bicubic")
         image.save(tmp / "images" / name)
         images.append(image)
-    conditions = jobs[0][-1].batch(images)
-    for (_, _, tmp, name, _, _), cond in zip(jobs, conditions):
-        cond.save(tmp / "conditioning" / name)
-    return [not cond.getbbox() for cond in conditions]
+        results.append(False)
+    conditions = iter(jobs[0][-1].batch(images) if images else [])
+    for i, result in enumerate(results):
+        if result is False:
+            cond = next(conditions)
+            cond.save(tmp / "conditioning" / jobs[i][3])
+            results[i] = not cond.getbbox()
+    return results
 
 
 def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.PathLike, condition: str = "canny",
@@ -327,6 +337,11 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
             for group_flags in made:
                 flags.extend(group_flags)
                 bar.update(len(group_flags))
+        unreadable = [flag for flag in flags if isinstance(flag, str)]
+        if unreadable:
+            shown = "\n  ".join(unreadable[:20]) + (f"\n  ... and {len(unreadable) - 20} more" if len(unreadable) > 20 else "")
+            raise DataError(f"{len(unreadable)} of the {len(images)} images in --input_dir {src} cannot be read "
+                            f"(nothing was written):\n  {shown}")
         blank = [str(path.relative_to(src)) for path, is_blank in zip(images, flags) if is_blank]
         rows = [{"image": f"images/{name}", "conditioning_image": f"conditioning/{name}", "text": text,
                  "source": str(path.relative_to(src))} for path, name, text in zip(images, names, captions)]

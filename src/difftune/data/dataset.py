@@ -78,9 +78,9 @@ class _ExampleBuilder:
             return
         (w, h), (cw, ch) = image_size, conditioning_size
         self._aspect_warned = True
-        logger.warning("row %d of %s: the image is %dx%d but its conditioning image %dx%d; cropped to squares they "
+        logger.warning("%s of %s: the image is %dx%d but its conditioning image %dx%d; cropped to squares they "
                        "no longer line up (further rows are not reported: `difftune data check` lists them all)",
-                       index, self.table.description, w, h, cw, ch)
+                       self.table.row_name(index), self.table.description, w, h, cw, ch)
 
     def set_epoch(self, epoch: int) -> None:
         """Vary caption choice / prompt dropping per epoch, reproducibly (call before iterating)."""
@@ -95,7 +95,7 @@ class _ExampleBuilder:
             caption = value[int(rng.integers(len(value)))] if value else ""
         else:
             raise DataError(
-                f"row {index}, column {self.caption_column!r} of {self.table.description}: caption is "
+                f"{self.table.row_name(index)}, column {self.caption_column!r} of {self.table.description}: caption is "
                 f"{type(value).__name__} ({value!r:.60}), expected a string or a list of strings — "
                 f"fix the data or pick another --caption_column"
             )
@@ -109,10 +109,11 @@ class _ExampleBuilder:
         geometry): an encoded cache (``difftune.encoded_cache``) already holds its latents."""
         base = self.table.base_dir
         try:
-            image = (load_image(row[self.image_column], base, f"row {index}, column {self.image_column!r}")
+            where = self.table.row_name(index)
+            image = (load_image(row[self.image_column], base, f"{where}, column {self.image_column!r}")
                      if with_image else None)
             conditioning = load_image(
-                row[self.conditioning_image_column], base, f"row {index}, column {self.conditioning_image_column!r}"
+                row[self.conditioning_image_column], base, f"{where}, column {self.conditioning_image_column!r}"
             )
         except ImageLoadError as err:
             logger.warning("skipping a sample: %s", err)

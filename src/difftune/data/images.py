@@ -139,6 +139,11 @@ def load_image(value: Any, base_dir: str | None = None, where: str = "",
     applied (as ``datasets.Image`` does) so that an image and its conditioning image taken
     from files line up the way they are displayed.
     """
+    place = f"{where}: " if where else ""
+    if value is None or (isinstance(value, (str, os.PathLike)) and not os.fspath(value).strip()):
+        # JSON Lines rows without the key read as None, empty CSV cells as "": no file to name
+        raise ImageLoadError(f"{place}no image: the cell is empty or the row lacks this column — give the row its "
+                             "image, or remove the row", file=None)
     file = describe_source(value, base_dir)
     try:
         image = _open(value, base_dir)
@@ -148,7 +153,6 @@ def load_image(value: Any, base_dir: str | None = None, where: str = "",
         return _to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, TypeError) as err:
         # OSError covers missing files, unidentified formats and truncated data.
-        place = f"{where}: " if where else ""
         source = f"file {file}" if file else "image embedded in the data set"
         raise ImageLoadError(
             f"{place}cannot read {source} ({type(err).__name__}: {err}) — {remedy}",

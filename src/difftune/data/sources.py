@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from difftune.errors import ConfigError, DataError
 
 LAYOUTS = (
@@ -35,12 +37,19 @@ class Table:
     """An opened data set plus what is needed to read and talk about its rows.
 
     ``dataset`` is a ``datasets.Dataset`` (or ``IterableDataset`` when streaming);
-    ``base_dir`` resolves relative image paths; ``description`` names it in messages.
+    ``base_dir`` resolves relative image paths; ``description`` names it in messages;
+    ``row_numbers`` maps a position to the row it came from when rows were picked
+    (``select_samples``), so messages name the row as the user's data counts it.
     """
 
     dataset: Any
     base_dir: str | None
     description: str
+    row_numbers: tuple[int, ...] | None = None
+
+    def row_name(self, index: int) -> str:
+        """How messages name the row at ``index``: its number in the data set, counting from 0."""
+        return f"row {self.row_numbers[index] if self.row_numbers is not None else index}"
 
     @property
     def streaming(self) -> bool:
@@ -206,10 +215,13 @@ def _files_for_split(files: list[Path], root: Path, split: str) -> list[Path]:
 def _load_files(builder: str, files: list[Path], cache_dir: str | None, streaming: bool) -> Any:
     import datasets
 
+    # CSV cells are text as written: no guessing numbers (a caption "42" stays a caption) or missing
+    # values (an empty caption is "", as in JSON Lines), and "a, b" headers name column "b", not " b".
+    options = _csv_as_text(files[0]) if builder == "csv" else {}
     try:
         return datasets.load_dataset(
             builder, data_files={"train": [str(f) for f in files]}, split="train",
-            cache_dir=cache_dir, streaming=streaming,
+            cache_dir=cache_dir, streaming=streaming, **options,
         )
     except Exception as err:  # malformed json/csv/parquet: name the files
         for file in files:  # datasets' own message often names neither the file nor the line
@@ -218,6 +230,21 @@ def _load_files(builder: str, files: list[Path], cache_dir: str | None, streamin
                 raise DataError(problem) from err
         shown = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         raise DataError(f"could not read {builder} data from {shown}: {type(err).__name__}: {err} — fix or remove the file") from err
+
+
+def _csv_as_text(file: Path) -> dict:
+    """load_dataset options that read every cell of a CSV file as the text it holds."""
+    from datasets import Features, Value
+
+    try:
+        with file.open(newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle, skipinitialspace=True), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        header = []  # load_dataset fails on it too, and says why
+    options: dict[str, Any] = dict(keep_default_na=False, skipinitialspace=True)
+    if header and len(set(header)) == len(header):
+        options["features"] = Features({name: Value("string") for name in header})  # pandas reads them as str
+    return options
 
 
 _JSONL_HINT = (
@@ -243,7 +270,11 @@ def _text_file_problem(builder: str, file: Path) -> str | None:
         return None
     if not text.strip():
         return f"{file} is empty — it must hold {_CSV_HINT if builder == 'csv' else _JSONL_HINT}"
-    return _json_lines_problem(file, text) if builder == "json" else None
+    if builder == "csv":
+        if sum(1 for line in text.splitlines() if line.strip()) < 2:
+            return f"{file} has a header line but no rows below it — it must hold {_CSV_HINT}"
+        return None
+    return _json_lines_problem(file, text)
 
 
 def _json_lines_problem(file: Path, text: str) -> str | None:
@@ -294,7 +325,7 @@ def _metadata_columns(metadata: Path) -> list[str]:
     try:
         with metadata.open(newline="", encoding="utf-8") as handle:
             if metadata.suffix == ".csv":
-                return next(csv.reader(handle), [])
+                return next(csv.reader(handle, skipinitialspace=True), [])
             first = next((line for line in handle if line.strip()), "{}")
             row = json.loads(first)
     except (OSError, ValueError, UnicodeDecodeError) as err:
@@ -364,14 +395,15 @@ def resolve_columns(
             continue
         free = [c for c in columns if c not in chosen.values()]
         if not free:
-            raise DataError(
-                f"the data set has only {len(columns)} column(s) ({', '.join(columns) or 'none'}); a ControlNet data "
-                f"set needs an image, a conditioning image and a caption column — in training, name them with "
-                f"{_FLAGS[role]}"
-                + (", or, for a folder of pictures and captions without conditions, make them with `difftune data "
-                   "conditions --input_dir DIR --out DIR2 --condition canny` and use DIR2"
-                   if role == "conditioning_image" else "")
-            )
+            have = f"the data set has only {len(columns)} column(s) ({', '.join(columns) or 'none'}): "
+            if role == "conditioning_image":
+                raise DataError(
+                    have + "none is left for the conditioning images a ControlNet learns from. For pictures with "
+                    "captions and no conditions, make the conditions: `difftune data conditions --input_dir DIR "
+                    "--out DIR2 --condition canny` (or depth), then train on DIR2; if a column does hold them, name "
+                    "it with --conditioning_image_column")
+            raise DataError(have + "a ControlNet data set needs an image, a conditioning image and a caption column "
+                            f"— name the missing one with {_FLAGS[role]}")
         position = _POSITION[role]
         at = columns[position] if position < len(columns) else None
         chosen[role], how[role] = (at if at in free else free[0]), "by position"
@@ -440,6 +472,12 @@ def select_samples(table: Table, max_train_samples: int | None, seed: int, buffe
         if count < max_train_samples:
             _log.info("--max_train_samples %d: the data set has %d rows; training on all of them", max_train_samples,
                         count)
+        # Dataset.shuffle(seed)'s own order (numpy's permutation), kept so messages can name the rows.
         # keep_in_memory: never write index caches into the user's data folder.
-        dataset = table.dataset.shuffle(seed=seed, keep_in_memory=True).select(range(count), keep_in_memory=True)
+        picked = np.random.default_rng(seed).permutation(len(table.dataset))[:count]
+        dataset = table.dataset.select(picked, keep_in_memory=True)
+        earlier = table.row_numbers
+        rows = tuple(int(earlier[i]) if earlier is not None else int(i) for i in picked)
+        return replace(table, dataset=dataset, row_numbers=rows,
+                       description=f"{table.description} (first {max_train_samples} after shuffle)")
     return replace(table, dataset=dataset, description=f"{table.description} (first {max_train_samples} after shuffle)")
