@@ -120,6 +120,9 @@ def test_config_file_with_flag_override(tmp_path):
     (dict(report_to="mlflow"), "--report_to 'mlflow'"),
     (dict(snr_gamma=-1.0), "--snr_gamma must be > 0"),
     (dict(gradient_accumulation_steps=0), "--gradient_accumulation_steps must be >= 1"),
+    (dict(validation_steps=0), "--validation_steps must be >= 1, got 0"),  # not a crash at step 1
+    (dict(num_validation_images=0), "--num_validation_images must be >= 1, got 0"),  # nor after the last step
+    (dict(num_validation_inference_steps=0), "--num_validation_inference_steps must be >= 1"),
 ])
 def test_bad_configs_are_rejected_with_the_flag_name(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -151,7 +154,12 @@ def test_a_failed_start_records_no_run(tiny_model_dir, fill_dir, tmp_path, capsy
     assert main(["train", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
                  str(fill_dir), "--caption_column", "nope", "--output_dir", str(out)]) == 2
     assert "--caption_column" in capsys.readouterr().err
-    assert not (out / "difftune_config.json").exists()
+    assert not out.exists()  # nor the empty folder it would have been in
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a folder the user made stays, with what is in it
+    assert main(["train", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+                 str(fill_dir), "--caption_column", "nope", "--output_dir", str(out)]) == 2
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_make_tiny_model_keeps_a_folder_unless_told(tmp_path, capsys):

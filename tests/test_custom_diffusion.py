@@ -162,6 +162,18 @@ def test_bad_inputs_give_clear_errors(tiny_base, tiny_model_dir, star_dir, tmp_p
     with pytest.raises(ConfigError, match="--with_prior_preservation needs --class_prompt"):
         cd_config(tiny_model_dir, tmp_path, instance_data_dir="x", instance_prompt="<new1> star",
                   with_prior_preservation=True, class_data_dir="c")
+    # a plain word as the token would take the word's place in every prompt (CLIP spells words 'star</w>')
+    with pytest.raises(ConfigError, match=r"--modifier_token 'star' is a word the tokenizer already knows"):
+        build(instance_data_dir=str(star_dir), instance_prompt="star shape", modifier_token="star",
+              initializer_token="circle")
+    for flag in ("validation_steps", "num_validation_images", "num_validation_inference_steps"):
+        with pytest.raises(ConfigError, match=f"--{flag} must be >= 1, got 0"):  # not a crash at the first validation
+            cd_config(tiny_model_dir, tmp_path, instance_data_dir="x", instance_prompt="<new1> star", **{flag: 0})
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="--class_data_dir .*afile is a file, not a folder"):
+        from difftune.custom_diffusion.class_images import ensure_class_images
+
+        ensure_class_images(tiny_base, tmp_path / "afile", "star", 1, 64)
 
 
 def test_multi_concept_with_generated_prior(tiny_model_dir, star_dir, heart_dir, tmp_path):
@@ -404,3 +416,19 @@ def test_an_export_over_an_earlier_one_removes_what_is_no_longer_its_own(tiny_ba
     assert read_meta(out)["embeddings"] == {}
     with pytest.raises(ModelLoadError, match="no such folder"):
         read_meta(tmp_path / "nope")
+
+
+def test_resume_refuses_another_set_of_trained_weights_and_ignores_the_file_format(tiny_model_dir, tmp_path):
+    from difftune.config import to_dict
+    from difftune.guards import warn_changed_settings
+
+    kw = dict(instance_data_dir="x", instance_prompt="<new1> star", modifier_token="<new1>")
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "difftune_config.json").write_text(json.dumps(to_dict(cd_config(tiny_model_dir, tmp_path, **kw))))
+    assert warn_changed_settings(tmp_path, cd_config(tiny_model_dir, tmp_path, no_safe_serialization=True, **kw),
+                                 checkpoint) == []  # only the files' format: the run is the same
+    with pytest.raises(ConfigError, match=r"--freeze_model crossattn differs from the run that wrote .*"
+                                          r"\(crossattn_kv\).*Resume with --freeze_model crossattn_kv"):
+        warn_changed_settings(tmp_path, cd_config(tiny_model_dir, tmp_path, freeze_model="crossattn", **kw),
+                              checkpoint)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -336,3 +337,54 @@ def test_cli_trains_and_generate_needs_one_adapter(tiny_model_dir, tmp_path, cap
                  "--instance_data_dir", str(star), "--instance_prompt", "a star", "--modifier_token", "<new1>",
                  "--output_dir", str(tmp_path / "x")])
     assert code == 2 and "contains none of the modifier tokens" in capsys.readouterr().err
+
+
+def test_damaged_or_repeated_inputs_are_named_and_nothing_is_half_written(tiny_model_dir, two_concepts, tmp_path,
+                                                                           capsys):
+    import shutil
+
+    from difftune.errors import ConfigError
+
+    def damaged(name, damage):
+        folder = tmp_path / name
+        shutil.copytree(two_concepts[0], folder)
+        damage(folder)
+        return str(folder)
+
+    weights = damaged("weights", lambda f: (f / "pytorch_custom_diffusion_weights.safetensors").write_bytes(b"12"))
+    meta = damaged("meta", lambda f: (f / "custom_diffusion.json").write_text("{'not': json"))
+    embedding = damaged("embedding", lambda f: (f / "<new1>.safetensors").unlink())
+    cases = [
+        (["generate", "--custom_diffusion", weights, "--prompt", "<new1> star", "--num_inference_steps", "1",
+          "--out", str(tmp_path / "g.png")], "weights_file.*is not a readable safetensors file"),
+        (["custom-diffusion", "compress", "--custom_diffusion", weights, "--rank", "1", "--output_dir",
+          str(tmp_path / "c1")], "is not a readable safetensors file"),
+        (["custom-diffusion", "merge", "--concepts", meta, str(two_concepts[1]), "--output_dir", str(tmp_path / "m1")],
+         r"custom_diffusion.json is not valid JSON"),
+        (["custom-diffusion", "compress", "--custom_diffusion", embedding, "--rank", "1", "--output_dir",
+          str(tmp_path / "c2")], r"the embedding file\(s\) <new1>.safetensors \(token <new1>\) .* are missing"),
+        (["custom-diffusion", "merge", "--concepts", str(two_concepts[0]), str(two_concepts[0]), "--output_dir",
+          str(tmp_path / "m2")], "names .* twice"),
+    ]
+    for argv, said in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(said.replace("weights_file", "weights"), err) and "Traceback" not in err, (argv, err)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("c1", "c2", "m1", "m2", ".c", ".m"))]
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert main(["custom-diffusion", "merge", "--concepts", *map(str, two_concepts), "--regularization_prompts",
+                 str(tmp_path / "blank.txt"), "--output_dir", str(tmp_path / "m3")]) == 2
+    assert "regularization prompts are empty" in capsys.readouterr().err
+    # a merged folder holds a model and no checkpoint: training there is refused, not a silent replacement
+    merged = tmp_path / "merged"
+    assert main(["custom-diffusion", "merge", "--concepts", *map(str, two_concepts), "--output_dir", str(merged)]) == 0
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+    concept = write_concept(tmp_path / "dots", "circle", (0, 200, 0))
+    with pytest.raises(ConfigError, match="already holds a trained model .* --overwrite_output_dir"):
+        train_custom_diffusion(cd_config(tiny_model_dir, merged, instance_data_dir=str(concept),
+                                         instance_prompt="<new1> circle", max_train_steps=1))
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
+    train_custom_diffusion(cd_config(tiny_model_dir, merged, instance_data_dir=str(concept),
+                                     instance_prompt="<new1> circle", max_train_steps=1, overwrite_output_dir=True))
+    left = {p.name for p in merged.iterdir()}
+    assert "merge_info.json" not in left and "<new2>.safetensors" not in left  # nothing of the merge stays

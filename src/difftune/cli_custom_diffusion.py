@@ -67,6 +67,27 @@ def _check_output_dir(args: argparse.Namespace, inputs: list[str], flag: str) ->
     check_out_dir(out, args.overwrite, flag="--output_dir", what="the weights")
 
 
+def _write_new_folder(args: argparse.Namespace, write) -> dict:
+    """``write(folder)`` into a temporary folder beside --output_dir, moved into place when it returns: a
+    failure midway leaves no half-written --output_dir (which a rerun would then refuse as not empty)."""
+    import os
+    import shutil
+
+    from .data.writing import replace_dir
+
+    out = Path(args.output_dir)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        info = write(tmp)
+        replace_dir(tmp, out, args.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**info, "output_dir": str(out)}
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .custom_diffusion.merge import merge_concepts
     from .models import load_base_model
@@ -84,8 +105,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for folder in args.concepts:  # each named with the flag that gave it, before the base model loads
         read_meta(folder, flag="--concepts")
     _check_output_dir(args, args.concepts, "--concepts")
-    info = merge_concepts(args.concepts, load_base_model(base_of(args, args.concepts[0])), args.output_dir,
-                          prompts, safe=not args.no_safe_serialization)
+    base = load_base_model(base_of(args, args.concepts[0]))
+    info = _write_new_folder(args, lambda tmp: merge_concepts(args.concepts, base, tmp, prompts,
+                                                              safe=not args.no_safe_serialization))
     print(json.dumps(info, indent=2))
     return 0
 
@@ -96,7 +118,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     _check_output_dir(args, [args.custom_diffusion], "--custom_diffusion")
     base = load_base_model(base_of(args, args.custom_diffusion))
-    print(json.dumps(compress(args.custom_diffusion, base.unet, args.output_dir, args.rank, args.energy), indent=2))
+    info = _write_new_folder(args, lambda tmp: compress(args.custom_diffusion, base.unet, tmp, args.rank, args.energy))
+    print(json.dumps(info, indent=2))
     return 0
 
 

@@ -152,7 +152,8 @@ class OptimConfig:
         # the optimizer checks these too, but only once the model is loaded, and with a bare ValueError
         # ("Invalid learning rate: -1.0") that names no flag; ``not x > 0`` also refuses NaN
         if not self.learning_rate > 0:
-            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate} (5e-6 by default; e.g. 1e-5).")
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate} (e.g. 1e-5; --help shows the "
+                              "default).")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)} (defaults: 0.9 and 0.999).")
@@ -238,9 +239,8 @@ class TrainConfig:
     hub_token: str | None = opt(None, "Hub token (prefer `huggingface-cli login`; never written anywhere).")
 
     def __post_init__(self) -> None:
-        for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        require_at_least_one(self, "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                             "num_train_epochs")
         for name in ("profile_steps", "profile_start"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}.")
@@ -286,6 +286,13 @@ class ControlNetTrainConfig(TrainConfig):
             raise ConfigError(f"--cuda_graphs {self.cuda_graphs!r}: choose no, yes or auto.")
 
 
+def require_at_least_one(section: Any, *names: str) -> None:
+    """Counts that must be >= 1 (a 0 would divide by zero or sample nothing, hours into a run)."""
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(section, name)}.")
+
+
 @dataclass
 class ValidationConfig:
     validation_prompt: list[str] | None = opt(None, "Prompts for validation images (paired with --validation_image).")
@@ -299,6 +306,7 @@ class ValidationConfig:
         choices=CONTROL_GUIDANCE)
 
     def __post_init__(self) -> None:
+        require_at_least_one(self, "num_validation_images", "validation_steps", "num_validation_inference_steps")
         if self.validation_control_guidance not in CONTROL_GUIDANCE:
             raise ConfigError(f"--validation_control_guidance {self.validation_control_guidance!r}: choose from "
                               f"{', '.join(CONTROL_GUIDANCE)}.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import LossConfig, ModelConfig, OptimConfig, TrainConfig, opt
+from .config import LossConfig, ModelConfig, OptimConfig, TrainConfig, opt, require_at_least_one
 from .errors import ConfigError
 
 DEFAULT_OUTPUT_DIR = "custom-diffusion-model"
@@ -69,9 +69,7 @@ class CustomDiffusionDataConfig:
             raise ConfigError("--real_prior only makes sense with --with_prior_preservation.")
         if self.prior_loss_weight < 0:
             raise ConfigError(f"--prior_loss_weight must be >= 0, got {self.prior_loss_weight}.")
-        for name in ("num_class_images", "sample_batch_size", "num_class_inference_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        require_at_least_one(self, "num_class_images", "sample_batch_size", "num_class_inference_steps")
         if self.dataloader_num_workers < 0:
             raise ConfigError("--dataloader_num_workers must be >= 0.")
 
@@ -85,7 +83,7 @@ class CustomDiffusionModelConfig:
     )
     initializer_token: str | None = opt(
         None, "Word(s) whose embedding starts each new token, '+'-separated; each must be ONE token of the "
-              "tokenizer (default: the last word of the concept's --class_prompt)."
+              "tokenizer (default: the last word of the concept's --class_prompt, else of its instance prompt)."
     )
     freeze_model: str = opt(
         "crossattn_kv", "Train the cross-attention key/value projections only, or all cross-attention weights.",
@@ -126,6 +124,9 @@ class CustomDiffusionValidationConfig:
     num_validation_images: int = opt(2, "Images generated per validation prompt.")
     validation_steps: int = opt(50, "Validate every N optimizer steps (and at the end).")
     num_validation_inference_steps: int = opt(25, "Denoising steps of the validation sampler (UniPC).")
+
+    def __post_init__(self) -> None:
+        require_at_least_one(self, "num_validation_images", "validation_steps", "num_validation_inference_steps")
 
 
 def custom_diffusion_defaults() -> dict:

@@ -30,7 +30,15 @@ def claim_output_dir(out: Path, root: Path, overwrite: bool) -> bool:
     """
     earlier = ckpt.list_checkpoints(root)
     if not earlier:
-        return False
+        model = finished_model_file(out)
+        if model is None:
+            return False
+        if not overwrite:
+            raise ConfigError(
+                f"--output_dir {out} already holds a trained model ({model}) and no checkpoint to continue from: "
+                "training there would replace it. Pick another --output_dir, or pass --overwrite_output_dir to "
+                "replace it.")
+        return True
     if not overwrite:
         raise ConfigError(
             f"--output_dir {out} already holds a run's checkpoints ({', '.join(p.name for p in earlier)}). "
@@ -39,11 +47,24 @@ def claim_output_dir(out: Path, root: Path, overwrite: bool) -> bool:
     return True
 
 
+# files a finished export leaves in its folder: ControlNet, Custom Diffusion (trained, merged,
+# compressed), any difftune run, or a base model
+FINISHED_MODEL_FILES = ("train_summary.json", "custom_diffusion.json", "diffusion_pytorch_model.safetensors",
+                        "diffusion_pytorch_model.bin", "pytorch_custom_diffusion_weights.safetensors",
+                        "pytorch_custom_diffusion_weights.bin", "model_index.json")
+
+
+def finished_model_file(out: Path) -> str | None:
+    """The first file in ``out`` that shows a model was exported there, or None."""
+    return next((name for name in FINISHED_MODEL_FILES if (out / name).is_file()), None)
+
+
 def clear_earlier_run(accelerator: Any, out: Path, root: Path) -> None:
-    """--overwrite_output_dir, once the new run has started well: the earlier checkpoints and metrics go."""
+    """--overwrite_output_dir, once the new run has started well: the earlier checkpoints and metrics go
+    (a finished model's files are replaced by the new export)."""
     if accelerator.is_main_process:
         log.warning("--overwrite_output_dir: deleting %s and the earlier run's metrics.jsonl", root)
-        shutil.rmtree(root)
+        shutil.rmtree(root, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
 
@@ -72,7 +93,10 @@ RESUMABLE_CHANGES = frozenset({
     "hub_model_id", "hub_token", "dataloader_num_workers", "profile_steps", "profile_start", "nan_policy",
     "cache_dir", "latent_cache_dir",
     "seed",  # a resumed run keeps the checkpoint's seed whatever is passed
+    "no_safe_serialization",  # the format of the files written, not what trains
 })
+# settings that decide which weights train: a checkpoint of one cannot load into the other
+FIXED_ON_RESUME = frozenset({"freeze_model", "modifier_token"})
 
 
 def warn_changed_settings(out: Path, run_config: Any, resume_from: Path) -> list[str]:
@@ -99,6 +123,11 @@ def warn_changed_settings(out: Path, run_config: Any, resume_from: Path) -> list
             continue
         for key, value in values.items():
             old = (saved.get(section) or {}).get(key, value)
+            if key in FIXED_ON_RESUME and old != value:
+                raise ConfigError(
+                    f"--{key} {value} differs from the run that wrote {resume_from} ({old}): it decides which "
+                    f"weights train, so that checkpoint cannot continue with it. Resume with --{key} {old}, or "
+                    "start a new run in another --output_dir.")
             if key not in RESUMABLE_CHANGES and old != value:
                 changes.append(f"--{key} {'(unset)' if old is None else old} -> {'(unset)' if value is None else value}")
     if changes:

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,7 @@ class Trainer:
         resumed = ckpt.load_checkpoint(resume_from) if resume_from else None
         seed = resumed["state"].seed if resumed else int(cfg.seed)
         torch.manual_seed(seed)
+        made_out = not self.out.exists()
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(root)
@@ -174,9 +176,14 @@ class Trainer:
         check_optimizer_in_backward(self.optim_cfg, cfg.gradient_accumulation_steps, accelerator.mixed_precision,
                                     accelerator.num_processes)
         t_setup = time.perf_counter()
-        modules = self.method.setup(accelerator)
-        loader = self._data(accelerator, seed)
-        validation_pairs = load_validation_images(self.val_cfg)
+        try:
+            modules = self.method.setup(accelerator)
+            loader = self._data(accelerator, seed)
+            validation_pairs = load_validation_images(self.val_cfg)
+        except BaseException:  # a failed start leaves no empty --output_dir behind
+            if made_out and accelerator.is_main_process and not any(p.is_file() for p in self.out.rglob("*")):
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
         if clear_earlier:  # only now: a flag or file at fault has failed above with the earlier run intact
             clear_earlier_run(accelerator, self.out, root)
         if accelerator.is_main_process:  # after the models and data loaded: a failed start records no run
@@ -233,8 +240,8 @@ class Trainer:
             summary["cache_build_seconds"] = round(self.method.cache_build_seconds, 3)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            summary["exported"] = [str(p) for p in self.method.export(self.out)]  # first: a failing sampler loses nothing
             summary["validation_grid"] = str(validator.run(state.global_step) or "") or None
-            summary["exported"] = [str(p) for p in self.method.export(self.out)]
             card = self.method.model_card(self.out, summary)
             if state.resumed_changes:  # the card's settings are the last resume's
                 card += ("\nResumed with settings changed from the run before: " + "; ".join(state.resumed_changes)

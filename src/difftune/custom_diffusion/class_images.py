@@ -58,6 +58,9 @@ def ensure_class_images(base: Any, class_data_dir: str | Path, class_prompt: str
     from tqdm.auto import tqdm
 
     folder = Path(class_data_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--class_data_dir {folder} is a file, not a folder: give the folder that holds (or will "
+                          "hold) the class images.")
     folder.mkdir(parents=True, exist_ok=True)
     have = existing_images(folder)
     missing = num_class_images - len(have)

@@ -12,6 +12,7 @@ which difftune reads, and a full-size file with W0 + U_r S_r V_r^T that diffuser
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from safetensors.torch import save_file
 
 from ..checkpoint import atomic_write
 from ..errors import ConfigError
-from .export import META, WEIGHTS_SAFE, full_processor_dict, read_meta, read_tensors, read_weights
+from .export import LOWRANK, META, WEIGHTS_SAFE, full_processor_dict, read_embedding, read_meta, read_weights
 
-LOWRANK = "pytorch_custom_diffusion_weights.lowrank.safetensors"
+log = logging.getLogger("difftune")
+
 UP, DOWN = ".lora_up", ".lora_down"
 
 
@@ -80,13 +82,18 @@ def compress(folder: str | Path, base_unet: torch.nn.Module, output_dir: str | P
                                                           metadata={"format": "pt"}))
     embeddings = {}
     for token, file in meta.get("embeddings", {}).items():  # safetensors like the weights, whatever the source was
+        read_embedding(folder, token, file)  # a damaged file is named, not copied
         name = f"{token}.safetensors"
         if Path(file).suffix == ".safetensors" and Path(folder, file).resolve() != Path(out, name).resolve():
             shutil.copyfile(folder / file, out / name)
         elif Path(file).suffix != ".safetensors":
-            row = {token: read_tensors(folder / file)[token].float().contiguous()}
+            row = {token: read_embedding(folder, token, file).float().contiguous()}
             atomic_write(out / name, lambda p, t=row: save_file(t, str(p)))
         embeddings[token] = name
+    if compact_numel >= full_numel:
+        what = f"--rank {rank}" if rank is not None else f"--energy {energy}"
+        log.warning("%s keeps as many numbers as the full matrices (%d low-rank against %d): the low-rank file is "
+                    "no smaller; a lower --rank (or --energy) compresses.", what, compact_numel, full_numel)
     meta = dict(meta, weight_name=WEIGHTS_SAFE, embeddings=embeddings,
                 compressed={"rank": rank, "energy": energy, "file": LOWRANK})
     (out / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

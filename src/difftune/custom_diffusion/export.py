@@ -35,6 +35,8 @@ from ..errors import ConfigError, ModelLoadError
 WEIGHTS_SAFE = "pytorch_custom_diffusion_weights.safetensors"
 WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"
 META = "custom_diffusion.json"
+LOWRANK = "pytorch_custom_diffusion_weights.lowrank.safetensors"  # ``difftune custom-diffusion compress``
+DERIVED = ("merge_info.json", LOWRANK)
 
 
 def full_processor_dict(unet: torch.nn.Module, weights: dict[str, torch.Tensor], safe: bool) -> dict[str, Any]:
@@ -68,6 +70,8 @@ def save_custom_diffusion(output_dir: str | Path, unet: torch.nn.Module, weights
     written.append(atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")))
     for name in earlier - {p.name for p in written}:  # an earlier run's tokens or weight format: no longer this folder's
         (out / name).unlink(missing_ok=True)
+    for name in DERIVED:  # what merge / compress wrote about an earlier export of this folder
+        (out / name).unlink(missing_ok=True)
     return written
 
 
@@ -94,7 +98,19 @@ def read_meta(folder: str | Path, flag: str = "--custom_diffusion") -> dict:
                 " Give a `difftune train custom-diffusion` output folder or one of its checkpoints/checkpoint-N.")
         raise ModelLoadError(f"{flag} {folder}: no {META}; is this a difftune Custom Diffusion output "
                              f"folder?{hint}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{flag} {folder}: {path} is not valid JSON ({e}); restore the file, or export the "
+                             "folder again (train, merge or compress).") from None
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{flag} {folder}: {path} holds no settings object; restore the file.")
+    missing = [f"{file} (token {token})" for token, file in (meta.get("embeddings") or {}).items()
+               if not (Path(folder) / file).is_file()]
+    if missing:
+        raise ModelLoadError(f"{flag} {folder}: the embedding file(s) {', '.join(missing)} that {META} names are "
+                             "missing; restore them, or export the folder again.")
+    return meta
 
 
 def _weight_file(folder: Path, weight_name: str | None) -> Path:
@@ -110,14 +126,29 @@ def _weight_file(folder: Path, weight_name: str | None) -> Path:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A weight file as tensors. ``.bin`` files are read with ``weights_only=True`` (no arbitrary
     unpickling); empty entries are dropped."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path} does not exist; restore it, or export the folder again.")
     if path.suffix == ".safetensors":
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors' own error type: a truncated or overwritten file
+            raise ModelLoadError(f"{path} is not a readable safetensors file ({e}); restore it, or export the "
+                                 "folder again.") from None
     else:
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ModelLoadError(f"{path} is not a readable weight file: {e}") from None
     return {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.numel() > 0}
+
+
+def read_embedding(folder: str | Path, token: str, file: str) -> torch.Tensor:
+    """The embedding row of ``token`` from its file (a textual-inversion ``{token: row}`` file)."""
+    tensors = read_tensors(Path(folder) / file)
+    if token not in tensors:
+        raise ModelLoadError(f"{Path(folder) / file} holds no embedding for {token} (it holds "
+                             f"{', '.join(tensors) or 'nothing'}); restore it, or export the folder again.")
+    return tensors[token]
 
 
 def read_weights(folder: str | Path, weight_name: str | None = None, base_unet: torch.nn.Module | None = None
@@ -152,6 +183,7 @@ def load_custom_diffusion(pipe: Any, folder: str | Path, weight_name: str | None
     pipe.unet.to(pipe.unet.device)
     tokens = []
     for token, file in meta.get("embeddings", {}).items():
+        read_embedding(folder, token, file)  # a damaged file is named here, not deep in diffusers
         pipe.load_textual_inversion(str(folder), weight_name=file, token=token)
         tokens.append(token)
     return tokens

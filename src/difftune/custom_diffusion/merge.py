@@ -31,7 +31,7 @@ import torch
 
 from ..errors import ConfigError
 from ..noising import tokenize
-from .export import read_meta, read_tensors, read_weights, save_custom_diffusion
+from .export import read_embedding, read_meta, read_weights, save_custom_diffusion
 from .surgery import add_tokens, set_embeddings
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,15 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
 
     if len(folders) < 2:
         raise ConfigError("merge needs at least two Custom Diffusion folders.")
+    seen: dict[Path, str | Path] = {}
+    for folder in folders:
+        if Path(folder).resolve() in seen:
+            raise ConfigError(f"merge: --concepts names {folder} twice (also as {seen[Path(folder).resolve()]}); "
+                              "give each concept's folder once.")
+        seen[Path(folder).resolve()] = folder
+    if regularization_prompts is not None and not regularization_prompts:
+        raise ConfigError("merge: the regularization prompts are empty; give captions, one per line, or leave "
+                          "--regularization_prompts out to use ones made from the concepts' class prompts.")
     base = copy.deepcopy(base)
     parts, used, all_tokens, rows, concepts, renamed = [], set(), [], [], [], {}
     for folder in folders:
@@ -120,7 +129,7 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
                 renamed.setdefault(str(folder), {})[token] = new
                 log.warning("merge: %s's %s is %s in the merged folder (%s is taken by an earlier concept); "
                             "prompt it with %s.", folder, token, new, token, new)
-        embeds = {mapping[t]: read_tensors(Path(folder) / f)[t] for t, f in meta["embeddings"].items()}
+        embeds = {mapping[t]: read_embedding(folder, t, f) for t, f in meta["embeddings"].items()}
         prompts = [_rename(c["instance_prompt"], mapping) for c in meta["concepts"]]
         concepts += [dict(c, instance_prompt=_rename(c["instance_prompt"], mapping),
                           modifier_tokens=[mapping[t] for t in c.get("modifier_tokens", [])]) for c in meta["concepts"]]
@@ -149,7 +158,6 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
         num = sum(float(((merged[k].double() - w[k].double()) @ f.T).norm() ** 2) for k in keys)
         den = sum(float((w[k].double() @ f.T).norm() ** 2) for k in keys)
         errors["+".join(toks)] = (num / den) ** 0.5
-    info = {"tokens": all_tokens, "renamed": renamed, "constraint_relative_error": errors, "regularization_prompts": len(reg),
-            "output_dir": str(output_dir)}
+    info = {"tokens": all_tokens, "renamed": renamed, "constraint_relative_error": errors, "regularization_prompts": len(reg)}
     (Path(output_dir) / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info

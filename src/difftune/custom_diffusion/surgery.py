@@ -148,10 +148,15 @@ def add_modifier_tokens(tokenizer: Any, text_encoder: torch.nn.Module, modifier_
 
 def add_tokens(tokenizer: Any, text_encoder: torch.nn.Module, tokens: list[str]) -> list[int]:
     """Add new tokens to the tokenizer and rows to the embedding table (set by the caller); return their ids."""
+    vocab = tokenizer.get_vocab()
     for token in tokens:
-        if token in tokenizer.get_vocab():
+        if token in vocab:
             raise ConfigError(f"--modifier_token {token!r} is already a token of the tokenizer; pick a new string "
                               "such as '<new1>'.")
+        if f"{token.lower()}</w>" in vocab:  # CLIP's BPE keeps whole words as 'word</w>', not 'word'
+            raise ConfigError(f"--modifier_token {token!r} is a word the tokenizer already knows "
+                              f"({token.lower()}</w>): as a new token it would take that word's place in every "
+                              "prompt, the class prompt's too. Pick a string that is no word, such as '<new1>'.")
     added = tokenizer.add_tokens(tokens)
     if added != len(tokens):
         raise ConfigError(f"--modifier_token {'+'.join(tokens)}: only {added} could be added as new tokens.")

@@ -63,6 +63,10 @@ class CustomDiffusionMethod:
             self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(
                 cfg.data, resolution=default_resolution(512, self.base)))
         self.concepts = cc.resolve_concepts(cfg.data, c.modifier_tokens())
+        d = cfg.data
+        if not d.with_prior_preservation and (d.class_prompt or d.class_data_dir):
+            log.warning("--class_prompt / --class_data_dir are not used without --with_prior_preservation: "
+                        "training on the instance images alone.")
         self.modifier_tokens = c.modifier_tokens() or cc.tokens_in_prompts(self.concepts)
         self.token_ids: list[int] = []
         self.initializers: list[str] = []
@@ -104,7 +108,9 @@ class CustomDiffusionMethod:
         if self.cfg.train.enable_npu_flash_attention:  # (diffusers' Custom Diffusion script has no such flag)
             raise ConfigError("--enable_npu_flash_attention would replace the Custom Diffusion attention processors "
                               "that this method trains; leave it out (it is a ControlNet training flag).")
-        self.base.vae.to(self.device, dtype=self.weight_dtype)
+        self.base.vae.to(self.device)
+        if self.weight_dtype != torch.float32:  # (diffusers warns at any dtype given to .to(), even its own)
+            self.base.vae.to(dtype=self.weight_dtype)
         # processors are registered sub-modules of the UNet: its own weights go to the weight
         # dtype, the processors' trainable copies stay fp32 masters
         trainable = {id(p) for proc in self.processors.values() for p in proc.parameters()}
