@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -133,6 +134,9 @@ def test_flag_images_read_as_the_training_data_is(tmp_path):
         read_image_file(tmp_path / "bad.png", "--image")
     with pytest.raises(DataError, match="--validation_image .*nope.png does not exist"):
         read_image_file(tmp_path / "nope.png", "--validation_image")
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(DataError, match="--validation_image .*dir.png is a folder, not an image file"):
+        read_image_file(tmp_path / "dir.png", "--validation_image")
 
 
 def test_load_image_names_row_column_and_file(tmp_path):
@@ -368,6 +372,64 @@ def test_a_csv_is_read_as_the_text_it_holds(tmp_path, cache, caplog):
     (tmp_path / "header.csv").write_text("image,conditioning_image,text\n")
     with pytest.raises(DataError, match="header.csv has a header line but no rows"):
         load_table(train_data_dir=tmp_path / "header.csv", cache_dir=cache)
+
+
+def test_csv_and_jsonl_as_spreadsheets_and_editors_write_them(tmp_path, cache, caplog):
+    import logging
+
+    def folder(name, text, encoding="utf-8", file="metadata.csv"):
+        root = tmp_path / name
+        _save(root / "t.png")
+        _save(root / "c.png")
+        (root / file).write_bytes(text.encode(encoding))
+        return root
+
+    rows = "t.png,c.png,007\r\n"
+    bom = load_table(train_data_dir=folder("bom", "image,conditioning_image,text\r\n" + rows, "utf-8-sig"),
+                     cache_dir=cache)  # Excel's "CSV UTF-8"
+    assert bom.column_names == ["image", "conditioning_image", "text"] and bom.dataset["text"] == ["007"]
+    pandas = load_table(train_data_dir=folder("pandas", ",image,conditioning_image,text\n0," + rows), cache_dir=cache)
+    assert pandas.column_names == ["Unnamed: 0", "image", "conditioning_image", "text"]  # DataFrame.to_csv's index
+    assert resolve_columns(pandas.column_names) == ("image", "conditioning_image", "text")
+    with pytest.raises(DataError, match=r"the header names 'text' more than once"):
+        load_table(train_data_dir=folder("twice", "image,conditioning_image,text,text\nt.png,c.png,a,b\n"),
+                   cache_dir=cache)
+    with pytest.raises(DataError, match=r"latin.metadata.csv is not UTF-8 text .* save it as UTF-8"):
+        load_table(train_data_dir=folder("latin", "image,conditioning_image,text\nt.png,c.png,café\n", "latin-1"),
+                   cache_dir=cache)
+    jsonl = load_table(train_data_dir=folder("notepad", '{"image": "t.png", "conditioning_image": "c.png", "text": '
+                                             '"a"}\n', "utf-8-sig", "metadata.jsonl"), cache_dir=cache)
+    assert jsonl.dataset["text"] == ["a"]
+    # an imagefolder's metadata.csv is read as text too (datasets' imagefolder would guess numbers and NA)
+    root = tmp_path / "imagefolder"
+    for k in range(3):
+        _save(root / f"{k}.png")
+        _save(root / f"c{k}.png")
+    (root / "metadata.csv").write_text("file_name,conditioning_image_file_name,text\n0.png,c0.png,007\n"
+                                       "1.png,c1.png,\n2.png,c2.png,1e3\n")
+    table = load_table(train_data_dir=root, cache_dir=cache)
+    assert table.dataset["text"] == ["007", "", "1e3"]
+    assert resolve_columns(table.column_names) == ("image", "conditioning_image", "text")
+    # one column in two roles is refused; a known name in another role is pointed out
+    with pytest.raises(DataError, match="--image_column and --conditioning_image_column name the same column 'image'"):
+        resolve_columns(["image", "conditioning_image", "text"], image_column="image", conditioning_image_column="image")
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        assert resolve_columns(["image", "conditioning_image", "text"], conditioning_image_column="image") == \
+            ("conditioning_image", "image", "text")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith("the conditioning image column is 'image' (given), a name for the image")
+    caplog.clear()
+    paths = load_table(train_data_dir=folder("paths", "image,conditioning_image,text\nt.png,c.png,t.png\n"),
+                       cache_dir=cache)
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        ControlNetExamples(paths, "image", "conditioning_image", "text", resolution=8)
+    assert "the caption column 'text' of" in caplog.text and "holds image file names" in caplog.text
+
+
+def test_a_cell_with_a_path_and_no_bytes_says_where_it_was_looked_for(tmp_path):
+    with pytest.raises(ImageLoadError, match=r"holds a path and no image bytes; relative paths are read from "
+                                             + re.escape(str(tmp_path))):
+        load_image({"bytes": None, "path": "elsewhere/0.png"}, base_dir=str(tmp_path))
 
 
 def test_messages_name_the_row_of_the_data_set_after_max_train_samples(pairs_with_a_corrupt_file, caplog):

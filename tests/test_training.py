@@ -385,11 +385,17 @@ def test_a_new_run_never_mixes_into_another_runs_checkpoints(tiny_model_dir, fil
         train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, learning_rate=5e-3))
     assert _digests(out / "checkpoints") == before  # nothing of the earlier run was touched
     # asked to start over with a flag at fault (a column, a validation file): it fails before deleting anything
+    moved = tmp_path / "moved"  # rows whose image paths no longer resolve: seen only when samples are read
+    moved.mkdir()
+    (moved / "metadata.jsonl").write_text("".join(json.dumps({"image": f"gone/{i}.png", "conditioning_image":
+                                                              f"gone/c{i}.png", "text": "red circle"}) + "\n"
+                                                  for i in range(8)))
     for wrong in (dict(caption_column="no_such_column"),
-                  dict(validation_prompt=["red circle"], validation_image=[str(tmp_path / "missing.png")])):
+                  dict(validation_prompt=["red circle"], validation_image=[str(tmp_path / "missing.png")]),
+                  dict(train_data_dir=str(moved))):
         with pytest.raises((ConfigError, DataError)):
-            train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, overwrite_output_dir=True,
-                                         **wrong))
+            train_controlnet(make_config(tiny_model_dir, wrong.pop("train_data_dir", fill_dir), out,
+                                         max_train_steps=1, overwrite_output_dir=True, **wrong))
         assert _digests(out / "checkpoints") == before
         assert (out / "metrics.jsonl").is_file()
     # asked to start over: the earlier run's checkpoints and metrics go, the new run's are alone
@@ -462,3 +468,16 @@ def test_a_run_over_mostly_unreadable_samples_stops_with_the_reason(tiny_model_d
     with pytest.raises(DataError, match=r"of the \d+ training samples read so far could not be loaded.*--image_column"):
         train_controlnet(make_config(tiny_model_dir, data, out, max_train_steps=4, train_batch_size=4))
     assert not (out / "diffusion_pytorch_model.safetensors").exists()  # nothing exported as if it had trained
+
+
+def test_resume_from_a_checkpoint_that_is_not_there_says_so(tmp_path):
+    from difftune.errors import ConfigError
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / ckpt.STATE_FILE).write_text("{}")
+    with pytest.raises(ConfigError, match=r"checkpoint-99: there is no .*checkpoint-99\. Use 'latest' or one of: "
+                                          r"checkpoint-2"):
+        ckpt.resolve_resume(tmp_path, "checkpoint-99")
+    (tmp_path / "checkpoint-5").mkdir()  # a folder without the state file: named as incomplete
+    with pytest.raises(ConfigError, match="checkpoint-5 is not a complete difftune checkpoint"):
+        ckpt.resolve_resume(tmp_path, "checkpoint-5")

@@ -322,9 +322,11 @@ def resolve_resume(root: Path, spec: str | None) -> Path | None:
     if not path.is_absolute() and not path.exists():
         path = root / spec
     if not (path / STATE_FILE).is_file():
+        what = (f"{path} is not a complete difftune checkpoint (no {STATE_FILE})" if path.exists()
+                else f"there is no {path}")
         raise ConfigError(
-            f"--resume_from_checkpoint {spec}: {path} is not a complete difftune checkpoint "
-            f"(no {STATE_FILE}). Use 'latest' or one of: {', '.join(p.name for p in list_checkpoints(root)) or 'none yet'}."
+            f"--resume_from_checkpoint {spec}: {what}. Use 'latest' or one of: "
+            f"{', '.join(p.name for p in list_checkpoints(root)) or 'none yet'}."
         )
     return path
 

@@ -69,6 +69,25 @@ def clear_earlier_run(accelerator: Any, out: Path, root: Path) -> None:
     accelerator.wait_for_everyone()
 
 
+def refuse_unreadable_start(dataset: Any, out: Path) -> None:
+    """Before an earlier run is deleted (--overwrite_output_dir): the new data must yield something.
+    Paths that do not resolve show only when samples are read, after set-up; the first few tell."""
+    import itertools
+
+    import torch
+
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        items = list(itertools.islice(iter(dataset), UNREADABLE_MIN_SEEN))
+    else:
+        items = [dataset[i] for i in range(min(UNREADABLE_MIN_SEEN, len(dataset)))]
+    if items and all(item is None for item in items):
+        raise DataError(
+            f"none of the first {len(items)} training samples could be loaded (each is named in a 'skipping a "
+            f"sample' warning above), so the earlier run in {out} was left as it was. Most often the columns are "
+            "not the ones meant or the image paths do not resolve; `difftune data check --train_data_dir ...` "
+            "lists every problem.")
+
+
 def refuse_unreadable_data(readable: int, unreadable: int, step: int, root: Path) -> None:
     """Stop once most samples cannot be read: a run over nothing (wrong columns, paths that do not
     resolve) would otherwise "succeed" with a loss of 0. A few bad rows are skipped and counted."""

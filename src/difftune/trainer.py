@@ -28,7 +28,7 @@ from .batches import DeviceScalars, EpochSampler, Lookahead, images_in
 from .config import OptimConfig, TrainConfig, ValidationConfig, save_resolved, to_dict
 from .errors import UserError
 from .guards import (claim_output_dir, clear_earlier_run, refuse_sharded_launch, refuse_unreadable_data,
-                     warn_changed_settings)
+                     refuse_unreadable_start, warn_changed_settings)
 from .optim import build_lr_scheduler, build_optimizer, check_optimizer_in_backward, effective_learning_rate
 from .profiling import StepProfiler
 from .resuming import config_to_record, data_position, learning_rate_used, nothing_left_to_train, restore
@@ -185,6 +185,7 @@ class Trainer:
                 shutil.rmtree(self.out, ignore_errors=True)
             raise
         if clear_earlier:  # only now: a flag or file at fault has failed above with the earlier run intact
+            refuse_unreadable_start(loader.dataset, self.out)
             clear_earlier_run(accelerator, self.out, root)
         if accelerator.is_main_process:  # after the models and data loaded: a failed start records no run
             save_resolved(self.run_config, self.out)

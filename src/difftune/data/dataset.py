@@ -18,7 +18,7 @@ import torch
 import torch.utils.data
 
 from difftune.data.images import ImageLoadError, load_image
-from difftune.data.sources import Table, column_contents_problem
+from difftune.data.sources import Table, captions_look_like_paths, column_contents_problem
 from difftune.data.transforms import (
     aspects_differ,
     check_resolution,
@@ -60,6 +60,10 @@ class _ExampleBuilder:
             problem = column_contents_problem(first, image_column, conditioning_image_column, caption_column)
             if problem is not None:
                 raise DataError(f"{table.description}: {problem}")
+            if captions_look_like_paths(first, caption_column):
+                logger.warning("the caption column %r of %s holds image file names (%r): the model would learn "
+                               "them as prompts — set --caption_column to the captions", caption_column,
+                               table.description, first[0][caption_column])
         self.table = table
         self.image_column = image_column
         self.conditioning_image_column = conditioning_image_column

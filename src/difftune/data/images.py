@@ -106,7 +106,8 @@ def read_image_file(path: str | os.PathLike, flag: str) -> Image.Image:
     the training data is (16-bit and other modes scaled, EXIF orientation applied); a DataError naming
     the flag and the file otherwise."""
     if not os.path.isfile(path):
-        raise DataError(f"{flag} {path} does not exist.")
+        raise DataError(f"{flag} {path} is a folder, not an image file." if os.path.isdir(path)
+                        else f"{flag} {path} does not exist.")
     try:
         return load_image(os.fspath(path))
     except ImageLoadError as e:
@@ -154,6 +155,9 @@ def load_image(value: Any, base_dir: str | None = None, where: str = "",
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, TypeError) as err:
         # OSError covers missing files, unidentified formats and truncated data.
         source = f"file {file}" if file else "image embedded in the data set"
+        if isinstance(value, dict) and value.get("bytes") is None and isinstance(err, FileNotFoundError):
+            # e.g. `datasets` stored a PIL image opened from a file as its path alone, relative to where it ran
+            source += f" (the cell holds a path and no image bytes; relative paths are read from {base_dir or '.'})"
         raise ImageLoadError(
             f"{place}cannot read {source} ({type(err).__name__}: {err}) — {remedy}",
             file=file,

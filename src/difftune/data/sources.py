@@ -172,8 +172,12 @@ def _load_local(path: Path, cache_dir: str | None, streaming: bool, split: str) 
     if metadata is not None:
         columns = _metadata_columns(metadata)
         if any(c == "file_name" or c.endswith("_file_name") for c in columns):
-            loaded = datasets.load_dataset("imagefolder", data_dir=str(metadata.parent), cache_dir=cache_dir, streaming=streaming)
+            features = _imagefolder_csv_features(metadata) if metadata.suffix == ".csv" else None
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(metadata.parent), cache_dir=cache_dir,
+                                           streaming=streaming, features=features)
             dataset = _pick_split(loaded, split, f"imagefolder {metadata.parent}")
+            if features is not None:
+                dataset = _empty_cells_as_text(dataset, [n for n, f in features.items() if isinstance(f, datasets.Value)])
             return Table(dataset, str(metadata.parent), f"imagefolder {metadata.parent}")
         builder = "csv" if metadata.suffix == ".csv" else "json"
         dataset = _load_files(builder, [metadata], cache_dir, streaming)
@@ -232,19 +236,68 @@ def _load_files(builder: str, files: list[Path], cache_dir: str | None, streamin
         raise DataError(f"could not read {builder} data from {shown}: {type(err).__name__}: {err} — fix or remove the file") from err
 
 
+def _empty_cells_as_text(dataset: Any, columns: list[str]) -> Any:
+    """Empty CSV cells, which imagefolder's pandas reads as missing (None), as "" (an empty caption is an
+    unconditional sample, as in JSON Lines and plain metadata.csv folders)."""
+    import datasets
+
+    def fill(*values):
+        return {c: "" if v is None else v for c, v in zip(columns, values)}
+
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.map(fill, input_columns=columns)
+    return dataset.map(fill, input_columns=columns, keep_in_memory=True, desc="reading metadata.csv")
+
+
+def csv_header(file: Path) -> list[str]:
+    """A CSV file's column names as pandas (and so ``datasets``) names them: a byte-order mark and
+    spaces after the commas dropped, an empty name ``Unnamed: i``. Repeated names are refused:
+    pandas would rename the second (``text.1``) and a role could silently take the wrong one."""
+    try:
+        with file.open(newline="", encoding="utf-8-sig") as handle:
+            header = next(csv.reader(handle, skipinitialspace=True), [])
+    except UnicodeDecodeError as err:
+        raise DataError(f"{file} is not UTF-8 text ({err}) — save it as UTF-8") from None
+    except (OSError, csv.Error):
+        return []  # load_dataset fails on it too, and says why
+    names = [name.strip() or f"Unnamed: {i}" for i, name in enumerate(header)]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"{file}: the header names {', '.join(map(repr, repeated))} more than once — give each "
+                        "column its own name")
+    return names
+
+
 def _csv_as_text(file: Path) -> dict:
     """load_dataset options that read every cell of a CSV file as the text it holds."""
     from datasets import Features, Value
 
-    try:
-        with file.open(newline="", encoding="utf-8") as handle:
-            header = next(csv.reader(handle, skipinitialspace=True), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
-        header = []  # load_dataset fails on it too, and says why
     options: dict[str, Any] = dict(keep_default_na=False, skipinitialspace=True)
-    if header and len(set(header)) == len(header):
+    header = csv_header(file)
+    if header:
         options["features"] = Features({name: Value("string") for name in header})  # pandas reads them as str
     return options
+
+
+def _imagefolder_csv_features(metadata: Path) -> Any:
+    """Features for an imagefolder whose metadata.csv ``datasets`` reads with pandas' guessing: file
+    columns are images (``file_name`` -> ``image``, ``x_file_name`` -> ``x``), the rest text, so a
+    caption ``007`` stays ``007``. None when the header is not plain (imagefolder then guesses)."""
+    from datasets import Features, Image, Value
+
+    with metadata.open(newline="", encoding="utf-8-sig") as handle:
+        raw = next(csv.reader(handle), [])
+    if not raw or any(not name or name != name.strip() for name in raw) or len(set(raw)) != len(raw):
+        return None
+    features = {}
+    for name in raw:
+        if name == "file_name":
+            features["image"] = Image()
+        elif name.endswith("_file_name"):
+            features[name[: -len("_file_name")]] = Image()
+        else:
+            features[name] = Value("string")
+    return Features(features)
 
 
 _JSONL_HINT = (
@@ -322,10 +375,10 @@ def _find_metadata(path: Path, split: str) -> Path | None:
 
 
 def _metadata_columns(metadata: Path) -> list[str]:
+    if metadata.suffix == ".csv":
+        return csv_header(metadata)
     try:
-        with metadata.open(newline="", encoding="utf-8") as handle:
-            if metadata.suffix == ".csv":
-                return next(csv.reader(handle, skipinitialspace=True), [])
+        with metadata.open(newline="", encoding="utf-8-sig") as handle:  # (a BOM, as Notepad writes, is fine)
             first = next((line for line in handle if line.strip()), "{}")
             row = json.loads(first)
     except (OSError, ValueError, UnicodeDecodeError) as err:
@@ -357,6 +410,7 @@ _KNOWN_NAMES = {
 }
 _POSITION = {"image": 0, "caption": 1, "conditioning_image": 2}  # the diffusers defaults
 _FLAGS = {"image": "--image_column", "conditioning_image": "--conditioning_image_column", "caption": "--caption_column"}
+_ROLE_NAMES = {"image": "image", "conditioning_image": "conditioning image", "caption": "caption"}
 _log = logging.getLogger("difftune")
 
 
@@ -384,6 +438,11 @@ def resolve_columns(
                 f"pass one of those"
             )
     chosen = {role: name for role, name in given.items() if name is not None}
+    twice = sorted({n for n in chosen.values() if list(chosen.values()).count(n) > 1})
+    if twice:
+        flags = " and ".join(_FLAGS[r] for r, n in chosen.items() if n == twice[0])
+        raise DataError(f"{flags} name the same column {twice[0]!r}: each role needs its own column (a ControlNet "
+                        "shown its own image as the condition learns to copy it) — give each flag another column")
     how = {role: "given" for role in chosen}
     for role in given:
         if role not in chosen:
@@ -407,6 +466,13 @@ def resolve_columns(
         position = _POSITION[role]
         at = columns[position] if position < len(columns) else None
         chosen[role], how[role] = (at if at in free else free[0]), "by position"
+    for role, column in chosen.items():  # e.g. --conditioning_image_column image: the image role then falls
+        other = next((r for r in _KNOWN_NAMES if r != role and column in _KNOWN_NAMES[r]), None)  # elsewhere
+        if other is not None:
+            _log.warning("the %s column is %r (%s), a name for the %s: are the roles swapped? Set %s and %s to "
+                         "the columns meant.", _ROLE_NAMES[role], column, how[role], _ROLE_NAMES[other],
+                         _FLAGS[role], _FLAGS[other])
+            break  # one swap shows in two roles: said once
     _log.info(
         "data columns: image %r (%s), conditioning image %r (%s), caption %r (%s) — set --image_column / "
         "--conditioning_image_column / --caption_column to change", chosen["image"], how["image"],
