@@ -413,10 +413,11 @@ def test_csv_and_jsonl_as_spreadsheets_and_editors_write_them(tmp_path, cache, c
     # one column in two roles is refused; a known name in another role is pointed out
     with pytest.raises(DataError, match="--image_column and --conditioning_image_column name the same column 'image'"):
         resolve_columns(["image", "conditioning_image", "text"], image_column="image", conditioning_image_column="image")
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="difftune"):
         assert resolve_columns(["image", "conditioning_image", "text"], conditioning_image_column="image") == \
             ("conditioning_image", "image", "text")
-    said = [r.getMessage() for r in caplog.records]
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(said) == 1 and said[0].startswith("the conditioning image column is 'image' (given), a name for the image")
     caplog.clear()
     paths = load_table(train_data_dir=folder("paths", "image,conditioning_image,text\nt.png,c.png,t.png\n"),

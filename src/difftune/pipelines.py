@@ -85,6 +85,9 @@ def controlnet_in_guidance(pipe: Any, mode: str = "both") -> Iterator[None]:
         handle.remove()
 
 
+MAX_ASPECT = 4  # the longest side sampled, in resolutions
+
+
 def output_size(condition: Any, resolution: int, multiple: int = 8) -> tuple[int, int]:
     """(height, width) to sample a condition at: its own aspect ratio, the shorter side at ``resolution``,
     both multiples of ``multiple``. A square stretched from a 2:3 condition would put every edge of it
@@ -94,7 +97,9 @@ def output_size(condition: Any, resolution: int, multiple: int = 8) -> tuple[int
     if size is None or size[0] == size[1]:
         return resolution, resolution
     w, h = size
-    scale = resolution / min(w, h)
+    # the shorter side at the resolution; a strip (2000x40) would then be sampled at 3200x64, so the
+    # longer side stops at MAX_ASPECT x the resolution, the shorter one below it then
+    scale = min(resolution / min(w, h), MAX_ASPECT * resolution / max(w, h))
     return (max(multiple, round(h * scale / multiple) * multiple),
             max(multiple, round(w * scale / multiple) * multiple))
 

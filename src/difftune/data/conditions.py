@@ -245,12 +245,27 @@ def read_captions(input_dir: Path, images: list[Path], caption: str | None, capt
             missing.append(rel)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        bad = _unreadable(images, input_dir)  # said now too, not after the captions are fixed
+        also = (f". Also, {len(bad)} image(s) cannot be read: {', '.join(bad[:5])}"
+                + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") + " — fix or remove them") if bad else ""
         raise DataError(
             f"no caption for {len(missing)} of {len(images)} images in {input_dir} ({shown}). Give each image "
             f"one: a row {{\"file_name\": ..., \"{caption_column}\": ...}} in {metadata}, a .txt file of the "
-            "same name beside the image, or --caption TEXT for all of them"
+            f"same name beside the image, or --caption TEXT for all of them{also}"
         )
     return captions
+
+
+def _unreadable(images: list[Path], input_dir: Path) -> list[str]:
+    """The images whose file PIL cannot identify or verify (a quick look at each header, no decoding)."""
+    bad = []
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception:  # PIL raises many kinds for a broken file
+            bad.append(os.path.normpath(path.relative_to(input_dir)))
+    return bad
 
 
 IN_PROCESS_BATCH = 16  # pictures per forward pass of a model-based condition
