@@ -197,7 +197,9 @@ def test_multi_concept_with_generated_prior(tiny_model_dir, star_dir, heart_dir,
     assert "<new2>" in (out / "README.md").read_text()
 
 
-def test_class_images_resume_keeps_existing(tiny_base, tmp_path):
+def test_class_images_resume_keeps_existing(tiny_base, tmp_path, caplog):
+    import logging
+
     from difftune.custom_diffusion.class_images import ensure_class_images
 
     kw = dict(resolution=64, sample_batch_size=2, steps=2, seed=0, progress=False)
@@ -207,6 +209,10 @@ def test_class_images_resume_keeps_existing(tiny_base, tmp_path):
     once = ensure_class_images(tiny_base, tmp_path / "b", "star", 3, **kw)
     assert all(p.read_bytes() == kept[p.name] for p in resumed[:2])
     assert [p.read_bytes() for p in resumed] == [p.read_bytes() for p in once]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="difftune"):  # a folder made for another prompt: used, and said
+        assert ensure_class_images(tiny_base, tmp_path / "a", "circle", 3, **kw) == resumed
+    assert "holds class images generated for another prompt (3 for 'star')" in caplog.text
 
 
 @pytest.mark.parametrize("safe", [True, False])

@@ -4,11 +4,13 @@ Prior preservation (Kumari et al. 2023, sec. 3.1; Ruiz et al. 2023, DreamBooth e
 images of the class as the base model draws them. Image ``i`` is always generated from seed
 ``seed + i`` and written atomically as ``class-{i:05d}.png``, so an interrupted generation
 resumes where it stopped and gives the same images as an uninterrupted one; images already in
-the folder (generated or the user's own) count towards ``num_class_images``.
+the folder (generated or the user's own) count towards ``num_class_images``; each generated one
+records its prompt (a PNG text chunk), so reusing a folder made for another prompt is said.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,47 @@ import torch
 from ..errors import ConfigError
 from .concepts import IMAGE_SUFFIXES
 
+log = logging.getLogger("difftune")
+
 CLASS_SEED = 1_000_003
 
 
 def existing_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) \
         if folder.is_dir() else []
+
+
+PROMPT_KEY = "difftune class_prompt"  # a PNG text chunk of each generated class image
+
+
+def _prompt_info(prompt: str):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PROMPT_KEY, prompt)
+    return info
+
+
+def _warn_other_prompt(images: list[Path], class_prompt: str, folder: Path) -> None:
+    """Class images generated for another prompt are still used (as diffusers does), but said."""
+    from PIL import Image
+
+    others: dict[str, int] = {}
+    for path in images:
+        if path.suffix.lower() != ".png":
+            continue
+        try:
+            with Image.open(path) as image:
+                made_for = getattr(image, "text", {}).get(PROMPT_KEY)
+        except OSError:
+            continue  # an unreadable one is named when it is loaded
+        if made_for is not None and made_for != class_prompt:
+            others[made_for] = others.get(made_for, 0) + 1
+    if others:
+        made = ", ".join(f"{n} for {p!r}" for p, n in others.items())
+        log.warning("--class_data_dir %s holds class images generated for another prompt (%s); they serve as the "
+                    "prior of --class_prompt %r all the same. Give another --class_data_dir to generate its own.",
+                    folder, made, class_prompt)
 
 
 def generation_dtype(precision: str | None, device: torch.device) -> torch.dtype:
@@ -63,6 +100,7 @@ def ensure_class_images(base: Any, class_data_dir: str | Path, class_prompt: str
                           "hold) the class images.")
     folder.mkdir(parents=True, exist_ok=True)
     have = existing_images(folder)
+    _warn_other_prompt(have[:num_class_images], class_prompt, folder)
     missing = num_class_images - len(have)
     if missing <= 0:
         return have[:num_class_images]
@@ -87,7 +125,7 @@ def ensure_class_images(base: Any, class_data_dir: str | Path, class_prompt: str
         for j, im in zip(chunk, images):
             final = folder / f"class-{j:05d}.png"
             tmp = folder / f".class-{j:05d}.png.tmp"
-            im.save(tmp, format="PNG")
+            im.save(tmp, format="PNG", pnginfo=_prompt_info(class_prompt))
             os.replace(tmp, final)
         bar.update(len(chunk))
     bar.close()
