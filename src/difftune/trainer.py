@@ -314,9 +314,14 @@ class Trainer:
                     used += weight > 0
                 if not used and accelerator.num_processes == 1:
                     continue  # nothing of this step's batches could be read: no step, no loss of 0 logged
-                # the loss summed over processes (is it finite everywhere?), this process's, to log, and
-                # the run's skipped samples (every process's count)
-                total, run_skipped = accelerator.reduce(torch.stack([loss_sum, skipped]), reduction="sum")
+                # the loss summed over processes (is it finite everywhere?), this process's, to log, the
+                # run's skipped samples (every process's count), and the micro-batches that trained
+                used_now = torch.zeros((), device=accelerator.device) + used  # (a kernel, not a host copy)
+                total, run_skipped, run_used = accelerator.reduce(torch.stack([loss_sum, skipped, used_now]),
+                                                                  reduction="sum")
+                if not used and not run_used.item():  # (a wait, on a process that read nothing only)
+                    optimizer.zero_grad(set_to_none=self.optim_cfg.set_grads_to_none)
+                    continue  # no process could read its batches: no step anywhere (all of them agree)
                 reading = DeviceScalars(torch.stack([total, loss_sum, run_skipped]))
                 if cfg.nan_policy == "skip":  # the host decides whether to step: it waits for the loss here
                     if math.isfinite(reading.get()[0]):
