@@ -155,6 +155,9 @@ def test_a_failed_start_records_no_run(tiny_model_dir, fill_dir, tmp_path, capsy
                  str(fill_dir), "--caption_column", "nope", "--output_dir", str(out)]) == 2
     assert "--caption_column" in capsys.readouterr().err
     assert not out.exists()  # nor the empty folder it would have been in
+    assert main(["train", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+                 str(fill_dir), "--optimizer_in_backward", "--output_dir", str(out)]) == 2  # refused by the optimizer
+    assert "--max_grad_norm" in capsys.readouterr().err and not out.exists()
     out.mkdir()
     (out / "notes.txt").write_text("mine")  # a folder the user made stays, with what is in it
     assert main(["train", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",

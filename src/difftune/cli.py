@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--custom_diffusion", help="trained Custom Diffusion folder; use its tokens in --prompt")
     g.add_argument("--weight_name", help="weight file in the --custom_diffusion folder (default: the trained one)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--negative_prompt")
+    g.add_argument("--negative_prompt",
+                   help="what the image should not show (classifier-free guidance steers away from it)")
     g.add_argument("--num_inference_steps", type=at_least(1), default=20)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--guidance_scale", type=float, default=7.5)
@@ -324,17 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="tool", required=True)
     f = data.add_parser("fill50k", help="generate the fill50k circles data set")
-    f.add_argument("--out", required=True)
+    f.add_argument("--out", required=True, help="folder to write (parquet shards, validation/, difftune_dataset.json)")
     f.add_argument("--n", type=at_least(1), default=50000)
     f.add_argument("--resolution", type=at_least(8), default=512)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--workers", type=at_least(1), help="processes (default: all cores)")
-    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     f.set_defaults(func=cmd_data_fill50k)
     dc = data.add_parser("conditions", help="a ControlNet data set from a plain image folder: conditions computed "
-                                            "(canny edges), captions from metadata.jsonl, .txt files or --caption")
+                                            "(canny edges or depth maps), captions from metadata.jsonl, .txt files "
+                                            "or --caption")
     dc.add_argument("--input_dir", required=True, help="folder of images (any depth)")
-    dc.add_argument("--out", required=True)
+    dc.add_argument("--out", required=True, help="folder to write (images/, conditioning/, metadata.jsonl)")
     dc.add_argument("--condition", default="canny", choices=tuple(CONDITIONERS))
     dc.add_argument("--resolution", type=at_least(8), help="resize + centre-crop to this size before computing the "
                                                    "condition (recommended: your training --resolution)")
@@ -342,20 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--caption_column", help="caption column of INPUT_DIR/metadata.jsonl (default: text)")
     _add_condition_flags(dc)
     dc.add_argument("--workers", type=at_least(1), help="processes (default: all cores)")
-    dc.add_argument("--overwrite", action="store_true")
+    dc.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     dc.set_defaults(func=cmd_data_conditions)
     ds = data.add_parser("shapes", help="a plain image folder of the shapes world (images + metadata.jsonl)")
-    ds.add_argument("--out", required=True)
+    ds.add_argument("--out", required=True, help="folder to write (NNNNN.png + metadata.jsonl)")
     ds.add_argument("--n", type=at_least(1), default=5000)
     ds.add_argument("--resolution", type=at_least(8), default=64)
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--shapes", help="comma-separated kinds (default: the base model's circle,square,triangle)")
-    ds.add_argument("--overwrite", action="store_true")
+    ds.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ds.set_defaults(func=cmd_data_shapes)
     c = data.add_parser("check", help="validate a data set before training")
-    for name in ("dataset_name", "dataset_config_name", "train_data_dir", "image_column",
-                 "conditioning_image_column", "caption_column", "cache_dir", "pretrained_model_name_or_path"):
-        c.add_argument(f"--{name}")
+    for name, text in (
+            ("dataset_name", "a data set on the Hugging Face Hub (needs the network; else --train_data_dir)"),
+            ("dataset_config_name", "its configuration, when it has several"),
+            ("train_data_dir", "a local data set: a folder or file in any format training reads"),
+            ("image_column", "column of the target images (default: found by name, else the 1st)"),
+            ("conditioning_image_column", "column of the conditioning images (default: by name, else the 3rd)"),
+            ("caption_column", "column of the captions (default: by name, else the 2nd)"),
+            ("cache_dir", "where `datasets` keeps what it downloads or converts"),
+            ("pretrained_model_name_or_path", "the base model training will use: its tokenizer measures the "
+                                              "captions and it sets the default --resolution (default: tiny-shapes)")):
+        c.add_argument(f"--{name}", help=text)
     c.add_argument("--resolution", type=at_least(8),
                    help="the training resolution to check images against (default: the one training would use "
                         "with --pretrained_model_name_or_path, or with the default base tiny-shapes: 64)")

@@ -153,8 +153,9 @@ def register(sub, train_sub, eval_sub=None) -> None:
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("retrieve", help="download a real prior from a clip-retrieval kNN back-end")
-    r.add_argument("--class_prompt", required=True)
-    r.add_argument("--class_data_dir", required=True)
+    r.add_argument("--class_prompt", required=True, help="the class to fetch real images of, e.g. 'cat'")
+    r.add_argument("--class_data_dir", required=True, help="folder to write (images/, caption.txt, images.txt, "
+                                                           "urls.txt), for --real_prior")
     r.add_argument("--num_class_images", type=at_least(1), default=200)
     r.add_argument("--backend", help="URL of a clip-retrieval kNN service (self-hosted), e.g. "
                                      "http://HOST:1234/knn-service (required: there is no public default)")
@@ -166,10 +167,10 @@ def register(sub, train_sub, eval_sub=None) -> None:
     m = cd.add_parser("merge", help="merge separately trained concepts (closed form, paper eq. 4)")
     m.add_argument("--concepts", nargs="+", required=True, help="two or more Custom Diffusion output folders")
     m.add_argument("--regularization_prompts", help="text file, one caption per line (default: built-in captions)")
-    m.add_argument("--no_safe_serialization", action="store_true")
+    m.add_argument("--no_safe_serialization", action="store_true", help="write .bin files instead of .safetensors")
     c = cd.add_parser("compress", help="low-rank compression of the weight deltas (top singular values)")
     c.add_argument("--custom_diffusion", required=True, help="Custom Diffusion output folder")
-    c.add_argument("--rank", type=at_least(1))
+    c.add_argument("--rank", type=at_least(1), help="singular values kept of each weight delta")
     c.add_argument("--energy", type=float, help="keep the fewest singular values with this share of sum(S^2)")
     for q in (m, c):
         q.add_argument("--pretrained_model_name_or_path", help="base model (default: the one the folder was trained on, from its custom_diffusion.json)")

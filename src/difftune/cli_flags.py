@@ -62,7 +62,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type, defaults: d
                 helptext = re.sub(r"\s*\(default: [^()]*\)(?=\.?$)", "", helptext)
             helptext += f" (default: {default})" if default not in (None, False) else ""
             kwargs: dict = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=helptext)
-            if base is bool:
+            if base is bool and (f.name.startswith("no_") or f.name == "noaug"):  # negations: no --no-no_ twin
+                kwargs["action"] = "store_true"
+            elif base is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction  # --flag, and --no-flag to undo a recipe's
             else:
                 kwargs["type"] = base

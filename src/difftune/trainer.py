@@ -173,13 +173,19 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(root)
 
-        check_optimizer_in_backward(self.optim_cfg, cfg.gradient_accumulation_steps, accelerator.mixed_precision,
-                                    accelerator.num_processes)
         t_setup = time.perf_counter()
         try:
+            check_optimizer_in_backward(self.optim_cfg, cfg.gradient_accumulation_steps, accelerator.mixed_precision,
+                                        accelerator.num_processes)
             modules = self.method.setup(accelerator)
             loader = self._data(accelerator, seed)
             validation_pairs = load_validation_images(self.val_cfg)
+            lr = effective_learning_rate(
+                self.optim_cfg, cfg.train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes
+            )
+            if self.optim_cfg.scale_lr:  # a method whose examples carry several images (e.g. + a class image)
+                lr *= float(getattr(self.method, "lr_scale", 1.0))
+            optimizer = build_optimizer(self.method.param_groups(), self.optim_cfg, lr, accelerator.device.type)
         except BaseException:  # a failed start leaves no empty --output_dir behind
             if made_out and accelerator.is_main_process and not any(p.is_file() for p in self.out.rglob("*")):
                 shutil.rmtree(self.out, ignore_errors=True)
@@ -187,14 +193,8 @@ class Trainer:
         if clear_earlier:  # only now: a flag or file at fault has failed above with the earlier run intact
             refuse_unreadable_start(loader.dataset, self.out)
             clear_earlier_run(accelerator, self.out, root)
-        if accelerator.is_main_process:  # after the models and data loaded: a failed start records no run
+        if accelerator.is_main_process:  # after the models, data and optimizer: a failed start records no run
             save_resolved(self.run_config, self.out)
-        lr = effective_learning_rate(
-            self.optim_cfg, cfg.train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes
-        )
-        if self.optim_cfg.scale_lr:  # a method whose examples carry several images (e.g. + a class image)
-            lr *= float(getattr(self.method, "lr_scale", 1.0))
-        optimizer = build_optimizer(self.method.param_groups(), self.optim_cfg, lr, accelerator.device.type)
         *prepared, optimizer, loader = accelerator.prepare(*modules, optimizer, loader)
         self.method.bind(prepared)
         steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
