@@ -68,6 +68,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type, defaults: d
                 kwargs["action"] = argparse.BooleanOptionalAction  # --flag, and --no-flag to undo a recipe's
             else:
                 kwargs["type"] = base
+                if not f.metadata.get("choices"):
+                    kwargs["metavar"] = f.name.upper()  # not the dest's SECTION.NAME
                 if is_list:
                     kwargs["nargs"] = "+"
                 if f.metadata.get("choices"):
