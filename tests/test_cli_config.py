@@ -158,6 +158,14 @@ def test_a_failed_start_records_no_run(tiny_model_dir, fill_dir, tmp_path, capsy
     assert main(["train", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
                  str(fill_dir), "--optimizer_in_backward", "--output_dir", str(out)]) == 2  # refused by the optimizer
     assert "--max_grad_norm" in capsys.readouterr().err and not out.exists()
+    moved = tmp_path / "moved"  # data whose image paths do not resolve: found before the run is recorded
+    moved.mkdir()
+    (moved / "metadata.jsonl").write_text("".join(json.dumps({"image": f"gone/{i}.png", "conditioning_image":
+                                                              f"gone/c{i}.png", "text": "x"}) + "\n" for i in range(8)))
+    assert main(["train", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+                 str(moved), "--output_dir", str(tmp_path / "new" / "a" / "b")]) == 2
+    assert "none of the first 8 training samples could be loaded" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # nor the folders it made above it
     out.mkdir()
     (out / "notes.txt").write_text("mine")  # a folder the user made stays, with what is in it
     assert main(["train", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",

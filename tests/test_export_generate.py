@@ -120,7 +120,7 @@ def test_a_non_square_condition_is_sampled_at_its_own_aspect(trained, tiny_model
     assert Image.open(tmp_path / "g.png").size == (64, 96)  # not stretched into a 64x64 square
     from difftune.pipelines import output_size
 
-    assert output_size(Image.new("RGB", (2000, 40)), 64) == (8, 256)  # a strip: the long side stops at 4x 64
+    assert output_size(Image.new("RGB", (2000, 40)), 64) == (64, 3200)  # a strip keeps its shape (and is warned about)
     assert output_size(Image.new("RGB", (40, 100)), 64) == (160, 64)
 
 

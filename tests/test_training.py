@@ -465,6 +465,15 @@ def test_a_run_over_mostly_unreadable_samples_stops_with_the_reason(tiny_model_d
             for i in range(12)]
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"none of the first 8 training samples could be loaded.*--image_column"):
+        train_controlnet(make_config(tiny_model_dir, data, out, max_train_steps=4, train_batch_size=4))
+    assert not out.exists()  # found before the run started: nothing recorded
+    # one readable row first: the start goes ahead, and the loop stops once most samples fail
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(data / "ok.png")
+    rows[0] = {"image": "ok.png", "conditioning_image": "ok.png", "text": "red circle"}
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"of the \d+ training samples read so far could not be loaded.*--image_column"):
         train_controlnet(make_config(tiny_model_dir, data, out, max_train_steps=4, train_batch_size=4))
     assert not (out / "diffusion_pytorch_model.safetensors").exists()  # nothing exported as if it had trained
@@ -475,8 +484,8 @@ def test_resume_from_a_checkpoint_that_is_not_there_says_so(tmp_path):
 
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / ckpt.STATE_FILE).write_text("{}")
-    with pytest.raises(ConfigError, match=r"checkpoint-99: there is no .*checkpoint-99\. Use 'latest' or one of: "
-                                          r"checkpoint-2"):
+    with pytest.raises(ConfigError, match=r"checkpoint-99: there is no checkpoint-99 \(nor .*checkpoint-99\)\. Use "
+                                          r"'latest' or one of: checkpoint-2"):
         ckpt.resolve_resume(tmp_path, "checkpoint-99")
     (tmp_path / "checkpoint-5").mkdir()  # a folder without the state file: named as incomplete
     with pytest.raises(ConfigError, match="checkpoint-5 is not a complete difftune checkpoint"):

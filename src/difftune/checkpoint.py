@@ -323,7 +323,7 @@ def resolve_resume(root: Path, spec: str | None) -> Path | None:
         path = root / spec
     if not (path / STATE_FILE).is_file():
         what = (f"{path} is not a complete difftune checkpoint (no {STATE_FILE})" if path.exists()
-                else f"there is no {path}")
+                else f"there is no {spec}" + (f" (nor {root / spec})" if Path(spec).name == spec else ""))
         raise ConfigError(
             f"--resume_from_checkpoint {spec}: {what}. Use 'latest' or one of: "
             f"{', '.join(p.name for p in list_checkpoints(root)) or 'none yet'}."

@@ -28,6 +28,9 @@ def claim_output_dir(out: Path, root: Path, overwrite: bool) -> bool:
     does that once the new run's models, data and validation images have loaded, so a typo in a flag
     (a wrong column, a missing file) fails with the earlier run intact.
     """
+    if (out / "model_index.json").is_file():
+        raise ConfigError(f"--output_dir {out} is a model folder (it holds model_index.json): training there would "
+                          "mix the run into it. Choose another --output_dir.")
     earlier = ckpt.list_checkpoints(root)
     if not earlier:
         model = finished_model_file(out)
@@ -59,19 +62,39 @@ def finished_model_file(out: Path) -> str | None:
     return next((name for name in FINISHED_MODEL_FILES if (out / name).is_file()), None)
 
 
+def earlier_outputs(out: Path) -> list[Path]:
+    """What an earlier difftune run or export wrote in ``out`` (the user's own files are not listed):
+    checkpoints, metrics, validation grids, the exported model of either method, merge/compress notes."""
+    names = {"metrics.jsonl", "train_summary.json", "merge_info.json", "config.json", *FINISHED_MODEL_FILES,
+             "pytorch_custom_diffusion_weights.lowrank.safetensors"}
+    names.discard("model_index.json")  # a base model's folder: claim_output_dir refuses it
+    if not any((out / n).is_file() for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")):
+        names.discard("config.json")  # only a ControlNet export's
+    try:  # a Custom Diffusion export's token embeddings, as its custom_diffusion.json lists them
+        meta = json.loads((out / "custom_diffusion.json").read_text(encoding="utf-8"))
+        names |= {f for f in (meta.get("embeddings") or {}).values() if isinstance(f, str) and Path(f).name == f}
+    except (OSError, ValueError, AttributeError):
+        pass
+    found = [out / n for n in sorted(names) if (out / n).is_file()]
+    found += sorted((out / "validation").glob("step-*.png"))
+    return found + ([out / "checkpoints"] if (out / "checkpoints").is_dir() else [])
+
+
 def clear_earlier_run(accelerator: Any, out: Path, root: Path) -> None:
-    """--overwrite_output_dir, once the new run has started well: the earlier checkpoints and metrics go
-    (a finished model's files are replaced by the new export)."""
+    """--overwrite_output_dir, once the new run has started well: what the earlier run wrote goes, so that
+    nothing of it (a model of the other method, an old validation grid) stays beside the new one."""
     if accelerator.is_main_process:
-        log.warning("--overwrite_output_dir: deleting %s and the earlier run's metrics.jsonl", root)
-        shutil.rmtree(root, ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        gone = earlier_outputs(out)
+        log.warning("--overwrite_output_dir: deleting the earlier run in %s (%s)", out,
+                    ", ".join(p.name for p in gone[:8]) + (f" and {len(gone) - 8} more" if len(gone) > 8 else ""))
+        for path in gone:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
 
 
-def refuse_unreadable_start(dataset: Any, out: Path) -> None:
-    """Before an earlier run is deleted (--overwrite_output_dir): the new data must yield something.
-    Paths that do not resolve show only when samples are read, after set-up; the first few tell."""
+def refuse_unreadable_start(dataset: Any, out: Path, earlier: bool) -> None:
+    """Before the run is recorded (and an earlier one deleted, --overwrite_output_dir): the data must yield
+    something. Paths that do not resolve show only when samples are read; the first few tell."""
     import itertools
 
     import torch
@@ -81,11 +104,12 @@ def refuse_unreadable_start(dataset: Any, out: Path) -> None:
     else:
         items = [dataset[i] for i in range(min(UNREADABLE_MIN_SEEN, len(dataset)))]
     if items and all(item is None for item in items):
+        kept = f", so the earlier run in {out} was left as it was" if earlier else ""
         raise DataError(
             f"none of the first {len(items)} training samples could be loaded (each is named in a 'skipping a "
-            f"sample' warning above), so the earlier run in {out} was left as it was. Most often the columns are "
-            "not the ones meant or the image paths do not resolve; `difftune data check --train_data_dir ...` "
-            "lists every problem.")
+            f"sample' warning above){kept}. Most often the columns are not the ones meant (give --image_column, "
+            "--conditioning_image_column and --caption_column) or the image paths do not resolve; `difftune data "
+            "check --train_data_dir ...` lists every problem.")
 
 
 def refuse_unreadable_data(readable: int, unreadable: int, step: int, root: Path) -> None:

@@ -6,6 +6,8 @@ model gives the image that in-memory sampling gave.
 
 from __future__ import annotations
 
+import logging
+
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -85,7 +87,7 @@ def controlnet_in_guidance(pipe: Any, mode: str = "both") -> Iterator[None]:
         handle.remove()
 
 
-MAX_ASPECT = 4  # the longest side sampled, in resolutions
+MAX_ASPECT = 4  # a longer side than this many resolutions is warned about
 
 
 def output_size(condition: Any, resolution: int, multiple: int = 8) -> tuple[int, int]:
@@ -97,9 +99,12 @@ def output_size(condition: Any, resolution: int, multiple: int = 8) -> tuple[int
     if size is None or size[0] == size[1]:
         return resolution, resolution
     w, h = size
-    # the shorter side at the resolution; a strip (2000x40) would then be sampled at 3200x64, so the
-    # longer side stops at MAX_ASPECT x the resolution, the shorter one below it then
-    scale = min(resolution / min(w, h), MAX_ASPECT * resolution / max(w, h))
+    scale = resolution / min(w, h)
+    if max(w, h) * scale > MAX_ASPECT * resolution:  # a strip (2000x40 at 64: 3200x64) samples slowly; said
+        logging.getLogger("difftune").warning(
+            "the condition is %dx%d: sampled at its own aspect ratio, %dx%d, which takes as long as %d square "
+            "images; crop it for a faster sample", w, h, round(w * scale), round(h * scale),
+            round(max(w, h) / min(w, h)))
     return (max(multiple, round(h * scale / multiple) * multiple),
             max(multiple, round(w * scale / multiple) * multiple))
 

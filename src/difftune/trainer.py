@@ -168,7 +168,7 @@ class Trainer:
         resumed = ckpt.load_checkpoint(resume_from) if resume_from else None
         seed = resumed["state"].seed if resumed else int(cfg.seed)
         torch.manual_seed(seed)
-        made_out = not self.out.exists()
+        made_out = next((p for p in [*reversed(self.out.parents), self.out] if not p.exists()), None)  # topmost new
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(root)
@@ -186,12 +186,12 @@ class Trainer:
             if self.optim_cfg.scale_lr:  # a method whose examples carry several images (e.g. + a class image)
                 lr *= float(getattr(self.method, "lr_scale", 1.0))
             optimizer = build_optimizer(self.method.param_groups(), self.optim_cfg, lr, accelerator.device.type)
-        except BaseException:  # a failed start leaves no empty --output_dir behind
-            if made_out and accelerator.is_main_process and not any(p.is_file() for p in self.out.rglob("*")):
-                shutil.rmtree(self.out, ignore_errors=True)
+            refuse_unreadable_start(loader.dataset, self.out, clear_earlier)
+        except BaseException:  # a failed start leaves no empty --output_dir (nor folders above it) behind
+            if made_out and accelerator.is_main_process and not any(p.is_file() for p in made_out.rglob("*")):
+                shutil.rmtree(made_out, ignore_errors=True)
             raise
         if clear_earlier:  # only now: a flag or file at fault has failed above with the earlier run intact
-            refuse_unreadable_start(loader.dataset, self.out)
             clear_earlier_run(accelerator, self.out, root)
         if accelerator.is_main_process:  # after the models, data and optimizer: a failed start records no run
             save_resolved(self.run_config, self.out)

@@ -103,8 +103,11 @@ def read_meta(folder: str | Path, flag: str = "--custom_diffusion") -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{flag} {folder}: {path} is not valid JSON ({e}); restore the file, or export the "
                              "folder again (train, merge or compress).") from None
-    if not isinstance(meta, dict):
-        raise ModelLoadError(f"{flag} {folder}: {path} holds no settings object; restore the file.")
+    lacking = [k for k in ("weight_name",) if k not in meta] \
+        if isinstance(meta, dict) else []
+    if not isinstance(meta, dict) or lacking:
+        raise ModelLoadError(f"{flag} {folder}: {path} is incomplete (no {', '.join(lacking) or 'settings object'});"
+                             " restore the file, or export the folder again.")
     missing = [f"{file} (token {token})" for token, file in (meta.get("embeddings") or {}).items()
                if not (Path(folder) / file).is_file()]
     if missing:
