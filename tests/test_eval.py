@@ -187,6 +187,7 @@ def test_eval_data_and_controlnet_are_checked_before_anything_loads(tmp_path, ca
     (plain / "difftune_dataset.json").write_text(json.dumps({"kind": "conditions", "condition": "canny"}))
     assert "leave out --metric" in run("--controlnet", str(cn), "--data", str(plain), "--metric", "fill50k")
     assert "--controlnet nope_cn does not exist" in run("--controlnet", "nope_cn")
+    assert not (tmp_path / "ev").exists()  # a failed evaluation leaves no empty --out
     (tmp_path / "a-file").write_text("")  # --out: refused before any sampling, not after it
     for command in (["controlnet", "--controlnet", str(cn)], ["base"], ["custom-diffusion", "--custom_diffusion", "x"]):
         code = main(["eval", *command, "--pretrained_model_name_or_path", str(tmp_path / "no-model"),

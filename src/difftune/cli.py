@@ -218,16 +218,16 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
     from .eval.run import eval_controlnet, format_table
     from .models import resolve_base, resolve_vae
 
-    out_dir(args.out)
-    result = eval_controlnet(resolve_base(args.pretrained_model_name_or_path, controlnet=args.controlnet),
-                             args.controlnet, data=args.data, n=args.n,
-                             steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
-                             out=args.out, baseline=not args.no_baseline, metric=args.metric,
-                             condition_settings=_condition_settings(args, None),
-                             control_guidance=tuple(args.control_guidance),
-                             conditioning_scale=args.controlnet_conditioning_scale,
-                             vae=resolve_vae(args.pretrained_vae_model_name_or_path, args.pretrained_model_name_or_path,
-                                             args.controlnet))
+    with out_dir(args.out):  # a failed evaluation leaves no empty --out
+        result = eval_controlnet(resolve_base(args.pretrained_model_name_or_path, controlnet=args.controlnet),
+                                 args.controlnet, data=args.data, n=args.n,
+                                 steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
+                                 out=args.out, baseline=not args.no_baseline, metric=args.metric,
+                                 condition_settings=_condition_settings(args, None),
+                                 control_guidance=tuple(args.control_guidance),
+                                 conditioning_scale=args.controlnet_conditioning_scale,
+                                 vae=resolve_vae(args.pretrained_vae_model_name_or_path,
+                                                 args.pretrained_model_name_or_path, args.controlnet))
     print(format_table(result))
     modes = {"both": "ControlNet", "cond": "ControlNet, cond only"}
     columns = " | ".join(["condition", *(modes[m] for m in dict.fromkeys(args.control_guidance)),
@@ -239,10 +239,10 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
 def cmd_eval_base(args: argparse.Namespace) -> int:
     from .eval.run import eval_base, format_table
 
-    out_dir(args.out)
-    result = eval_base(args.pretrained_model_name_or_path, n_prompts=args.n_prompts, per_prompt=args.per_prompt,
-                       steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
-                       out=args.out)
+    with out_dir(args.out):  # a failed evaluation leaves no empty --out
+        result = eval_base(args.pretrained_model_name_or_path, n_prompts=args.n_prompts, per_prompt=args.per_prompt,
+                           steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
+                           out=args.out)
     print(format_table(result))
     print(f"details: {Path(args.out) / 'eval_base.json'}, grid: {Path(args.out) / 'eval_base.png'}")
     return 0

@@ -127,11 +127,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .cli_flags import out_dir
     from .custom_diffusion.eval import eval_custom_diffusion, format_table
 
-    out_dir(args.out)
-    result = eval_custom_diffusion(base_of(args, args.custom_diffusion), args.custom_diffusion, n=args.n,
-                                   steps=args.num_inference_steps, seed=args.seed,
-                                   guidance_scale=args.guidance_scale, out=args.out, weight_name=args.weight_name,
-                                   clip_model=args.clip_model)
+    with out_dir(args.out):  # a failed evaluation leaves no empty --out
+        result = eval_custom_diffusion(base_of(args, args.custom_diffusion), args.custom_diffusion, n=args.n,
+                                       steps=args.num_inference_steps, seed=args.seed,
+                                       guidance_scale=args.guidance_scale, out=args.out, weight_name=args.weight_name,
+                                       clip_model=args.clip_model)
     print(format_table(result))
     print(f"details: {Path(args.out) / 'eval_custom_diffusion.json'}, grid: {Path(args.out) / 'eval_custom_diffusion.png'}")
     return 0

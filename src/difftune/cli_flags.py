@@ -7,8 +7,10 @@ suppressed so that only what the user gave overrides a recipe or a ``--config`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
+import shutil
 import typing
 
 
@@ -94,18 +96,26 @@ def config_from_args(cfg_cls: type, args: argparse.Namespace, recipe: dict | Non
     return from_dict(cfg_cls, merge(values, given))
 
 
+@contextlib.contextmanager
 def out_dir(path: str, flag: str = "--out"):
-    """Make an output folder before any work (sampling can take minutes): a clear error if it cannot be."""
+    """Make an output folder before any work (sampling can take minutes): a clear error if it cannot be.
+    Work that fails inside ``with`` leaves no folder it made (nor one above it) that holds no file."""
     from pathlib import Path
 
     from .errors import ConfigError
 
     folder = Path(path)
+    made = next((p for p in [*reversed(folder.parents), folder] if not p.exists()), None)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, a path through a file, no permission
         raise ConfigError(f"{flag} {folder}: cannot make this folder ({e.strerror or e}); give another path.") from None
-    return folder
+    try:
+        yield folder
+    except BaseException:
+        if made is not None and not any(p.is_file() for p in made.rglob("*")):
+            shutil.rmtree(made, ignore_errors=True)
+        raise
 
 
 def add_vae_flag(parser: argparse.ArgumentParser) -> None:
