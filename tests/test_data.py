@@ -391,6 +391,10 @@ def test_csv_and_jsonl_as_spreadsheets_and_editors_write_them(tmp_path, cache, c
     pandas = load_table(train_data_dir=folder("pandas", ",image,conditioning_image,text\n0," + rows), cache_dir=cache)
     assert pandas.column_names == ["Unnamed: 0", "image", "conditioning_image", "text"]  # DataFrame.to_csv's index
     assert resolve_columns(pandas.column_names) == ("image", "conditioning_image", "text")
+    semicolons = load_table(train_data_dir=folder("semicolons", "image;conditioning_image;text\nt.png;c.png;a\n"),
+                            cache_dir=cache)  # (German Excel's default separator)
+    with pytest.raises(DataError, match=r"seems separated by ';', not commas"):
+        resolve_columns(semicolons.column_names)
     with pytest.raises(DataError, match=r"the header names 'text' more than once"):
         load_table(train_data_dir=folder("twice", "image,conditioning_image,text,text\nt.png,c.png,a,b\n"),
                    cache_dir=cache)

@@ -244,16 +244,21 @@ def read_captions(input_dir: Path, images: list[Path], caption: str | None, capt
             captions.append("")
             missing.append(rel)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         bad = _unreadable(images, input_dir)  # said now too, not after the captions are fixed
-        also = (f". Also, {len(bad)} image(s) cannot be read: {', '.join(bad[:5])}"
-                + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") + " — fix or remove them") if bad else ""
-        raise DataError(
-            f"no caption for {len(missing)} of {len(images)} images in {input_dir} ({shown}). Give each image "
-            f"one: a row {{\"file_name\": ..., \"{caption_column}\": ...}} in {metadata}, a .txt file of the "
-            f"same name beside the image, or --caption TEXT for all of them{also}"
-        )
+        missing = [m for m in missing if m not in bad]  # (those are named once, as unreadable)
+        said = []
+        if missing:
+            said.append(f"no caption for {len(missing)} of {len(images)} images in {input_dir} ({_names(missing)}). "
+                        f"Give each image one: a row {{\"file_name\": ..., \"{caption_column}\": ...}} in {metadata}, "
+                        "a .txt file of the same name beside the image, or --caption TEXT for all of them")
+        if bad:
+            said.append(f"{len(bad)} image(s) in {input_dir} cannot be read: {_names(bad)} — fix or remove them")
+        raise DataError(". Also, ".join(said))
     return captions
+
+
+def _names(names: list[str], most: int = 20) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _unreadable(images: list[Path], input_dir: Path) -> list[str]:

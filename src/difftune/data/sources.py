@@ -455,6 +455,10 @@ def resolve_columns(
         free = [c for c in columns if c not in chosen.values()]
         if not free:
             have = f"the data set has only {len(columns)} column(s) ({', '.join(columns) or 'none'}): "
+            sep = next((c for c in ";\t|" if len(columns) == 1 and c in columns[0]), None)
+            if sep is not None:  # a CSV written with another separator reads as one column
+                raise DataError(have + f"its name holds {sep!r}, so the file seems separated by {sep!r}, not commas "
+                                "— save the CSV comma-separated (or as metadata.jsonl)")
             if role == "conditioning_image":
                 raise DataError(
                     have + "none is left for the conditioning images a ControlNet learns from. For pictures with "
