@@ -166,6 +166,17 @@ def umask_mode(*paths: Path) -> None:
             os.chmod(f, mode)
 
 
+def first_missing(path: Path) -> Path | None:
+    """The topmost folder of ``path`` (itself included) that does not exist yet: what making it creates."""
+    return next((p for p in [*reversed(Path(path).parents), Path(path)] if not p.exists()), None)
+
+
+def remove_if_no_files(folder: Path | None) -> None:
+    """Remove ``folder`` (made by a start that then failed) when nothing was written into it."""
+    if folder is not None and folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def atomic_write(path: Path, write) -> Path:
     """``write(tmp)`` a file beside ``path``, fsync it, rename it over ``path``, fsync the folder:
     a reader sees the old file or the whole new one, never a half-written one. The file gets the

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import dataclasses
 import re
-import shutil
 import typing
 
 
@@ -104,8 +103,10 @@ def out_dir(path: str, flag: str = "--out"):
 
     from .errors import ConfigError
 
+    from .checkpoint import first_missing, remove_if_no_files
+
     folder = Path(path)
-    made = next((p for p in [*reversed(folder.parents), folder] if not p.exists()), None)
+    made = first_missing(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, a path through a file, no permission
@@ -113,8 +114,7 @@ def out_dir(path: str, flag: str = "--out"):
     try:
         yield folder
     except BaseException:
-        if made is not None and not any(p.is_file() for p in made.rglob("*")):
-            shutil.rmtree(made, ignore_errors=True)
+        remove_if_no_files(made)
         raise
 
 

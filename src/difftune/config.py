@@ -10,16 +10,13 @@ the flag names in the message.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+# (de)serialisation (dicts, config files, the saved resolved config), re-exported: ``from .config import to_dict``
+from .config_io import (SECRET_FIELDS, from_dict, merge, nest, read_config_file, save_resolved,  # noqa: F401
+                        sections, to_dict, typed_value)
 from .errors import ConfigError
-
-SECRET_FIELDS = frozenset({"hub_token"})
 
 
 def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, bare: Any = None):
@@ -349,153 +346,3 @@ class ControlNetConfig:
             # the graphs' gradients alias their static buffers: zeroing them in place would make the next
             # step add the buffer to itself, so they are freed between steps (the same training)
             self.optim = dataclasses.replace(self.optim, set_grads_to_none=True)
-
-
-# ----------------------------------------------------------------------------- (de)serialisation
-def sections(cfg_cls: type) -> dict[str, type]:
-    """Section name -> section dataclass of a run-config class."""
-    return {f.name: f.default_factory().__class__ for f in dataclasses.fields(cfg_cls)}  # type: ignore[misc]
-
-
-def to_dict(cfg: Any, redact: bool = True) -> dict:
-    """Nested plain dict of a config; secrets are dropped."""
-    out = dataclasses.asdict(cfg)
-    if redact:
-        for sec in out.values():
-            if isinstance(sec, dict):
-                for key in SECRET_FIELDS & sec.keys():
-                    sec[key] = None
-    return out
-
-
-def nest(cfg_cls: type, values: dict) -> dict[str, dict]:
-    """``{section: {field: v}}`` from a nested or flat (``{field: v}``) dict, or a mix.
-
-    Unknown keys are rejected with the list of valid ones: a typo in a config file must not
-    be silently ignored.
-    """
-    secs = sections(cfg_cls)
-    owner = {f.name: s for s, c in secs.items() for f in dataclasses.fields(c)}
-    nested: dict[str, dict] = {s: {} for s in secs}
-    for key, value in values.items():
-        if key in secs and isinstance(value, dict):
-            for k, v in value.items():
-                if owner.get(k) != key:
-                    raise ConfigError(f"Unknown setting '{key}.{k}' in the config.")
-                nested[key][k] = v
-        elif key in owner:
-            nested[owner[key]][key] = value
-        else:
-            raise ConfigError(f"Unknown setting '{key}'. Valid settings: {', '.join(sorted(owner))}.")
-    return nested
-
-
-_KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-
-
-def typed_value(name: str, hint: Any, value: Any) -> Any:
-    """``value`` as the field's annotated type, or a ConfigError naming the setting.
-
-    Flags arrive typed by argparse; config files do not: YAML reads ``1e-5`` as a string, and a
-    ``train_batch_size: "two"`` would otherwise fail far away as "'<' not supported between str
-    and int". Numbers written as strings are converted; anything else of the wrong kind is refused.
-    """
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = type(None) in typing.get_args(hint)
-    if value is None:
-        if optional or hint is Any:
-            return None
-        raise ConfigError(f"Setting '{name}' needs a value, got null/None.")
-    if optional and len(args) == 1:
-        hint = args[0]
-    if typing.get_origin(hint) is list and typing.get_args(hint) == (str,):
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise ConfigError(f"Setting '{name}' must be a string or a list of strings, got {value!r}.")
-    if hint not in _KIND:
-        return value
-    if hint in (int, float) and isinstance(value, str):  # a number written as a string
-        try:
-            value = hint(value.strip())
-        except ValueError:
-            pass
-    if hint is bool or isinstance(value, bool):  # a bool is an int to Python, never a count, rate or name here
-        ok = hint is bool and isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float))
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, hint)
-    if not ok:
-        raise ConfigError(f"Setting '{name}' must be {_KIND[hint]}, got {value!r} ({type(value).__name__}).")
-    return value
-
-
-def _typed_section(section_cls: type, values: dict) -> dict:
-    hints = typing.get_type_hints(section_cls)
-    # a flag that may stand alone (``--cuda_graphs`` = yes) also takes true/false; its section maps them
-    switch = {f.name for f in dataclasses.fields(section_cls) if f.metadata.get("bare") is not None}
-    return {k: v if k in switch and isinstance(v, bool) else typed_value(k, hints.get(k, Any), v)
-            for k, v in values.items()}
-
-
-def from_dict(cfg_cls: type, values: dict) -> Any:
-    """Build a run config from a nested or flat dict (see ``nest``), each value checked against its field's type."""
-    secs = sections(cfg_cls)
-    nested = nest(cfg_cls, values)
-    try:
-        built = {s: secs[s](**_typed_section(secs[s], nested[s])) for s in secs}
-    except TypeError as e:  # pragma: no cover - guarded by the key check above
-        raise ConfigError(str(e)) from None
-    return cfg_cls(**built)
-
-
-def merge(base: dict, override: dict) -> dict:
-    """Nested dict ``base`` updated with ``override`` (both as from ``to_dict``)."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for k, v in override.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k].update(v)
-        else:
-            out[k] = v
-    return out
-
-
-def read_config_file(path: str | os.PathLike) -> dict:
-    """Read a YAML, TOML or JSON config file into a dict."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"Config file {p} does not exist.")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif p.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            data = tomllib.loads(text)
-        elif p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"Config file {p}: use .yaml, .yml, .toml or .json.")
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"Config file {p} could not be parsed: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"Config file {p} must hold a mapping of settings.")
-    return data
-
-
-def save_resolved(cfg: Any, folder: str | os.PathLike, name: str = "difftune_config.json") -> Path:
-    """Write the fully resolved config (secrets removed) next to the run."""
-    path = Path(folder) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    return path

@@ -65,8 +65,9 @@ def finished_model_file(out: Path) -> str | None:
 def earlier_outputs(out: Path) -> list[Path]:
     """What an earlier difftune run or export wrote in ``out`` (the user's own files are not listed):
     checkpoints, metrics, validation grids, the exported model of either method, merge/compress notes."""
-    names = {"metrics.jsonl", "train_summary.json", "merge_info.json", "config.json", *FINISHED_MODEL_FILES,
-             "pytorch_custom_diffusion_weights.lowrank.safetensors"}
+    from .custom_diffusion.export import LOWRANK
+
+    names = {"metrics.jsonl", "train_summary.json", "merge_info.json", "config.json", *FINISHED_MODEL_FILES, LOWRANK}
     names.discard("model_index.json")  # a base model's folder: claim_output_dir refuses it
     if not any((out / n).is_file() for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")):
         names.discard("config.json")  # only a ControlNet export's

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -168,7 +167,7 @@ class Trainer:
         resumed = ckpt.load_checkpoint(resume_from) if resume_from else None
         seed = resumed["state"].seed if resumed else int(cfg.seed)
         torch.manual_seed(seed)
-        made_out = next((p for p in [*reversed(self.out.parents), self.out] if not p.exists()), None)  # topmost new
+        made_out = ckpt.first_missing(self.out)
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(root)
@@ -188,8 +187,8 @@ class Trainer:
             optimizer = build_optimizer(self.method.param_groups(), self.optim_cfg, lr, accelerator.device.type)
             refuse_unreadable_start(loader.dataset, self.out, clear_earlier)
         except BaseException:  # a failed start leaves no empty --output_dir (nor folders above it) behind
-            if made_out and accelerator.is_main_process and not any(p.is_file() for p in made_out.rglob("*")):
-                shutil.rmtree(made_out, ignore_errors=True)
+            if accelerator.is_main_process:
+                ckpt.remove_if_no_files(made_out)
             raise
         if clear_earlier:  # only now: a flag or file at fault has failed above with the earlier run intact
             clear_earlier_run(accelerator, self.out, root)

@@ -36,7 +36,6 @@ WEIGHTS_SAFE = "pytorch_custom_diffusion_weights.safetensors"
 WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"
 META = "custom_diffusion.json"
 LOWRANK = "pytorch_custom_diffusion_weights.lowrank.safetensors"  # ``difftune custom-diffusion compress``
-DERIVED = ("merge_info.json", LOWRANK)
 
 
 def full_processor_dict(unet: torch.nn.Module, weights: dict[str, torch.Tensor], safe: bool) -> dict[str, Any]:
@@ -69,8 +68,6 @@ def save_custom_diffusion(output_dir: str | Path, unet: torch.nn.Module, weights
     earlier = _exported_files(out)
     written.append(atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")))
     for name in earlier - {p.name for p in written}:  # an earlier run's tokens or weight format: no longer this folder's
-        (out / name).unlink(missing_ok=True)
-    for name in DERIVED:  # what merge / compress wrote about an earlier export of this folder
         (out / name).unlink(missing_ok=True)
     return written
 

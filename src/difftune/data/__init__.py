@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # static tools see the real names; at run time they load on first use
     from difftune.data.check import CheckReport, Issue, check_dataset
     from difftune.data.colors import CSS_COLORS, color_rgb
+    from difftune.data.columns import resolve_columns
     from difftune.data.dataset import ControlNetExamples, StreamingControlNetExamples, collate_examples
     from difftune.data.fill50k import Circle, render_circle, sample_circles, write_fill50k
     from difftune.data.images import ImageLoadError, load_image
-    from difftune.data.sources import Table, load_table, resolve_columns, select_samples
+    from difftune.data.sources import Table, load_table, select_samples
     from difftune.data.transforms import check_resolution, conditioning_to_tensor, image_to_tensor, resize_center_crop
 
 _EXPORTS = {
@@ -33,7 +34,7 @@ _EXPORTS = {
     "check_resolution": "transforms",
     "Table": "sources",
     "load_table": "sources",
-    "resolve_columns": "sources",
+    "resolve_columns": "columns",
     "select_samples": "sources",
     "ControlNetExamples": "dataset",
     "StreamingControlNetExamples": "dataset",

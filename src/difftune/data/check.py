@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from difftune.data.images import ImageLoadError, describe_source, load_image
-from difftune.data.sources import Table, captions_look_like_paths, column_contents_problem
+from difftune.data.columns import captions_look_like_paths, column_contents_problem
+from difftune.data.sources import Table
 from difftune.data.transforms import aspects_differ, check_resolution
 
 _PEEK_ROWS = 5  # rows looked at to catch a mixed-up column mapping

@@ -18,7 +18,8 @@ import torch
 import torch.utils.data
 
 from difftune.data.images import ImageLoadError, load_image
-from difftune.data.sources import Table, captions_look_like_paths, column_contents_problem
+from difftune.data.columns import captions_look_like_paths, column_contents_problem
+from difftune.data.sources import Table
 from difftune.data.transforms import (
     aspects_differ,
     check_resolution,

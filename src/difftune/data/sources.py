@@ -23,6 +23,8 @@ import numpy as np
 
 from difftune.errors import ConfigError, DataError
 
+_log = logging.getLogger("difftune")
+
 LAYOUTS = (
     "a folder (searched recursively) or a single file of parquet / arrow shards; a "
     "`Dataset.save_to_disk` folder; a folder with metadata.jsonl or metadata.csv whose "
@@ -402,130 +404,6 @@ def _undecoded(dataset: Any) -> Any:
 # Names people give each role, best first. The original fill50k (lllyasviel) has
 # source = control, target = image, prompt = caption: position alone (image first) would
 # pick source as the image and train the control the wrong way round.
-_KNOWN_NAMES = {
-    "image": ("image", "target", "target_image", "file_name"),
-    "conditioning_image": ("conditioning_image", "source", "condition", "control", "control_image", "hint",
-                           "conditioning", "source_image"),
-    "caption": ("text", "prompt", "caption", "captions"),
-}
-_POSITION = {"image": 0, "caption": 1, "conditioning_image": 2}  # the diffusers defaults
-_FLAGS = {"image": "--image_column", "conditioning_image": "--conditioning_image_column", "caption": "--caption_column"}
-_ROLE_NAMES = {"image": "image", "conditioning_image": "conditioning image", "caption": "caption"}
-_log = logging.getLogger("difftune")
-
-
-def resolve_columns(
-    column_names: list[str],
-    image_column: str | None = None,
-    conditioning_image_column: str | None = None,
-    caption_column: str | None = None,
-) -> tuple[str, str, str]:
-    """(image, conditioning_image, caption) column names.
-
-    A name given by the user must exist. Otherwise a well-known name for the role wins
-    when present (``image``/``target``, ``conditioning_image``/``source``/``hint``,
-    ``text``/``prompt``/``caption``, ...), so extra columns (fill50k's ``circle_*``) do not
-    shift anything and a source/target table is not read backwards; failing that, the
-    diffusers positions (image first, caption second, conditioning third), skipping
-    columns already taken. The choice is logged, since a swap trains without any error.
-    """
-    columns = list(column_names)
-    given = {"image": image_column, "conditioning_image": conditioning_image_column, "caption": caption_column}
-    for role, name in given.items():
-        if name is not None and name not in columns:
-            raise DataError(
-                f"{_FLAGS[role]} {name!r} not in the data set's columns: {', '.join(columns) or '(none)'} — "
-                f"pass one of those"
-            )
-    chosen = {role: name for role, name in given.items() if name is not None}
-    twice = sorted({n for n in chosen.values() if list(chosen.values()).count(n) > 1})
-    if twice:
-        flags = " and ".join(_FLAGS[r] for r, n in chosen.items() if n == twice[0])
-        raise DataError(f"{flags} name the same column {twice[0]!r}: each role needs its own column (a ControlNet "
-                        "shown its own image as the condition learns to copy it) — give each flag another column")
-    how = {role: "given" for role in chosen}
-    for role in given:
-        if role not in chosen:
-            known = [c for c in _KNOWN_NAMES[role] if c in columns and c not in chosen.values()]
-            if known:
-                chosen[role], how[role] = known[0], "by name"
-    for role in ("image", "caption", "conditioning_image"):
-        if role in chosen:
-            continue
-        free = [c for c in columns if c not in chosen.values()]
-        if not free:
-            have = f"the data set has only {len(columns)} column(s) ({', '.join(columns) or 'none'}): "
-            sep = next((c for c in ";\t|" if len(columns) == 1 and c in columns[0]), None)
-            if sep is not None:  # a CSV written with another separator reads as one column
-                raise DataError(have + f"its name holds {sep!r}, so the file seems separated by {sep!r}, not commas "
-                                "— save the CSV comma-separated (or as metadata.jsonl)")
-            if role == "conditioning_image":
-                raise DataError(
-                    have + "none is left for the conditioning images a ControlNet learns from. For pictures with "
-                    "captions and no conditions, make the conditions: `difftune data conditions --input_dir DIR "
-                    "--out DIR2 --condition canny` (or depth), then train on DIR2; if a column does hold them, name "
-                    "it with --conditioning_image_column")
-            raise DataError(have + "a ControlNet data set needs an image, a conditioning image and a caption column "
-                            f"— name the missing one with {_FLAGS[role]}")
-        position = _POSITION[role]
-        at = columns[position] if position < len(columns) else None
-        chosen[role], how[role] = (at if at in free else free[0]), "by position"
-    for role, column in chosen.items():  # e.g. --conditioning_image_column image: the image role then falls
-        other = next((r for r in _KNOWN_NAMES if r != role and column in _KNOWN_NAMES[r]), None)  # elsewhere
-        if other is not None:
-            _log.warning("the %s column is %r (%s), a name for the %s: are the roles swapped? Set %s and %s to "
-                         "the columns meant.", _ROLE_NAMES[role], column, how[role], _ROLE_NAMES[other],
-                         _FLAGS[role], _FLAGS[other])
-            break  # one swap shows in two roles: said once
-    _log.info(
-        "data columns: image %r (%s), conditioning image %r (%s), caption %r (%s) — set --image_column / "
-        "--conditioning_image_column / --caption_column to change", chosen["image"], how["image"],
-        chosen["conditioning_image"], how["conditioning_image"], chosen["caption"], how["caption"],
-    )
-    return chosen["image"], chosen["conditioning_image"], chosen["caption"]
-
-
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-_ROLE_WORDS = {"image": "image", "conditioning_image": "conditioning image"}
-
-
-def _is_image_path(value: Any) -> bool:
-    return isinstance(value, str) and value.strip().lower().endswith(_IMAGE_SUFFIXES)
-
-
-def captions_look_like_paths(rows: list[dict], caption_column: str) -> bool:
-    """Whether every caption looked at is an image file name (the caption column is likely wrong)."""
-    return bool(rows) and all(_is_image_path(row.get(caption_column)) for row in rows)
-
-
-def column_contents_problem(rows: list[dict], image_column: str, conditioning_image_column: str,
-                            caption_column: str) -> str | None:
-    """Why the chosen columns cannot be right, judged from a few rows; None if they may be.
-
-    A wrong mapping (the caption column holding file names, an image column holding text or
-    numbers) makes every sample fail to load: training would skip them all and "finish".
-    Only clear cases count: every row looked at must agree, and a string without an image
-    extension is taken for text only when the caption column holds image paths instead.
-    """
-    if not rows:
-        return None
-    captions = [row.get(caption_column) for row in rows]
-    captions_are_paths = captions_look_like_paths(rows, caption_column)
-    for role, column in (("image", image_column), ("conditioning_image", conditioning_image_column)):
-        values = [row.get(column) for row in rows]
-        what = f"the {_ROLE_WORDS[role]} column {column!r} holds"
-        if all(isinstance(v, (int, float)) for v in values):
-            what += f" numbers ({values[0]!r}), not images"
-        elif captions_are_paths and all(isinstance(v, str) and not _is_image_path(v) for v in values):
-            what += (f" text ({values[0]!r:.60}) while the caption column {caption_column!r} holds image "
-                     f"paths ({captions[0]!r:.60})")
-        else:
-            continue
-        return (f"{what}: every sample would fail to load — the columns are mixed up; set --image_column, "
-                f"--conditioning_image_column and --caption_column")
-    return None
-
-
 def select_samples(table: Table, max_train_samples: int | None, seed: int, buffer_size: int = 1000) -> Table:
     """Shuffle with ``seed`` and keep the first ``max_train_samples`` (diffusers semantics).
 

@@ -98,7 +98,8 @@ def eval_condition_rows(n: int, resolution: int, seed: int, data: str | Path | N
     targets = []
     if data is not None:
         from ..data.images import load_image
-        from ..data.sources import load_table, resolve_columns
+        from ..data.columns import resolve_columns
+        from ..data.sources import load_table
 
         table = load_table(train_data_dir=str(data))
         image_col, cond_col, text_col = resolve_columns(table.column_names)
