@@ -404,6 +404,9 @@ def test_csv_and_jsonl_as_spreadsheets_and_editors_write_them(tmp_path, cache, c
     jsonl = load_table(train_data_dir=folder("notepad", '{"image": "t.png", "conditioning_image": "c.png", "text": '
                                              '"a"}\n', "utf-8-sig", "metadata.jsonl"), cache_dir=cache)
     assert jsonl.dataset["text"] == ["a"]
+    (tmp_path / "notepad" / "metadata.csv").write_text("image,conditioning_image,text\nt.png,c.png,b\n")
+    with pytest.raises(DataError, match=r"notepad has both metadata.jsonl and metadata.csv"):
+        load_table(train_data_dir=tmp_path / "notepad", cache_dir=cache)
     # an imagefolder's metadata.csv is read as text too (datasets' imagefolder would guess numbers and NA)
     root = tmp_path / "imagefolder"
     for k in range(3):

@@ -23,6 +23,25 @@ def test_secret_flag_values_are_redacted_in_both_spellings():
     assert redact_secrets(["--hub_model_id", "me/x"]) == ["--hub_model_id", "me/x"]  # only secrets
 
 
+def test_a_message_during_a_progress_bar_gets_its_own_line(monkeypatch):
+    import io
+    import logging
+
+    from tqdm.auto import tqdm
+
+    from difftune.cli_process import show_messages
+
+    show_messages()
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    with tqdm(total=2, file=sys.stderr, mininterval=0) as bar:
+        bar.update(1)
+        logging.getLogger("difftune").warning("skipping a sample")
+    lines = stderr.getvalue().split("\n")
+    said = next(line for line in lines if "skipping a sample" in line)
+    assert said.rsplit("\r", 1)[-1] == "skipping a sample"  # the bar cleared first, not "50%|#  | skipping..."
+
+
 def _train(tracker, model_dir, data_dir, out, monkeypatch):
     val = data_dir / "validation"
     argv = ["train", "controlnet", "--pretrained_model_name_or_path", str(model_dir), "--train_data_dir",

@@ -20,6 +20,16 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property always answers
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """Through tqdm, which clears an open progress bar and redraws it below the message (a warning
+        written straight to stderr would land in the middle of the bar's line)."""
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 — logging's own contract: a failed message never ends the run
+            self.handleError(record)
+
 
 def show_messages() -> None:
     """On the command line, difftune's progress messages ("resumed from ...", "encoding ... into the

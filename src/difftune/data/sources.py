@@ -364,9 +364,14 @@ def _is_json_object(line: str) -> bool:
 
 def _find_metadata(path: Path, split: str) -> Path | None:
     for folder in (path, path / split):
-        for name in ("metadata.jsonl", "metadata.csv"):
-            if (folder / name).is_file():
-                return folder / name
+        both = [folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()]
+        if len(both) > 1:
+            raise DataError(
+                f"{folder} has both metadata.jsonl and metadata.csv, and it is not clear which one to train on — "
+                f"move or rename the other one"
+            )
+        if both:
+            return both[0]
     found = _visible(list(path.rglob("metadata.jsonl")) + list(path.rglob("metadata.csv")), path)
     if len(found) > 1:
         raise DataError(
