@@ -201,14 +201,17 @@ def test_counts_below_their_minimum_are_refused_with_the_flag(argv, flag, capsys
     assert exit_.value.code == 2 and flag in capsys.readouterr().err
 
 
-def test_optional_packages_give_install_hints(tiny_model_dir, fill_dir, tmp_path):
+def test_optional_packages_give_install_hints(tiny_model_dir, fill_dir, tmp_path, monkeypatch):
     import importlib.util
 
     from difftune.api import train_controlnet
+    from difftune.methods.controlnet import ControlNetMethod
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        with pytest.raises(ConfigError, match=r"pip install 'difftune\[bnb\]'"):
-            train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "a", use_8bit_adam=True))
+        with monkeypatch.context() as patch:  # refused before any model loads (or latent cache fills)
+            patch.setattr(ControlNetMethod, "__init__", lambda *a, **k: pytest.fail("loaded the model first"))
+            with pytest.raises(ConfigError, match=r"pip install 'difftune\[bnb\]'"):
+                train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "a", use_8bit_adam=True))
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(ConfigError, match="tensorboard"):
             train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "b", report_to="tensorboard"))

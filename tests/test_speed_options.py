@@ -103,6 +103,41 @@ def test_cache_is_reused_and_an_interrupted_build_resumes(tiny_model_dir, fill_d
     assert len(list(shared.iterdir())) == 2
 
 
+def test_cache_key_sees_replaced_pictures_and_edited_weights(tmp_path, tiny_base):
+    """A metadata.jsonl of paths keeps its fingerprint when the pictures it names are replaced, and a VAE
+    edited in place keeps its path: the cache key must change in both cases (a stale read trains on the
+    old pictures or latents of another VAE without a word)."""
+    from PIL import Image
+
+    from difftune.data import load_table
+    from difftune.data.images import files_signature
+    from difftune.encoded_cache import weights_probe
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for k in range(2):
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(root / f"t{k}.png")
+        Image.new("RGB", (8, 8), (0, k, 0)).save(root / f"c{k}.png")
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"image": f"t{k}.png", "conditioning_image": f"c{k}.png",
+                                                             "text": "a"}) + "\n" for k in range(2)))
+
+    def signature():
+        table = load_table(train_data_dir=root, cache_dir=str(tmp_path / "hf"))
+        return files_signature(table.dataset, ["image", "conditioning_image"], table.base_dir)
+
+    before = signature()
+    assert signature() == before  # stable
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(root / "t1.png")  # the same name, another picture
+    assert signature() != before
+    vae = copy.deepcopy(tiny_base.vae)
+    probe = weights_probe(vae)
+    assert weights_probe(copy.deepcopy(vae)) == probe
+    middle = list(vae.parameters())[len(list(vae.parameters())) // 2]  # neither the first nor the last
+    with torch.no_grad():
+        middle.mul_(3)
+    assert weights_probe(vae) != probe
+
+
 def test_optimizer_in_backward_equals_plain_step(plain_run, tiny_model_dir, fill_dir, tmp_path):
     out = _run(tiny_model_dir, fill_dir, tmp_path / "inbw", optimizer_in_backward=True)
     _same_training(out, plain_run, 1e-5)

@@ -16,7 +16,11 @@ from .errors import ConfigError, UserError
 
 
 def resolve_seed(cfg: Any) -> Any:
-    """A run config whose seed is set (a random one if unset), so the saved config reproduces it."""
+    """A run config whose seed is set (a random one if unset), so the saved config reproduces it. Also the
+    first thing a training call does: what can be refused before any model loads is refused here."""
+    from .optim import check_optimizer_available
+
+    check_optimizer_available(cfg.optim)
     if cfg.train.seed is not None:
         return cfg
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=random.randrange(2**31)))

@@ -35,16 +35,26 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig, lr: float, devic
             [{**options, "params": params}], single, lr, device_type))
     kwargs = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError(
-                "--use_8bit_adam needs bitsandbytes: pip install 'difftune[bnb]' (CUDA GPUs only)."
-            ) from None
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+        return _bitsandbytes().optim.AdamW8bit(param_groups, **kwargs)
     if device_type in ("cuda", "cpu"):
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(
+            "--use_8bit_adam needs bitsandbytes: pip install 'difftune[bnb]' (CUDA GPUs only)."
+        ) from None
+    return bitsandbytes
+
+
+def check_optimizer_available(cfg: OptimConfig) -> None:
+    """Before any model or data is loaded (or a latent cache built): the optimizer asked for can be made."""
+    if cfg.use_8bit_adam:
+        _bitsandbytes()
 
 
 def _with_own_lr(group: dict, lr: float) -> dict:

@@ -162,3 +162,40 @@ def load_image(value: Any, base_dir: str | None = None, where: str = "",
             f"{place}cannot read {source} ({type(err).__name__}: {err}) — {remedy}",
             file=file,
         ) from err
+
+
+def files_signature(dataset: Any, columns: list[str], base_dir: str | None) -> str:
+    """A digest of the name, size and modification time of every file the image ``columns`` of
+    ``dataset`` (a ``datasets.Dataset``) point at rather than hold: a data set's own fingerprint covers
+    its cells, which for a ``metadata.jsonl`` of paths do not change when the pictures are replaced.
+    Cells holding image bytes add nothing (the fingerprint covers them); a missing file counts as such."""
+    import hashlib
+
+    import pyarrow as pa
+
+    digest = hashlib.sha256()
+    for column in columns:
+        values = dataset.data.column(column)
+        kind = values.type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            paths = values.to_pylist()
+        elif pa.types.is_struct(kind) and kind.get_field_index("path") >= 0:  # a datasets.Image column
+            paths = []
+            for chunk in values.chunks:  # field by field: the image bytes are not copied
+                names = chunk.field("path").to_pylist()
+                if kind.get_field_index("bytes") >= 0:
+                    embedded = chunk.field("bytes").is_valid().to_pylist()
+                    names = [name for name, has in zip(names, embedded) if not has]
+                paths.extend(names)
+        else:
+            continue
+        for path in paths:
+            if not path:
+                continue
+            file = _resolve(path, base_dir)
+            try:
+                stat = os.stat(file)
+                digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{file}\0missing\n".encode())
+    return digest.hexdigest()[:16]

@@ -24,6 +24,7 @@ from ..checkpoint import umask_mode
 from ..cuda_graphs import GraphedModule, no_autocast_cache, use_cuda_graphs
 from ..config import ControlNetConfig
 from ..data import ControlNetExamples, collate_examples, load_table, resolve_columns, select_samples
+from ..data.images import files_signature
 from ..data.materialize import materialize
 from ..errors import ConfigError
 from ..families import family_of, micro_conditions
@@ -260,6 +261,7 @@ class ControlNetMethod:
             "vae_dtype": str(self.base.vae.dtype), "text_dtype": str(self.weight_dtype),
             "data": table.description, "rows": len(examples), "columns": list(columns),
             "fingerprint": getattr(table.dataset, "_fingerprint", None),
+            "files": files_signature(table.dataset, list(columns[:2]), table.base_dir),
             "selection": [d.max_train_samples, t.seed] if d.max_train_samples else None,
             "resolution": self.resolution, "interpolation": d.image_interpolation_mode,
         }
@@ -287,6 +289,9 @@ class ControlNetMethod:
                                      lambda c: self.family.encode_prompts(self.base, c, self.device))
             if acc is not None:
                 acc.wait_for_everyone()
+        else:
+            log.info("reusing the encoded cache %s (built from these VAE and text encoder weights, data files "
+                     "and settings)", folder)
         self.cache_build_seconds = time.perf_counter() - started
         self.text_cache = load_text_cache(folder)
         return CachedExamples(examples, LatentCache(folder, len(examples)))
