@@ -7,6 +7,7 @@ text encoders (the second with projection), a ``text_time`` UNet, DDPM with lead
 from __future__ import annotations
 
 import json
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -57,6 +58,20 @@ def test_family_detection_loading_and_resolution(tiny_sdxl_dir, tiny_model_dir, 
     assert sdxl_base.vae_in_fp32 and len(sdxl_base.frozen_modules()) == 4
     with pytest.raises(ModelLoadError, match="SDXL UNet.*--model_family is sd"):
         load_base_model(str(tiny_sdxl_dir), family="sd")
+    with pytest.raises(ModelLoadError, match="--model_family sdxl: .* has no text_encoder_2 or tokenizer_2, so it "
+                                             "is not an sdxl model — use --model_family auto"):
+        load_base_model(str(tiny_model_dir), family="sdxl")
+    # --tokenizer_name replaces the (first) tokenizer; a part that cannot be read is named
+    assert len(load_base_model(str(tiny_sdxl_dir), tokenizer_name=str(tiny_sdxl_dir / "tokenizer_2")).tokenizer) \
+        == len(sdxl_base.tokenizer_2)
+    with pytest.raises(ModelLoadError, match="--tokenizer_name .*nowhere: there is no such folder"):
+        load_base_model(str(tiny_sdxl_dir), tokenizer_name=str(tmp_path / "nowhere"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_sdxl_dir, damaged)
+    for weights in (damaged / "text_encoder_2").glob("model*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ModelLoadError, match="Could not load text_encoder_2 / tokenizer_2 of the model in .*damaged"):
+        load_base_model(str(damaged))
     # a separate VAE (folder with vae/ or the VAE at its root) is trusted in the weight dtype
     assert not load_base_model(str(tiny_sdxl_dir), vae_name_or_path=str(tiny_sdxl_dir / "vae")).vae_in_fp32
     # --resolution defaults to the family's: 1024 for SDXL (diffusers' SDXL script), 512 for SD; a base whose
@@ -183,6 +198,7 @@ def test_examples_carry_original_size_and_crop_offsets(tmp_path):
     assert micro_conditions(batch, 32).crop_top_lefts.tolist() == [[0, 8]]
     fixed = micro_conditions(batch, 32, crop_h=0, crop_w=0)  # --crops_coords_top_left_h/_w, as diffusers
     assert fixed.crop_top_lefts.tolist() == [[0, 0]] and fixed.original_sizes.tolist() == [[64, 96]]
+    assert micro_conditions(batch, 32, crop_h=5).crop_top_lefts.tolist() == [[5, 8]]  # the other stays real
 
 
 def test_resume_equals_uninterrupted(tiny_sdxl_dir, fill_dir, tmp_path, monkeypatch):
@@ -237,7 +253,12 @@ def test_cli_run_exports_a_controlnet_that_loads_in_the_sdxl_pipeline(cli_traine
     assert saved["model"]["model_family"] == "sdxl" and saved["data"]["crops_coords_top_left_h"] == 0
     assert saved["train"]["tracker_project_name"] == "sd_xl_train_controlnet"  # diffusers' SDXL name
     assert (out / "validation" / "step-0000002.png").is_file()
-    assert "StableDiffusionXLControlNetPipeline" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "StableDiffusionXLControlNetPipeline" in card and f"- VAE: `{tiny_sdxl_dir / 'vae'}`" in card
+    snippet = card.split("```python\n")[1].split("```")[0]  # the card's code runs, with the run's VAE
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102 — our own generated text
+    assert namespace["pipe"].vae is namespace["vae"]
     loaded = ControlNetModel.from_pretrained(out)
     assert torch.count_nonzero(loaded.controlnet_mid_block.weight) > 0
 

@@ -47,18 +47,21 @@ class MicroConditions:
 
 
 def micro_conditions(batch: dict, resolution: int, crop_h: int | None = None, crop_w: int | None = None) -> MicroConditions:
-    """The batch's real sizes and crop offsets, or fixed crop coordinates when either flag is given.
+    """The batch's real sizes and crop offsets; a crop flag given fixes its own coordinate.
 
     diffusers' SDXL ControlNet script always passes ``--crops_coords_top_left_h/_w`` (default 0) and
     ``(resolution, resolution)`` as the original size; its SDXL text-to-image script, like the
-    SDXL paper, passes the real ones. We pass the real ones unless the crop flags are set.
+    SDXL paper, passes the real ones. We pass the real ones, but for a coordinate whose flag is set.
     """
     n = len(batch["captions"])
     full = torch.tensor([[resolution, resolution]] * n, dtype=torch.long)
     sizes = batch.get("original_sizes", full)
     crops = batch.get("crop_top_lefts", torch.zeros(n, 2, dtype=torch.long))
     if crop_h is not None or crop_w is not None:
-        crops = torch.tensor([[crop_h or 0, crop_w or 0]] * n, dtype=torch.long)
+        crops = crops.clone()
+        for axis, fixed in enumerate((crop_h, crop_w)):
+            if fixed is not None:
+                crops[:, axis] = fixed
     return MicroConditions(sizes, crops, (resolution, resolution))
 
 

@@ -157,30 +157,43 @@ def load_base_model(
     local = Path(name_or_path).expanduser()
     if family not in ("auto", *FAMILIES):
         raise ModelLoadError(f"--model_family {family!r}: choose auto, {', '.join(FAMILIES)}.")
+    given = family
     if family == "auto":
         family = detect_family(name_or_path, revision, cache_dir)
     fam = FAMILIES[family]
     if local.exists():
         if not local.is_dir():
             raise ModelLoadError(f"--pretrained_model_name_or_path {local} is a file; give the model folder.")
+        lacking = [name for name in fam.extra_subfolders if not (local / name).is_dir()]
+        if given != "auto" and lacking and (local / "unet").is_dir():
+            raise ModelLoadError(f"--model_family {given}: {local} has no {' or '.join(lacking)}, so it is not an "
+                                 f"{given} model — use --model_family auto.")
         check_local_folder(local, ("unet", "vae", "text_encoder", "tokenizer", "scheduler", *fam.extra_subfolders))
         name_or_path = str(local)
     elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ModelLoadError(f"Model folder {name_or_path} does not exist.")
     common = dict(revision=revision, cache_dir=cache_dir)
+    if tokenizer_name:
+        tokenizer = _load_tokenizer(tokenizer_name, common)
+    part = "text_encoder"  # what is being read: a library's message names the model folder, not the part
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_name or name_or_path, subfolder=None if tokenizer_name else "tokenizer", **common
-        )
+        if not tokenizer_name:
+            part = "tokenizer"
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **common)
+        part = "text_encoder"
         text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", variant=variant, **common)
+        part = " / ".join(fam.extra_subfolders)
         extra = fam.load_extra_encoders(name_or_path, variant, common)
+        part = "vae"
         if vae_name_or_path is None:
             vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **common)
+        part = "unet"
         unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **common)
+        part = "scheduler"
         noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **common)
     except (OSError, ValueError) as e:
         if local.exists():
-            raise ModelLoadError(f"Could not load the model in {local}: {e}") from None
+            raise ModelLoadError(f"Could not load {part} of the model in {local}: {e}") from None
         raise _hub_hint(name_or_path, e) from None
     if vae_name_or_path is not None:
         vae = load_vae(vae_name_or_path, revision, cache_dir)
@@ -193,11 +206,30 @@ def load_base_model(
                      vae_in_fp32=fam.vae_needs_fp32 and vae_name_or_path is None, **extra)
 
 
+def _load_tokenizer(name_or_path: str, common: dict):
+    """``--tokenizer_name``: a tokenizer folder (or hub id) to use instead of the base model's (the first
+    one, CLIP ViT-L, of an SDXL model)."""
+    from transformers import AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise ModelLoadError(f"--tokenizer_name {name_or_path}: there is no such folder.")
+    try:
+        return AutoTokenizer.from_pretrained(str(local) if local.exists() else name_or_path, **common)
+    except (OSError, ValueError) as e:
+        if local.exists():
+            raise ModelLoadError(f"--tokenizer_name {local}: no tokenizer could be read there ({e}). Give a "
+                                 f"folder holding tokenizer files (e.g. a model's tokenizer/ folder).") from None
+        raise _hub_hint(name_or_path, e) from None
+
+
 def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):
     """A separate VAE (``--pretrained_vae_model_name_or_path``): its files at the root, or in ``vae/``."""
     from diffusers import AutoencoderKL
 
     local = Path(name_or_path).expanduser()
+    if not local.exists() and not _looks_like_hub_id(name_or_path):
+        raise ModelLoadError(f"--pretrained_vae_model_name_or_path {name_or_path}: there is no such folder.")
     subfolder = "vae" if (local / "vae" / "config.json").is_file() else None
     try:
         return AutoencoderKL.from_pretrained(str(local) if local.exists() else name_or_path, subfolder=subfolder,
@@ -205,7 +237,11 @@ def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | No
     except (OSError, ValueError) as e:
         if local.exists():
             raise ModelLoadError(f"Could not load the VAE in {local}: {e}") from None
-        raise _hub_hint(name_or_path, e) from None
+        raise _hub_hint(name_or_path, e, VAE_FOLDER_ADVICE) from None
+
+
+VAE_FOLDER_ADVICE = ("Pass a local VAE folder instead: an AutoencoderKL's config.json and "
+                     "diffusion_pytorch_model.safetensors, at its root or in a vae/ sub-folder.")
 
 
 GIVE_CONTROLNET = ("give a ControlNet folder: config.json + diffusion_pytorch_model.safetensors, as a finished "

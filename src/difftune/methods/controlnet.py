@@ -405,6 +405,12 @@ class ControlNetMethod:
         pipe_cls = self.family.controlnet_pipeline_name
         base_imports, base_expr = base_in_code(c.model.pretrained_model_name_or_path)
         extra = ", safety_checker=None" if self.family.name == "sd" else ""
+        vae = c.model.pretrained_vae_model_name_or_path
+        vae_code = []
+        if vae:  # the run's VAE, not the base's: without it the snippet draws other images than validation did
+            extra = ", vae=vae" + extra
+            sub = ', subfolder="vae"' if (Path(vae).expanduser() / "vae" / "config.json").is_file() else ""
+            vae_code = [f'vae = AutoencoderKL.from_pretrained("{vae}"{sub})']
         lines = [
             "---",
             f"base_model: {c.model.pretrained_model_name_or_path}",
@@ -415,6 +421,7 @@ class ControlNetMethod:
             "# ControlNet trained with difftune",
             "",
             f"- Base model: `{c.model.pretrained_model_name_or_path}`",
+            *([f"- VAE: `{vae}`"] if vae else []),
             f"- Data: `{data}` at {self.resolution} px",
             f"- Optimizer steps: {summary.get('global_step')} (batch {c.train.train_batch_size} x "
             f"accumulation {c.train.gradient_accumulation_steps}), {learning_rate_text(summary, c.optim)}",
@@ -422,9 +429,10 @@ class ControlNetMethod:
             f"- Trainable parameters: {count_parameters(self.controlnet):,}",
             "",
             "```python",
-            f"from diffusers import ControlNetModel, {pipe_cls}, UniPCMultistepScheduler",
+            f"from diffusers import {'AutoencoderKL, ' if vae else ''}ControlNetModel, {pipe_cls}, UniPCMultistepScheduler",
             *base_imports,
             f'controlnet = ControlNetModel.from_pretrained("{output_dir}")',
+            *vae_code,
             f"pipe = {pipe_cls}.from_pretrained(",
             f'    {base_expr}, controlnet=controlnet{extra})',
             "pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)",
