@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -123,10 +124,39 @@ def test_config_file_with_flag_override(tmp_path):
     (dict(validation_steps=0), "--validation_steps must be >= 1, got 0"),  # not a crash at step 1
     (dict(num_validation_images=0), "--num_validation_images must be >= 1, got 0"),  # nor after the last step
     (dict(num_validation_inference_steps=0), "--num_validation_inference_steps must be >= 1"),
+    # choices hold however the config is made (a typo'd nan_policy used to turn off both stop and skip)
+    (dict(nan_policy="skp"), "--nan_policy 'skp': choose from stop, skip"),
+    (dict(torch_compile="nope"), "--torch_compile 'nope': choose from no, blocks, full"),
+    (dict(lr_scheduler="cosinee"), "--lr_scheduler 'cosinee': choose from linear, cosine"),
+    (dict(model_family="sd3"), "--model_family 'sd3'"),
+    (dict(max_grad_norm=-1.0), "--max_grad_norm must be >= 0"),
+    (dict(lr_warmup_steps=-3), "--lr_warmup_steps must be >= 0"),
+    (dict(lr_num_cycles=0), "--lr_num_cycles must be >= 1"),
+    (dict(seed=-5), "--seed must be in"),
+    (dict(max_train_samples=0), "--max_train_samples must be >= 1"),
 ])
 def test_bad_configs_are_rejected_with_the_flag_name(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         make_config("m", "d", tmp_path, **overrides)
+
+
+def test_config_sections_made_in_code_are_checked_too():
+    from difftune.config import DataConfig, OptimConfig, TrainConfig, ValidationConfig
+    from difftune.config_custom_diffusion import CustomDiffusionModelConfig
+
+    with pytest.raises(ConfigError, match=r"'resolution' \(--resolution\) must be an integer, got '64'"):
+        DataConfig(resolution="64")
+    with pytest.raises(ConfigError, match="'learning_rate' .* must be a number"):
+        OptimConfig(learning_rate="1e-5")
+    with pytest.raises(ConfigError, match="'train_batch_size' .* must be an integer, got True"):
+        TrainConfig(train_batch_size=True)
+    with pytest.raises(ConfigError, match="--freeze_model 'all': choose from crossattn_kv, crossattn"):
+        CustomDiffusionModelConfig(freeze_model="all")
+    with pytest.raises(ConfigError, match=r"Section 'data' must be a DataConfig, got dict — .*from_dict"):
+        ControlNetConfig(data={"train_data_dir": "d"})
+    one = ValidationConfig(validation_prompt="a red circle", validation_image="c.png")  # not 12 and 5 'items'
+    assert one.pairs() == [("a red circle", "c.png")]
+    assert TrainConfig(output_dir=Path("out")).output_dir == "out"
 
 
 def test_missing_model_folder_and_offline_hub_id(tmp_path, fill_dir):

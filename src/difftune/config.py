@@ -10,6 +10,7 @@ the flag names in the message.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,44 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, fa
     return field(default=default, metadata=meta)
 
 
+_SIMPLE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def check_fields(section: Any) -> None:
+    """What each field of a config section can hold, checked however the section was made (flags, a
+    config file, ``from_dict`` or the dataclass called in code): the value's type, and for a field with
+    choices one of them; a list-of-strings field given one string takes it as a list of one. A typo
+    (``nan_policy: skp``) would otherwise pass silently, or fail minutes later without the setting's name."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        kind = str(f.type).replace(" ", "")
+        optional = kind.endswith("|None")
+        kind = kind.removesuffix("|None")
+        if value is None and (optional or f.default is None):
+            continue
+        if kind.endswith("Config"):
+            if not dataclasses.is_dataclass(value):
+                raise ConfigError(f"Section {f.name!r} must be a {kind}, got {type(value).__name__} — build the "
+                                  f"whole config from a dict with from_dict({type(section).__name__}, {{...}}).")
+            continue
+        if kind == "str" and isinstance(value, os.PathLike):  # a folder given as a Path
+            value = os.fspath(value)
+            setattr(section, f.name, value)
+        if kind == "list[str]":
+            if isinstance(value, (str, os.PathLike)):
+                value = [value]
+            if isinstance(value, (list, tuple)):
+                setattr(section, f.name, [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value])
+            continue
+        expected = _SIMPLE_TYPES.get(kind)
+        if expected and (not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool))):
+            raise ConfigError(f"Setting {f.name!r} (--{f.name}) must be {_TYPE_WORDS[kind]}, got {value!r}.")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"--{f.name} {value!r}: choose from {', '.join(map(str, choices))}.")
+
+
 @dataclass
 class ModelConfig:
     pretrained_model_name_or_path: str | None = opt(
@@ -39,6 +78,9 @@ class ModelConfig:
     variant: str | None = opt(None, "Weight variant of the base model files, e.g. 'fp16'.")
     tokenizer_name: str | None = opt(None, "Tokenizer folder or id, if not the base model's (for SDXL: replaces the first, CLIP ViT-L, one).")
     cache_dir: str | None = opt(None, "Where downloaded models and data sets are cached.")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -100,6 +142,7 @@ class DataConfig:
     dataloader_num_workers: int = opt(0, "Data loading worker processes (0: in the main process).")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise ConfigError(
                 f"--resolution {self.resolution} is not a positive multiple of 8 (as diffusers requires; Stable "
@@ -116,6 +159,8 @@ class DataConfig:
             raise ConfigError("Give either --dataset_name or --train_data_dir, not both.")
         if self.dataloader_num_workers < 0:
             raise ConfigError("--dataloader_num_workers must be >= 0.")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ConfigError(f"--max_train_samples must be >= 1, got {self.max_train_samples}.")
 
 
 @dataclass
@@ -146,6 +191,7 @@ class OptimConfig:
     )
 
     def __post_init__(self) -> None:
+        check_fields(self)
         # the optimizer checks these too, but only once the model is loaded, and with a bare ValueError
         # ("Invalid learning rate: -1.0") that names no flag; ``not x > 0`` also refuses NaN
         if not self.learning_rate > 0:
@@ -158,6 +204,11 @@ class OptimConfig:
             raise ConfigError(f"--adam_epsilon must be > 0, got {self.adam_epsilon} (default 1e-8).")
         if not self.adam_weight_decay >= 0:
             raise ConfigError(f"--adam_weight_decay must be >= 0, got {self.adam_weight_decay} (default 1e-2).")
+        if not self.max_grad_norm >= 0:
+            raise ConfigError(f"--max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
+        require_at_least_one(self, "lr_num_cycles")
 
 
 @dataclass
@@ -174,6 +225,7 @@ class LossConfig:
     )
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ConfigError(f"--snr_gamma must be > 0, got {self.snr_gamma}.")
 
@@ -236,8 +288,11 @@ class TrainConfig:
     hub_token: str | None = opt(None, "Hub token (prefer `huggingface-cli login`; never written anywhere).")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         require_at_least_one(self, "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                              "num_train_epochs")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}.")
         for name in ("profile_steps", "profile_start"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}.")
@@ -276,11 +331,9 @@ class ControlNetTrainConfig(TrainConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if isinstance(self.cuda_graphs, bool):  # true/false in a config file or an earlier run's saved config
             self.cuda_graphs = "yes" if self.cuda_graphs else "no"
-        if self.cuda_graphs not in ("no", "yes", "auto"):
-            raise ConfigError(f"--cuda_graphs {self.cuda_graphs!r}: choose no, yes or auto.")
+        super().__post_init__()
 
 
 def require_at_least_one(section: Any, *names: str) -> None:
@@ -303,10 +356,8 @@ class ValidationConfig:
         choices=CONTROL_GUIDANCE)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         require_at_least_one(self, "num_validation_images", "validation_steps", "num_validation_inference_steps")
-        if self.validation_control_guidance not in CONTROL_GUIDANCE:
-            raise ConfigError(f"--validation_control_guidance {self.validation_control_guidance!r}: choose from "
-                              f"{', '.join(CONTROL_GUIDANCE)}.")
         prompts, images = self.validation_prompt or [], self.validation_image or []
         if bool(prompts) != bool(images):
             raise ConfigError("--validation_prompt and --validation_image go together: give both or neither.")
@@ -338,6 +389,7 @@ class ControlNetConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.data.dataset_name and not self.data.train_data_dir:
             raise ConfigError("No training data: give --train_data_dir DIR (or --dataset_name for a hub data set).")
         if not self.model.pretrained_model_name_or_path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import LossConfig, ModelConfig, OptimConfig, TrainConfig, opt, require_at_least_one
+from .config import LossConfig, ModelConfig, OptimConfig, TrainConfig, check_fields, opt, require_at_least_one
 from .errors import ConfigError
 
 DEFAULT_OUTPUT_DIR = "custom-diffusion-model"
@@ -49,6 +49,7 @@ class CustomDiffusionDataConfig:
     dataloader_num_workers: int = opt(0, "Data loading worker processes (0: in the main process).")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise ConfigError(f"--resolution {self.resolution} is not a positive multiple of 8 (as diffusers requires; "
                               f"Stable Diffusion's VAE down-samples by 8): use e.g. {max(8, self.resolution // 8 * 8)}.")
@@ -103,6 +104,7 @@ class CustomDiffusionModelConfig:
         return [t.strip() for t in (self.initializer_token or "").split("+") if t.strip()]
 
     def __post_init__(self) -> None:
+        check_fields(self)
         tokens = self.modifier_tokens()
         if self.modifier_token is not None and not tokens:
             raise ConfigError("--modifier_token is empty: give e.g. '<new1>' (or '<new1>+<new2>'), or leave the "
@@ -126,6 +128,7 @@ class CustomDiffusionValidationConfig:
     num_validation_inference_steps: int = opt(25, "Denoising steps of the validation sampler (UniPC).")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         require_at_least_one(self, "num_validation_images", "validation_steps", "num_validation_inference_steps")
 
 
@@ -156,6 +159,7 @@ class CustomDiffusionConfig:
     validation: CustomDiffusionValidationConfig = field(default_factory=CustomDiffusionValidationConfig)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.model.pretrained_model_name_or_path:
             raise ConfigError("No base model: give --pretrained_model_name_or_path (a diffusers folder or hub id).")
         if self.data.instance_data_dir == "<unset>":
