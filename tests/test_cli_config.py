@@ -458,18 +458,31 @@ def test_the_launchers_local_rank_flag_is_taken_and_left_out_of_the_config(metho
         assert "local_rank" not in json.dumps(to_dict(cfg))
 
 
-def test_sigterm_ends_a_command_like_ctrl_c_with_a_resume_hint(monkeypatch, capsys):
-    """A scheduler's SIGTERM stops a training run with a line saying how to resume (on its own line, after any
-    progress bar), exit status 143; the handler is put back when main returns."""
+def test_sigterm_ends_a_command_like_ctrl_c_with_a_resume_hint(monkeypatch, capsys, tmp_path):
+    """A scheduler's SIGTERM stops a training run with a line saying what it saved and how to resume (on its
+    own line, after any progress bar), exit status 143; the handler is put back when main returns."""
     import os
     import signal
 
     import difftune.cli as cli
+    from difftune.checkpoint import STATE_FILE
+
+    def run(args):
+        args.run_output_dir = str(tmp_path)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
 
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(cli, "cmd_train_controlnet", lambda args: os.kill(os.getpid(), signal.SIGTERM) or 0)
-    assert main(["train", "controlnet", "--output_dir", "x"]) == 143
-    assert capsys.readouterr().err.endswith("\nterminated: resume with --resume_from_checkpoint latest\n")
+    monkeypatch.setattr(cli, "cmd_train_controlnet", run)
+    assert main(["train", "controlnet", "--output_dir", str(tmp_path)]) == 143
+    assert capsys.readouterr().err.endswith(f"\nterminated: no checkpoint was saved yet in {tmp_path}, so a rerun "
+                                            "starts from the beginning\n")
+    (tmp_path / "checkpoints" / "checkpoint-16").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-16" / STATE_FILE).write_text("{}")
+    assert main(["train", "controlnet", "--output_dir", str(tmp_path)]) == 143
+    assert capsys.readouterr().err.endswith(f"\nterminated: the newest checkpoint is {tmp_path}/checkpoints/"
+                                            "checkpoint-16 (step 16); resume from it with the same command and "
+                                            "--resume_from_checkpoint latest\n")
     assert signal.getsignal(signal.SIGTERM) is before
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,6 +229,47 @@ def test_a_killed_prune_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeyp
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-3", "latest"]
 
 
+def test_a_kill_around_the_rename_never_sets_a_complete_checkpoint_aside(tmp_path, monkeypatch):
+    """``latest`` moves before the new checkpoint is renamed into place: a kill between the two leaves a
+    pointer to a checkpoint not there yet (the newest complete one is resumed), never a pointer to the
+    previous one beside a newer complete one (which resuming took for a branch and set aside)."""
+    root = tmp_path / "checkpoints"
+    args = ({"w": torch.ones(2)}, {"state": {}, "param_groups": []}, {}, torch.Generator())
+    ckpt.save_checkpoint(root, ckpt.TrainState(global_step=2), *args)
+    real_rename = Path.rename
+
+    def killed_at(target_step):
+        def rename(self, target):
+            if Path(target).name == f"checkpoint-{target_step}":
+                raise KeyboardInterrupt("killed")
+            return real_rename(self, target)
+        return rename
+
+    monkeypatch.setattr(Path, "rename", killed_at(4))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(root, ckpt.TrainState(global_step=4), *args)
+    monkeypatch.undo()
+    assert ckpt.resolve_resume(root, "latest").name == "checkpoint-2"  # 4 was never complete
+    monkeypatch.setattr(ckpt, "_fsync_dir", lambda path: (_ for _ in ()).throw(KeyboardInterrupt("killed"))
+                        if (path / "checkpoint-4").is_dir() else None)
+    with pytest.raises(KeyboardInterrupt):  # killed right after the rename
+        ckpt.save_checkpoint(root, ckpt.TrainState(global_step=4), *args)
+    monkeypatch.undo()
+    assert ckpt.resolve_resume(root, "latest").name == "checkpoint-4"
+    assert ckpt.supersede_later(root, 4) is None
+
+
+def test_stale_temporary_files_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
+    out = tmp_path / "run"
+    (out / "validation").mkdir(parents=True)
+    stale = [out / "validation" / ".step-0000020.png.tmp-999999", out / ".pytorch_custom_diffusion_weights.safetensors.tmp-12"]
+    kept = [out / ".hidden", out / "notes.tmp-12", out / "validation" / f".step-0000002.png.tmp-{os.getpid()}"]
+    for p in stale + kept:
+        p.write_text("x")
+    ckpt.clean_stale_temp_files(out, out / "validation", out / "absent")
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
 def test_data_position_follows_samples_when_the_batch_size_changes():
     """A checkpoint 10 micro-batches of 2 into an epoch of 48 samples has seen 20: at batch 4 that is 5."""
     from difftune.resuming import data_position
@@ -404,6 +447,24 @@ def test_a_new_run_never_mixes_into_another_runs_checkpoints(tiny_model_dir, fil
     assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["checkpoint-1"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-1"
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_resuming_longer_on_a_decaying_schedule_says_the_schedule_is_planned_anew(tmp_path, caplog):
+    import logging
+
+    from difftune.config import to_dict
+    from difftune.guards import warn_changed_settings
+
+    checkpoint = tmp_path / "checkpoint-12"
+    checkpoint.mkdir()
+    for schedule, warned in (("cosine", True), ("constant", False)):
+        old = make_config("m", "d", tmp_path, max_train_steps=12, lr_scheduler=schedule)
+        (checkpoint / "difftune_config.json").write_text(json.dumps(to_dict(old)))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="difftune"):
+            assert warn_changed_settings(tmp_path, make_config("m", "d", tmp_path, max_train_steps=16,
+                                                               lr_scheduler=schedule), checkpoint) == []
+        assert ("--max_train_steps 12 -> 16: the cosine learning-rate schedule is planned anew" in caplog.text) == warned
 
 
 def test_resume_says_which_settings_changed_and_a_damaged_checkpoint_is_named(tiny_model_dir, fill_dir, tmp_path,

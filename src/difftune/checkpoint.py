@@ -239,6 +239,10 @@ def save_checkpoint(
         _fsync_file(tmp / name)
     umask_mode(tmp)
     _fsync_dir(tmp)
+    # ``latest`` moves first: killed before the rename, it names a checkpoint not there yet and resuming takes
+    # the newest complete one; after the rename it already names this one. (The other order left a window in
+    # which it named the previous checkpoint beside a newer complete one, which resuming then set aside.)
+    atomic_write(root / "latest", lambda p: p.write_text(final.name + "\n"))
     if final.exists():  # re-saving a step (after a resume): swap, never delete first
         trash = root / f".trash-{final.name}-{os.getpid()}"
         final.rename(trash)
@@ -247,7 +251,6 @@ def save_checkpoint(
     else:
         tmp.rename(final)
     _fsync_dir(root)
-    atomic_write(root / "latest", lambda p: p.write_text(final.name + "\n"))
     if total_limit:
         for old in list_checkpoints(root)[:-total_limit]:
             remove_checkpoint(old)
@@ -314,6 +317,21 @@ def clean_partial(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)$")  # atomic_write's temporary names: .<name>.tmp-<pid>
+
+
+def clean_stale_temp_files(*folders: Path) -> None:
+    """Remove the temporary files another process (one killed while writing a validation grid or an
+    export file) left in ``folders``; this process's own are left alone."""
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = _TEMP.match(p.name)
+            if m and int(m.group(1)) != os.getpid():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def resolve_resume(root: Path, spec: str | None) -> Path | None:
     """The checkpoint folder that ``--resume_from_checkpoint`` names (None: start fresh)."""
     if not spec:
@@ -326,8 +344,9 @@ def resolve_resume(root: Path, spec: str | None) -> Path | None:
             if (named / STATE_FILE).is_file():
                 return named
             if done:
-                logging.getLogger("difftune").warning("%s names %s, which is no complete checkpoint: resuming from "
-                                                      "the newest one, %s", pointer, named.name, done[-1].name)
+                logging.getLogger("difftune").warning("%s names %s, which is no complete checkpoint (a run killed while "
+                                                      "saving it): resuming from the newest complete one, %s",
+                                                      pointer, named.name, done[-1].name)
         return done[-1] if done else None  # nothing yet: start fresh, as diffusers does
     path = Path(spec)
     if not path.is_absolute() and not path.exists():

@@ -18,7 +18,7 @@ from .errors import UserError
 from .cli_flags import (  # noqa: F401 (re-exported)
     add_config_flags, add_launcher_flags, add_vae_flag, at_least, config_from_args, out_dir,
 )
-from .cli_process import Terminated, redact_secrets, show_messages, stop_on_sigterm  # noqa: F401 (re-exported)
+from .cli_process import Terminated, redact_secrets, saved_so_far, show_messages, stop_on_sigterm  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -29,6 +29,7 @@ def cmd_train_controlnet(args: argparse.Namespace) -> int:
 
     recipe = RECIPES[args.recipe]() if args.recipe else None
     cfg = config_from_args(ControlNetConfig, args, recipe)
+    args.run_output_dir = cfg.train.output_dir  # for the message if it is interrupted
     summary = train_controlnet(cfg)
     if os.environ.get("RANK", "0") == "0":  # one report per run, not per process
         keys = ("global_step", "final_loss", "seconds", "exported")
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
-        hint = {"train": ": resume with --resume_from_checkpoint latest",
+        hint = {"train": saved_so_far(getattr(args, "run_output_dir", None)),
                 "demo": ": run it again to resume", "pretrain-base": ": run it again to resume"}.get(args.command, "")
         print(f"\n{what}{hint}", file=sys.stderr)  # on a line of its own, after any progress bar
         return 143 if isinstance(e, Terminated) else 130

@@ -19,6 +19,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipes = recipes_for(CustomDiffusionConfig)
     recipe = merge(custom_diffusion_defaults(), recipes[args.recipe]() if args.recipe else {})
     cfg = config_from_args(CustomDiffusionConfig, args, recipe)
+    args.run_output_dir = cfg.train.output_dir  # for the message if it is interrupted
     summary = train_custom_diffusion(cfg)
     if os.environ.get("RANK", "0") == "0":  # one report per run, not per process
         print(json.dumps({k: summary[k] for k in ("global_step", "final_loss", "seconds", "exported") if k in summary},

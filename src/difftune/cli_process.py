@@ -93,3 +93,18 @@ def stop_on_sigterm():
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def saved_so_far(output_dir: str | None) -> str:
+    """What an interrupted training run leaves to resume from, for the line printed as it stops."""
+    from pathlib import Path
+
+    from .checkpoint import list_checkpoints
+
+    if output_dir is None:  # stopped before the run was configured
+        return ""
+    done = list_checkpoints(Path(output_dir) / "checkpoints")
+    if not done:
+        return f": no checkpoint was saved yet in {output_dir}, so a rerun starts from the beginning"
+    return (f": the newest checkpoint is {done[-1]} (step {done[-1].name.rsplit('-', 1)[1]}); resume from it with "
+            "the same command and --resume_from_checkpoint latest")

@@ -174,6 +174,7 @@ def warn_changed_settings(out: Path, run_config: Any, resume_from: Path) -> list
                     "start a new run in another --output_dir.")
             if key not in RESUMABLE_CHANGES and old != value:
                 changes.append(f"--{key} {'(unset)' if old is None else old} -> {'(unset)' if value is None else value}")
+    _warn_replanned_schedule(saved, now, resume_from)
     if changes:
         log.warning(
             "resuming from %s with settings that differ from the run that wrote it: %s. The checkpoint's optimizer "
@@ -181,6 +182,21 @@ def warn_changed_settings(out: Path, run_config: Any, resume_from: Path) -> list
             "data resumes after the samples already seen; the rest takes the new values, so the run is no "
             "longer the uninterrupted one.", resume_from, "; ".join(changes))
     return changes
+
+
+def _warn_replanned_schedule(saved: dict, now: dict, resume_from: Path) -> None:
+    """A decaying learning-rate schedule is planned over the run's length: resuming with another
+    --max_train_steps (or --num_train_epochs) replans it, so the rate jumps at the resume point."""
+    schedule = (now.get("optim") or {}).get("lr_scheduler")
+    if schedule in ("constant", "constant_with_warmup"):
+        return
+    length = [f"--{key} {(saved.get('train') or {}).get(key)} -> {(now.get('train') or {}).get(key)}"
+              for key in ("max_train_steps", "num_train_epochs")
+              if (saved.get("train") or {}).get(key, (now.get("train") or {}).get(key)) != (now.get("train") or {}).get(key)]
+    if length:
+        log.warning("resuming from %s with %s: the %s learning-rate schedule is planned anew over the new length, so "
+                    "the rate jumps at the resume point to where a run of that length would be (not where the "
+                    "checkpoint's schedule was going).", resume_from, " and ".join(length), schedule)
 
 
 def refuse_sharded_launch() -> None:

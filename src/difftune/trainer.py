@@ -172,6 +172,7 @@ class Trainer:
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(root)
+            ckpt.clean_stale_temp_files(self.out, self.out / "validation")
 
         t_setup = time.perf_counter()
         try:
