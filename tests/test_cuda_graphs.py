@@ -71,7 +71,7 @@ def test_cuda_graphs_flag_values(tmp_path):
     cfg_file.write_text('{"cuda_graphs": true}')
     assert graphs(["--config", str(cfg_file)]) == "yes"
     assert ControlNetTrainConfig(cuda_graphs=False).cuda_graphs == "no"
-    with pytest.raises(ConfigError, match="--cuda_graphs 'maybe': choose no, yes or auto"):
+    with pytest.raises(ConfigError, match="--cuda_graphs 'maybe': choose from no, yes, auto"):
         ControlNetTrainConfig(cuda_graphs="maybe")
 
 

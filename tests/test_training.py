@@ -515,6 +515,18 @@ def test_resume_says_which_settings_changed_and_a_damaged_checkpoint_is_named(ti
         train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=4, checkpointing_steps=1,
                                      resume_from_checkpoint="checkpoint-3"))
     assert "checkpoint-3/difftune_config.json (Expecting" in caplog.text and "cannot be listed" in caplog.text
+    # damaged without a change of size (bytes overwritten with NaNs): named before the new run writes anything
+    from safetensors.torch import save_file
+
+    weights = load_file(str(out / "checkpoints" / "checkpoint-3" / "trainable.safetensors"))
+    name = sorted(weights)[len(weights) // 2]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(out / "checkpoints" / "checkpoint-3" / "trainable.safetensors"))
+    elsewhere = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError, match=rf"checkpoint-3 is damaged: {name} holds NaN"):
+        train_controlnet(make_config(tiny_model_dir, fill_dir, elsewhere, max_train_steps=5,
+                                     resume_from_checkpoint=str(out / "checkpoints" / "checkpoint-3")))
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_run_over_mostly_unreadable_samples_stops_with_the_reason(tiny_model_dir, tmp_path):

@@ -21,16 +21,37 @@ from .errors import ConfigError
 log = logging.getLogger("difftune")
 
 
+def check_fits(resumed: dict, resume_from: Path, method: Any) -> None:
+    """Before anything of the new run is written: the checkpoint was made by this method, its weights
+    have this run's names and shapes (not another base model's or family's), and hold finite values (a
+    file damaged on disk without changing its size would otherwise resume, or export, NaNs)."""
+    written_by = resumed["state"].method
+    if written_by is not None and written_by != method.name:
+        raise ConfigError(f"{resume_from} was written by a {written_by} run; this is a {method.name} "
+                          "run. Resume it with the command that trained it, or use a new --output_dir.")
+    ours, theirs = method.state_tensors(), resumed["weights"]
+    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    shapes = [k for k in ours if k in theirs and tuple(ours[k].shape) != tuple(theirs[k].shape)]
+    if missing or unexpected or shapes:
+        what = (f"{len(missing)} tensor(s) missing, e.g. {missing[0]}" if missing else
+                f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}" if unexpected else
+                f"{shapes[0]} is {tuple(theirs[shapes[0]].shape)} there, {tuple(ours[shapes[0]].shape)} here")
+        raise ConfigError(f"{resume_from}'s weights do not fit this run's model ({what}): it was made with another "
+                          "base model (or model family) or method. Resume with that run's settings, or use a new "
+                          "--output_dir.")
+    bad = next((k for k, v in theirs.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+    if bad is not None:
+        raise ConfigError(f"{resume_from} is damaged: {bad} holds NaN or infinite values, which difftune never "
+                          f"saves (a file changed on disk?). Resume from an earlier checkpoint "
+                          f"(--resume_from_checkpoint checkpoint-N), or use a new --output_dir.")
+
+
 def restore(resumed: dict, resume_from: Path, root: Path, method: Any, optimizer, lr_scheduler, generator,
             accelerator, changes: list[str]) -> ckpt.TrainState:
     """Load checkpoint ``resumed`` (read from ``resume_from``) into the run whose checkpoints go to ``root``; its
     TrainState, to continue from. ``changes``: the settings that differ from the checkpoint's run
     (``guards.warn_changed_settings``)."""
-    written_by = resumed["state"].method
-    if written_by is not None and written_by != method.name:
-        raise ConfigError(f"{resume_from} was written by a {written_by} run; this is a {method.name} "
-                          "run. Resume it with the command that trained it, or use a new --output_dir.")
-    try:
+    try:  # (``check_fits`` has refused what cannot load, before the run wrote anything)
         method.load_state_tensors(resumed["weights"])
     except RuntimeError as e:  # torch's strict load: missing or unexpected tensors, other shapes
         first = str(e).strip().splitlines()[0]

@@ -31,7 +31,8 @@ from .guards import (claim_output_dir, clear_earlier_run, refuse_sharded_launch,
 from .optim import (build_lr_scheduler, build_optimizer, check_optimizer_available, check_optimizer_in_backward,
                     effective_learning_rate)
 from .profiling import StepProfiler
-from .resuming import config_to_record, data_position, learning_rate_used, nothing_left_to_train, restore
+from .resuming import (check_fits, config_to_record, data_position, learning_rate_used, nothing_left_to_train,
+                       restore)
 from .trackers import Trackers, drop_metrics_after, requested_trackers
 from .validation import Validator, load_validation_images
 
@@ -180,6 +181,8 @@ class Trainer:
                                         accelerator.num_processes)
             check_optimizer_available(self.optim_cfg)
             modules = self.method.setup(accelerator)
+            if resumed:
+                check_fits(resumed, resume_from, self.method)
             loader = self._data(accelerator, seed)
             validation_pairs = load_validation_images(self.val_cfg)
             lr = effective_learning_rate(
