@@ -281,6 +281,9 @@ def test_resume_equals_uninterrupted(tiny_model_dir, star_dir, tmp_path, monkeyp
     (image,) = generate(str(tiny_model_dir), None, None, "<new1> star", num_inference_steps=2,  # as the seed's
                         custom_diffusion=tmp_path / "part" / "checkpoints" / "checkpoint-2")  # inference from one
     assert image.size == (64, 64)
+    (same,) = generate(prompt="<new1> star", num_inference_steps=2,  # by keywords alone: the run's recorded base
+                       custom_diffusion=tmp_path / "part" / "checkpoints" / "checkpoint-2")
+    assert np.array_equal(np.asarray(same), np.asarray(image))
     train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "part", resume_from_checkpoint="latest", **kw))
     for name in ("pytorch_custom_diffusion_weights.safetensors", "<new1>.safetensors"):
         a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "part" / name))

@@ -290,3 +290,20 @@ def test_the_model_cards_code_runs_for_the_built_in_base(fill_dir, tmp_path):
     scope: dict = {}
     exec(code, scope)  # noqa: S102 - the card's own example, as a user would paste it
     assert scope["pipe"].unet.config.sample_size * 4 == 64 and scope["pipe"].controlnet is not None
+
+
+def test_generate_from_python_checks_its_arguments_like_the_cli(tmp_path):
+    from difftune.api import generate
+    from difftune.errors import ConfigError
+
+    bad = [(dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),  # decoded noise
+           (dict(num_inference_steps=2.5), "num_inference_steps must be an integer >= 1, got 2.5"),
+           (dict(num_images=0), "num_images must be an integer >= 1, got 0"),  # a reshape error
+           (dict(guidance_scale="7"), "guidance_scale must be a number, got '7'"),
+           (dict(prompt=["a", "b"]), "prompt must be a string"),
+           (dict(image=None), "a ControlNet needs a conditioning image")]
+    for change, message in bad:  # all refused before any model loads (the folders do not exist)
+        kw = {"pretrained_model_name_or_path": str(tmp_path / "no-model"), "controlnet": str(tmp_path / "no-cn"),
+              "image": str(tmp_path / "c.png"), "prompt": "x", **change}
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            generate(**kw)

@@ -85,11 +85,29 @@ def warn_unknown_tokens(prompt: str | list[str], tokens: list[str], folder: str 
     return unknown
 
 
+def _check_generate_arguments(prompt, image, controlnet, steps, num_images, guidance, scale, seed) -> None:
+    """What the CLI's argument types check, for a call from Python (the pipeline would fail with a reshape
+    error, or quietly decode noise for 0 steps)."""
+    if not isinstance(prompt, str):
+        raise ConfigError(f"generate: prompt must be a string, got {prompt!r} (one prompt per call; num_images "
+                          "sets how many images).")
+    for name, value in (("num_inference_steps", steps), ("num_images", num_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"generate: {name} must be an integer >= 1, got {value!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"generate: seed must be an integer, got {seed!r}.")
+    for name, value in (("guidance_scale", guidance), ("controlnet_conditioning_scale", scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"generate: {name} must be a number, got {value!r}.")
+    if controlnet is not None and image is None:
+        raise ConfigError("generate: a ControlNet needs a conditioning image (image=PATH or a PIL image).")
+
+
 def generate(
-    pretrained_model_name_or_path: str,
-    controlnet: str | Path | None,
-    image: str | Path | Image.Image | None,
-    prompt: str,
+    pretrained_model_name_or_path: str | None = None,
+    controlnet: str | Path | None = None,
+    image: str | Path | Image.Image | None = None,
+    prompt: str | None = None,
     num_inference_steps: int = 20,
     seed: int = 0,
     guidance_scale: float = 7.5,
@@ -122,16 +140,28 @@ def generate(
     conditional half of classifier-free guidance only, so guidance amplifies the control too
     (``pipelines.controlnet_in_guidance``).
 
+    ``pretrained_model_name_or_path`` None: the base the adapter was trained on (as recorded in its folder),
+    else tiny-shapes; ``vae`` None with it: the VAE that run trained with. So
+    ``generate(prompt="a <new1> star", custom_diffusion="cd1")`` is a whole call.
+
     fp16 on CUDA, fp32 on the CPU; the same seed gives the same images.
     """
     from .data.transforms import check_resolution
-    from .models import check_controlnet_source, load_base_model, load_controlnet
+    from .models import check_controlnet_source, load_base_model, load_controlnet, resolve_base, resolve_vae
     from .pipelines import controlnet_pipeline, run_controlnet_pipeline
 
     if control_guidance not in CONTROL_GUIDANCE:
         raise ConfigError(f"--control_guidance {control_guidance!r} is not one of {', '.join(CONTROL_GUIDANCE)}.")
     if control_guidance != "both" and controlnet is None:
         raise UserError("--control_guidance sets how a ControlNet enters guidance: it needs --controlnet.")
+    if controlnet is None and custom_diffusion is None:
+        raise UserError("generate needs a ControlNet (--controlnet), a Custom Diffusion folder (--custom_diffusion), "
+                        "or both.")
+    _check_generate_arguments(prompt, image, controlnet, num_inference_steps, num_images, guidance_scale,
+                              controlnet_conditioning_scale, seed)
+    if pretrained_model_name_or_path is None:
+        vae = resolve_vae(vae, None, controlnet)
+    pretrained_model_name_or_path = resolve_base(pretrained_model_name_or_path, controlnet, custom_diffusion)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if resolution is not None:
@@ -141,9 +171,6 @@ def generate(
     base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae)
     res = resolution or base.native_resolution
     _check_latent_multiple(res, base.vae_scale_factor)
-    if controlnet is None and custom_diffusion is None:
-        raise UserError("generate needs a ControlNet (--controlnet), a Custom Diffusion folder (--custom_diffusion), "
-                        "or both.")
     if controlnet is None:
         from .custom_diffusion.class_images import text2image_pipeline
 
