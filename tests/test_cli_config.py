@@ -168,6 +168,10 @@ def test_missing_model_folder_and_offline_hub_id(tmp_path, fill_dir):
     (tmp_path / "half" / "unet").mkdir()
     with pytest.raises(ModelLoadError, match="missing sub-folder"):
         load_base_model(str(tmp_path / "half"))
+    (tmp_path / "work" / "model").mkdir(parents=True)  # pretrain-base's --out: the model is in OUT/model
+    (tmp_path / "work" / "model" / "model_index.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"It holds one, though: give --pretrained_model_name_or_path .*work/model"):
+        load_base_model(str(tmp_path / "work"))
     with pytest.raises(ModelLoadError, match="could not be fetched from the Hugging Face Hub"):
         load_base_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
 

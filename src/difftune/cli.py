@@ -262,7 +262,7 @@ def cmd_pretrain_base(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), steps=args.max_train_steps, n=args.n)
+    run_demo(Path(args.out), steps=args.max_train_steps, n=args.n, eval_n=args.eval_n)
     return 0
 
 
@@ -416,9 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     register_custom_diffusion(sub, train, ev)
 
     pb = sub.add_parser("pretrain-base", help="train the tiny-shapes base model from scratch (what ships)")
-    pb.add_argument("--out", required=True)
-    pb.add_argument("--n_images", type=at_least(1), default=20000)
-    pb.add_argument("--vae_steps", type=at_least(1), default=1500)
+    pb.add_argument("--out", required=True,
+                    help="work folder: the finished base model is written to OUT/model (give that folder as "
+                         "--pretrained_model_name_or_path); OUT/vae, the stages' checkpoints and the log beside it")
+    pb.add_argument("--n_images", type=at_least(1), default=20000, help="shapes-world images generated to train on")
+    pb.add_argument("--vae_steps", type=at_least(1), default=1500, help="optimizer steps of the VAE stage")
     pb.add_argument("--unet_steps", type=at_least(0), default=2000, help="0: train and save the VAE only (out/vae)")
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--stop_at_step", type=at_least(1), default=None,
@@ -430,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--world", choices=("standard", "wide"), default="standard",
                     help="standard (ships): shapes fully in frame; wide: half of the images with fill50k's "
                          "geometry too (smaller shapes, cut by the border)")
-    pb.add_argument("--vae_batch", type=at_least(1), default=32)
-    pb.add_argument("--unet_batch", type=at_least(1), default=64)
+    pb.add_argument("--vae_batch", type=at_least(1), default=32, help="images per VAE optimizer step")
+    pb.add_argument("--unet_batch", type=at_least(1), default=64, help="images per UNet optimizer step")
     pb.add_argument("--checkpointing_steps", type=at_least(1), default=250,
                     help="save a resumable checkpoint of the stage every N steps; the same command run again "
                          "continues a killed run from the newest (default: 250)")
@@ -442,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="difftune-demo")
     d.add_argument("--max_train_steps", type=at_least(1), default=None)
     d.add_argument("--n", type=at_least(1), default=None, help="fill50k samples to generate")
+    d.add_argument("--eval_n", type=at_least(1), default=200,
+                   help="held-out conditions the evaluation samples (most of the demo's time; 16 for a quick look)")
     d.set_defaults(func=cmd_demo)
     from .bench.cli import register as register_bench
 

@@ -128,9 +128,12 @@ def _hub_hint(name: str, err: Exception, advice: str = BASE_FOLDER_ADVICE) -> Mo
 def check_local_folder(path: Path, needed: tuple[str, ...]) -> None:
     missing = [sub for sub in needed if not (path / sub).is_dir()]
     if missing:
+        inside = [p.parent for p in sorted(path.glob("*/model_index.json"))]  # (pretrain-base writes OUT/model)
+        hint = (f" It holds one, though: give --pretrained_model_name_or_path {inside[0]}." if inside else
+                " Export one with `pipe.save_pretrained(DIR)`.")
         raise ModelLoadError(
             f"{path} is not a diffusers-layout Stable Diffusion folder: missing sub-folder(s) "
-            f"{', '.join(missing)}. Export one with `pipe.save_pretrained(DIR)`."
+            f"{', '.join(missing)}.{hint}"
         )
 
 
