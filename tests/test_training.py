@@ -563,3 +563,11 @@ def test_resume_from_a_checkpoint_that_is_not_there_says_so(tmp_path):
     (tmp_path / "checkpoint-5").mkdir()  # a folder without the state file: named as incomplete
     with pytest.raises(ConfigError, match="checkpoint-5 is not a complete difftune checkpoint"):
         ckpt.resolve_resume(tmp_path, "checkpoint-5")
+
+
+def test_training_from_python_leaves_the_callers_random_state_alone(tiny_model_dir, fill_dir, tmp_path):
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "run", max_train_steps=1))
+    assert torch.equal(torch.rand(3), expected)  # training seeded torch with its own --seed, and gave it back

@@ -26,6 +26,13 @@ def resolve_seed(cfg: Any) -> Any:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=random.randrange(2**31)))
 
 
+def _callers_random_state_kept():
+    """Training seeds torch's global generator (for its own reproducibility); a library call gives the
+    caller's CPU random state back as it found it. (CUDA generators are not forked: that would touch every
+    GPU from every process of a multi-GPU launch.)"""
+    return torch.random.fork_rng(devices=[])
+
+
 def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
     """Train a ControlNet as configured; returns the run summary (also in OUTPUT_DIR/train_summary.json).
 
@@ -36,8 +43,9 @@ def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
     from .trainer import Trainer
 
     cfg = resolve_seed(cfg)
-    method = ControlNetMethod(cfg, base=base)
-    return Trainer(method, method.cfg).fit()  # method.cfg: family and resolution resolved
+    with _callers_random_state_kept():
+        method = ControlNetMethod(cfg, base=base)
+        return Trainer(method, method.cfg).fit()  # method.cfg: family and resolution resolved
 
 
 def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
@@ -51,8 +59,9 @@ def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
     from .trainer import Trainer
 
     cfg = resolve_seed(cfg)
-    method = CustomDiffusionMethod(cfg, base=base)
-    return Trainer(method, method.cfg).fit()  # method.cfg: resolution resolved
+    with _callers_random_state_kept():
+        method = CustomDiffusionMethod(cfg, base=base)
+        return Trainer(method, method.cfg).fit()  # method.cfg: resolution resolved
 
 
 def _open_condition(path: str | Path) -> Image.Image:

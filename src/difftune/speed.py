@@ -14,6 +14,7 @@ H200 had not finished compiling after 270 s. Hence no recipe turns it on.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -53,6 +54,9 @@ def apply_compile(mode: str, *modules: torch.nn.Module) -> None:
         return
     import torch._dynamo
 
+    if all(p.device.type == "cpu" for m in modules for p in itertools.islice(m.parameters(), 1)):
+        log.warning("--torch_compile %s on the CPU: inductor builds C++ kernels for every block first (minutes "
+                    "before the first step, each time the shapes change); it pays off on a GPU.", mode)
     # blocks of one class recompile once per distinct input shape (a UNet's ResNet blocks
     # see a dozen); the default limit of 8 would silently fall back to eager for the rest
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
