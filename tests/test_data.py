@@ -500,6 +500,13 @@ def test_an_image_and_condition_of_other_shapes_are_named_once(tmp_path, caplog)
     assert all(item is not None for item in items)  # trained all the same, as diffusers would
     said = [r.getMessage() for r in caplog.records if "no longer line up" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("row 1 ") and "32x16" in said[0] and "16x16" in said[0]
+    assert not any("upscaled" in r.getMessage() for r in caplog.records)  # 16 px and up, at --resolution 8
+    caplog.clear()
+    examples = ControlNetExamples(table, "image", "conditioning_image", "text", resolution=24)
+    with caplog.at_level(logging.WARNING):
+        items = [examples[k] for k in range(len(examples))]
+    said = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("row 0 ") and "smaller than --resolution 24" in said[0]
 
 
 @pytest.mark.parametrize("captions, message", [

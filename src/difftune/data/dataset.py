@@ -75,6 +75,7 @@ class _ExampleBuilder:
         self.interpolation = interpolation
         self.epoch = 0
         self._aspect_warned = False
+        self._upscale_warned = False
 
     def _warn_misaligned(self, image_size: tuple[int, int], conditioning_size: tuple[int, int], index: int) -> None:
         """Once per run: an image and its condition of other shapes are center-cropped differently, so the
@@ -131,6 +132,11 @@ class _ExampleBuilder:
         }
         if image is not None:
             self._warn_misaligned(image.size, conditioning.size, index)
+            if not self._upscale_warned and min(image.size) < r:
+                self._upscale_warned = True
+                logger.warning("%s of %s: the image is %dx%d, smaller than --resolution %d on its short side, so it "
+                               "is upscaled (blurry); further rows are not reported (`difftune data check` lists "
+                               "them all)", where, self.table.description, image.size[0], image.size[1], r)
             _, crop_top_left = resize_center_crop_geometry(image.size, r)
             example["pixel_values"] = image_to_tensor(resize_center_crop(image, r, mode))
             # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): size before resizing, crop offset
