@@ -94,15 +94,22 @@ def test_source_fingerprint_and_commit_name_the_code_that_ran(tmp_path):
     assert git_commit(pkg) == head + "+modified"
 
 
-def test_unknown_flag_is_an_error_record_not_a_crash(bench_out, tmp_path):
+def test_a_failing_configuration_is_an_error_record_not_a_crash(bench_out, tmp_path, capsys):
     out, _ = bench_out
-    rc = main(["bench", "--arch", "tiny", "--configs", "bogus", "--add_config", "bogus=--no_such_flag --seed 1",
-               "--steps", "4", "--warmup", "1", "--model", str(out / "model-tiny"),
-               "--data", str(out / "fill50k-64px-16"), "--out", str(tmp_path), "--peak_tflops", "1"])
+    common = ["--steps", "4", "--warmup", "1", "--model", str(out / "model-tiny"),
+              "--data", str(out / "fill50k-64px-16"), "--out", str(tmp_path), "--peak_tflops", "1"]
+    # a flag that is no training flag: refused before anything is built
+    assert main(["bench", "--arch", "tiny", "--configs", "bogus", "--add_config", "bogus=nosuchbase --seed 1",
+                 *common]) == 2
+    assert "--add_config bogus: 'nosuchbase --seed 1' are not `difftune train controlnet` flags" in \
+        capsys.readouterr().err and not (tmp_path / "bench.json").exists()
+    # flags that parse but cannot train: the run fails, and is recorded as such
+    rc = main(["bench", "--arch", "tiny", "--configs", "bogus", "--add_config", "bogus=--resolution 60 --seed 1",
+               *common])
     assert rc == 1
     (record,) = json.loads((tmp_path / "bench.json").read_text())["records"]
-    assert record["status"] == "error" and record["flags"] == ["--no_such_flag", "--seed", "1"]
-    assert "--no_such_flag" in record["error"] and "--no_such_flag" in record["stderr_tail"]
+    assert record["status"] == "error" and record["flags"] == ["--resolution", "60", "--seed", "1"]
+    assert "--resolution 60" in record["error"] and "--resolution 60" in record["stderr_tail"]
     assert "| bogus | error |" in (tmp_path / "bench.md").read_text()
 
 

@@ -8,13 +8,22 @@ import shlex
 from ..errors import UserError
 
 
-def _extra_configs(specs: list[str] | None) -> dict[str, list[str]]:
+def _extra_configs(specs: list[str] | None, method: str = "controlnet") -> dict[str, list[str]]:
+    """NAME=FLAGS configurations, their flags parsed now as `difftune train METHOD` would: a typo is
+    refused before the model and data are built, not recorded as a failed run minutes later."""
+    from ..cli import build_parser
+
     extra = {}
     for spec in specs or []:
         name, sep, flags = spec.partition("=")
         if not sep or not name.strip():
             raise UserError(f"--add_config {spec!r}: write NAME='--flag value ...'.")
         extra[name.strip()] = shlex.split(flags)
+        try:
+            build_parser().parse_args(["train", method, *extra[name.strip()]])
+        except SystemExit:  # argparse has printed what is wrong
+            raise UserError(f"--add_config {name.strip()}: {flags!r} are not `difftune train {method}` flags (the "
+                            "line above says which one is wrong).") from None
     return extra
 
 
@@ -43,7 +52,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .runner import METHODS
     from .suite import run_bench
 
-    extra = _extra_configs(args.add_config)
+    extra = _extra_configs(args.add_config, args.method)
     if args.list_configs:
         base = "(batch 2 + 2 class images, fp32)" if args.method == "custom-diffusion" else "(batch 4, fp32)"
         for name, flags in {**METHODS[args.method], **extra}.items():
