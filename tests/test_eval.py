@@ -97,7 +97,7 @@ def test_eval_on_the_training_data_says_so(tiny_model_dir, fill_dir, tmp_path, c
 
     from difftune.api import train_controlnet
     from difftune.cli import main
-    from difftune.models import recorded_base, recorded_train_data
+    from difftune.recorded import recorded_base, recorded_train_data
     from conftest import make_config
 
     monkeypatch.chdir(tmp_path)

@@ -156,7 +156,8 @@ def generate(
     fp16 on CUDA, fp32 on the CPU; the same seed gives the same images.
     """
     from .data.transforms import check_resolution
-    from .models import check_controlnet_source, load_base_model, load_controlnet, resolve_base, resolve_vae
+    from .models import check_controlnet_source, load_base_model, load_controlnet
+    from .recorded import resolve_base, resolve_vae
     from .pipelines import controlnet_pipeline, run_controlnet_pipeline
 
     if control_guidance not in CONTROL_GUIDANCE:

@@ -64,7 +64,7 @@ def check_image_out(out: Path, flag: str = "--out") -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import generate
-    from .models import resolve_base, resolve_vae
+    from .recorded import resolve_base, resolve_vae
 
     if not args.controlnet and not args.custom_diffusion:
         raise UserError("generate needs --controlnet DIR (with --image), --custom_diffusion DIR, or both (a "
@@ -217,7 +217,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_eval_controlnet(args: argparse.Namespace) -> int:
     from .eval.run import eval_controlnet, format_table
-    from .models import resolve_base, resolve_vae
+    from .recorded import resolve_base, resolve_vae
 
     with out_dir(args.out):  # a failed evaluation leaves no empty --out
         result = eval_controlnet(resolve_base(args.pretrained_model_name_or_path, controlnet=args.controlnet),

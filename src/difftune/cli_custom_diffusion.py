@@ -49,7 +49,7 @@ def base_of(args: argparse.Namespace, folder: str | Path) -> str:
     """The base model: --pretrained_model_name_or_path, else the one the folder was trained on (its
     custom_diffusion.json), so that a concept is never merged, compressed or evaluated on another base."""
     from .custom_diffusion.export import read_meta
-    from .models import resolve_base
+    from .recorded import resolve_base
 
     read_meta(folder)  # a folder that is no Custom Diffusion output is named as such
     return resolve_base(args.pretrained_model_name_or_path, custom_diffusion=folder)

@@ -209,7 +209,7 @@ def condition_targets(metric: str | None, n: int, resolution: int, seed: int, da
 def _is_training_data(data: str | Path, controlnet: str | Path) -> bool:
     """Whether ``data`` is the folder the ControlNet trained on (its run records it): said as a warning, since
     scores on training conditions measure how well it learned them, not how it does on new ones."""
-    from ..models import recorded_train_data
+    from ..recorded import recorded_train_data
 
     trained = recorded_train_data(controlnet)
     if trained is None or Path(data).resolve() != trained.resolve():

@@ -31,8 +31,9 @@ from ..custom_diffusion import surgery
 from ..custom_diffusion.class_images import ensure_class_images, text2image_pipeline
 from ..custom_diffusion.export import save_custom_diffusion
 from ..errors import ConfigError, DataError
-from ..models import BaseModel, default_resolution, load_base_model, local_or_name
+from ..models import BaseModel, default_resolution, load_base_model
 from ..noising import DiffusionObjective, latent_moments, sample_latents, to_device, tokenize
+from ..recorded import local_or_name
 from ..speed import apply_compile, to_channels_last
 from .controlnet import weight_dtype_for
 

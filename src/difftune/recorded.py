@@ -1,0 +1,132 @@
+"""What an adapter's folder records about the run that trained it, read back when sampling or evaluating
+with it: the base model (and VAE) it was trained on, and its training data (so that an evaluation can
+refuse to score on it). ``difftune generate`` / ``eval`` use these when no base is given."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from .models import DEFAULT_MODEL
+
+
+def resolve_vae(explicit: str | None, explicit_base: str | None, controlnet: str | Path | None) -> str | None:
+    """--pretrained_vae_model_name_or_path for sampling: the one given, else the one the ControlNet's run trained
+    with (e.g. an fp16-safe SDXL VAE) when the base is also the recorded one, else None (the base's own VAE)."""
+    if explicit or explicit_base or controlnet is None:
+        return explicit
+    import json
+
+    folder = Path(controlnet)
+    for path in (folder / "difftune_config.json", folder.parent.parent / "difftune_config.json"):
+        try:
+            saved = json.loads(path.read_text())
+            vae = saved["model"]["pretrained_vae_model_name_or_path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(vae, str) and vae:
+            vae = _as_recorded(vae, path, saved)
+            print(f"VAE: {vae} (recorded in {path}; --pretrained_vae_model_name_or_path to choose another)",
+                  file=sys.stderr)
+            return vae
+        return None
+    return None
+
+
+def recorded_base(controlnet: str | Path | None = None, custom_diffusion: str | Path | None = None) -> tuple[str, Path] | None:
+    """The base model an adapter folder was trained on, as its run recorded it, and the file that says so:
+    a Custom Diffusion folder's custom_diffusion.json, a ControlNet run folder's difftune_config.json (also
+    for one of its checkpoints, two levels below). None when nothing records it (e.g. a downloaded ControlNet)."""
+    import json
+
+    candidates: list[tuple[Path, tuple[str, ...]]] = []
+    if custom_diffusion is not None:
+        candidates.append((Path(custom_diffusion) / "custom_diffusion.json", ("base_model",)))
+    if controlnet is not None:
+        folder = Path(controlnet)
+        for run in (folder, folder.parent.parent):
+            candidates.append((run / "difftune_config.json", ("model", "pretrained_model_name_or_path")))
+    for path, keys in candidates:
+        try:
+            saved = json.loads(path.read_text())
+            value: Any = saved
+            for key in keys:
+                value = value[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, str) and value:
+            return _as_recorded(value, path, saved), path
+    return None
+
+
+def local_or_name(name_or_path: str) -> str:
+    """A local folder as an absolute path (a run's record is read from other folders later); anything else
+    (a Hub id, a built-in name) as given."""
+    local = Path(name_or_path).expanduser()
+    return str(local.resolve()) if local.is_dir() else name_or_path
+
+
+def _training_dir(run: Path, output_dir: Any) -> Path | None:
+    """The folder a run was started in, from where it is now and its --output_dir as recorded (relative to
+    that folder); None when that cannot be told (an absolute or '..' output_dir, a moved run)."""
+    out = Path(output_dir) if isinstance(output_dir, str) and output_dir else Path("/")
+    run_parts, out_parts = run.resolve().parts, out.parts  # Path drops "." parts
+    if out.is_absolute() or not out_parts or ".." in out_parts or run_parts[-len(out_parts):] != out_parts:
+        return None
+    return Path(*run_parts[: len(run_parts) - len(out_parts)])
+
+
+def _as_recorded(value: str, config: Path, saved: dict) -> str:
+    """A path a run's config recorded as typed (relative to where training ran): as it reads from here.
+    Kept as it is when it reads from here already, or is no local path there (a Hub id, a built-in name)."""
+    if Path(value).expanduser().exists() or Path(value).is_absolute():
+        return value
+    where = _training_dir(_run_of(config), (saved.get("train") or {}).get("output_dir"))
+    return str(where / value) if where is not None and (where / value).exists() else value
+
+
+def _run_of(config: Path) -> Path:
+    """The run folder of a difftune_config.json: its own folder, or for a checkpoint's copy
+    (OUTPUT_DIR/checkpoints/checkpoint-N/), the output folder two levels up."""
+    folder = config.parent
+    return folder.parent.parent if folder.parent.name == "checkpoints" else folder
+
+
+def recorded_train_data(controlnet: str | Path) -> Path | None:
+    """The folder a ControlNet run (or one of its checkpoints) trained on, as an absolute path: its
+    difftune_config.json's --train_data_dir, which a relative path resolves against the folder training ran
+    in (where --output_dir, recorded as given, leads to the run). None when nothing records one."""
+    import json
+
+    folder = Path(controlnet)
+    for config in (folder / "difftune_config.json", folder.parent.parent / "difftune_config.json"):
+        run = _run_of(config)
+        try:
+            saved = json.loads(config.read_text())
+            data, output_dir = saved["data"]["train_data_dir"], saved["train"]["output_dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(data, str) or not data:
+            return None
+        data_path = Path(data).expanduser()
+        if data_path.is_absolute():
+            return data_path
+        where = _training_dir(run, output_dir)
+        return None if where is None else where / data_path
+    return None
+
+
+def resolve_base(explicit: str | None, controlnet: str | Path | None = None,
+                 custom_diffusion: str | Path | None = None) -> str:
+    """--pretrained_model_name_or_path, else the base the adapter was trained on (said on stderr), else
+    the built-in tiny-shapes: an adapter is never sampled on a base it was not trained for by default."""
+    if explicit:
+        return explicit
+    found = recorded_base(controlnet, custom_diffusion)
+    if found is None:
+        return DEFAULT_MODEL
+    base, source = found
+    print(f"base model: {base} (recorded in {source}; --pretrained_model_name_or_path to choose another)",
+          file=sys.stderr)
+    return base
