@@ -157,6 +157,11 @@ def test_config_sections_made_in_code_are_checked_too():
     one = ValidationConfig(validation_prompt="a red circle", validation_image="c.png")  # not 12 and 5 'items'
     assert one.pairs() == [("a red circle", "c.png")]
     assert TrainConfig(output_dir=Path("out")).output_dir == "out"
+    # YAML's bare `no` is a boolean: for a choice of 'no' it means the word
+    bare = from_dict(ControlNetConfig, {"train_data_dir": "d", "mixed_precision": False, "torch_compile": False})
+    assert (bare.train.mixed_precision, bare.train.torch_compile) == ("no", "no")
+    with pytest.raises(ConfigError, match="from_dict builds a whole run config .* not ControlNetTrainConfig"):
+        from_dict(type(bare.train), {"seed": 1})
 
 
 def test_missing_model_folder_and_offline_hub_id(tmp_path, fill_dir):

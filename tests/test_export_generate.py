@@ -299,7 +299,11 @@ def test_generate_from_python_checks_its_arguments_like_the_cli(tmp_path):
     bad = [(dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),  # decoded noise
            (dict(num_inference_steps=2.5), "num_inference_steps must be an integer >= 1, got 2.5"),
            (dict(num_images=0), "num_images must be an integer >= 1, got 0"),  # a reshape error
-           (dict(guidance_scale="7"), "guidance_scale must be a number, got '7'"),
+           (dict(guidance_scale="7"), "guidance_scale must be a finite number, got '7'"),
+           (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number, got inf"),  # black images
+           (dict(seed=-1), "seed must be >= 0"),
+           (dict(pretrained_model_name_or_path="red circle with blue background", prompt=None),
+            "the first argument is the base model; pass the prompt as prompt="),
            (dict(prompt=["a", "b"]), "prompt must be a string"),
            (dict(image=None), "a ControlNet needs a conditioning image")]
     for change, message in bad:  # all refused before any model loads (the folders do not exist)

@@ -47,7 +47,8 @@ def _inputs(base, n=2):
     return torch.randn(n, 4, 8, 8, generator=g), prompt.encoder_hidden_states, added, torch.rand(n, 3, 64, 64, generator=g)
 
 
-def test_family_detection_loading_and_resolution(tiny_sdxl_dir, tiny_model_dir, sdxl_base, fill_dir, tmp_path):
+def test_family_detection_loading_and_resolution(tiny_sdxl_dir, tiny_model_dir, sdxl_base, fill_dir, tmp_path,
+                                                 monkeypatch):
     from difftune.errors import ModelLoadError
     from difftune.families import detect_family
     from difftune.methods.controlnet import ControlNetMethod
@@ -66,6 +67,11 @@ def test_family_detection_loading_and_resolution(tiny_sdxl_dir, tiny_model_dir, 
         == len(sdxl_base.tokenizer_2)
     with pytest.raises(ModelLoadError, match="--tokenizer_name .*nowhere: there is no such folder"):
         load_base_model(str(tiny_sdxl_dir), tokenizer_name=str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tiny_sdxl_dir.parent)  # a typo in a relative path is that, not a Hub id
+    with pytest.raises(ModelLoadError, match="--tokenizer_name .*/tokenizr: there is no such folder"):
+        load_base_model(str(tiny_sdxl_dir), tokenizer_name=f"{tiny_sdxl_dir.name}/tokenizr")
+    with pytest.raises(ModelLoadError, match=r"is a model folder: give its tokenizer, --tokenizer_name .*/tokenizer\."):
+        load_base_model(str(tiny_sdxl_dir), tokenizer_name=str(tiny_sdxl_dir))
     damaged = tmp_path / "damaged"
     shutil.copytree(tiny_sdxl_dir, damaged)
     for weights in (damaged / "text_encoder_2").glob("model*.safetensors"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -100,14 +101,16 @@ def _check_generate_arguments(prompt, image, controlnet, steps, num_images, guid
     if not isinstance(prompt, str):
         raise ConfigError(f"generate: prompt must be a string, got {prompt!r} (one prompt per call; num_images "
                           "sets how many images).")
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
+        raise ConfigError(f"generate: seed must be >= 0, got {seed}.")
     for name, value in (("num_inference_steps", steps), ("num_images", num_images)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"generate: {name} must be an integer >= 1, got {value!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"generate: seed must be an integer, got {seed!r}.")
     for name, value in (("guidance_scale", guidance), ("controlnet_conditioning_scale", scale)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"generate: {name} must be a number, got {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"generate: {name} must be a finite number, got {value!r}.")
     if controlnet is not None and image is None:
         raise ConfigError("generate: a ControlNet needs a conditioning image (image=PATH or a PIL image).")
 
@@ -167,6 +170,10 @@ def generate(
     if controlnet is None and custom_diffusion is None:
         raise UserError("generate needs a ControlNet (--controlnet), a Custom Diffusion folder (--custom_diffusion), "
                         "or both.")
+    if prompt is None and isinstance(pretrained_model_name_or_path, str) and " " in pretrained_model_name_or_path \
+            and not Path(pretrained_model_name_or_path).expanduser().exists():
+        raise ConfigError(f"generate: {pretrained_model_name_or_path!r} was given as the base model, and no prompt: "
+                          "the first argument is the base model; pass the prompt as prompt=....")
     _check_generate_arguments(prompt, image, controlnet, num_inference_steps, num_images, guidance_scale,
                               controlnet_conditioning_scale, seed)
     if pretrained_model_name_or_path is None:

@@ -98,14 +98,26 @@ def typed_value(name: str, hint: Any, value: Any) -> Any:
 
 def _typed_section(section_cls: type, values: dict) -> dict:
     hints = typing.get_type_hints(section_cls)
-    # a flag that may stand alone (``--cuda_graphs`` = yes) also takes true/false; its section maps them
+    # a flag that may stand alone (``--cuda_graphs`` = yes) also takes true/false; its section maps them. A
+    # choice of 'no' / 'yes' written bare in YAML (``mixed_precision: no``) arrives as a boolean: it means the word
     switch = {f.name for f in dataclasses.fields(section_cls) if f.metadata.get("bare") is not None}
-    return {k: v if k in switch and isinstance(v, bool) else typed_value(k, hints.get(k, Any), v)
-            for k, v in values.items()}
+    words = {f.name: f.metadata["choices"] for f in dataclasses.fields(section_cls) if f.metadata.get("choices")}
+
+    def value_of(k: str, v: Any) -> Any:
+        if isinstance(v, bool) and k in words and ("yes" if v else "no") in words[k]:
+            return "yes" if v else "no"
+        return v if k in switch and isinstance(v, bool) else typed_value(k, hints.get(k, Any), v)
+
+    return {k: value_of(k, v) for k, v in values.items()}
 
 
 def from_dict(cfg_cls: type, values: dict) -> Any:
     """Build a run config from a nested or flat dict (see ``nest``), each value checked against its field's type."""
+    if not dataclasses.is_dataclass(cfg_cls) or not all(
+            f.default_factory is not dataclasses.MISSING for f in dataclasses.fields(cfg_cls)):
+        raise ConfigError(f"from_dict builds a whole run config (difftune.ControlNetConfig or "
+                          f"difftune.CustomDiffusionConfig), not {getattr(cfg_cls, '__name__', cfg_cls)!s}: its "
+                          "settings go in the same flat dict.")
     secs = sections(cfg_cls)
     nested = nest(cfg_cls, values)
     try:

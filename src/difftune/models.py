@@ -214,15 +214,18 @@ def _load_tokenizer(name_or_path: str, common: dict):
     from transformers import AutoTokenizer
 
     local = Path(name_or_path).expanduser()
-    if not local.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+    if not local.exists() and (not _looks_like_hub_id(name_or_path) or local.parent.is_dir()):
         raise ModelLoadError(f"--tokenizer_name {name_or_path}: there is no such folder.")
+    if (local / "tokenizer").is_dir() and not (local / "tokenizer_config.json").is_file():
+        raise ModelLoadError(f"--tokenizer_name {local} is a model folder: give its tokenizer, "
+                             f"--tokenizer_name {local / 'tokenizer'}.")
     try:
         return AutoTokenizer.from_pretrained(str(local) if local.exists() else name_or_path, **common)
     except (OSError, ValueError) as e:
         if local.exists():
             raise ModelLoadError(f"--tokenizer_name {local}: no tokenizer could be read there ({e}). Give a "
                                  f"folder holding tokenizer files (e.g. a model's tokenizer/ folder).") from None
-        raise _hub_hint(name_or_path, e) from None
+        raise _hub_hint(name_or_path, e, "Pass a local tokenizer folder instead (e.g. a model's tokenizer/).") from None
 
 
 def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):
