@@ -101,13 +101,13 @@ def _check_generate_arguments(prompt, image, controlnet, steps, num_images, guid
     if not isinstance(prompt, str):
         raise ConfigError(f"generate: prompt must be a string, got {prompt!r} (one prompt per call; num_images "
                           "sets how many images).")
-    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
-        raise ConfigError(f"generate: seed must be >= 0, got {seed}.")
     for name, value in (("num_inference_steps", steps), ("num_images", num_images)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"generate: {name} must be an integer >= 1, got {value!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"generate: seed must be an integer, got {seed!r}.")
+    if seed < 0:
+        raise ConfigError(f"generate: seed must be >= 0, got {seed}.")
     for name, value in (("guidance_scale", guidance), ("controlnet_conditioning_scale", scale)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"generate: {name} must be a finite number, got {value!r}.")

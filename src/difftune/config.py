@@ -50,6 +50,10 @@ def check_fields(section: Any) -> None:
                 raise ConfigError(f"Section {f.name!r} must be a {kind}, got {type(value).__name__} — build the "
                                   f"whole config from a dict with from_dict({type(section).__name__}, {{...}}).")
             continue
+        choices = f.metadata.get("choices")
+        if choices and isinstance(value, bool) and ("yes" if value else "no") in choices:
+            value = "yes" if value else "no"  # YAML's bare no / yes, or a switch given true/false
+            setattr(section, f.name, value)
         if kind == "str" and isinstance(value, os.PathLike):  # a folder given as a Path
             value = os.fspath(value)
             setattr(section, f.name, value)
@@ -62,7 +66,6 @@ def check_fields(section: Any) -> None:
         expected = _SIMPLE_TYPES.get(kind)
         if expected and (not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool))):
             raise ConfigError(f"Setting {f.name!r} (--{f.name}) must be {_TYPE_WORDS[kind]}, got {value!r}.")
-        choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f"--{f.name} {value!r}: choose from {', '.join(map(str, choices))}.")
 
@@ -329,11 +332,6 @@ class ControlNetTrainConfig(TrainConfig):
         "Store the frozen UNet's Linear/Conv weights in float8 (e4m3, one scale per output channel), dequantised "
         "as each layer runs: half the memory of bf16 weights, at a few percent of difference in the UNet's output.",
     )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.cuda_graphs, bool):  # true/false in a config file or an earlier run's saved config
-            self.cuda_graphs = "yes" if self.cuda_graphs else "no"
-        super().__post_init__()
 
 
 def require_at_least_one(section: Any, *names: str) -> None:

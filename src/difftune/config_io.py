@@ -98,17 +98,11 @@ def typed_value(name: str, hint: Any, value: Any) -> Any:
 
 def _typed_section(section_cls: type, values: dict) -> dict:
     hints = typing.get_type_hints(section_cls)
-    # a flag that may stand alone (``--cuda_graphs`` = yes) also takes true/false; its section maps them. A
-    # choice of 'no' / 'yes' written bare in YAML (``mixed_precision: no``) arrives as a boolean: it means the word
-    switch = {f.name for f in dataclasses.fields(section_cls) if f.metadata.get("bare") is not None}
-    words = {f.name: f.metadata["choices"] for f in dataclasses.fields(section_cls) if f.metadata.get("choices")}
-
-    def value_of(k: str, v: Any) -> Any:
-        if isinstance(v, bool) and k in words and ("yes" if v else "no") in words[k]:
-            return "yes" if v else "no"
-        return v if k in switch and isinstance(v, bool) else typed_value(k, hints.get(k, Any), v)
-
-    return {k: value_of(k, v) for k, v in values.items()}
+    # a boolean for a field with choices (YAML reads a bare ``mixed_precision: no`` as false; ``cuda_graphs:
+    # true``) goes to the section as it is: ``config.check_fields`` maps it to 'no' / 'yes' or names the setting
+    choices = {f.name for f in dataclasses.fields(section_cls) if f.metadata.get("choices")}
+    return {k: v if k in choices and isinstance(v, bool) else typed_value(k, hints.get(k, Any), v)
+            for k, v in values.items()}
 
 
 def from_dict(cfg_cls: type, values: dict) -> Any:

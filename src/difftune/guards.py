@@ -190,9 +190,9 @@ def _warn_replanned_schedule(saved: dict, now: dict, resume_from: Path) -> None:
     schedule = (now.get("optim") or {}).get("lr_scheduler")
     if schedule in ("constant", "constant_with_warmup"):
         return
-    length = [f"--{key} {(saved.get('train') or {}).get(key)} -> {(now.get('train') or {}).get(key)}"
-              for key in ("max_train_steps", "num_train_epochs")
-              if (saved.get("train") or {}).get(key, (now.get("train") or {}).get(key)) != (now.get("train") or {}).get(key)]
+    before, after = saved.get("train") or {}, now.get("train") or {}
+    length = [f"--{key} {before[key]} -> {after.get(key)}" for key in ("max_train_steps", "num_train_epochs")
+              if key in before and before[key] != after.get(key)]
     if length:
         log.warning("resuming from %s with %s: the %s learning-rate schedule is planned anew over the new length, so "
                     "the rate jumps at the resume point to where a run of that length would be (not where the "

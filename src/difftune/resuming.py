@@ -51,13 +51,7 @@ def restore(resumed: dict, resume_from: Path, root: Path, method: Any, optimizer
     """Load checkpoint ``resumed`` (read from ``resume_from``) into the run whose checkpoints go to ``root``; its
     TrainState, to continue from. ``changes``: the settings that differ from the checkpoint's run
     (``guards.warn_changed_settings``)."""
-    try:  # (``check_fits`` has refused what cannot load, before the run wrote anything)
-        method.load_state_tensors(resumed["weights"])
-    except RuntimeError as e:  # torch's strict load: missing or unexpected tensors, other shapes
-        first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"{resume_from}'s weights do not fit this run's model ({first}): it was made "
-                          "with another base model or method. Resume with that run's settings, or use a "
-                          "new --output_dir.") from None
+    method.load_state_tensors(resumed["weights"])  # names and shapes: ``check_fits`` has compared them
     try:
         optimizer.load_state_dict(resumed["optimizer"])
     except (ValueError, KeyError) as e:

@@ -28,8 +28,7 @@ from .config import OptimConfig, TrainConfig, ValidationConfig, save_resolved, t
 from .errors import UserError
 from .guards import (claim_output_dir, clear_earlier_run, refuse_sharded_launch, refuse_unreadable_data,
                      refuse_unreadable_start, warn_changed_settings)
-from .optim import (build_lr_scheduler, build_optimizer, check_optimizer_available, check_optimizer_in_backward,
-                    effective_learning_rate)
+from .optim import build_lr_scheduler, build_optimizer, check_optimizer_in_backward, effective_learning_rate
 from .profiling import StepProfiler
 from .resuming import (check_fits, config_to_record, data_position, learning_rate_used, nothing_left_to_train,
                        restore)
@@ -179,7 +178,6 @@ class Trainer:
         try:
             check_optimizer_in_backward(self.optim_cfg, cfg.gradient_accumulation_steps, accelerator.mixed_precision,
                                         accelerator.num_processes)
-            check_optimizer_available(self.optim_cfg)
             modules = self.method.setup(accelerator)
             if resumed:
                 check_fits(resumed, resume_from, self.method)
