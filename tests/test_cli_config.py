@@ -240,6 +240,27 @@ def test_counts_below_their_minimum_are_refused_with_the_flag(argv, flag, capsys
     assert exit_.value.code == 2 and flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["train", "controlnet", "--train_batchsize", "2"],  # a typo: the near spelling
+     "difftune train controlnet: error: --train_batchsize is not a flag of `difftune train controlnet`: did you "
+     "mean --train_batch_size?"),
+    (["train", "controlnet", "--modifier_token", "<new1>"],  # the other trainer's flag
+     "--modifier_token is not a flag of `difftune train controlnet`: it is a flag of `difftune train "
+     "custom-diffusion`"),
+    (["train", "custom-diffusion", "--controlnet_model_name_or_path", "x"],
+     "it is a flag of `difftune train controlnet`"),
+    (["data", "fill50k", "--out", "x", "--resolutoin=64"], "did you mean --resolution?"),
+    (["generate", "--prompt", "a", "red", "circle"], "unexpected argument(s) 'red' 'circle': a value with spaces "
+     "needs quotes"),
+])
+def test_unknown_flags_are_named_with_what_was_meant(argv, said, capsys):
+    from difftune.cli import parse_command
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_command(argv)
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_optional_packages_give_install_hints(tiny_model_dir, fill_dir, tmp_path, monkeypatch):
     import importlib.util
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import UserError
 
 from .cli_flags import (  # noqa: F401 (re-exported)
-    add_config_flags, add_launcher_flags, add_vae_flag, at_least, config_from_args, out_dir,
+    add_config_flags, add_launcher_flags, add_vae_flag, at_least, config_from_args, out_dir, refuse_unknown,
 )
 from .cli_process import Terminated, redact_secrets, saved_so_far, show_messages, stop_on_sigterm  # noqa: F401 (re-exported)
 
@@ -453,10 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_command(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; a flag no command has, or one of another command, is refused naming it."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        refuse_unknown(parser, argv, unknown)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     show_messages()
-    args = build_parser().parse_args(argv)
+    args = parse_command(sys.argv[1:] if argv is None else list(argv))
     sys.argv[:] = redact_secrets(sys.argv)  # parsed: nothing after this needs the token in the command line
     previous = stop_on_sigterm()
     try:

@@ -123,3 +123,62 @@ def add_vae_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained_vae_model_name_or_path",
                         help="a VAE in place of the base's (e.g. an fp16-safe SDXL VAE; default: the one the "
                              "ControlNet's run recorded, when the base is too)")
+
+
+# ----------------------------------------------------------------------------- unknown flags
+def _sub_choices(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse keeps sub-commands as an action; no public accessor
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Every command's own parser, with the words that reach it (``("train", "controlnet")``)."""
+    subs = _sub_choices(parser)
+    if not subs:
+        yield path, parser
+    for name, sub in subs.items():
+        yield from _leaves(sub, (*path, name))
+
+
+def _leaf_for(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[tuple[str, ...], argparse.ArgumentParser]:
+    path: tuple[str, ...] = ()
+    rest = list(argv)
+    while subs := _sub_choices(parser):
+        i = next((i for i, tok in enumerate(rest) if tok in subs), None)
+        if i is None:
+            break
+        path, parser, rest = (*path, rest[i]), subs[rest[i]], rest[i + 1:]
+    return path, parser
+
+
+def refuse_unknown(parser: argparse.ArgumentParser, argv: list[str], unknown: list[str]) -> typing.NoReturn:
+    """argparse's "unrecognized arguments" said by the command at fault, with its usage, and with what
+    the user probably meant: a flag of the same command spelled nearly so (``--train_batchsize``), or a
+    flag that belongs to another command (``--modifier_token`` given to ``train controlnet``)."""
+    import difflib
+
+    path, leaf = _leaf_for(parser, argv)
+    known = [s for s in leaf._option_string_actions if s.startswith("--")]
+    elsewhere: dict[str, list[str]] = {}
+    for other_path, other in _leaves(parser):
+        if other_path != path:
+            for flag in other._option_string_actions:
+                elsewhere.setdefault(flag, []).append("difftune " + " ".join(other_path))
+    flags = [tok for tok in unknown if tok.startswith("-") and not re.fullmatch(r"-[\d.]+(e-?\d+)?", tok)]
+    if not flags:
+        leaf.error(f"unexpected argument(s) {' '.join(map(repr, unknown))}: a value with spaces needs quotes "
+                   "(--prompt \"a red circle\")")
+    command = " ".join(("difftune", *path))
+    lines = []
+    for tok in flags:
+        name = tok.split("=", 1)[0]
+        hint = ""
+        if name in elsewhere:
+            cmds = elsewhere[name]
+            hint = f": it is a flag of `{cmds[0]}`" + (f" (and {len(cmds) - 1} other commands)" if len(cmds) > 1 else "")
+        elif close := difflib.get_close_matches(name, known, n=2, cutoff=0.75):
+            hint = f": did you mean {' or '.join(close)}?"
+        lines.append(f"{name} is not a flag of `{command}`{hint}")
+    leaf.error("; ".join(lines) + f" (`{command} --help` lists its flags)")

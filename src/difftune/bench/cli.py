@@ -11,7 +11,7 @@ from ..errors import UserError
 def _extra_configs(specs: list[str] | None, method: str = "controlnet") -> dict[str, list[str]]:
     """NAME=FLAGS configurations, their flags parsed now as `difftune train METHOD` would: a typo is
     refused before the model and data are built, not recorded as a failed run minutes later."""
-    from ..cli import build_parser
+    from ..cli import parse_command
 
     extra = {}
     for spec in specs or []:
@@ -20,7 +20,7 @@ def _extra_configs(specs: list[str] | None, method: str = "controlnet") -> dict[
             raise UserError(f"--add_config {spec!r}: write NAME='--flag value ...'.")
         extra[name.strip()] = shlex.split(flags)
         try:
-            build_parser().parse_args(["train", method, *extra[name.strip()]])
+            parse_command(["train", method, *extra[name.strip()]])
         except SystemExit:  # argparse has printed what is wrong
             raise UserError(f"--add_config {name.strip()}: {flags!r} are not `difftune train {method}` flags (the "
                             "line above says which one is wrong).") from None

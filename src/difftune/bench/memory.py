@@ -240,14 +240,14 @@ def estimate_controlnet_memory(arch: str, flags: list[str], *, steps: int = 2, f
     on real CPU tensors (small models only: it is how the tests check the fake count).
     Returns ``{"peak_gib", "by_kind_gib", "peak_at", "ops_per_step", "seconds", "exact": False}``.
     """
-    from ..cli import build_parser, config_from_args
+    from ..cli import config_from_args, parse_command
     from ..config import ControlNetConfig
     from ..methods.controlnet import ControlNetMethod
     from ..optim import build_optimizer
     from ..trainer import autocast_cache_enabled
 
-    args = build_parser().parse_args(["train", "controlnet", "--output_dir", "memory-estimate",
-                                      "--train_data_dir", "none (estimate)", *flags])
+    args = parse_command(["train", "controlnet", "--output_dir", "memory-estimate",
+                          "--train_data_dir", "none (estimate)", *flags])
     cfg = config_from_args(ControlNetConfig, args)
     t = cfg.train
     if t.torch_compile != "no":
