@@ -427,6 +427,35 @@ def test_an_export_over_an_earlier_one_removes_what_is_no_longer_its_own(tiny_ba
         read_meta(tmp_path / "nope")
 
 
+def test_an_export_killed_half_way_is_refused_not_read_with_the_earlier_embeddings(tiny_base, tmp_path,
+                                                                                   monkeypatch):
+    """Export again over an earlier export (a resumed run), killed after the new weights: the earlier
+    embedding and settings would load with them as one concept. The folder is refused as unfinished."""
+    import torch
+
+    import difftune.custom_diffusion.export as export
+    from difftune.errors import ModelLoadError
+
+    out = tmp_path / "out"
+    export.save_custom_diffusion(out, tiny_base.unet, {}, {"<new1>": torch.zeros(4)}, {})
+    real = export.save_file
+
+    def killed_at_the_embedding(tensors, path, **kw):
+        if "<new1>" in tensors:
+            raise KeyboardInterrupt
+        real(tensors, path, **kw)
+
+    monkeypatch.setattr(export, "save_file", killed_at_the_embedding)
+    with pytest.raises(KeyboardInterrupt):
+        export.save_custom_diffusion(out, tiny_base.unet, {}, {"<new1>": torch.ones(4)}, {})
+    with pytest.raises(ModelLoadError, match="its export did not finish .*--resume_from_checkpoint latest"):
+        export.read_meta(out)
+    monkeypatch.setattr(export, "save_file", real)
+    export.save_custom_diffusion(out, tiny_base.unet, {}, {"<new1>": torch.ones(4)}, {})  # the resumed export
+    assert export.read_meta(out)["embeddings"] == {"<new1>": "<new1>.safetensors"}
+    assert torch.equal(export.read_embedding(out, "<new1>", "<new1>.safetensors"), torch.ones(4))
+
+
 def test_resume_refuses_another_set_of_trained_weights_and_ignores_the_file_format(tiny_model_dir, tmp_path):
     from difftune.config import to_dict
     from difftune.guards import warn_changed_settings

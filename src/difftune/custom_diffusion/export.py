@@ -49,10 +49,17 @@ def full_processor_dict(unet: torch.nn.Module, weights: dict[str, torch.Tensor],
 
 def save_custom_diffusion(output_dir: str | Path, unet: torch.nn.Module, weights: dict[str, torch.Tensor],
                           embeddings: dict[str, torch.Tensor], meta: dict, safe: bool = True) -> list[Path]:
-    """Write the weight file, one embedding file per token and the metadata; return the paths."""
+    """Write the weight file, one embedding file per token and the metadata; return the paths.
+
+    Each file is written atomically, and the set is too, as loaders see it: an earlier export's
+    ``custom_diffusion.json`` goes first and the new one is written last, so an export killed half-way
+    leaves a folder that is refused as unfinished, never new weights read with old embeddings.
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = full_processor_dict(unet, weights, safe)
+    earlier = _exported_files(out)
+    (out / META).unlink(missing_ok=True)
     written = []
     if safe:
         written.append(atomic_write(out / WEIGHTS_SAFE, lambda p: save_file(state, str(p), metadata={"format": "pt"})))
@@ -65,7 +72,6 @@ def save_custom_diffusion(output_dir: str | Path, unet: torch.nn.Module, weights
                                else (lambda p, t=tensors: torch.save(t, p))))
     meta = dict(meta, weight_name=written[0].name, embeddings={t: f"{t}.{'safetensors' if safe else 'bin'}"
                                                                for t in embeddings})
-    earlier = _exported_files(out)
     written.append(atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")))
     for name in earlier - {p.name for p in written}:  # an earlier run's tokens or weight format: no longer this folder's
         (out / name).unlink(missing_ok=True)
@@ -90,6 +96,11 @@ def read_meta(folder: str | Path, flag: str = "--custom_diffusion") -> dict:
                              "output folder or one of its checkpoints/checkpoint-N.")
     if not path.is_file():
         done = [p for p in list_checkpoints(Path(folder) / "checkpoints") if (p / META).is_file()]
+        if any((Path(folder) / n).is_file() for n in (WEIGHTS_SAFE, WEIGHTS_BIN)):  # save_custom_diffusion's order
+            raise ModelLoadError(f"{flag} {folder}: its export did not finish (there is a weight file but no {META},"
+                                 " which is written last). Run the training command again with "
+                                 "--resume_from_checkpoint latest to export it again"
+                                 + (f", or give {done[-1]} (the latest checkpoint)." if done else "."))
         hint = (f" It is a run that has not finished, but each checkpoint loads: give {done[-1]} (the latest),"
                 " or finish the run with --resume_from_checkpoint latest." if done else
                 " Give a `difftune train custom-diffusion` output folder or one of its checkpoints/checkpoint-N.")
