@@ -164,7 +164,7 @@ def test_config_sections_made_in_code_are_checked_too():
         from_dict(type(bare.train), {"seed": 1})
 
 
-def test_missing_model_folder_and_offline_hub_id(tmp_path, fill_dir):
+def test_missing_model_folder_and_offline_hub_id(tmp_path, fill_dir, monkeypatch):
     from difftune.models import load_base_model
 
     with pytest.raises(ModelLoadError, match="does not exist"):
@@ -177,8 +177,16 @@ def test_missing_model_folder_and_offline_hub_id(tmp_path, fill_dir):
     (tmp_path / "work" / "model" / "model_index.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=r"It holds one, though: give --pretrained_model_name_or_path .*work/model"):
         load_base_model(str(tmp_path / "work"))
-    with pytest.raises(ModelLoadError, match="could not be fetched from the Hugging Face Hub"):
-        load_base_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    import transformers
+
+    def no_part_is_tried(*args, **kwargs):  # each would wait out the hub's retries again without a network
+        raise AssertionError("a part was loaded from a hub id that could not be reached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.AutoTokenizer, "from_pretrained", no_part_is_tried)
+        with pytest.raises(ModelLoadError, match=r"could not be fetched from the Hugging Face Hub \(HF_HUB_OFFLINE is "
+                                                 r"set\)\. Give --pretrained_model_name_or_path a local"):
+            load_base_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
 def test_cli_reports_user_errors_without_traceback(tmp_path, fill_dir, capsys):

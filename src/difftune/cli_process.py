@@ -34,6 +34,12 @@ class _StderrHandler(logging.StreamHandler):
 def show_messages() -> None:
     """On the command line, difftune's progress messages ("resumed from ...", "encoding ... into the
     cache") go to stderr with its warnings; a library user configures logging as they like."""
+    import warnings
+
+    # diffusers passes huggingface_hub an argument it has retired: a notice no user can act on, printed
+    # above difftune's own message whenever a hub id is looked up
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated",
+                            category=UserWarning)
     logger = logging.getLogger("difftune")
     if not logger.handlers:
         handler = _StderrHandler()

@@ -187,20 +187,22 @@ def detect_family(name_or_path: str, revision: str | None = None, cache_dir: str
     """"sdxl" or "sd" from a model folder's ``model_index.json`` (or its UNet config).
 
     SDXL pipelines are named ``StableDiffusionXL...`` and list ``text_encoder_2``; an SDXL UNet
-    has ``addition_embed_type: text_time``. A hub id is looked up in its cached
-    ``model_index.json``; if that cannot be read, "sd" (``--model_family`` overrides, and
-    ``check_unet_family`` catches a wrong guess once the UNet is loaded).
+    has ``addition_embed_type: text_time``. A hub id is looked up in its
+    ``model_index.json`` (or the cached copy); a repository without one is "sd" (``--model_family``
+    overrides, and ``check_unet_family`` catches a wrong guess once the UNet is loaded). A hub id that
+    cannot be reached raises the hub's error: every part of the model would fail the same way.
     """
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
         index, unet = _read_json(folder / "model_index.json"), _read_json(folder / "unet" / "config.json")
     else:
-        try:
-            from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HFValidationError, RemoteEntryNotFoundError
 
+        try:
             index = _read_json(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision,
                                                     cache_dir=cache_dir)))
-        except Exception:  # offline, no such repo: the loader reports it properly
+        except (HFValidationError, RemoteEntryNotFoundError):  # no repository name; a repository without one
             index = {}
         unet = {}
     if "XL" in str(index.get("_class_name", "")) or index.get("text_encoder_2"):

@@ -109,15 +109,17 @@ def base_in_code(name_or_path: str) -> tuple[list[str], str]:
     return [], f'"{name_or_path}"'
 
 
-BASE_FOLDER_ADVICE = ("Pass a local diffusers-layout folder (with model_index.json, unet/, vae/, text_encoder/, "
-                      "tokenizer/, scheduler/).")
+BASE_FOLDER_ADVICE = ("Give --pretrained_model_name_or_path a local diffusers-layout folder (with model_index.json, "
+                      "unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
 
 
 def _hub_hint(name: str, err: Exception, advice: str = BASE_FOLDER_ADVICE) -> ModelLoadError:
     """Why a name that is no local folder could not come from the Hub; ``advice`` says what to pass instead
     (a base model's layout by default: a ControlNet's is another)."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    why = "HF_HUB_OFFLINE is set" if offline else "no network or no such repository"
+    why = ("HF_HUB_OFFLINE is set" if offline else
+           "no network or no such repository; with HF_HUB_OFFLINE=1 a machine without network fails at once "
+           "instead of after the hub's retries, and uses what is in the Hugging Face cache")
     return ModelLoadError(
         f"Could not load '{name}': it is not a local folder, and it could not be fetched from the "
         f"Hugging Face Hub ({why}). {advice} Underlying error: {type(err).__name__}: {err}"
@@ -161,7 +163,10 @@ def load_base_model(
         raise ModelLoadError(f"--model_family {family!r}: choose auto, {', '.join(FAMILIES)}.")
     given = family
     if family == "auto":
-        family = detect_family(name_or_path, revision, cache_dir)
+        try:  # (first: offline, each part would fail the same way, one network timeout after another)
+            family = detect_family(name_or_path, revision, cache_dir)
+        except Exception as e:  # noqa: BLE001 — the hub's errors have no common base
+            raise _hub_hint(name_or_path, e) from None
     fam = FAMILIES[family]
     if local.exists():
         if not local.is_dir():
