@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import write_data_with_a_corrupt_image
@@ -46,6 +47,10 @@ def test_two_process_run_with_cache_checkpoints_and_resume(tiny_model_dir, fill_
     done = _launch(tiny_model_dir, fill_dir, out, "--max_train_steps", "3", "--checkpointing_steps", "2",
                    "--cache_latents", "--max_train_samples", "20")
     assert done.stdout.count("ControlNet saved") == 1  # one report, from rank 0
+    # the batch of a step is said once, counting both processes (and so is every progress line)
+    assert done.stderr.count("3 optimizer steps of 4 samples (batch 2 x 2 processes x accumulation 1)") == 1
+    assert done.stderr.count("data columns:") == 1
+    assert "Optimizer steps: 3 of 4 samples (batch 2 x 2 processes" in (out / "README.md").read_text()
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]  # written once, not once per process
     (cache,) = (out / "encoded-cache").iterdir()
@@ -76,6 +81,21 @@ def test_two_process_run_with_cache_checkpoints_and_resume(tiny_model_dir, fill_
             "--cache_latents", "--max_train_samples", "20")
     a, b = (load_file(str(d / "diffusion_pytorch_model.safetensors")) for d in (out, full))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6 * max(moved, 1.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs accelerate joins the processes")
+def test_a_launch_that_accelerate_does_not_join_is_refused(tiny_model_dir, fill_dir, tmp_path):
+    """Two processes started without ACCELERATE_USE_CPU on a machine with no GPU: accelerate sets each up
+    as a run of its own, and both trained the whole run into one folder, then exited 0."""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "difftune",
+           "train", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--train_data_dir",
+           str(fill_dir), "--output_dir", str(tmp_path / "run"), "--resolution", "64", "--max_train_steps", "2"]
+    done = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    assert "This launch started 2 processes (WORLD_SIZE=2), but accelerate joined 1" in done.stderr
+    assert "ACCELERATE_USE_CPU=1" in done.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_each_process_gets_its_own_random_state_back():

@@ -14,6 +14,7 @@ from PIL import Image
 
 from .config import CONTROL_GUIDANCE, ControlNetConfig
 from .errors import ConfigError, UserError
+from .guards import quiet_other_processes
 
 
 def resolve_seed(cfg: Any) -> Any:
@@ -44,6 +45,7 @@ def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
     from .trainer import Trainer
 
     cfg = resolve_seed(cfg)
+    quiet_other_processes()
     with _callers_random_state_kept():
         method = ControlNetMethod(cfg, base=base)
         return Trainer(method, method.cfg).fit()  # method.cfg: family and resolution resolved
@@ -60,6 +62,7 @@ def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
     from .trainer import Trainer
 
     cfg = resolve_seed(cfg)
+    quiet_other_processes()
     with _callers_random_state_kept():
         method = CustomDiffusionMethod(cfg, base=base)
         return Trainer(method, method.cfg).fit()  # method.cfg: resolution resolved

@@ -474,11 +474,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
+        code = 143 if isinstance(e, Terminated) else 130
+        if os.environ.get("RANK", "0") != "0":  # several processes: the message once, from the first
+            return code
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
         hint = {"train": saved_so_far(getattr(args, "run_output_dir", None)),
                 "demo": ": run it again to resume", "pretrain-base": ": run it again to resume"}.get(args.command, "")
         print(f"\n{what}{hint}", file=sys.stderr)  # on a line of its own, after any progress bar
-        return 143 if isinstance(e, Terminated) else 130
+        return code
     finally:
         if previous is not None:  # main() called in a longer-lived process (tests, a notebook)
             import signal

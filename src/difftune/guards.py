@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,35 @@ def refuse_sharded_launch() -> None:
                 "support: its checkpoints hold the whole optimizer state, which sharding splits across processes. "
                 "For less GPU memory use `--recipe low_memory --use_8bit_adam --fp8_frozen_unet` (SD 1.5 at 512 px, "
                 "batch 4: 3.95 GiB peak on an H200); for several GPUs, data parallel: `accelerate launch --multi_gpu`.")
+
+
+def refuse_lost_processes(num_processes: int) -> None:
+    """Stop when the launcher started more processes than accelerate joined into one run.
+
+    On a machine without a GPU, ``accelerate launch --multi_gpu --num_processes 2`` starts two
+    processes, and without ``ACCELERATE_USE_CPU=1`` each sets itself up as a run of its own: two
+    whole trainings writing the same checkpoints and export into one folder, each thinking it is
+    the only one, and a clean exit."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > num_processes:
+        raise ConfigError(
+            f"This launch started {launched} processes (WORLD_SIZE={launched}), but accelerate joined {num_processes}"
+            " into the run: each would train the whole run alone into the same --output_dir. Without a GPU, set "
+            f"ACCELERATE_USE_CPU=1: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} "
+            "-m difftune train ...` (`accelerate launch --cpu --num_processes N` starts one process).")
+
+
+def quiet_other_processes() -> None:
+    """Progress messages and model-loading bars from the first process only (warnings from every one):
+    with several processes each line would otherwise be printed once per process. Read from the
+    launcher's RANK, as the base model loads before accelerate is set up."""
+    if os.environ.get("RANK", "0") == "0":
+        return
+    logging.getLogger("difftune").setLevel(logging.WARNING)
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()

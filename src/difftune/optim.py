@@ -231,3 +231,11 @@ def learning_rate_text(summary: dict, optim_cfg) -> str:
     if optim_cfg.scale_lr and used != optim_cfg.learning_rate:
         return f"learning rate {used:g} (--learning_rate {optim_cfg.learning_rate:g} scaled by --scale_lr)"
     return f"learning rate {used:g}"
+
+
+def batch_text(batch_size: int, processes: int, accumulation: int) -> str:
+    """The samples an optimizer step trains on, and how they come about: "8 samples (batch 2 x 2 processes
+    x accumulation 2)"; the processes only when there are several."""
+    parts = [f"batch {batch_size}", *([f"{processes} processes"] if processes > 1 else []),
+             f"accumulation {accumulation}"]
+    return f"{batch_size * processes * accumulation} samples ({' x '.join(parts)})"

@@ -26,9 +26,10 @@ from . import checkpoint as ckpt
 from .batches import DeviceScalars, EpochSampler, Lookahead, images_in
 from .config import OptimConfig, TrainConfig, ValidationConfig, save_resolved, to_dict
 from .errors import UserError
-from .guards import (claim_output_dir, clear_earlier_run, refuse_sharded_launch, refuse_unreadable_data,
-                     refuse_unreadable_start, warn_changed_settings)
-from .optim import build_lr_scheduler, build_optimizer, check_optimizer_in_backward, effective_learning_rate
+from .guards import (claim_output_dir, clear_earlier_run, refuse_lost_processes,
+                     refuse_sharded_launch, refuse_unreadable_data, refuse_unreadable_start, warn_changed_settings)
+from .optim import (batch_text, build_lr_scheduler, build_optimizer, check_optimizer_in_backward,
+                    effective_learning_rate)
 from .profiling import StepProfiler
 from .resuming import (check_fits, config_to_record, data_position, learning_rate_used, nothing_left_to_train,
                        restore)
@@ -85,6 +86,7 @@ def make_accelerator(cfg: TrainConfig, trackers: list[str]):
         raise UserError(f"--mixed_precision {cfg.mixed_precision}: {e}") from None
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise fp16_refused
+    refuse_lost_processes(accelerator.num_processes)
     return accelerator
 
 
@@ -194,6 +196,10 @@ class Trainer:
             if accelerator.is_main_process:
                 ckpt.remove_if_no_files(made_out)
             raise
+        if len(loader.dataset) < cfg.train_batch_size * accelerator.num_processes and accelerator.is_main_process:
+            log.warning("The data set has %d samples, fewer than one batch across processes (--train_batch_size %d x %d "
+                        "processes): accelerate fills each batch by repeating samples.", len(loader.dataset),
+                        cfg.train_batch_size, accelerator.num_processes)
         if clear_earlier:  # only now: a flag or file at fault has failed above with the earlier run intact
             clear_earlier_run(accelerator, self.out, root)
         if accelerator.is_main_process:  # after the models, data and optimizer: a failed start records no run
@@ -214,6 +220,9 @@ class Trainer:
             lr = learning_rate_used(optimizer, lr, lr_before)
             state.micro_batches = data_position(state, len(self.sampler), micro_batch_samples)
         state.micro_batch_samples = micro_batch_samples
+        if accelerator.is_main_process:
+            log.info("%d optimizer steps of %s", max_steps,
+                     batch_text(cfg.train_batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps))
 
         if accelerator.is_main_process:  # steps logged after the checkpoint by the run that was killed: redone now
             drop_metrics_after(self.out / "metrics.jsonl", state.global_step)
@@ -234,6 +243,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()
         summary = self._loop(accelerator, prepared, optimizer, lr_scheduler, loader, generator, state, max_steps,
                              trackers, validator, root)
+        summary["processes"] = accelerator.num_processes  # (the batch per step: the model card says it)
         summary["learning_rate"] = lr  # the peak rate used: --learning_rate (the checkpoint's), scaled with --scale_lr
         if state.resumed_changes:
             summary["resumed_changes"] = state.resumed_changes
@@ -317,15 +327,15 @@ class Trainer:
                     used += weight > 0
                 if not used and accelerator.num_processes == 1:
                     continue  # nothing of this step's batches could be read: no step, no loss of 0 logged
-                # the loss summed over processes (is it finite everywhere?), this process's, to log, the
-                # run's skipped samples (every process's count), and the micro-batches that trained
+                # the loss summed over processes (is it finite everywhere? its mean is logged), the run's
+                # skipped samples (every process's count), and the micro-batches that trained (all processes')
                 used_now = torch.zeros((), device=accelerator.device) + used  # (a kernel, not a host copy)
                 total, run_skipped, run_used = accelerator.reduce(torch.stack([loss_sum, skipped, used_now]),
                                                                   reduction="sum")
                 if not used and not run_used.item():  # (a wait, on a process that read nothing only)
                     optimizer.zero_grad(set_to_none=self.optim_cfg.set_grads_to_none)
                     continue  # no process could read its batches: no step anywhere (all of them agree)
-                reading = DeviceScalars(torch.stack([total, loss_sum, run_skipped]))
+                reading = DeviceScalars(torch.stack([total, run_used, run_skipped]))
                 if cfg.nan_policy == "skip":  # the host decides whether to step: it waits for the loss here
                     if math.isfinite(reading.get()[0]):
                         self._step(accelerator, optimizer, lr_scheduler, params)
@@ -344,7 +354,6 @@ class Trainer:
                 images_seen += step_images * accelerator.num_processes
                 now = time.perf_counter()
                 record = {"step": state.global_step, "reading": reading, "nonfinite_steps": state.nonfinite_steps,
-                          "micro_batches": max(used, 1),
                           "scalars": {"lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_seen / (now - t_start),
                                       "step_seconds": round(now - t_step, 5), "data_wait_seconds": round(data_wait, 5)}}
                 bar.update(1)
@@ -393,15 +402,15 @@ class Trainer:
     def _report(self, record: dict, trackers, bar, root: Path) -> float:
         """Read a step's loss (waiting for it if need be), stop on a non-finite one (``--nan_policy stop``),
         log the step's scalars; returns the loss."""
-        total, local, skipped = record["reading"].get()
+        total, micro_batches, skipped = record["reading"].get()
+        loss = total / max(micro_batches, 1)  # the mean over every process's micro-batches that could be read
         if not math.isfinite(total) and self.cfg.nan_policy == "stop":
             last = ckpt.list_checkpoints(root)
             raise TrainingDiverged(
-                f"The loss is {local} at step {record['step']}. Training stopped there, and nothing after the "
+                f"The loss is {loss} at step {record['step']}. Training stopped there, and nothing after the "
                 f"last checkpoint ({last[-1] if last else 'none'}) was saved. Try a lower --learning_rate, "
                 "--mixed_precision bf16 instead of fp16, or --nan_policy skip to skip such steps."
             )
-        loss = local / record["micro_batches"]  # the mean over the micro-batches that could be read
         scalars = {"loss": loss, **record["scalars"]}
         if skipped:
             scalars["skipped_samples"] = int(skipped)

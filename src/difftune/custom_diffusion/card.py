@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import base_in_code
-from ..optim import learning_rate_text
+from ..optim import batch_text, learning_rate_text
 
 
 def model_card(method: Any, output_dir: Path, summary: dict) -> str:
@@ -35,8 +35,9 @@ def model_card(method: Any, output_dir: Path, summary: dict) -> str:
         f"- Trained: cross-attention {'K/V' if c.custom.freeze_model == 'crossattn_kv' else 'Q/K/V/out'} "
         f"({n_params:,} parameters) + {len(tokens)} embedding row(s); prior preservation: "
         f"{'on, weight ' + str(c.data.prior_loss_weight) if c.data.with_prior_preservation else 'off'}",
-        f"- Optimizer steps: {summary.get('global_step')} (batch {c.train.train_batch_size} x accumulation "
-        f"{c.train.gradient_accumulation_steps}), {learning_rate_text(summary, c.optim)}",
+        f"- Optimizer steps: {summary.get('global_step')} of "
+        f"{batch_text(c.train.train_batch_size, summary.get('processes', 1), c.train.gradient_accumulation_steps)}"
+        f", {learning_rate_text(summary, c.optim)}",
         f"- Final loss: {loss:.4f}" if isinstance(loss, float) else "",
         "",
         "```python",

@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..families import family_of, micro_conditions
 from ..models import BaseModel, base_in_code, default_resolution, load_base_model, load_controlnet
 from ..noising import DiffusionObjective, drop_captions, latent_moments, per_sample_error, sample_latents, to_device
-from ..optim import learning_rate_text
+from ..optim import batch_text, learning_rate_text
 from ..pipelines import controlnet_pipeline, run_controlnet_pipeline
 from ..encoded_cache import (
     CachedExamples, LatentCache, TextCache, build_latent_shards, build_text_cache, cache_key, distinct_captions,
@@ -423,8 +423,9 @@ class ControlNetMethod:
             f"- Base model: `{c.model.pretrained_model_name_or_path}`",
             *([f"- VAE: `{vae}`"] if vae else []),
             f"- Data: `{data}` at {self.resolution} px",
-            f"- Optimizer steps: {summary.get('global_step')} (batch {c.train.train_batch_size} x "
-            f"accumulation {c.train.gradient_accumulation_steps}), {learning_rate_text(summary, c.optim)}",
+            f"- Optimizer steps: {summary.get('global_step')} of "
+            f"{batch_text(c.train.train_batch_size, summary.get('processes', 1), c.train.gradient_accumulation_steps)}"
+            f", {learning_rate_text(summary, c.optim)}",
             f"- Final loss: {summary.get('final_loss'):.4f}" if summary.get("final_loss") is not None else "",
             f"- Trainable parameters: {count_parameters(self.controlnet):,}",
             "",
