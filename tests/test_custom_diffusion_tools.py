@@ -15,7 +15,7 @@ from PIL import Image
 from custom_diffusion_helpers import cd_config, write_concept
 from difftune.api import train_custom_diffusion
 from difftune.cli import main
-from difftune.errors import DataError
+from difftune.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,7 @@ def test_unreachable_backend_is_a_clear_error(tmp_path, capsys):
                  "--backend", f"http://127.0.0.1:{port}/knn-service", "--timeout", "5"])
     err = capsys.readouterr().err
     assert code == 2 and "cannot be reached" in err and "clip-retrieval back" in err
+    assert not (tmp_path / "r").exists()  # (it left an empty r/images/)
     # the seed's command, without a back-end: why there is none, and the two ways on
     code = main(["retrieve", "--class_prompt", "cat", "--class_data_dir", str(tmp_path / "r2"),
                  "--num_class_images", "200"])
@@ -119,6 +120,12 @@ def test_real_prior_from_a_captioned_folder_trains(tiny_model_dir, tmp_path):
     with pytest.raises(DataError, match=r"holds 3 real class image\(s\), fewer than --num_class_images 200.*"
                                         r"--num_class_images 3"):  # not a silent prior of 3 where 200 were asked
         train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "short", **settings))
+    with pytest.raises(ConfigError, match=r"--class_data_dir .*star is the concept's instance_data_dir: its photos "
+                                          r"would count as class images"):  # the prior would be the concept itself
+        train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "same", **dict(settings, class_data_dir=str(star))))
+    with pytest.raises(DataError, match=r"--real_prior: --class_data_dir .*nowhere does not exist\. Retrieve"):
+        train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "gone",
+                                         **dict(settings, class_data_dir=str(tmp_path / "nowhere"))))
     summary = train_custom_diffusion(cd_config(tiny_model_dir, tmp_path / "run", num_class_images=3, **settings))
     assert np.isfinite(summary["final_loss"])
     cfg = json.loads((tmp_path / "run" / "difftune_config.json").read_text())
@@ -205,6 +212,39 @@ def test_merge_and_compress_never_write_over_a_folder(tiny_model_dir, two_concep
     assert f"--output_dir {other} already exists and is not empty" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     assert (other / "pytorch_custom_diffusion_weights.safetensors").is_file()
+    # --overwrite never replaces a folder holding an input (a run whose checkpoint is compressed) or a base model
+    assert main(["custom-diffusion", "compress", "--custom_diffusion", str(two_concepts[0]), "--rank", "1",
+                 "--output_dir", str(two_concepts[0].parent), "--overwrite"]) == 2
+    assert f"holds {two_concepts[0]}, which this command reads" in capsys.readouterr().err
+    assert main([*args[:-1], str(tiny_model_dir), "--overwrite"]) == 2
+    assert "holds a base model (model_index.json)" in capsys.readouterr().err
+    assert (tiny_model_dir / "unet").is_dir()
+
+
+def test_merge_refuses_concepts_of_other_bases(tiny_model_dir, two_concepts, tmp_path, capsys):
+    """Concepts trained on two bases were merged on the first one's, silently; one whose text encoder has
+    another width ended in a RuntimeError traceback."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    moved = tmp_path / "other-base"  # the record of another base (same architecture, other weights)
+    shutil.copytree(two_concepts[1], moved)
+    meta = json.loads((moved / "custom_diffusion.json").read_text())
+    (moved / "custom_diffusion.json").write_text(json.dumps(dict(meta, base_model=str(tmp_path / "sd-variant"))))
+    argv = ["custom-diffusion", "merge", "--concepts", str(two_concepts[0]), str(moved)]
+    assert main([*argv, "--output_dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "--concepts were trained on different base models" in err and str(tmp_path / "sd-variant") in err
+    assert not (tmp_path / "m").exists()
+    narrow = tmp_path / "narrow"  # a token embedding of another text encoder's width
+    shutil.copytree(two_concepts[1], narrow)
+    for token, file in meta["embeddings"].items():
+        save_file({token: torch.zeros(7)}, str(narrow / file))
+    assert main(["custom-diffusion", "merge", "--concepts", str(two_concepts[0]), str(narrow),
+                 "--output_dir", str(tmp_path / "m2")]) == 2
+    assert f"merge: {narrow} was trained on another base model (token embedding 7 values" in capsys.readouterr().err
 
 
 def test_compress_writes_safetensors_from_a_bin_folder(tiny_model_dir, two_concepts, tmp_path, capsys):

@@ -586,3 +586,34 @@ def test_check_dataset_missing_column_lists_existing(small_fill_dir, cache):
     assert "'caption' not in the data set's columns: image, conditioning_image, text, circle_cx" in report.errors[0].message
     ok = check_dataset(table, "image", "conditioning_image", "text", resolution=16, limit=3, progress=False)
     assert ok.ok and ok.rows_checked == 3 and not ok.warnings and "OK" in ok.format()
+
+
+def test_overwrite_never_replaces_a_model_a_run_an_input_or_the_folder_it_runs_in(tmp_path, monkeypatch):
+    """`compress --output_dir BASE --overwrite` replaced a base model folder with four files, and
+    `--output_dir RUN --overwrite` with a checkpoint of RUN as input deleted the whole training run."""
+    from difftune.data.writing import check_out_dir
+
+    def refused(out, why, **kw):
+        with pytest.raises(DataError, match=f"--out {out} {why}: --overwrite replaces the whole folder"):
+            check_out_dir(out, True, **kw)
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    refused(model, r"holds a base model \(model_index.json\)")
+    check_out_dir(model, True, model_folder_ok=True)  # make-tiny-model replacing its own kind
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    refused(run, r"holds a training run \(checkpoints/\)")
+    photos = tmp_path / "shoot" / "photos"
+    photos.mkdir(parents=True)
+    (photos / "a.png").write_bytes(b"x")
+    refused(tmp_path / "shoot", f"holds {photos}, which this command reads", inputs=(photos,))
+    monkeypatch.chdir(photos)
+    refused(tmp_path / "shoot", "is the folder this command runs in, or holds it")
+    earlier = tmp_path / "earlier-output"
+    earlier.mkdir()
+    (earlier / "weights.safetensors").write_bytes(b"x")
+    check_out_dir(earlier, True)  # what --overwrite is for
+    with pytest.raises(DataError, match="already exists and is not empty"):
+        check_out_dir(earlier, False)

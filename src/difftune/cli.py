@@ -209,7 +209,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .data.writing import check_out_dir
     from .tiny import save_tiny_model, save_tiny_sdxl_model
 
-    check_out_dir(Path(args.out), args.overwrite, what="the model")
+    check_out_dir(Path(args.out), args.overwrite, what="the model", model_folder_ok=True)
     save = save_tiny_sdxl_model if args.family == "sdxl" else save_tiny_model
     print(save(args.out, seed=args.seed))
     return 0

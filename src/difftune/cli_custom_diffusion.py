@@ -65,10 +65,10 @@ def _check_output_dir(args: argparse.Namespace, inputs: list[str], flag: str) ->
         if Path(folder).resolve() == out:
             raise ConfigError(f"--output_dir {args.output_dir} is the {flag} folder {folder}: writing there would "
                               "replace the weights being read. Choose a new folder.")
-    check_out_dir(out, args.overwrite, flag="--output_dir", what="the weights")
+    check_out_dir(out, args.overwrite, flag="--output_dir", what="the weights", inputs=tuple(inputs))
 
 
-def _write_new_folder(args: argparse.Namespace, write) -> dict:
+def _write_new_folder(args: argparse.Namespace, write, inputs: list[str]) -> dict:
     """``write(folder)`` into a temporary folder beside --output_dir, moved into place when it returns: a
     failure midway leaves no half-written --output_dir (which a rerun would then refuse as not empty)."""
     import os
@@ -82,11 +82,38 @@ def _write_new_folder(args: argparse.Namespace, write) -> dict:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         info = write(tmp)
-        replace_dir(tmp, out, args.overwrite)
+        replace_dir(tmp, out, args.overwrite, flag="--output_dir", what="the weights", inputs=tuple(inputs))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**info, "output_dir": str(out)}
+
+
+def _check_one_base(args: argparse.Namespace) -> None:
+    """The closed-form merge combines weight changes of one base model: concepts whose folders record
+    different bases are refused (the merge read them all against the first one's, silently), or, where
+    --pretrained_model_name_or_path says which base to use, warned about."""
+    import logging
+
+    from .errors import ConfigError
+    from .models import resolve_builtin
+    from .recorded import local_or_name, recorded_base
+
+    bases = {}
+    for folder in args.concepts:
+        found = recorded_base(custom_diffusion=folder)
+        if found is not None:
+            bases[folder] = local_or_name(resolve_builtin(found[0]))
+    if len(set(bases.values())) < 2:
+        return
+    listed = "; ".join(f"{folder}: {base}" for folder, base in bases.items())
+    if not args.pretrained_model_name_or_path:
+        raise ConfigError(f"--concepts were trained on different base models ({listed}), and a merge combines "
+                          "weight changes of one base: merge concepts trained on one base, or, if these are one "
+                          "model in two places, name it with --pretrained_model_name_or_path.")
+    logging.getLogger("difftune").warning("--concepts were trained on different base models (%s); merging them on "
+                                          "--pretrained_model_name_or_path %s as asked.", listed,
+                                          args.pretrained_model_name_or_path)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -106,9 +133,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for folder in args.concepts:  # each named with the flag that gave it, before the base model loads
         read_meta(folder, flag="--concepts")
     _check_output_dir(args, args.concepts, "--concepts")
+    _check_one_base(args)
     base = load_base_model(base_of(args, args.concepts[0]))
     info = _write_new_folder(args, lambda tmp: merge_concepts(args.concepts, base, tmp, prompts,
-                                                              safe=not args.no_safe_serialization))
+                                                              safe=not args.no_safe_serialization), args.concepts)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -119,7 +147,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     _check_output_dir(args, [args.custom_diffusion], "--custom_diffusion")
     base = load_base_model(base_of(args, args.custom_diffusion))
-    info = _write_new_folder(args, lambda tmp: compress(args.custom_diffusion, base.unet, tmp, args.rank, args.energy))
+    info = _write_new_folder(args, lambda tmp: compress(args.custom_diffusion, base.unet, tmp, args.rank, args.energy),
+                             [args.custom_diffusion])
     print(json.dumps(info, indent=2))
     return 0
 

@@ -130,10 +130,19 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
                 log.warning("merge: %s's %s is %s in the merged folder (%s is taken by an earlier concept); "
                             "prompt it with %s.", folder, token, new, token, new)
         embeds = {mapping[t]: read_embedding(folder, t, f) for t, f in meta["embeddings"].items()}
+        weights = read_weights(folder, meta.get("weight_name"), base.unet)
+        width = base.text_encoder.get_input_embeddings().weight.shape[1]
+        wrong = [f"token embedding {len(row)} values, the base's {width}" for row in embeds.values() if len(row) != width]
+        wrong += [f"{k} {tuple(w.shape)}, the base's {tuple(base_weight(base.unet, k).shape)}"
+                  for k, w in weights.items() if w.shape != base_weight(base.unet, k).shape][:1]
+        if wrong:
+            raise ConfigError(f"merge: {folder} was trained on another base model ({wrong[0]}): merge concepts "
+                              "trained on one base, the one --pretrained_model_name_or_path gives (default: the "
+                              "first folder's).")
         prompts = [_rename(c["instance_prompt"], mapping) for c in meta["concepts"]]
         concepts += [dict(c, instance_prompt=_rename(c["instance_prompt"], mapping),
                           modifier_tokens=[mapping[t] for t in c.get("modifier_tokens", [])]) for c in meta["concepts"]]
-        parts.append((read_weights(folder, meta.get("weight_name"), base.unet), list(embeds), prompts))
+        parts.append((weights, list(embeds), prompts))
         all_tokens += list(embeds)
         rows += [embeds[t] for t in embeds]
     ids = add_tokens(base.tokenizer, base.text_encoder, all_tokens)
@@ -151,7 +160,7 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
               for k in keys}
     first = read_meta(folders[0])
     meta = dict(first, modifier_tokens=all_tokens, initializer_tokens=[], concepts=concepts,
-                merged_from=[str(f) for f in folders])
+                merged_from=[str(Path(f).resolve()) for f in folders])
     save_custom_diffusion(output_dir, base.unet, merged, dict(zip(all_tokens, rows)), meta, safe=safe)
     errors = {}
     for (w, toks, _), f in zip(parts, feats):  # how well each concept's constraint holds, relative

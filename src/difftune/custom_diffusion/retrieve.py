@@ -92,7 +92,6 @@ def retrieve(class_prompt: str, class_data_dir: str | Path, num_class_images: in
                              "e.g. http://HOST:1234/knn-service.")
     out = Path(class_data_dir)
     images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
     if (out / "images.txt").is_file():
         listed = [x for x in (out / "images.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
         if len(listed) >= num_class_images:
@@ -102,6 +101,7 @@ def retrieve(class_prompt: str, class_data_dir: str | Path, num_class_images: in
     while len(results) < FACTOR * num_class_images and n < max_results:
         n = int(FACTOR * n)
         results = query_backend(backend, class_prompt, n, indice_name, timeout=timeout)
+    images.mkdir(parents=True, exist_ok=True)  # (after the back-end answered: a failed query leaves no folder)
     bar = tqdm(total=num_class_images, desc="downloading real prior images", unit="img", disable=not progress)
     paths, captions, urls = [], [], []
     for result in results:

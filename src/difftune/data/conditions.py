@@ -339,7 +339,7 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
     if not images:
         raise DataError(f"--input_dir {src} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     captions = read_captions(src, images, caption, caption_column)
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, inputs=(src,))
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)

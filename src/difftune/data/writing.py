@@ -15,21 +15,36 @@ J = TypeVar("J")
 R = TypeVar("R")
 
 
-def check_out_dir(out: Path, overwrite: bool, flag: str = "--out", what: str = "the data set") -> None:
-    """Refuse to write into a file or a non-empty folder unless --overwrite."""
+def check_out_dir(out: Path, overwrite: bool, flag: str = "--out", what: str = "the data set",
+                  inputs: tuple[str | Path, ...] = (), model_folder_ok: bool = False) -> None:
+    """Refuse to write into a file or a non-empty folder unless --overwrite; and even with it, a folder
+    that is not this command's to replace: the one the command runs in or one above it, one that holds a
+    folder the command reads (``inputs``), a base model (unless ``model_folder_ok``) or a training run."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{flag} {out} is a file, not a folder — choose a folder path for {what}")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
         raise DataError(
             f"{flag} {out} already exists and is not empty — choose another folder, delete it, "
             f"or pass --overwrite to replace it"
         )
+    here, target = Path.cwd().resolve(), out.resolve()
+    held = next((Path(p) for p in inputs if Path(p).resolve().is_relative_to(target)), None)
+    why = ("is the folder this command runs in, or holds it" if here.is_relative_to(target) else
+           f"holds {held}, which this command reads" if held is not None else
+           "holds a base model (model_index.json)" if (out / "model_index.json").is_file() and not model_folder_ok else
+           "holds a training run (checkpoints/)" if (out / "checkpoints").is_dir() else None)
+    if why:
+        raise DataError(f"{flag} {out} {why}: --overwrite replaces the whole folder, so it is not replaced; "
+                        f"choose a new folder for {what}")
 
 
-def replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished folder into place; an old one is removed only after the swap."""
-    check_out_dir(out, overwrite)  # again: something may have appeared while we wrote
+def replace_dir(tmp: Path, out: Path, overwrite: bool, **check) -> None:
+    """Move the finished folder into place; an old one is removed only after the swap. ``check``: the
+    ``check_out_dir`` arguments the command checked with before it wrote."""
+    check_out_dir(out, overwrite, **check)  # again: something may have appeared while we wrote
     old = None
     if out.is_dir():
         if any(out.iterdir()):

@@ -169,6 +169,14 @@ class CustomDiffusionMethod:
         pairs: list[tuple[Path, str]] = []
         for c in self.concepts:
             flag = f"{c.where}: class_data_dir" if c.where != "the flags" else "--class_data_dir"
+            if Path(c.class_data_dir).resolve() == Path(c.instance_data_dir).resolve():
+                raise ConfigError(f"{flag} {c.class_data_dir} is the concept's instance_data_dir: its photos would "
+                                  "count as class images, and the prior would be the concept itself. Give the class "
+                                  "images a folder of their own (missing ones are generated there).")
+            if d.real_prior and not Path(c.class_data_dir).is_dir():
+                raise DataError(f"--real_prior: {flag} {c.class_data_dir} does not exist. Retrieve a real prior "
+                                f"into it first (difftune retrieve --class_prompt ... --class_data_dir "
+                                f"{c.class_data_dir} --num_class_images {d.num_class_images} --backend URL).")
             if d.real_prior:
                 found = cc.real_prior_pairs(c.class_data_dir)[: d.num_class_images]
                 if len(found) < d.num_class_images:  # (diffusers stops here too): a prior far smaller than asked for
