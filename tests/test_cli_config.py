@@ -241,6 +241,9 @@ def test_make_tiny_model_keeps_a_folder_unless_told(tmp_path, capsys):
      "--num_images: 'two' is not an integer"),
     (["bench", "--steps", "0"], "--steps: must be at least 1"),
     (["bench", "--timeout", "0"], "--timeout: must be more than 0 seconds"),  # every run would 'time out' at once
+    (["eval", "controlnet", "--controlnet", "c", "--controlnet_conditioning_scale", "nan"],  # NaN images, NaN JSON
+     "--controlnet_conditioning_scale: must be a finite number, not nan"),
+    (["eval", "base", "--guidance_scale", "inf"], "--guidance_scale: must be a finite number, not inf"),
 ])
 def test_counts_below_their_minimum_are_refused_with_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -471,6 +474,16 @@ def test_controlnet_mixups_are_named_with_what_to_pass_instead(tiny_model_dir, t
     (tmp_path / "weights-only").mkdir()
     with pytest.raises(ModelLoadError, match="weights-only is not a ControlNet: it has no config.json"):
         load_controlnet(str(tmp_path / "weights-only"))
+    (ckpt / "config.json").write_text("{}")  # (a checkpoint of a ControlNet run holds it)
+    (ckpt / "trainer_state.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=f"is a run's checkpoints/ folder: give one checkpoint in it, e.g. "
+                                             f"{re.escape(str(ckpt))}"):
+        load_controlnet(str(ckpt.parent), flag="--controlnet")
+    (tmp_path / "concept").mkdir()
+    (tmp_path / "concept" / "custom_diffusion.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"is a Custom Diffusion folder \(custom_diffusion.json\), which goes "
+                                             "to --custom_diffusion"):
+        load_controlnet(str(tmp_path / "concept"), flag="--controlnet")
 
 
 def test_training_from_a_unet_folder_as_controlnet_is_a_clear_error(tiny_model_dir, fill_dir, tmp_path, capsys):

@@ -166,6 +166,21 @@ def test_canny_controlnet_end_to_end_through_the_cli(tiny_model_dir, tiny_depth_
     said = capsys.readouterr()
     assert "edge_f1" in said.out
     assert f"--n 12: {tmp_path / 'canny'} holds {result['n']} usable conditions" in caplog.text  # fewer: said
+    assert result["condition_settings"] == {"condition": "canny", "low_threshold": 50, "high_threshold": 150}
+    # no --data: fresh conditions of the kind it trained on, with its data set's edge detector (it was
+    # scored as a fill50k ControlNet on circles, silently); another kind is said to be one
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="difftune"):
+        for args in ([], ["--metric", "fill50k"]):
+            assert main(["eval", "controlnet", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet",
+                         str(run), "--n", "2", "--num_inference_steps", "1", "--no_baseline", *args,
+                         "--out", str(tmp_path / "ev2")]) == 0
+            fresh = json.loads((tmp_path / "ev2" / "eval_controlnet.json").read_text())
+            if not args:
+                assert fresh["metric"] == "edge_f1" and fresh["condition_settings"]["low_threshold"] == 50
+                assert "trained on" not in caplog.text
+    assert fresh["metric"] == "circle_iou"
+    assert "this ControlNet was trained on canny conditions" in caplog.text and "--metric fill50k" not in caplog.text
     # generate from a plain picture: the edges are computed at the output size, as for training
     photo = tmp_path / "shapes" / "00000.png"
     assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(run),

@@ -296,7 +296,16 @@ def test_eval_command_reports_fidelity_and_drift(tiny_model_dir, two_concepts, t
     assert r["reference"]["kind"] == "star" and 0 <= r["fidelity"]["concept_ok"] <= 1
     assert r["class_drift_delta_e"] >= 0 and result["unrelated"]["drift_delta_e"] >= 0
     assert "clip" not in r and "accuracy_base" in result["unrelated"]  # shapes: read, no CLIP needed
-    assert "concept_ok" in capsys.readouterr().out and (out / "eval_custom_diffusion.png").is_file()
+    # what it was sampled with, and what each row of the grid is (the command line says it too)
+    assert (result["num_inference_steps"], result["guidance_scale"], result["seed"]) == (2, 7.5, 0)
+    assert result["grid_rows"][:2] == ["<new1> star: adapted on its token prompt",
+                                       "<new1> star: base on the class prompt"]
+    printed = capsys.readouterr().out
+    assert "concept_ok" in printed and "rows, up to 8 images each: <new1> star: adapted" in printed
+    from PIL import Image
+
+    with Image.open(out / "eval_custom_diffusion.png") as grid:  # a row of 64 px images per entry of grid_rows
+        assert len(result["grid_rows"]) * 64 <= grid.height < (len(result["grid_rows"]) + 1) * 64
 
 
 def write_photo_concept(folder, n=4):

@@ -160,6 +160,8 @@ def test_by_radius_bins_the_demo_sizes_as_the_readme_table():
     bins = by_radius(scores, targets, 64)
     assert list(bins) == ["r 3-5 px", "r 6-9 px", "r 10-14 px", "r 15-19 px"]
     assert bins["r 3-5 px"]["n"] == 3 and bins["r 3-5 px"]["controlnet"]["iou"] == pytest.approx(4 / 20)
+    # named by the bins' bounds, not the radii that happen to fall in them: runs compare key by key
+    assert list(by_radius({"controlnet": [{"iou": 0.5}] * 2}, [{"r": 6}, {"r": 16}], 64)) == ["r 6-9 px", "r 15-19 px"]
 
 
 def test_eval_data_and_controlnet_are_checked_before_anything_loads(tmp_path, capsys):
@@ -194,3 +196,14 @@ def test_eval_data_and_controlnet_are_checked_before_anything_loads(tmp_path, ca
                      "--out", str(tmp_path / "a-file")])
         err = capsys.readouterr().err
         assert code == 2 and f"--out {tmp_path / 'a-file'}: cannot make this folder" in err, err
+
+
+def test_a_damaged_run_record_is_said_not_silently_skipped(tmp_path, caplog):
+    """A ControlNet folder whose difftune_config.json cannot be read was evaluated on the default base, with
+    the training-data check off, and nothing said so."""
+    from difftune.recorded import recorded_base
+
+    (tmp_path / "difftune_config.json").write_text('{"x')
+    with caplog.at_level("WARNING", logger="difftune"):
+        assert recorded_base(controlnet=tmp_path) is None
+    assert f"{tmp_path / 'difftune_config.json'} is not valid JSON" in caplog.text

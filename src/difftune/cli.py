@@ -16,7 +16,8 @@ from pathlib import Path
 from .errors import UserError
 
 from .cli_flags import (  # noqa: F401 (re-exported)
-    add_config_flags, add_launcher_flags, add_vae_flag, at_least, config_from_args, out_dir, refuse_unknown,
+    add_config_flags, add_launcher_flags, add_vae_flag, at_least, config_from_args, finite_float, out_dir,
+    refuse_unknown,
 )
 from .cli_process import Terminated, redact_secrets, saved_so_far, show_messages, stop_on_sigterm  # noqa: F401 (re-exported)
 
@@ -309,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the image should not show (classifier-free guidance steers away from it)")
     g.add_argument("--num_inference_steps", type=at_least(1), default=20)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--guidance_scale", type=float, default=7.5)
-    g.add_argument("--controlnet_conditioning_scale", type=float, default=1.0)
+    g.add_argument("--guidance_scale", type=finite_float, default=7.5)
+    g.add_argument("--controlnet_conditioning_scale", type=finite_float, default=1.0)
     g.add_argument("--control_guidance", choices=CONTROL_GUIDANCE, default="both",
                    help="both: the ControlNet on both halves of classifier-free guidance (diffusers' default); "
                         "cond: on the conditional half only, so guidance amplifies the control too")
@@ -392,24 +393,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metric", choices=tuple(CONDITION_METRICS),
                    help="fill50k: circle IoU; canny: edge F1; depth: depth correlation (default: the condition "
                         "--data was made with, else fill50k)")
-    e.add_argument("--n", type=at_least(1), default=200)
+    e.add_argument("--n", type=at_least(1), default=200,
+                   help="held-out conditions to sample and score (fewer when --data holds fewer usable ones)")
     e.add_argument("--no_baseline", action="store_true", help="skip the base-model-alone baseline")
     add_vae_flag(e)
     e.add_argument("--control_guidance", nargs="+", choices=CONTROL_GUIDANCE, default=["both"],
                    help="evaluate with the ControlNet on both halves of classifier-free guidance (both, row "
                         "controlnet; diffusers' default) and/or on the conditional half only (cond, row "
                         "controlnet_cond)")
-    e.add_argument("--controlnet_conditioning_scale", type=float, default=1.0,
+    e.add_argument("--controlnet_conditioning_scale", type=finite_float, default=1.0,
                    help="the ControlNet's residuals times this, as in `difftune generate` (0: the base alone)")
     _add_condition_flags(e, defaults=False)
     eb = ev.add_parser("base", help="does the base model draw the prompt's shape and colours?")
     eb.add_argument("--pretrained_model_name_or_path", default="tiny-shapes")
-    eb.add_argument("--n_prompts", type=at_least(1), default=30)
-    eb.add_argument("--per_prompt", type=at_least(1), default=8)
+    eb.add_argument("--n_prompts", type=at_least(1), default=30,
+                    help="shapes-world prompts drawn (shape, colour, background; from --seed)")
+    eb.add_argument("--per_prompt", type=at_least(1), default=8, help="images sampled per prompt")
     for q in (e, eb):
         q.add_argument("--num_inference_steps", type=at_least(1), default=20)
-        q.add_argument("--guidance_scale", type=float, default=7.5)
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--guidance_scale", type=finite_float, default=7.5,
+                       help="classifier-free guidance scale (1 or less: no guidance)")
+        q.add_argument("--seed", type=at_least(0), default=0,
+                       help="image i is sampled from seed + i; it also draws the fresh conditions or prompts "
+                            "(a held-out set of its own for each seed)")
         q.add_argument("--out", default="eval", help="folder for the JSON and the PNG grid")
     e.set_defaults(func=cmd_eval_controlnet)
     eb.set_defaults(func=cmd_eval_base)

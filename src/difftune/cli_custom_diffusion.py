@@ -163,13 +163,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                        guidance_scale=args.guidance_scale, out=args.out, weight_name=args.weight_name,
                                        clip_model=args.clip_model)
     print(format_table(result))
-    print(f"details: {Path(args.out) / 'eval_custom_diffusion.json'}, grid: {Path(args.out) / 'eval_custom_diffusion.png'}")
+    print(f"details: {Path(args.out) / 'eval_custom_diffusion.json'}, grid: {Path(args.out) / 'eval_custom_diffusion.png'}"
+          f" (rows, up to 8 images each: {'; '.join(result['grid_rows'])})")
     return 0
 
 
 def register(sub, train_sub, eval_sub=None) -> None:
     """Add the Custom Diffusion commands to the top-level, ``train`` and ``eval`` sub-parsers."""
-    from .cli_flags import add_config_flags, add_launcher_flags, at_least
+    from .cli_flags import add_config_flags, add_launcher_flags, at_least, finite_float
     from .config_custom_diffusion import CustomDiffusionConfig, custom_diffusion_defaults
     from .recipes import recipes_for
 
@@ -190,7 +191,7 @@ def register(sub, train_sub, eval_sub=None) -> None:
     r.add_argument("--backend", help="URL of a clip-retrieval kNN service (self-hosted), e.g. "
                                      "http://HOST:1234/knn-service (required: there is no public default)")
     r.add_argument("--indice_name", default="laion5B-L-14")
-    r.add_argument("--timeout", type=float, default=30.0)
+    r.add_argument("--timeout", type=finite_float, default=30.0)
     r.set_defaults(func=cmd_retrieve)
 
     cd = sub.add_parser("custom-diffusion", help="Custom Diffusion tools").add_subparsers(dest="tool", required=True)
@@ -201,7 +202,7 @@ def register(sub, train_sub, eval_sub=None) -> None:
     c = cd.add_parser("compress", help="low-rank compression of the weight deltas (top singular values)")
     c.add_argument("--custom_diffusion", required=True, help="Custom Diffusion output folder")
     c.add_argument("--rank", type=at_least(1), help="singular values kept of each weight delta")
-    c.add_argument("--energy", type=float, help="keep the fewest singular values with this share of sum(S^2)")
+    c.add_argument("--energy", type=finite_float, help="keep the fewest singular values with this share of sum(S^2)")
     for q in (m, c):
         q.add_argument("--pretrained_model_name_or_path", help="base model (default: the one the folder was trained on, from its custom_diffusion.json)")
         q.add_argument("--output_dir", required=True, help="a new folder for the result")
@@ -214,10 +215,13 @@ def register(sub, train_sub, eval_sub=None) -> None:
         e.add_argument("--pretrained_model_name_or_path", help="base model (default: the one the folder was trained on, from its custom_diffusion.json)")
         e.add_argument("--custom_diffusion", required=True, help="Custom Diffusion output folder")
         e.add_argument("--weight_name", help="weight file in the folder (default: from custom_diffusion.json)")
-        e.add_argument("--n", type=at_least(1), default=16, help="images per prompt")
+        e.add_argument("--n", type=at_least(1), default=16,
+                       help="images per prompt: each concept's token prompt and class prompt (the 8 unrelated "
+                            "prompts that measure drift get one image each)")
         e.add_argument("--num_inference_steps", type=at_least(1), default=20)
-        e.add_argument("--guidance_scale", type=float, default=7.5)
-        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--guidance_scale", type=finite_float, default=7.5,
+                       help="classifier-free guidance scale (1 or less: no guidance)")
+        e.add_argument("--seed", type=at_least(0), default=0, help="image i is sampled from seed + i")
         e.add_argument("--out", default="eval", help="folder for the JSON and the PNG grid")
         e.add_argument("--clip_model", help="CLIP model (folder or hub id, e.g. openai/clip-vit-large-patch14) for "
                                             "CLIP image/text alignment: needed for concepts that are not shapes-world "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import re
 import typing
 
@@ -28,6 +29,21 @@ def at_least(minimum: int):
 
     parse.__name__ = f"integer >= {minimum}"  # argparse names the type in its messages
     return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type``: a finite number (``nan`` and ``inf`` parse as floats, and gave NaN images and
+    scores that JSON cannot hold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+finite_float.__name__ = "finite number"
 
 
 def _unwrap(tp):

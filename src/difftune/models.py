@@ -319,6 +319,12 @@ def _what_folder_instead(local: Path, flag: str) -> str:
                 f"--pretrained_model_name_or_path{start}; {GIVE_CONTROLNET}.")
     from .checkpoint import list_checkpoints
 
+    if (local / "custom_diffusion.json").is_file():
+        return (f"it is a Custom Diffusion folder (custom_diffusion.json), which goes to --custom_diffusion "
+                f"(`difftune eval custom-diffusion`, `difftune generate --custom_diffusion`); {GIVE_CONTROLNET}.")
+    inside = [p for p in list_checkpoints(local) if (p / "config.json").is_file()]
+    if inside:  # the checkpoints/ folder itself
+        return f"it is a run's checkpoints/ folder: give one checkpoint in it, e.g. {inside[-1]} (the latest)."
     done = [p for p in list_checkpoints(local / "checkpoints") if (p / "config.json").is_file()]
     if done:
         return (f"it is the output folder of a run that has not finished (no ControlNet exported yet), but each "

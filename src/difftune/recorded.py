@@ -53,7 +53,14 @@ def recorded_base(controlnet: str | Path | None = None, custom_diffusion: str | 
             value: Any = saved
             for key in keys:
                 value = value[key]
-        except (OSError, ValueError, KeyError, TypeError):
+        except ValueError as e:  # there, but damaged: what it records is not used, and that is said
+            import logging
+
+            logging.getLogger("difftune").warning(
+                "%s is not valid JSON (%s): the base model, VAE and training data it records are not used (the "
+                "default base, or --pretrained_model_name_or_path, instead). Restore the file to use them.", path, e)
+            continue
+        except (OSError, KeyError, TypeError):
             continue
         if isinstance(value, str) and value:
             return _as_recorded(value, path, saved), path

@@ -83,7 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``difftune bench`` to the top-level sub-parsers."""
-    from ..cli_flags import at_least
+    from ..cli_flags import at_least, finite_float
     from .architectures import ARCHS
 
     b = sub.add_parser("bench", help="time named training configurations (s/step, images/s, memory, MFU)")
@@ -110,7 +110,7 @@ def register(sub) -> None:
                    help="diffusers' train_controlnet.py (train_controlnet_sdxl.py for an SDXL --arch, run with the "
                         "embedding cast ANCHORS.md used): run it too, with the same flags (needs --steptimer)")
     b.add_argument("--reference_configs", help="which of --configs the reference runs (default: all of them)")
-    b.add_argument("--peak_tflops", type=float, help="peak rate for MFU (default: 790 on H100/H200, else no MFU)")
+    b.add_argument("--peak_tflops", type=finite_float, help="peak rate for MFU (default: 790 on H100/H200, else no MFU)")
     b.add_argument("--timeout", type=_positive_seconds, help="seconds before a configuration's run is stopped")
     b.add_argument("--estimate_memory", action="store_true",
                    help="no training and no GPU: estimate each configuration's peak GPU memory on the CPU (one "

@@ -19,7 +19,6 @@ Without a CLIP model such a concept is refused rather than given shape numbers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +98,7 @@ def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int 
                           guidance_scale: float = 7.5, out: str | Path = "eval", n_unrelated: int = 8,
                           weight_name: str | None = None, clip_model: str | None = None) -> dict:
     """Measure every concept of a Custom Diffusion folder; writes ``eval_custom_diffusion.json`` and a grid."""
-    from ..eval.run import _base_resolution, generate_batched, text2image_pipeline
+    from ..eval.run import _base_resolution, generate_batched, note_guidance, save_atomically, text2image_pipeline
     from ..models import load_base_model
     from ..validation import image_grid
     from .export import load_custom_diffusion, read_meta
@@ -119,6 +118,7 @@ def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int 
             "and colour readings do not apply to them. Pass --clip_model (e.g. openai/clip-vit-large-patch14, or "
             "a local CLIP folder) to measure them with CLIP image and text alignment instead."
         )
+    note_guidance(guidance_scale)
     clip = None
     if clip_model is not None:
         from ..eval.clip import ClipScorer
@@ -136,8 +136,12 @@ def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int 
         return (generate_batched(base_pipe, prompts, desc=f"{desc} (base)", **kw),
                 generate_batched(adapted, prompts, desc=f"{desc} (adapted)", **kw))
 
-    result: dict = {"custom_diffusion": str(custom_diffusion), "base_model": pretrained, "n": n, "steps": steps,
-                    "seed": seed, "concepts": {}}
+    result: dict = {"custom_diffusion": str(custom_diffusion), "base_model": pretrained, "n": n,
+                    "num_inference_steps": steps, "seed": seed, "guidance_scale": guidance_scale,
+                    "grid_rows": [*(f"{c['instance_prompt']}: {what}" for c in meta["concepts"] for what in (
+                        "adapted on its token prompt", "base on the class prompt", "adapted on the class prompt")),
+                        "base on unrelated prompts", "adapted on unrelated prompts"],
+                    "concepts": {}}
     rows = []
     for concept, ref, is_shapes in zip(meta["concepts"], refs, shapes):
         tokens = concept.get("modifier_tokens") or meta["modifier_tokens"][:1]
@@ -181,12 +185,11 @@ def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int 
         result["clip_model"] = clip.name
         result["unrelated"]["clip_similarity_base_vs_adapted"] = clip.paired_similarity(base_un, adapted_un)
     rows += [base_un[:8], adapted_un[:8]]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_custom_diffusion.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     from PIL import Image
 
-    image_grid([[Image.fromarray(x) for x in row] for row in rows]).save(out / "eval_custom_diffusion.png")
+    save_atomically(Path(out), {"eval_custom_diffusion.png": image_grid([[Image.fromarray(x) for x in row]
+                                                                          for row in rows]),
+                                "eval_custom_diffusion.json": result})
     return result
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ from PIL import Image
 from ..data.shapes import MIN_CONTRAST, srgb_to_lab
 from ..errors import ConfigError
 from ..pipelines import controlnet_in_guidance, text2image_pipeline
+from ..data.conditions import CONDITIONERS
 from .metrics import CONDITION_METRICS, delta_e, score_all, shape_scores
 
 
@@ -23,6 +26,15 @@ def _generators(seed: int, n: int) -> list[torch.Generator]:
 
 def _base_resolution(base) -> int:
     return base.native_resolution
+
+
+def note_guidance(guidance_scale: float) -> None:
+    """diffusers samples without classifier-free guidance at a scale of 1 or less: said, as a score taken so
+    is not the guided one (a negative scale gives exactly the scale-1 images)."""
+    if guidance_scale <= 1:
+        logging.getLogger("difftune").warning(
+            "--guidance_scale %g: classifier-free guidance is off at 1 or less (the conditional prediction "
+            "alone); the scores are unguided ones.", guidance_scale)
 
 
 def generate_batched(pipe, prompts: list[str], seed: int, steps: int, resolution: int, guidance_scale: float,
@@ -101,8 +113,17 @@ def eval_condition_rows(n: int, resolution: int, seed: int, data: str | Path | N
         from ..data.columns import resolve_columns
         from ..data.sources import load_table
 
-        table = load_table(train_data_dir=str(data))
-        image_col, cond_col, text_col = resolve_columns(table.column_names)
+        from ..errors import DataError, UserError
+
+        try:
+            table = load_table(train_data_dir=str(data))
+        except UserError as e:  # said with this command's flag
+            raise type(e)(str(e).replace("--train_data_dir", "--data")) from None
+        try:
+            image_col, cond_col, text_col = resolve_columns(table.column_names)
+        except UserError:
+            raise DataError(f"--data {data} holds the column(s) {', '.join(table.column_names)}, not a ControlNet "
+                            f"data set's image, conditioning image and caption: give {EVAL_DATA}") from None
         for i, row in enumerate(table.dataset):
             read = lambda col: resize_center_crop(  # noqa: E731
                 load_image(row[col], table.base_dir, f"row {i}, column {col!r}"), resolution)
@@ -221,6 +242,47 @@ def _is_training_data(data: str | Path, controlnet: str | Path) -> bool:
     return True
 
 
+def trained_condition(controlnet: str | Path) -> tuple[str, dict] | None:
+    """(metric, detector settings) of the condition a ControlNet's run trained on, as its training data's
+    ``difftune_dataset.json`` records it; None when nothing records it (a downloaded ControlNet)."""
+    from ..data.conditions import read_manifest
+    from ..errors import DataError
+    from ..recorded import recorded_train_data
+
+    data = recorded_train_data(controlnet)
+    try:
+        manifest = read_manifest(data) if data is not None else {}
+    except DataError:
+        return None
+    condition = "fill50k" if manifest.get("kind") == "fill50k" else manifest.get("condition")
+    if condition not in CONDITION_METRICS:
+        return None
+    return condition, dict(manifest.get("conditioner") or {})
+
+
+def _warn_other_condition(trained: str, metric: str, data) -> None:
+    logging.getLogger("difftune").warning(
+        "this ControlNet was trained on %s conditions (its training data's difftune_dataset.json), and is scored "
+        "here with the %s metric on %s: the scores say how it follows conditions of another kind. Leave out "
+        "--metric%s to score it on its own kind.", trained, metric, data if data is not None else "fresh conditions",
+        " and --data" if data is not None else "")
+
+
+def save_atomically(out: Path, files: dict[str, Any]) -> None:
+    """An evaluation's JSON and grid into ``out``, each written to a temporary file and renamed, the JSON
+    last: a run killed while writing leaves the earlier pair or a new grid beside the earlier JSON, never
+    a half-written file."""
+    from ..checkpoint import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        if isinstance(content, Image.Image):
+            atomic_write(out / name, lambda p, im=content: im.save(p, format="PNG"))
+        else:
+            atomic_write(out / name, lambda p, c=content: p.write_text(json.dumps(c, indent=2) + "\n",
+                                                                        encoding="utf-8"))
+
+
 def _summary(scores: list[dict]) -> dict:
     keys = scores[0].keys() if scores else []
     return {k: float(np.nanmean([s[k] for s in scores])) for k in keys}
@@ -251,10 +313,21 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     unknown = [m for m in modes if m not in CONTROL_ROWS]
     if unknown or not modes:
         raise ConfigError(f"--control_guidance {' '.join(unknown) or '(none)'}: choose from {', '.join(CONTROL_ROWS)}.")
-    check_eval_request(metric, n, data, condition_settings)  # before minutes of loading and sampling
-    training_data = False
+    training_data, trained = False, None
     if not isinstance(controlnet, torch.nn.Module):
         check_controlnet_source(str(controlnet), "--controlnet")
+        trained = trained_condition(controlnet)
+        if trained and metric is None and data is None:  # fresh conditions of the kind it was trained on
+            metric = trained[0]
+            if trained[0] != "fill50k":  # the detector's settings of the training data, --low_threshold etc. over them
+                known = {f.name for f in fields(CONDITIONERS[metric])}
+                condition_settings = {**{k: v for k, v in trained[1].items() if k in known},
+                                      **(condition_settings or {})}
+    metric, _ = check_eval_request(metric, n, data, condition_settings)  # before minutes of loading and sampling
+    note_guidance(guidance_scale)
+    if trained and trained[0] != metric:
+        _warn_other_condition(trained[0], metric, data)
+    if not isinstance(controlnet, torch.nn.Module):
         training_data = data is not None and _is_training_data(data, controlnet)
     base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae)
     res = _base_resolution(base)
@@ -285,18 +358,16 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     result = {"n": len(targets), "metric": scorer.name, "base_model": str(pretrained_model_name_or_path),
               "controlnet_path": str(controlnet) if not isinstance(controlnet, torch.nn.Module) else "(in memory)",
               "data": str(data) if data is not None else None, "data_is_training_data": training_data,
-              "num_inference_steps": steps, "seed": seed,
-              "condition_settings": condition_settings or {}, "guidance_scale": guidance_scale,
+              "num_inference_steps": steps, "seed": seed, "control_guidance": list(modes),
+              "condition_settings": (scorer.conditioner.settings() if hasattr(scorer, "conditioner")
+                                     else condition_settings or {}), "guidance_scale": guidance_scale,
               "controlnet_conditioning_scale": conditioning_scale, **{k: _summary(v) for k, v in scores.items()}}
     if "r" in targets[0]:
         result["by_radius"] = by_radius(scores, targets, res)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         columns = [*generated.values(), *([alone] if baseline else [])]  # one per row of the table but vae_ceiling
         rows = [[t["condition"], *(Image.fromarray(c[i]) for c in columns)] for i, t in enumerate(targets[:16])]
-        image_grid(rows).save(out / "eval_controlnet.png")
-        (out / "eval_controlnet.json").write_text(json.dumps(result, indent=2) + "\n")
+        save_atomically(Path(out), {"eval_controlnet.png": image_grid(rows), "eval_controlnet.json": result})
     return result
 
 
@@ -306,12 +377,16 @@ RADIUS_BINS = (0.0, 0.085, 0.15, 0.225, 1.0)  # radius / image size: 3-5, 6-9, 1
 
 def by_radius(scores: dict[str, list[dict]], targets: list[dict], resolution: int) -> dict:
     """The same summaries per circle-radius bin (the smallest circles are what a VAE loses first)."""
+    from ..data.fill50k import radius_range
+
+    r_low, r_high = radius_range(resolution)
     out = {}
     radii = np.array([t["r"] for t in targets], dtype=float)
     for lo, hi in zip(RADIUS_BINS[:-1], RADIUS_BINS[1:]):
         picked = np.flatnonzero((radii >= lo * resolution) & (radii < hi * resolution))
-        if len(picked):
-            name = f"r {int(radii[picked].min())}-{int(radii[picked].max())} px"
+        if len(picked):  # named by the bin's bounds (the same keys in every run at one resolution)
+            first, last = max(math.ceil(lo * resolution), r_low), min(math.ceil(hi * resolution) - 1, r_high)
+            name = f"r {first}-{last} px"
             out[name] = {"n": len(picked), **{k: _summary([v[i] for i in picked]) for k, v in scores.items()}}
     return out
 
@@ -324,6 +399,7 @@ def eval_base(pretrained_model_name_or_path: str, n_prompts: int = 30, per_promp
     from ..models import load_base_model
     from ..validation import image_grid
 
+    note_guidance(guidance_scale)
     base = load_base_model(pretrained_model_name_or_path)
     res = _base_resolution(base)
     specs = sample_shapes(n_prompts, res, 20_000 + seed, shapes or BASE_SHAPES)
@@ -331,7 +407,9 @@ def eval_base(pretrained_model_name_or_path: str, n_prompts: int = 30, per_promp
     images = generate_batched(text2image_pipeline(base), prompts, seed, steps, res, guidance_scale, desc="base")
     scores = [shape_scores(im, s.shape, s.color, s.background)
               for im, s in zip(images, (s for s in specs for _ in range(per_prompt)))]
-    result = {"n_images": len(images), "n_prompts": n_prompts, **_summary(scores), "by_shape": {}}
+    result = {"base_model": str(pretrained_model_name_or_path), "n_images": len(images), "n_prompts": n_prompts,
+              "per_prompt": per_prompt, "num_inference_steps": steps, "seed": seed, "guidance_scale": guidance_scale,
+              **_summary(scores), "by_shape": {}}
     for kind in sorted({s.shape for s in specs}):
         picked = [sc for sc, s in zip(scores, (s for s in specs for _ in range(per_prompt))) if s.shape == kind]
         result["by_shape"][kind] = _summary(picked)
@@ -340,11 +418,8 @@ def eval_base(pretrained_model_name_or_path: str, n_prompts: int = 30, per_promp
     result["vae_ceiling"] = vae_ceiling(base, sample_shapes(result["n_vae_ceiling"], res, 20_000 + seed,
                                                             shapes or BASE_SHAPES), res)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         rows = [[Image.fromarray(im) for im in images[i * per_prompt : (i + 1) * per_prompt]] for i in range(min(12, n_prompts))]
-        image_grid(rows).save(out / "eval_base.png")
-        (out / "eval_base.json").write_text(json.dumps(result, indent=2) + "\n")
+        save_atomically(Path(out), {"eval_base.png": image_grid(rows), "eval_base.json": result})
     return result
 
 
