@@ -146,6 +146,9 @@ def test_bad_inputs_give_clear_errors(tiny_base, tiny_model_dir, star_dir, tmp_p
     (bad / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(DataError, match=r"cannot read image .*9\.png"):
         build(instance_data_dir=str(bad), instance_prompt="<new1> star")
+    (bad / "8.png").write_bytes(b"not an image")  # every bad file at once, not one per run
+    with pytest.raises(DataError, match=r"2 images cannot be read; fix or remove each:\n .*8\.png.*\n .*9\.png"):
+        build(instance_data_dir=str(bad), instance_prompt="<new1> star")
     (tmp_path / "c.json").write_text("[{'instance_prompt': 1}")
     with pytest.raises(ConfigError, match=r"--concepts_list .*c\.json is not valid JSON"):
         build(concepts_list=str(tmp_path / "c.json"))

@@ -145,11 +145,21 @@ def list_images(folder: str | Path, flag: str) -> list[Path]:
     return files
 
 
-def check_image(path: Path, flag: str) -> None:
-    """Decode ``path`` fully, as training will read it; a DataError naming the file if it cannot be read."""
+def check_images(paths: list[Path], flag: str) -> None:
+    """Decode each image fully, as training will read it; one DataError naming every file that cannot be
+    read (not the first alone, to be fixed and found again one run at a time)."""
     from ..data.images import read_image_file
 
-    read_image_file(path, flag)
+    bad = []
+    for path in paths:
+        try:
+            read_image_file(path, flag)
+        except DataError as e:
+            bad.append(str(e))
+    if len(bad) == 1:
+        raise DataError(bad[0])
+    if bad:
+        raise DataError(f"{len(bad)} images cannot be read; fix or remove each:\n  " + "\n  ".join(bad))
 
 
 def real_prior_pairs(folder: str | Path) -> list[tuple[Path, str]]:

@@ -158,8 +158,7 @@ class CustomDiffusionMethod:
         for c in self.concepts:
             flag = f"{c.where}: instance_data_dir" if c.where != "the flags" else "--instance_data_dir"
             files = cc.list_images(c.instance_data_dir, flag)
-            for f in files:
-                cc.check_image(f, flag)
+            cc.check_images(files, flag)
             instances += [(f, c.instance_prompt) for f in files]
         classes = self._class_images() if d.with_prior_preservation else None
         return cd.CustomDiffusionExamples(instances, classes, d.resolution, d.center_crop, aug=not d.noaug)
@@ -194,8 +193,7 @@ class CustomDiffusionMethod:
                     acc.wait_for_everyone()
                 files = cc.list_images(c.class_data_dir, flag)[: d.num_class_images]
                 found = [(f, c.class_prompt) for f in files]
-            for f, _ in found:
-                cc.check_image(f, flag)
+            cc.check_images([f for f, _ in found], flag)
             pairs += found
         return pairs
 
