@@ -169,6 +169,8 @@ def test_bad_inputs_give_clear_errors(tiny_base, tiny_model_dir, star_dir, tmp_p
     with pytest.raises(ConfigError, match=r"--modifier_token 'star' is a word the tokenizer already knows"):
         build(instance_data_dir=str(star_dir), instance_prompt="star shape", modifier_token="star",
               initializer_token="circle")
+    with pytest.raises(ConfigError, match=r"--modifier_token 'star' is a word"):  # before the initializer's error
+        build(instance_data_dir=str(star_dir), instance_prompt="star shape", modifier_token="star")
     for flag in ("validation_steps", "num_validation_images", "num_validation_inference_steps"):
         with pytest.raises(ConfigError, match=f"--{flag} must be >= 1, got 0"):  # not a crash at the first validation
             cd_config(tiny_model_dir, tmp_path, instance_data_dir="x", instance_prompt="<new1> star", **{flag: 0})

@@ -137,6 +137,7 @@ def add_modifier_tokens(tokenizer: Any, text_encoder: torch.nn.Module, modifier_
     if len(initializer_tokens) < len(modifier_tokens):
         raise ConfigError(f"{len(modifier_tokens)} modifier tokens but {len(initializer_tokens)} initializer "
                           "tokens: give one --initializer_token per --modifier_token, '+'-separated.")
+    check_new_tokens(tokenizer, modifier_tokens)  # first: a token that is a word is the mistake to fix first
     init_ids = [single_token_id(tokenizer, w, flag) for w in initializer_tokens[: len(modifier_tokens)]]
     new_ids = add_tokens(tokenizer, text_encoder, modifier_tokens)
     table = text_encoder.get_input_embeddings().weight
@@ -146,8 +147,8 @@ def add_modifier_tokens(tokenizer: Any, text_encoder: torch.nn.Module, modifier_
     return new_ids
 
 
-def add_tokens(tokenizer: Any, text_encoder: torch.nn.Module, tokens: list[str]) -> list[int]:
-    """Add new tokens to the tokenizer and rows to the embedding table (set by the caller); return their ids."""
+def check_new_tokens(tokenizer: Any, tokens: list[str]) -> None:
+    """Refuse a modifier token the tokenizer already has, as a token or as a whole word."""
     vocab = tokenizer.get_vocab()
     for token in tokens:
         if token in vocab:
@@ -157,6 +158,11 @@ def add_tokens(tokenizer: Any, text_encoder: torch.nn.Module, tokens: list[str])
             raise ConfigError(f"--modifier_token {token!r} is a word the tokenizer already knows "
                               f"({token.lower()}</w>): as a new token it would take that word's place in every "
                               "prompt, the class prompt's too. Pick a string that is no word, such as '<new1>'.")
+
+
+def add_tokens(tokenizer: Any, text_encoder: torch.nn.Module, tokens: list[str]) -> list[int]:
+    """Add new tokens to the tokenizer and rows to the embedding table (set by the caller); return their ids."""
+    check_new_tokens(tokenizer, tokens)
     added = tokenizer.add_tokens(tokens)
     if added != len(tokens):
         raise ConfigError(f"--modifier_token {'+'.join(tokens)}: only {added} could be added as new tokens.")
