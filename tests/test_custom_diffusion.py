@@ -430,6 +430,9 @@ def test_an_export_over_an_earlier_one_removes_what_is_no_longer_its_own(tiny_ba
     assert read_meta(out)["embeddings"] == {}
     with pytest.raises(ModelLoadError, match="no such folder"):
         read_meta(tmp_path / "nope")
+    (out / WEIGHTS_SAFE).unlink()  # said before any model loads (eval loaded the base twice first)
+    with pytest.raises(ModelLoadError, match=f"the weight file {WEIGHTS_SAFE} that {META} names is missing"):
+        read_meta(out)
 
 
 def test_an_export_killed_half_way_is_refused_not_read_with_the_earlier_embeddings(tiny_base, tmp_path,

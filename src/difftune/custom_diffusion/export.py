@@ -116,6 +116,10 @@ def read_meta(folder: str | Path, flag: str = "--custom_diffusion") -> dict:
     if not isinstance(meta, dict) or lacking:
         raise ModelLoadError(f"{flag} {folder}: {path} is incomplete (no {', '.join(lacking) or 'settings object'});"
                              " restore the file, or export the folder again.")
+    weights = meta["weight_name"]
+    if not (isinstance(weights, str) and Path(weights).name == weights and (Path(folder) / weights).is_file()):
+        raise ModelLoadError(f"{flag} {folder}: the weight file {weights} that {META} names is missing; restore it, "
+                             "or export the folder again.")
     missing = [f"{file} (token {token})" for token, file in (meta.get("embeddings") or {}).items()
                if not (Path(folder) / file).is_file()]
     if missing:
