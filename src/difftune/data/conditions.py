@@ -125,8 +125,9 @@ class Depth(Conditioner):
                 where = ("a local folder" if Path(self.model).is_dir() else
                          "not a local folder, and the Hugging Face Hub could not provide it (offline, or no such "
                          "repository)")
+                default = " (the default; give another with --depth_model)" if self.model == DEFAULT_DEPTH_MODEL else ""
                 raise ModelLoadError(
-                    f"--depth_model {self.model}: {where}. Give a folder with a transformers depth estimator "
+                    f"--depth_model {self.model}{default}: {where}. Give a folder with a transformers depth estimator "
                     f"(config.json, model.safetensors, preprocessor_config.json). ({type(err).__name__}: {err})"
                 ) from None
             device = "cuda" if torch.cuda.is_available() else "cpu"
