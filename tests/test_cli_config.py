@@ -570,3 +570,27 @@ def test_processes_forked_during_a_command_keep_the_default_sigterm(monkeypatch)
     monkeypatch.setattr(cli, "cmd_train_controlnet", fork_a_worker)
     assert main(["train", "controlnet", "--output_dir", "x"]) == 0
     assert seen == [True]
+
+
+def test_weights_are_read_from_safetensors_only(tiny_model_dir, tmp_path):
+    """A model part or ControlNet whose weights are only a .bin (a pickle) is refused with the way to convert
+    it, not unpickled (diffusers fell back to it with 'Defaulting to unsafe serialization')."""
+    import shutil
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from difftune.models import load_base_model, load_controlnet
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    for f in (model / "unet").glob("*.safetensors"):
+        f.unlink()
+    unet.save_pretrained(model / "unet", safe_serialization=False)
+    with pytest.raises(ModelLoadError, match=r"Could not load unet of the model in .* Its weights are only in "
+                                             r"diffusion_pytorch_model\.bin, a pickle, which difftune does not load"):
+        load_base_model(str(model))
+    controlnet = tmp_path / "cn"
+    ControlNetModel.from_unet(unet).save_pretrained(controlnet, safe_serialization=False)
+    with pytest.raises(ModelLoadError, match=r"save_pretrained\(DIR, safe_serialization=True\)"):
+        load_controlnet(str(controlnet), flag="--controlnet")

@@ -120,7 +120,7 @@ class SDXLFamily(SDFamily):
         return {
             "tokenizer_2": AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2", **common),
             "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                name_or_path, subfolder="text_encoder_2", variant=variant, **common
+                name_or_path, subfolder="text_encoder_2", variant=variant, use_safetensors=True, **common
             ),
         }
 

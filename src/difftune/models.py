@@ -188,19 +188,23 @@ def load_base_model(
             part = "tokenizer"
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **common)
         part = "text_encoder"
-        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", variant=variant, **common)
+        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", variant=variant,
+                                                     use_safetensors=True, **common)
         part = " / ".join(fam.extra_subfolders)
         extra = fam.load_extra_encoders(name_or_path, variant, common)
         part = "vae"
         if vae_name_or_path is None:
-            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, **common)
+            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, use_safetensors=True,
+                                                **common)
         part = "unet"
-        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant, **common)
+        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant,
+                                                    use_safetensors=True, **common)
         part = "scheduler"
         noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **common)
     except (OSError, ValueError) as e:
         if local.exists():
-            raise ModelLoadError(f"Could not load {part} of the model in {local}: {e}") from None
+            raise ModelLoadError(f"Could not load {part} of the model in {local}: {e}{pickle_only(local / part)}") \
+                from None
         raise _hub_hint(name_or_path, e) from None
     if vae_name_or_path is not None:
         vae = load_vae(vae_name_or_path, revision, cache_dir)
@@ -211,6 +215,17 @@ def load_base_model(
             module.eval()
     return BaseModel(tokenizer, text_encoder, vae, unet, noise_scheduler, source=name_or_path, family=family,
                      vae_in_fp32=fam.vae_needs_fp32 and vae_name_or_path is None, **extra)
+
+
+def pickle_only(folder: Path) -> str:
+    """Why a folder whose weights are only ``.bin`` / ``.pt`` / ``.ckpt`` does not load, and the way on:
+    weights are read from safetensors only, since unpickling a file can run any code in it."""
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if not pickles or any(folder.glob("*.safetensors")):
+        return ""
+    return (f" Its weights are only in {', '.join(pickles)}, a pickle, which difftune does not load (unpickling a file "
+            "can run any code in it). If you trust the file, convert it once: load it in diffusers or transformers "
+            "and save it again with save_pretrained(DIR, safe_serialization=True).")
 
 
 def _load_tokenizer(name_or_path: str, common: dict):
@@ -243,10 +258,11 @@ def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | No
     subfolder = "vae" if (local / "vae" / "config.json").is_file() else None
     try:
         return AutoencoderKL.from_pretrained(str(local) if local.exists() else name_or_path, subfolder=subfolder,
-                                             revision=revision, cache_dir=cache_dir)
+                                             revision=revision, cache_dir=cache_dir, use_safetensors=True)
     except (OSError, ValueError) as e:
         if local.exists():
-            raise ModelLoadError(f"Could not load the VAE in {local}: {e}") from None
+            raise ModelLoadError(f"Could not load the VAE in {local}: {e}"
+                                 f"{pickle_only(local / (subfolder or ''))}") from None
         raise _hub_hint(name_or_path, e, VAE_FOLDER_ADVICE) from None
 
 
@@ -347,12 +363,12 @@ def load_controlnet(name_or_path: str, revision: str | None = None, cache_dir: s
     try:
         controlnet = ControlNetModel.from_pretrained(
             str(local) if local.exists() else name_or_path, revision=revision, cache_dir=cache_dir,
-            torch_dtype=torch.float32,
+            torch_dtype=torch.float32, use_safetensors=True,
         )
     except (OSError, ValueError) as e:
         if local.exists():
             raise ModelLoadError(f"{flag} {name_or_path}: could not load the ControlNet ({e}); "
-                                 f"{GIVE_CONTROLNET}.") from None
+                                 f"{GIVE_CONTROLNET}.{pickle_only(local)}") from None
         raise _hub_hint(name_or_path, e, f"For {flag}, {GIVE_CONTROLNET}.") from None
     if unet is not None:
         check_controlnet_fits(controlnet.config, unet.config, f"{flag} {name_or_path}")

@@ -34,7 +34,7 @@ class ClipScorer:
         local = Path(name_or_path).expanduser()
         source = str(local) if local.exists() else name_or_path
         try:
-            self.model = CLIPModel.from_pretrained(source).eval().to(device)
+            self.model = CLIPModel.from_pretrained(source, use_safetensors=True).eval().to(device)
             self.processor = AutoProcessor.from_pretrained(source)
         except (OSError, ValueError) as e:
             if local.exists():
