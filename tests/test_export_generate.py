@@ -124,6 +124,24 @@ def test_a_non_square_condition_is_sampled_at_its_own_aspect(trained, tiny_model
     assert output_size(Image.new("RGB", (40, 100)), 64) == (160, 64)
 
 
+def test_many_images_are_made_a_few_at_a_time_each_from_its_own_seed(trained, tiny_model_dir, fill_dir, tmp_path,
+                                                                      capsys):
+    """--num_images 100000 ran as one batch: memory grew without bound, nothing was saved, Ctrl-C did not stop
+    it. Now four per call, each saved as it is made; image i is seed + i's, so it does not depend on how many
+    were asked for (up to a level of rounding from batching)."""
+    from difftune.cli import main
+
+    _, out = trained
+    args = ["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(out), "--image",
+            str(fill_dir / "validation" / "conditioning_1.png"), "--prompt", "red circle", "--num_inference_steps", "2"]
+    assert main([*args, "--num_images", "5", "--seed", "3", "--out", str(tmp_path / "m.png")]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / f"m-{i}.png") for i in range(5)]
+    for seed, i in ((3, 0), (4, 1), (7, 4)):
+        assert main([*args, "--seed", str(seed), "--out", str(tmp_path / f"one-{seed}.png")]) == 0
+        one, of_five = (np.asarray(Image.open(tmp_path / name), dtype=int) for name in (f"one-{seed}.png", f"m-{i}.png"))
+        assert np.abs(one - of_five).max() <= 2
+
+
 def test_generate_missing_image_is_a_clear_error(trained, tiny_model_dir, tmp_path, capsys):
     from difftune.cli import main
 

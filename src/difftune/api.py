@@ -140,6 +140,8 @@ def generate(
     condition_out: str | Path | None = None,
     control_guidance: str = "both",
     vae: str | None = None,
+    on_image: Any = None,
+    keep: bool = True,
 ) -> list[Image.Image]:
     """Images for ``prompt`` conditioned on ``image`` with a trained ControlNet (UniPC sampler),
     or, with ``custom_diffusion``, with a Custom Diffusion folder's processors and tokens (several
@@ -159,7 +161,10 @@ def generate(
     else tiny-shapes; ``vae`` None with it: the VAE that run trained with. So
     ``generate(prompt="a <new1> star", custom_diffusion="cd1")`` is a whole call.
 
-    fp16 on CUDA, fp32 on the CPU; the same seed gives the same images.
+    fp16 on CUDA, fp32 on the CPU; the same seed gives the same images: image i of ``num_images`` is drawn
+    from ``seed + i`` (four per pipeline call), so image 0 is the one ``num_images=1`` gives.
+    ``on_image(i, image)`` is called as each image is made; ``keep=False`` returns none (many images, saved
+    by ``on_image``, without holding them all).
     """
     from .data.transforms import check_resolution
     from .models import check_controlnet_source, load_base_model, load_controlnet
@@ -214,10 +219,12 @@ def generate(
     if enable_xformers_memory_efficient_attention:
         pipe.enable_xformers_memory_efficient_attention()
     if controlnet is None:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        return list(pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                         guidance_scale=guidance_scale, height=res, width=res, num_images_per_prompt=num_images,
-                         generator=gen).images)
+        from .pipelines import sample_in_chunks
+
+        return sample_in_chunks(pipe, num_images, seed, lambda n, generators: pipe(
+            prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, height=res, width=res, num_images_per_prompt=n,
+            generator=generators).images, on_image, keep)
     cond = image if isinstance(image, Image.Image) else _open_condition(image)
     if condition is not None:
         from .data.conditions import conditioner_from_settings
@@ -229,5 +236,5 @@ def generate(
             cond.save(condition_out)
     return run_controlnet_pipeline(
         pipe, [prompt], [cond], num_images, seed, num_inference_steps, res, guidance_scale,
-        controlnet_conditioning_scale, negative_prompt, control_guidance,
+        controlnet_conditioning_scale, negative_prompt, control_guidance, on_image, keep,
     )[0]

@@ -82,9 +82,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         read_image_file(args.image, "--image")
     out.parent.mkdir(parents=True, exist_ok=True)
-    condition_out = out.with_name(f"{out.stem}-condition{out.suffix}") if args.condition else None
+    # (lossless whatever --out is: a JPEG would blur the edges or depth it was generated from)
+    condition_out = out.with_name(f"{out.stem}-condition.png") if args.condition else None
     base = resolve_base(args.pretrained_model_name_or_path, args.controlnet, args.custom_diffusion)
-    images = generate(
+    paths = ([out] if args.num_images == 1 else
+             [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(args.num_images)])
+    from PIL import Image
+
+    from .checkpoint import atomic_write
+
+    def save(i: int, image) -> None:  # each image as it is made: an interrupted run keeps those done
+        atomic_write(paths[i], lambda p: image.save(p, format=Image.registered_extensions()[out.suffix.lower()]))
+        print(paths[i], flush=True)
+
+    generate(
         base, args.controlnet, args.image, args.prompt,
         custom_diffusion=args.custom_diffusion, weight_name=args.weight_name,
         num_inference_steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
@@ -95,11 +106,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         condition=args.condition, condition_out=condition_out, control_guidance=args.control_guidance,
         vae=resolve_vae(args.pretrained_vae_model_name_or_path, args.pretrained_model_name_or_path, args.controlnet),
         condition_settings=_condition_settings(args, args.condition) if args.condition else {},
+        on_image=save, keep=False,
     )
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-    for im, p in zip(images, paths):
-        im.save(p)
-        print(p)
     if condition_out is not None:
         print(f"{condition_out} (the {args.condition} condition it was generated from)")
     return 0

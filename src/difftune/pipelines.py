@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -121,26 +121,52 @@ def run_controlnet_pipeline(
     controlnet_conditioning_scale: float = 1.0,
     negative_prompt: str | None = None,
     control_guidance: str = "both",
+    on_image: Callable[[int, Any], None] | None = None,
+    keep: bool = True,
 ) -> list[list]:
-    """For each (prompt, condition) pair, ``num_images`` PIL images from a generator seeded ``seed``
-    (``control_guidance``: how the ControlNet enters guidance, ``controlnet_in_guidance``). A non-square
+    """For each (prompt, condition) pair, ``num_images`` PIL images, image i from a generator seeded
+    ``seed + i`` (``sample_in_chunks``; ``on_image(i, image)`` as each is made, ``keep=False`` to keep
+    none); ``control_guidance``: how the ControlNet enters guidance, ``controlnet_in_guidance``. A non-square
     condition is sampled at its own aspect ratio (``output_size``)."""
     out = []
     for prompt, cond in zip(prompts, conditions):
-        generator = torch.Generator(device="cpu").manual_seed(seed)
         height, width = output_size(cond, resolution, max(8, getattr(pipe, "vae_scale_factor", 8)))
-        with controlnet_in_guidance(pipe, control_guidance):
-            result = pipe(
-                prompt,
-                image=cond,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                controlnet_conditioning_scale=controlnet_conditioning_scale,
-                negative_prompt=negative_prompt,
-                num_images_per_prompt=num_images,
-                generator=generator,
-            )
-        out.append(list(result.images))
+
+        def call(n: int, generators: list) -> list:
+            with controlnet_in_guidance(pipe, control_guidance):
+                return pipe(prompt, image=cond, height=height, width=width, num_inference_steps=steps,
+                            guidance_scale=guidance_scale, controlnet_conditioning_scale=controlnet_conditioning_scale,
+                            negative_prompt=negative_prompt, num_images_per_prompt=n, generator=generators).images
+
+        out.append(sample_in_chunks(pipe, num_images, seed, call, on_image, keep))
     return out
+
+
+def sample_in_chunks(pipe: Any, num_images: int, seed: int, call: Callable[[int, list], list],
+                     on_image: Callable[[int, Any], None] | None = None, keep: bool = True,
+                     chunk: int = 4) -> list:
+    """``num_images`` images, ``chunk`` per pipeline call, image i drawn from a generator seeded ``seed + i``:
+    an image does not depend on how many are asked for (image 0 is the one image of ``num_images`` 1), and
+    many images take the memory of a few and stop at Ctrl-C within one call. ``call(n, generators)``
+    samples n images; ``on_image(i, image)`` is called as each is made (the CLI saves it then)."""
+    from tqdm.auto import tqdm
+
+    images = []
+    several = num_images > chunk  # one bar over the images, instead of one per call
+    if several:
+        pipe.set_progress_bar_config(disable=True)
+    try:
+        with tqdm(total=num_images, desc="images", unit="img", disable=not several) as bar:
+            for start in range(0, num_images, chunk):
+                n = min(chunk, num_images - start)
+                made = call(n, [torch.Generator(device="cpu").manual_seed(seed + start + j) for j in range(n)])
+                for j, image in enumerate(made):
+                    if on_image is not None:
+                        on_image(start + j, image)
+                    if keep:
+                        images.append(image)
+                bar.update(n)
+    finally:
+        if several:
+            pipe.set_progress_bar_config(disable=False)
+    return images
