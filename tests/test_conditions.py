@@ -190,6 +190,12 @@ def test_canny_controlnet_end_to_end_through_the_cli(tiny_model_dir, tiny_depth_
     small = np.asarray(Image.open(photo).resize((32, 32), Image.Resampling.BICUBIC))
     assert cond.shape == (32, 32) and np.array_equal(cond, Canny().edges(small))
     assert Image.open(tmp_path / "g.png").size == (32, 32)
+    wide = tmp_path / "wide.png"  # a non-square picture keeps its shape (it was centre-cropped to a square)
+    Image.open(photo).convert("RGB").resize((96, 64)).save(wide)
+    assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(run),
+                 "--image", str(wide), "--condition", "canny", "--prompt", "a square", "--resolution", "32",
+                 "--num_inference_steps", "2", "--out", str(tmp_path / "w.jpg")]) == 0
+    assert Image.open(tmp_path / "w-condition.png").size == Image.open(tmp_path / "w.jpg").size == (48, 32)
     assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(run),
                  "--image", str(photo), "--condition", "depth", "--depth_model", str(tiny_depth_model),
                  "--prompt", "a square", "--resolution", "32", "--num_inference_steps", "2",

@@ -149,9 +149,9 @@ def generate(
     control when both are given (the concept drawn where the condition puts it).
 
     ``condition`` (e.g. ``"canny"``, settings such as thresholds in ``condition_settings``) makes
-    ``image`` a plain picture: it is resized and centre-cropped to the output size and its
-    condition computed there, as ``difftune data conditions`` does for training; the computed
-    condition is saved to ``condition_out`` when given.
+    ``image`` a plain picture: it is resized to the output size (its own aspect ratio, the shorter
+    side at the resolution, as a ready-made condition is sampled) and its condition computed there;
+    the computed condition is saved to ``condition_out`` when given.
 
     ``control_guidance``: ``both`` (diffusers' default) or ``cond``: the ControlNet on the
     conditional half of classifier-free guidance only, so guidance amplifies the control too
@@ -226,12 +226,13 @@ def generate(
             guidance_scale=guidance_scale, height=res, width=res, num_images_per_prompt=n,
             generator=generators).images, on_image, keep)
     cond = image if isinstance(image, Image.Image) else _open_condition(image)
-    if condition is not None:
+    if condition is not None:  # computed at the size it is sampled at: the picture's own aspect ratio
         from .data.conditions import conditioner_from_settings
-        from .data.transforms import resize_center_crop
+        from .pipelines import output_size
 
+        height, width = output_size(cond, res, max(8, base.vae_scale_factor))
         cond = conditioner_from_settings({"condition": condition, **(condition_settings or {})})(
-            resize_center_crop(cond.convert("RGB"), res, "bicubic"))
+            cond.convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
         if condition_out is not None:
             cond.save(condition_out)
     return run_controlnet_pipeline(
