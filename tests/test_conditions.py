@@ -196,10 +196,13 @@ def test_canny_controlnet_end_to_end_through_the_cli(tiny_model_dir, tiny_depth_
                  "--image", str(wide), "--condition", "canny", "--prompt", "a square", "--resolution", "32",
                  "--num_inference_steps", "2", "--out", str(tmp_path / "w.jpg")]) == 0
     assert Image.open(tmp_path / "w-condition.png").size == Image.open(tmp_path / "w.jpg").size == (48, 32)
-    assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(run),
-                 "--image", str(photo), "--condition", "depth", "--depth_model", str(tiny_depth_model),
-                 "--prompt", "a square", "--resolution", "32", "--num_inference_steps", "2",
-                 "--out", str(tmp_path / "d.png")]) == 0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="difftune"):
+        assert main(["generate", "--pretrained_model_name_or_path", str(tiny_model_dir), "--controlnet", str(run),
+                     "--image", str(photo), "--condition", "depth", "--depth_model", str(tiny_depth_model),
+                     "--prompt", "a square", "--resolution", "32", "--num_inference_steps", "2",
+                     "--out", str(tmp_path / "d.png")]) == 0
+    assert "--condition depth: this ControlNet was trained on canny conditions" in caplog.text
     from difftune.data.conditions import Depth
 
     assert np.array_equal(np.asarray(Image.open(tmp_path / "d-condition.png")), np.asarray(Depth(str(tiny_depth_model))(

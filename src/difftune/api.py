@@ -118,6 +118,20 @@ def _check_generate_arguments(prompt, image, controlnet, steps, num_images, guid
         raise ConfigError("generate: a ControlNet needs a conditioning image (image=PATH or a PIL image).")
 
 
+def _warn_other_condition(controlnet: str | Path, condition: str | None) -> None:
+    """--condition of another kind than the ControlNet's run trained on (depth maps for a canny ControlNet)."""
+    from .eval.run import trained_condition
+
+    trained = trained_condition(controlnet) if condition is not None else None
+    if trained is not None and trained[0] in ("canny", "depth") and trained[0] != condition:
+        import logging
+
+        logging.getLogger("difftune").warning(
+            "--condition %s: this ControlNet was trained on %s conditions (its training data's "
+            "difftune_dataset.json); it follows %s ones poorly, if at all. Use --condition %s.", condition,
+            trained[0], condition, trained[0])
+
+
 def generate(
     pretrained_model_name_or_path: str | None = None,
     controlnet: str | Path | None = None,
@@ -193,6 +207,7 @@ def generate(
         check_resolution(resolution)  # as training does: the pipeline would quietly round it down
     if controlnet is not None:
         check_controlnet_source(str(controlnet), "--controlnet")  # before the base model loads
+        _warn_other_condition(controlnet, condition)
     base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae)
     res = resolution or base.native_resolution
     _check_latent_multiple(res, base.vae_scale_factor)
