@@ -107,6 +107,34 @@ def test_condition_dataset_from_a_plain_folder_trains_as_it_is(tmp_path):
     assert Image.open(out / "images" / "00000.png").size == (96, 80)  # no --resolution: sizes kept
 
 
+def test_captions_in_any_form_a_user_brings_and_hidden_files_left_out(tmp_path, caplog):
+    """A folder copied from a Mac (._ files, a .thumbnails folder) failed as a whole; a Latin-1 caption was a
+    UnicodeDecodeError traceback; a metadata.jsonl with a byte-order mark, or a metadata.csv, was not read."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(src / name)
+    (src / "._a.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (src / ".thumbnails").mkdir()
+    Image.new("RGB", (8, 8)).save(src / ".thumbnails" / "a.png")
+    (src / "metadata.jsonl").write_bytes('\ufeff{"file_name": "a.png", "text": "caf\u00e9"}\n'
+                                          '{"file_name": "b.png", "text": "b"}\n'.encode("utf-8"))
+    with caplog.at_level("WARNING", logger="difftune"):
+        info = write_condition_dataset(src, tmp_path / "out", progress=False)
+    assert info["n"] == 2 and "left out 2 hidden image file(s)" in caplog.text
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["caf\u00e9", "b"]
+    (src / "metadata.jsonl").unlink()
+    (src / "metadata.csv").write_text("file_name,text\na.png,from the csv\nb.png,b\n", encoding="utf-8")
+    write_condition_dataset(src, tmp_path / "csv", progress=False)
+    assert json.loads((tmp_path / "csv" / "metadata.jsonl").read_text().splitlines()[0])["text"] == "from the csv"
+    (src / "metadata.csv").unlink()
+    (src / "a.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    (src / "b.txt").write_text("b")
+    with pytest.raises(DataError, match=r"a\.txt is not UTF-8 text \(line 1: .* at byte 3\) — save it as UTF-8"):
+        write_condition_dataset(src, tmp_path / "latin", progress=False)
+
+
 def test_condition_dataset_errors_name_the_file_and_leave_nothing_behind(tmp_path):
     src = tmp_path / "photos"
     _photos(src)

@@ -194,39 +194,70 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
 
 
 def find_images(input_dir: Path) -> list[Path]:
-    """Image files under ``input_dir`` (any depth), in a stable order."""
-    return sorted(p for p in input_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files under ``input_dir`` (any depth), in a stable order; hidden ones (a name starting with '.',
+    or in such a folder: macOS's ``._`` resource files, ``.thumbnails/``) are left out, and said."""
+    found = [p for p in input_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    hidden = [p for p in found if any(part.startswith(".") for part in p.relative_to(input_dir).parts)]
+    if hidden:
+        logger.warning("--input_dir %s: left out %d hidden image file(s) (a name starting with '.', or in such a "
+                       "folder: %s)", input_dir, len(hidden),
+                       _names([str(p.relative_to(input_dir)) for p in hidden], 5))
+    return sorted(set(found) - set(hidden))
+
+
+def _read_text(path: Path) -> str:
+    """A caption file's text (UTF-8, a byte-order mark allowed); a DataError naming the file otherwise."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text (line {line}: {err.reason} at byte {err.start}) — save it as "
+                        "UTF-8") from None
+
+
+def _metadata_rows(input_dir: Path, caption_column: str):
+    """(file, line number, row) of the picture folder's ``metadata.jsonl``, else its ``metadata.csv``."""
+    import csv
+    import io
+
+    metadata = input_dir / "metadata.jsonl"
+    if metadata.is_file():
+        for i, line in enumerate(_read_text(metadata).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield metadata, i, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{metadata} line {i} is not JSON ({err.msg}) — fix or remove the line") from err
+        return
+    table = input_dir / "metadata.csv"
+    if table.is_file():
+        for i, row in enumerate(csv.DictReader(io.StringIO(_read_text(table))), start=2):  # (line 1: the header)
+            yield table, i, {k.strip(): v for k, v in row.items() if k is not None}
 
 
 def read_captions(input_dir: Path, images: list[Path], caption: str | None, caption_column: str) -> list:
-    """One caption per image: ``caption`` for all, else ``metadata.jsonl``'s (text, or a list of texts to draw
-    from), else a ``.txt`` beside the image."""
+    """One caption per image: ``caption`` for all, else ``metadata.jsonl``'s or ``metadata.csv``'s (text, or in
+    JSON a list of texts to draw from), else a ``.txt`` beside the image."""
     if caption is not None:
         return [caption] * len(images)
     by_file: dict[str, str | list[str]] = {}
     lines: dict[str, int] = {}
     metadata = input_dir / "metadata.jsonl"
-    if metadata.is_file():
-        for i, line in enumerate(metadata.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{metadata} line {i} is not JSON ({err.msg}) — fix or remove the line") from err
-            if "file_name" not in row or caption_column not in row:
-                raise DataError(
-                    f"{metadata} line {i} needs 'file_name' and '{caption_column}' (the caption; another "
-                    f"column with --caption_column); it has {sorted(row)}"
-                )
-            text, name = row[caption_column], os.path.normpath(str(row["file_name"]))
-            if not (isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text))):
-                raise DataError(f"{metadata} line {i} ({row['file_name']}): the '{caption_column}' is "
-                                f"{json.dumps(text)}, not text — write the caption, or \"\" for none")
-            if name in lines:
-                raise DataError(f"{metadata} lines {lines[name]} and {i} both give {row['file_name']}'s caption — "
-                                "keep one")
-            by_file[name], lines[name] = text, i
+    for metadata, i, row in _metadata_rows(input_dir, caption_column):
+        if not isinstance(row, dict) or "file_name" not in row or caption_column not in row:
+            raise DataError(
+                f"{metadata} line {i} needs 'file_name' and '{caption_column}' (the caption; another "
+                f"column with --caption_column); it has {sorted(row) if isinstance(row, dict) else row!r}"
+            )
+        text, name = row[caption_column], os.path.normpath(str(row["file_name"]))
+        if not (isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text))):
+            raise DataError(f"{metadata} line {i} ({row['file_name']}): the '{caption_column}' is "
+                            f"{json.dumps(text)}, not text — write the caption, or \"\" for none")
+        if name in lines:
+            raise DataError(f"{metadata} lines {lines[name]} and {i} both give {row['file_name']}'s caption — "
+                            "keep one")
+        by_file[name], lines[name] = text, i
     on_disk = {os.path.normpath(p.relative_to(input_dir)) for p in images}
     strays = [name for name in by_file if name not in on_disk]
     if strays:
@@ -240,7 +271,7 @@ def read_captions(input_dir: Path, images: list[Path], caption: str | None, capt
         if rel in by_file:
             captions.append(by_file[rel])
         elif side.is_file():
-            captions.append(side.read_text().strip())
+            captions.append(_read_text(side).strip())
         else:
             captions.append("")
             missing.append(rel)
