@@ -96,6 +96,13 @@ def test_config_file_with_flag_override(tmp_path):
     bad.write_text("learning_rat: 0.1\n")
     with pytest.raises(ConfigError, match="Unknown setting 'learning_rat'"):
         config_from_args(ControlNetConfig, p.parse_args(["--config", str(bad)]))
+    bad.write_text("train:\n  optimizer_in_backward: true\n")  # in the wrong section: which one it belongs in
+    with pytest.raises(ConfigError, match=r"Unknown setting 'train.optimizer_in_backward' in the config: it belongs "
+                                          r"in section 'optim'"):
+        config_from_args(ControlNetConfig, p.parse_args(["--config", str(bad)]))
+    bad.write_text("loss:\n  snr: 5\n")
+    with pytest.raises(ConfigError, match=r"Unknown setting 'loss.snr' in the config: the settings of 'loss' are "):
+        config_from_args(ControlNetConfig, p.parse_args(["--config", str(bad)]))
     # YAML reads 1e-5 (no dot) as a string: it is still the number meant
     sci = tmp_path / "sci.yaml"
     sci.write_text("pretrained_model_name_or_path: m\ntrain_data_dir: d\nlearning_rate: 1e-5\n")

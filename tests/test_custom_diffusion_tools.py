@@ -437,3 +437,15 @@ def test_damaged_or_repeated_inputs_are_named_and_nothing_is_half_written(tiny_m
                                      instance_prompt="<new1> circle", max_train_steps=1, overwrite_output_dir=True))
     left = {p.name for p in merged.iterdir()}
     assert "merge_info.json" not in left and "<new2>.safetensors" not in left  # nothing of the merge stays
+
+
+def test_default_regularization_captions_fit_the_base():
+    """On a real model the default regularization was 200 tiny-shapes captions ('red circle with blue
+    background'); tiny-shapes keeps its own world."""
+    from difftune.custom_diffusion.merge import default_regularization_prompts
+
+    everyday = default_regularization_prompts(["a cat"], shapes_world=False)
+    shapes = default_regularization_prompts(["a cat"], shapes_world=True)
+    assert len(everyday) == len(shapes) == 201 and everyday[-1] == shapes[-1] == "a cat"
+    assert "a photo of a dog" in everyday and not any("background" in p for p in everyday)
+    assert all(p.endswith("background") for p in shapes[:-1])

@@ -441,12 +441,15 @@ def test_a_new_run_never_mixes_into_another_runs_checkpoints(tiny_model_dir, fil
                                          max_train_steps=1, overwrite_output_dir=True, **wrong))
         assert _digests(out / "checkpoints") == before
         assert (out / "metrics.jsonl").is_file()
-    # asked to start over: the earlier run's checkpoints and metrics go, the new run's are alone
+    # asked to start over: the earlier run's checkpoints, metrics and profile go, the new run's are alone
+    (out / "profile").mkdir()  # (what --profile_steps writes; it stayed)
+    (out / "profile" / "trace.json").write_text("{}")
     train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=1, checkpointing_steps=1,
                                  checkpoints_total_limit=1, overwrite_output_dir=True))
     assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["checkpoint-1"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-1"
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (out / "profile").exists()
 
 
 def test_resuming_longer_on_a_decaying_schedule_says_the_schedule_is_planned_anew(tmp_path, caplog):

@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "`difftune data conditions` (default: fresh circles / shapes)")
     e.add_argument("--metric", choices=tuple(CONDITION_METRICS),
                    help="fill50k: circle IoU; canny: edge F1; depth: depth correlation (default: the condition "
-                        "--data was made with, else fill50k)")
+                        "--data was made with; without --data, the one the ControlNet's run trained on; else fill50k)")
     e.add_argument("--n", type=at_least(1), default=200,
                    help="held-out conditions to sample and score (fewer when --data holds fewer usable ones)")
     e.add_argument("--no_baseline", action="store_true", help="skip the base-model-alone baseline")
@@ -456,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="end to end on the embedded default: data, train, sample")
     d.add_argument("--out", default="difftune-demo")
-    d.add_argument("--max_train_steps", type=at_least(1), default=None)
-    d.add_argument("--n", type=at_least(1), default=None, help="fill50k samples to generate")
+    d.add_argument("--max_train_steps", type=at_least(1), default=None,
+                   help="ControlNet training steps (default: the controlnet_tiny_demo recipe's, 800)")
+    d.add_argument("--n", type=at_least(1), default=None, help="fill50k samples to generate (default: 5000)")
     d.add_argument("--eval_n", type=at_least(1), default=200,
                    help="held-out conditions the evaluation samples (most of the demo's time; 16 for a quick look)")
     d.set_defaults(func=cmd_demo)

@@ -197,7 +197,10 @@ def register(sub, train_sub, eval_sub=None) -> None:
     cd = sub.add_parser("custom-diffusion", help="Custom Diffusion tools").add_subparsers(dest="tool", required=True)
     m = cd.add_parser("merge", help="merge separately trained concepts (closed form, paper eq. 4)")
     m.add_argument("--concepts", nargs="+", required=True, help="two or more Custom Diffusion output folders")
-    m.add_argument("--regularization_prompts", help="text file, one caption per line (default: built-in captions)")
+    m.add_argument("--regularization_prompts",
+                   help="text file, one caption per line (default: the class prompts and 200 generic captions: "
+                        "tiny-shapes' own world on tiny-shapes, everyday subjects on any other base; for a real "
+                        "model, captions like the prompts the merged model will see do better)")
     m.add_argument("--no_safe_serialization", action="store_true", help="write .bin files instead of .safetensors")
     c = cd.add_parser("compress", help="low-rank compression of the weight deltas (top singular values)")
     c.add_argument("--custom_diffusion", required=True, help="Custom Diffusion output folder")

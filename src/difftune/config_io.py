@@ -44,7 +44,10 @@ def nest(cfg_cls: type, values: dict) -> dict[str, dict]:
         if key in secs and isinstance(value, dict):
             for k, v in value.items():
                 if owner.get(k) != key:
-                    raise ConfigError(f"Unknown setting '{key}.{k}' in the config.")
+                    where = (f"it belongs in section '{owner[k]}' (the groups of --help say where each flag is), or"
+                             f" give it flat, as '{k}'" if k in owner else
+                             f"the settings of '{key}' are {', '.join(sorted(n for n, s in owner.items() if s == key))}")
+                    raise ConfigError(f"Unknown setting '{key}.{k}' in the config: {where}.")
                 nested[key][k] = v
         elif key in owner:
             nested[owner[key]][key] = value

@@ -79,7 +79,8 @@ def earlier_outputs(out: Path) -> list[Path]:
         pass
     found = [out / n for n in sorted(names) if (out / n).is_file()]
     found += sorted((out / "validation").glob("step-*.png"))
-    return found + ([out / "checkpoints"] if (out / "checkpoints").is_dir() else [])
+    # (the encoded and stream caches stay: each is keyed by what it was made from, and a new run reuses it)
+    return found + [out / d for d in ("checkpoints", "profile") if (out / d).is_dir()]
 
 
 def clear_earlier_run(accelerator: Any, out: Path, root: Path) -> None:

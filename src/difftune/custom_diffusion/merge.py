@@ -37,15 +37,29 @@ from .surgery import add_tokens, set_embeddings
 log = logging.getLogger(__name__)
 
 
-def default_regularization_prompts(class_prompts: list[str], n: int = 200) -> list[str]:
-    """Generic captions: the shapes world's (what the bundled base model knows) and the class prompts.
+# everyday subjects and settings: the default regularization captions on a base other than tiny-shapes
+_SUBJECTS = ("man", "woman", "child", "dog", "cat", "horse", "bird", "car", "bicycle", "house", "tree", "flower",
+             "mountain", "lake", "beach", "city street", "kitchen", "living room", "table", "chair", "cup of coffee",
+             "plate of food", "book", "guitar", "boat", "train", "bridge", "forest", "field of grass", "old building",
+             "robot", "castle", "river", "garden", "shoe", "hat", "bag", "teddy bear", "clock", "lamp")
+_SETTINGS = ("a photo of a {}", "a painting of a {}", "a close-up photo of a {}", "a {} at night",
+             "a {} in the snow")
 
-    For a real Stable Diffusion model pass ``--regularization_prompts`` (e.g. a few hundred
-    LAION-style captions, as the paper does).
+
+def default_regularization_prompts(class_prompts: list[str], shapes_world: bool, n: int = 200) -> list[str]:
+    """Generic captions plus the class prompts. On the bundled ``tiny-shapes``, the shapes world's captions
+    (what it knows); on any other base, everyday subjects in a few settings (200 by default).
+
+    The paper regularizes with 1000 LAION captions: for a real model, ``--regularization_prompts`` with
+    captions like the prompts the merged model will see does better than these.
     """
-    from ..data.shapes import BASE_SHAPES, sample_shapes
+    if shapes_world:
+        from ..data.shapes import BASE_SHAPES, sample_shapes
 
-    return [s.prompt for s in sample_shapes(n, 64, 12345, BASE_SHAPES)] + [p for p in class_prompts if p]
+        generic = [s.prompt for s in sample_shapes(n, 64, 12345, BASE_SHAPES)]
+    else:
+        generic = [setting.format(subject) for setting in _SETTINGS for subject in _SUBJECTS][:n]
+    return generic + [p for p in class_prompts if p]
 
 
 @torch.no_grad()
@@ -148,7 +162,16 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
     ids = add_tokens(base.tokenizer, base.text_encoder, all_tokens)
     set_embeddings(base.text_encoder, ids, rows)
     token_id = dict(zip(all_tokens, ids))
-    reg = regularization_prompts or default_regularization_prompts([c.get("class_prompt") for c in concepts])
+    if regularization_prompts is None:
+        from ..models import DEFAULT_MODEL, resolve_builtin
+
+        shapes_world = Path(str(base.source)).resolve() == Path(resolve_builtin(DEFAULT_MODEL)).resolve()
+        if not shapes_world:
+            log.warning("merge: regularizing with %d generic captions (everyday subjects) and the class prompts; "
+                        "for a real model, --regularization_prompts with captions like the prompts the merged model "
+                        "will see does better (the paper uses 1000 LAION captions).", 200)
+    reg = regularization_prompts or default_regularization_prompts([c.get("class_prompt") for c in concepts],
+                                                                   shapes_world)
     c_reg = token_features(base.tokenizer, base.text_encoder, reg)
     feats = [concept_features(base.tokenizer, base.text_encoder, prompts, [token_id[t] for t in toks])
              for _, toks, prompts in parts]
