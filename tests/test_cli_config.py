@@ -389,6 +389,21 @@ def test_data_check_cli(fill_dir, tiny_model_dir, capsys):
     assert training_resolution(str(tiny_model_dir)) == load_base_model(str(tiny_model_dir)).native_resolution
 
 
+def test_data_check_of_a_data_set_it_cannot_read_is_a_failed_check(tmp_path, capsys):
+    """A missing folder exited 2 and two columns 1, and with --json neither printed JSON."""
+    from PIL import Image
+
+    assert main(["data", "check", "--train_data_dir", str(tmp_path / "gone"), "--resolution", "64", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and report["errors"][0]["kind"] == "unreadable_data_set"
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n")
+    assert main(["data", "check", "--train_data_dir", str(tmp_path), "--resolution", "64", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["errors"][0]["kind"] == "columns"
+    assert main(["data", "check", "--train_data_dir", str(tmp_path), "--resolution", "64"]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_data_check_measures_captions_with_the_default_bases_tokenizer(tmp_path, capsys):
     """Without --pretrained_model_name_or_path, captions are checked against tiny-shapes' text encoder (24
     tokens), the one training would use, not skipped."""

@@ -198,17 +198,24 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         print(f"checking at --resolution {args.resolution}: the training default for {base} (pass "
               f"--resolution to check another)", file=sys.stderr)
     check_resolution(args.resolution)
-    table = load_table(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-                       train_data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+    from .data.check import CheckReport, Issue
+    from .errors import DataError
     from .models import load_tokenizer
 
-    tokenizer = load_tokenizer(base)  # caption lengths against the text encoder training would use
-    try:
+    table = None
+    try:  # a data set that cannot be read, or whose columns are not a ControlNet's, is a failed check (exit 1)
+        table = load_table(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+                           train_data_dir=args.train_data_dir, cache_dir=args.cache_dir)
         cols = resolve_columns(table.column_names, args.image_column, args.conditioning_image_column,
                                args.caption_column)
-    except UserError as e:  # the report lists the columns; keep going to show every problem at once
-        print(f"error: {e}", file=sys.stderr)
+    except DataError as e:
+        failed = "columns" if table is not None else "unreadable_data_set"
+        report = CheckReport(0, [Issue(None, None, None, str(e), failed)],
+                             description=str(args.train_data_dir or args.dataset_name))
+        print(json.dumps(report.to_dict(), indent=2) if args.json else f"error: {e}",
+              file=sys.stdout if args.json else sys.stderr)
         return 1
+    tokenizer = load_tokenizer(base)  # caption lengths against the text encoder training would use
     report = check_dataset(table, *cols, resolution=args.resolution, tokenizer=tokenizer, limit=args.limit)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     return 0 if report.ok else 1
