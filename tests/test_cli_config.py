@@ -616,3 +616,14 @@ def test_weights_are_read_from_safetensors_only(tiny_model_dir, tmp_path):
     ControlNetModel.from_unet(unet).save_pretrained(controlnet, safe_serialization=False)
     with pytest.raises(ModelLoadError, match=r"save_pretrained\(DIR, safe_serialization=True\)"):
         load_controlnet(str(controlnet), flag="--controlnet")
+
+
+def test_the_command_line_starts_without_loading_torch():
+    """`difftune --help` took 8 s (the bench's parser pulled torch in through difftune.tiny), and a Ctrl-C in
+    that time was a KeyboardInterrupt traceback."""
+    import subprocess
+    import sys
+
+    probe = "import sys; from difftune.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

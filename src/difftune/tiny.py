@@ -19,8 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from .checkpoint import umask_mode
-
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # Four VAE blocks so that latents are 1/8 of the image, as in SD (and as the ControlNet's
@@ -175,6 +173,8 @@ def save_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     )
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
+    from .checkpoint import umask_mode  # (here: the CLI's parser reads this module, and torch is slow to load)
+
     umask_mode(out)
     # Older transformers read only the classic slow-tokenizer files: keep them too.
     with tempfile.TemporaryDirectory(prefix="difftune_tok_") as tmp:
@@ -240,6 +240,8 @@ def save_tiny_sdxl_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed), add_watermarker=False)
     out = Path(out_dir)
     pipe.save_pretrained(out, safe_serialization=True)
+    from .checkpoint import umask_mode  # (here: the CLI's parser reads this module, and torch is slow to load)
+
     umask_mode(out)
     with tempfile.TemporaryDirectory(prefix="difftune_tok_") as tmp:  # slow-tokenizer files, as save_tiny_model
         write_tokenizer(tmp, default_words())
