@@ -129,6 +129,13 @@ def test_captions_in_any_form_a_user_brings_and_hidden_files_left_out(tmp_path, 
     write_condition_dataset(src, tmp_path / "csv", progress=False)
     assert json.loads((tmp_path / "csv" / "metadata.jsonl").read_text().splitlines()[0])["text"] == "from the csv"
     (src / "metadata.csv").unlink()
+    caplog.clear()
+    (src / "metadata.jsonl").write_text('{"file_name": "a.png", "text": " "}\n{"file_name": "b.png", "text": "b"}\n')
+    with caplog.at_level("WARNING", logger="difftune"):  # said while converting, as data check says it later
+        write_condition_dataset(src, tmp_path / "up", resolution=64, progress=False)
+    assert "1 of 2 pictures have an empty caption (a.png)" in caplog.text
+    assert "2 of 2 pictures are smaller than --resolution 64 and are upscaled to it (blurred): a.png 16x16" in caplog.text
+    (src / "metadata.jsonl").unlink()
     (src / "a.txt").write_bytes("caf\u00e9".encode("latin-1"))
     (src / "b.txt").write_text("b")
     with pytest.raises(DataError, match=r"a\.txt is not UTF-8 text \(line 1: .* at byte 3\) — save it as UTF-8"):
@@ -404,5 +411,6 @@ def test_depth_model_loads_safetensors_only_and_fails_clearly_offline(tiny_depth
     for name in ("config.json", "preprocessor_config.json"):
         shutil.copy(tiny_depth_model / name, pickled)
     torch.save(DPTForDepthEstimation.from_pretrained(tiny_depth_model).state_dict(), pickled / "pytorch_model.bin")
-    with pytest.raises(ModelLoadError, match="a local folder.*model.safetensors"):
+    with pytest.raises(ModelLoadError, match="a folder, but no transformers depth estimator could be read from it"
+                                             ".*model.safetensors"):
         Depth(str(pickled))(picture)  # a pickle is never loaded

@@ -205,6 +205,8 @@ def generate(
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if resolution is not None:
         check_resolution(resolution)  # as training does: the pipeline would quietly round it down
+    if cpu_offload and not device.startswith("cuda"):  # (said before any model loads)
+        raise UserError("--cpu_offload only makes sense with a CUDA device.")
     if controlnet is not None:
         check_controlnet_source(str(controlnet), "--controlnet")  # before the base model loads
         _warn_other_condition(controlnet, condition)
@@ -223,8 +225,6 @@ def generate(
         tokens = load_custom_diffusion(pipe, custom_diffusion, weight_name)
         warn_unknown_tokens(prompt, tokens, custom_diffusion)
     if cpu_offload:
-        if not device.startswith("cuda"):
-            raise UserError("--cpu_offload only makes sense with a CUDA device.")
         pipe.to(dtype=dtype)
         pipe.enable_model_cpu_offload()
     elif dtype == torch.float32:

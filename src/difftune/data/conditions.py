@@ -122,7 +122,7 @@ class Depth(Conditioner):
                 processor = AutoImageProcessor.from_pretrained(self.model)
                 net = AutoModelForDepthEstimation.from_pretrained(self.model, use_safetensors=True).eval()
             except (OSError, ValueError) as err:
-                where = ("a local folder" if Path(self.model).is_dir() else
+                where = ("a folder, but no transformers depth estimator could be read from it" if Path(self.model).is_dir() else
                          "not a local folder, and the Hugging Face Hub could not provide it (offline, or no such "
                          "repository)")
                 default = " (the default; give another with --depth_model)" if self.model == DEFAULT_DEPTH_MODEL else ""
@@ -289,6 +289,31 @@ def read_captions(input_dir: Path, images: list[Path], caption: str | None, capt
     return captions
 
 
+def _warn_small_or_uncaptioned(src: Path, images: list[Path], captions: list, resolution: int | None) -> None:
+    """Said while converting, as `data check` would say it afterwards (when an upscaled picture no longer
+    looks small): pictures smaller than --resolution, blown up to it, and empty captions."""
+    def rel(path: Path) -> str:
+        return str(path.relative_to(src))
+
+    empty = [rel(p) for p, c in zip(images, captions) if not (c.strip() if isinstance(c, str) else any(c))]
+    if empty:
+        logger.warning("%d of %d pictures have an empty caption (%s): they train unconditioned on text",
+                       len(empty), len(images), _names(empty, 5))
+    if resolution is None:
+        return
+    small = []
+    for path in images:
+        try:
+            with Image.open(path) as image:  # (the header only)
+                if min(image.size) < resolution:
+                    small.append(f"{rel(path)} {image.size[0]}x{image.size[1]}")
+        except Exception:  # noqa: BLE001 — an unreadable file is named by the conversion itself
+            continue
+    if small:
+        logger.warning("%d of %d pictures are smaller than --resolution %d and are upscaled to it (blurred): %s",
+                       len(small), len(images), resolution, _names(small, 5))
+
+
 def _names(names: list[str], most: int = 20) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
@@ -371,6 +396,7 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
     if not images:
         raise DataError(f"--input_dir {src} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     captions = read_captions(src, images, caption, caption_column)
+    _warn_small_or_uncaptioned(src, images, captions, resolution)
     check_out_dir(out, overwrite, inputs=(src,))
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
