@@ -245,6 +245,14 @@ def test_merge_refuses_concepts_of_other_bases(tiny_model_dir, two_concepts, tmp
     assert main(["custom-diffusion", "merge", "--concepts", str(two_concepts[0]), str(narrow),
                  "--output_dir", str(tmp_path / "m2")]) == 2
     assert f"merge: {narrow} was trained on another base model (token embedding 7 values" in capsys.readouterr().err
+    # a base of another UNet layout, named by the user: an AttributeError traceback in both tools
+    for argv in (["merge", "--concepts", *map(str, two_concepts)], ["compress", "--custom_diffusion",
+                                                                    str(two_concepts[0]), "--rank", "1"]):
+        assert main(["custom-diffusion", *argv, "--pretrained_model_name_or_path", "tiny-shapes",
+                     "--output_dir", str(tmp_path / "m3")]) == 2
+        err = capsys.readouterr().err
+        assert "another base model" in err and "Traceback" not in err, err[-500:]
+    assert "matches no layer of this base's UNet" in err or "the base's layer" in err  # (compress: the weights)
 
 
 def test_compress_writes_safetensors_from_a_bin_folder(tiny_model_dir, two_concepts, tmp_path, capsys):

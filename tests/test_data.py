@@ -602,6 +602,14 @@ def test_overwrite_never_replaces_a_model_a_run_an_input_or_the_folder_it_runs_i
     (model / "model_index.json").write_text("{}")
     refused(model, r"holds a base model \(model_index.json\)")
     check_out_dir(model, True, model_folder_ok=True)  # make-tiny-model replacing its own kind
+    (model / "unet").mkdir()
+    (model / "unet" / "config.json").write_text("{}")
+    refused(model / "unet", f"is a part of the base model in {model}")
+    from difftune.errors import ConfigError
+    from difftune.guards import claim_output_dir
+
+    with pytest.raises(ConfigError, match="is a model folder, or a part of one"):  # a training run's --output_dir
+        claim_output_dir(model / "unet", model / "unet" / "checkpoints", overwrite=True)
     run = tmp_path / "run"
     (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     refused(run, r"holds a training run \(checkpoints/\)")

@@ -29,9 +29,9 @@ def claim_output_dir(out: Path, root: Path, overwrite: bool) -> bool:
     does that once the new run's models, data and validation images have loaded, so a typo in a flag
     (a wrong column, a missing file) fails with the earlier run intact.
     """
-    if (out / "model_index.json").is_file():
-        raise ConfigError(f"--output_dir {out} is a model folder (it holds model_index.json): training there would "
-                          "mix the run into it. Choose another --output_dir.")
+    if (out / "model_index.json").is_file() or (out.resolve().parent / "model_index.json").is_file():
+        raise ConfigError(f"--output_dir {out} is a model folder, or a part of one (model_index.json): training "
+                          "there would mix the run into it. Choose another --output_dir.")
     earlier = ckpt.list_checkpoints(root)
     if not earlier:
         model = finished_model_file(out)

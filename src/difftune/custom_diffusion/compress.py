@@ -32,12 +32,25 @@ def is_lowrank(tensors: dict[str, torch.Tensor]) -> bool:
     return any(k.endswith(UP) for k in tensors)
 
 
-def base_weight(base_unet: torch.nn.Module, key: str) -> torch.Tensor:
-    """The base projection a processor weight key was copied from ('...attn2.processor.to_k_custom_diffusion.weight')."""
+OTHER_BASE = ("was it trained on another base model? Give the one it was trained on with "
+              "--pretrained_model_name_or_path, or leave the flag out for the one its folder records.")
+
+
+def base_weight(base_unet: torch.nn.Module, key: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The base projection a processor weight key was copied from ('...attn2.processor.to_k_custom_diffusion.weight');
+    a ConfigError when this UNet has no such layer, or (given ``like``, the trained weight) one of another shape."""
     proc, _, rest = key.partition(".processor.")
-    attn = base_unet.get_submodule(proc)
     src = rest.replace("_custom_diffusion", "")  # to_k.weight, to_out.0.weight, ...
-    return attn.get_submodule(src.rsplit(".", 1)[0]).get_parameter(src.rsplit(".", 1)[1]).detach().float().cpu()
+    try:
+        attn = base_unet.get_submodule(proc)
+        w0 = attn.get_submodule(src.rsplit(".", 1)[0]).get_parameter(src.rsplit(".", 1)[1]).detach().float().cpu()
+    except AttributeError:
+        raise ConfigError(f"the Custom Diffusion weight {key} matches no layer of this base's UNet: {OTHER_BASE}") \
+            from None
+    if like is not None and like.shape != w0.shape:
+        raise ConfigError(f"the Custom Diffusion weight {key} is {tuple(like.shape)}, the base's layer "
+                          f"{tuple(w0.shape)}: {OTHER_BASE}")
+    return w0
 
 
 def lowrank_factors(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +81,7 @@ def compress(folder: str | Path, base_unet: torch.nn.Module, output_dir: str | P
         if w.dim() != 2:  # biases (to_out with crossattn) are kept whole
             compact[key] = full[key] = w
             continue
-        w0 = base_weight(base_unet, key)
+        w0 = base_weight(base_unet, key, like=w)
         up, down = lowrank_factors(w.float() - w0, rank, energy)
         compact[key + UP], compact[key + DOWN] = up.contiguous(), down.contiguous()
         approx = w0 + up @ down

@@ -147,12 +147,15 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
         weights = read_weights(folder, meta.get("weight_name"), base.unet)
         width = base.text_encoder.get_input_embeddings().weight.shape[1]
         wrong = [f"token embedding {len(row)} values, the base's {width}" for row in embeds.values() if len(row) != width]
-        wrong += [f"{k} {tuple(w.shape)}, the base's {tuple(base_weight(base.unet, k).shape)}"
-                  for k, w in weights.items() if w.shape != base_weight(base.unet, k).shape][:1]
         if wrong:
             raise ConfigError(f"merge: {folder} was trained on another base model ({wrong[0]}): merge concepts "
                               "trained on one base, the one --pretrained_model_name_or_path gives (default: the "
                               "first folder's).")
+        try:
+            for k, w in weights.items():
+                base_weight(base.unet, k, like=w)  # a layer this base lacks, or has in another shape, is named
+        except ConfigError as e:
+            raise ConfigError(f"merge: {folder}: {e}") from None
         prompts = [_rename(c["instance_prompt"], mapping) for c in meta["concepts"]]
         concepts += [dict(c, instance_prompt=_rename(c["instance_prompt"], mapping),
                           modifier_tokens=[mapping[t] for t in c.get("modifier_tokens", [])]) for c in meta["concepts"]]

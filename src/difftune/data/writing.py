@@ -35,6 +35,7 @@ def check_out_dir(out: Path, overwrite: bool, flag: str = "--out", what: str = "
     why = ("is the folder this command runs in, or holds it" if here.is_relative_to(target) else
            f"holds {held}, which this command reads" if held is not None else
            "holds a base model (model_index.json)" if (out / "model_index.json").is_file() and not model_folder_ok else
+           f"is a part of the base model in {target.parent}" if (target.parent / "model_index.json").is_file() else
            "holds a training run (checkpoints/)" if (out / "checkpoints").is_dir() else None)
     if why:
         raise DataError(f"{flag} {out} {why}: --overwrite replaces the whole folder, so it is not replaced; "
