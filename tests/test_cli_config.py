@@ -192,7 +192,8 @@ def test_missing_model_folder_and_offline_hub_id(tmp_path, fill_dir, monkeypatch
     with monkeypatch.context() as patch:
         patch.setattr(transformers.AutoTokenizer, "from_pretrained", no_part_is_tried)
         with pytest.raises(ModelLoadError, match=r"could not be fetched from the Hugging Face Hub \(HF_HUB_OFFLINE is "
-                                                 r"set\)\. Give --pretrained_model_name_or_path a local"):
+                                                 r"set; unset it to download\)\. Give --pretrained_model_name_or_path "
+                                                 r"a local"):
             load_base_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 

@@ -207,6 +207,10 @@ def generate(
         check_resolution(resolution)  # as training does: the pipeline would quietly round it down
     if cpu_offload and not device.startswith("cuda"):  # (said before any model loads)
         raise UserError("--cpu_offload only makes sense with a CUDA device.")
+    if custom_diffusion is not None:  # an unfinished or damaged folder is said before the base model loads
+        from .custom_diffusion.export import read_meta
+
+        read_meta(custom_diffusion)
     if controlnet is not None:
         check_controlnet_source(str(controlnet), "--controlnet")  # before the base model loads
         _warn_other_condition(controlnet, condition)

@@ -142,9 +142,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .custom_diffusion.compress import compress
+    from .custom_diffusion.compress import check_compress_amount, compress
     from .models import load_base_model
 
+    check_compress_amount(args.rank, args.energy)  # before the base model loads
     _check_output_dir(args, [args.custom_diffusion], "--custom_diffusion")
     base = load_base_model(base_of(args, args.custom_diffusion))
     info = _write_new_folder(args, lambda tmp: compress(args.custom_diffusion, base.unet, tmp, args.rank, args.energy),

@@ -117,7 +117,7 @@ def _hub_hint(name: str, err: Exception, advice: str = BASE_FOLDER_ADVICE) -> Mo
     """Why a name that is no local folder could not come from the Hub; ``advice`` says what to pass instead
     (a base model's layout by default: a ControlNet's is another)."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    why = ("HF_HUB_OFFLINE is set" if offline else
+    why = ("HF_HUB_OFFLINE is set; unset it to download" if offline else
            "no network or no such repository; with HF_HUB_OFFLINE=1 a machine without network fails at once "
            "instead of after the hub's retries, and uses what is in the Hugging Face cache")
     return ModelLoadError(

@@ -63,15 +63,20 @@ def lowrank_factors(delta: torch.Tensor, rank: int | None, energy: float | None)
     return (U[:, :r] * S[:r]).float(), Vh[:r].float()
 
 
-def compress(folder: str | Path, base_unet: torch.nn.Module, output_dir: str | Path, rank: int | None = None,
-             energy: float | None = None) -> dict:
-    """Compress a Custom Diffusion folder's deltas; returns sizes and the relative error of the deltas."""
+def check_compress_amount(rank: int | None, energy: float | None) -> None:
+    """--rank or --energy: exactly one, in range (the CLI checks before any model loads)."""
     if (rank is None) == (energy is None):
         raise ConfigError("Give exactly one of --rank N or --energy F (0 < F <= 1).")
     if energy is not None and not 0 < energy <= 1:
         raise ConfigError(f"--energy must be in (0, 1], got {energy}.")
     if rank is not None and rank < 1:
         raise ConfigError(f"--rank must be >= 1, got {rank}.")
+
+
+def compress(folder: str | Path, base_unet: torch.nn.Module, output_dir: str | Path, rank: int | None = None,
+             energy: float | None = None) -> dict:
+    """Compress a Custom Diffusion folder's deltas; returns sizes and the relative error of the deltas."""
+    check_compress_amount(rank, energy)
     folder, out = Path(folder), Path(output_dir)
     meta = read_meta(folder)
     weights = read_weights(folder, meta.get("weight_name"))
