@@ -339,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .errors import LaunchError
+
+        if not (isinstance(e, LaunchError) and os.environ.get("RANK", "0") != "0"):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         code = 143 if isinstance(e, Terminated) else 130

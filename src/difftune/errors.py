@@ -22,3 +22,7 @@ class DataError(UserError):
 
 class ModelLoadError(UserError):
     """A model folder or hub id cannot be loaded."""
+
+
+class LaunchError(ConfigError):
+    """The launch itself is wrong, the same way in every process it started: said once, by the first."""

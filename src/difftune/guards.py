@@ -226,9 +226,11 @@ def refuse_lost_processes(num_processes: int) -> None:
     processes, and without ``ACCELERATE_USE_CPU=1`` each sets itself up as a run of its own: two
     whole trainings writing the same checkpoints and export into one folder, each thinking it is
     the only one, and a clean exit."""
+    from .errors import LaunchError
+
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > num_processes:
-        raise ConfigError(
+        raise LaunchError(
             f"This launch started {launched} processes (WORLD_SIZE={launched}), but accelerate joined {num_processes}"
             " into the run: each would train the whole run alone into the same --output_dir. Without a GPU, set "
             f"ACCELERATE_USE_CPU=1: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} "
