@@ -574,3 +574,21 @@ def test_training_from_python_leaves_the_callers_random_state_alone(tiny_model_d
     torch.manual_seed(1234)
     train_controlnet(make_config(tiny_model_dir, fill_dir, tmp_path / "run", max_train_steps=1))
     assert torch.equal(torch.rand(3), expected)  # training seeded torch with its own --seed, and gave it back
+
+
+def test_checkpoints_of_the_diffusers_script_are_refused_with_the_way_on(tmp_path):
+    """A diffusers run's OUT/checkpoint-N (accelerate's save_state): `latest` started afresh over it, and
+    naming it said there was no such checkpoint."""
+    from difftune.checkpoint import resolve_resume
+    from difftune.errors import ConfigError
+
+    out = tmp_path / "run"
+    theirs = out / "checkpoint-500"
+    (theirs / "controlnet").mkdir(parents=True)
+    (theirs / "optimizer.bin").write_bytes(b"")
+    (theirs / "random_states_0.pkl").write_bytes(b"")
+    for spec in ("latest", "checkpoint-500", str(theirs)):
+        with pytest.raises(ConfigError, match=r"holds checkpoints of a diffusers training script \(checkpoint-500\).*"
+                                              r"--controlnet_model_name_or_path .*checkpoint-500/controlnet"):
+            resolve_resume(out / "checkpoints", spec)
+    assert resolve_resume(tmp_path / "fresh" / "checkpoints", "latest") is None  # nothing at all: a fresh start

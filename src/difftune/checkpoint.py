@@ -332,8 +332,33 @@ def clean_stale_temp_files(*folders: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def foreign_checkpoints(out: Path) -> list[Path]:
+    """``OUT/checkpoint-N`` folders of diffusers' training scripts (accelerate's ``save_state``: pickled
+    optimizer and random states, the ControlNet in ``controlnet/``), oldest first."""
+    found = []
+    for p in out.glob("checkpoint-*") if out.is_dir() else []:
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and not (p / STATE_FILE).is_file() and (
+                (p / "controlnet").is_dir() or any(p.glob("*.pkl")) or any(p.glob("optimizer*.bin"))):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _refuse_foreign(out: Path, spec: str, found: list[Path]) -> None:
+    newest = found[-1]
+    weights = (f"--controlnet_model_name_or_path {newest / 'controlnet'}" if (newest / "controlnet").is_dir() else
+               "its weights (e.g. --controlnet_model_name_or_path CHECKPOINT/controlnet for a ControlNet)")
+    raise ConfigError(
+        f"--resume_from_checkpoint {spec}: {out} holds checkpoints of a diffusers training script "
+        f"({', '.join(p.name for p in found)}), not difftune's (in {out / 'checkpoints'}). Their optimizer and random "
+        f"state are pickles, which difftune does not load. To go on from the newest one's weights, start a run in a "
+        f"new --output_dir with {weights}: the optimizer and the learning-rate schedule start anew.")
+
+
 def resolve_resume(root: Path, spec: str | None) -> Path | None:
-    """The checkpoint folder that ``--resume_from_checkpoint`` names (None: start fresh)."""
+    """The checkpoint folder that ``--resume_from_checkpoint`` names (None: start fresh). Checkpoints of
+    diffusers' scripts beside ``root`` are refused with the way to go on from their weights (``latest``
+    started afresh over them)."""
     if not spec:
         return None
     if spec == "latest":
@@ -347,11 +372,17 @@ def resolve_resume(root: Path, spec: str | None) -> Path | None:
                 logging.getLogger("difftune").warning("%s names %s, which is no complete checkpoint (a run killed while "
                                                       "saving it): resuming from the newest complete one, %s",
                                                       pointer, named.name, done[-1].name)
+        if not done and (foreign := foreign_checkpoints(root.parent)):
+            _refuse_foreign(root.parent, spec, foreign)
         return done[-1] if done else None  # nothing yet: start fresh, as diffusers does
     path = Path(spec)
     if not path.is_absolute() and not path.exists():
         path = root / spec
     if not (path / STATE_FILE).is_file():
+        if path.resolve() in [p.resolve() for p in foreign_checkpoints(path.parent)] or \
+                (root.parent / spec).resolve() in [p.resolve() for p in foreign_checkpoints(root.parent)]:
+            _refuse_foreign(path.parent if path.exists() else root.parent,
+                            spec, foreign_checkpoints(path.parent) or foreign_checkpoints(root.parent))
         what = (f"{path} is not a complete difftune checkpoint (no {STATE_FILE})" if path.exists()
                 else f"there is no {spec}" + (f" (nor {root / spec})" if Path(spec).name == spec else ""))
         raise ConfigError(
