@@ -198,6 +198,19 @@ def test_load_metadata_jsonl_with_relative_paths(tmp_path, cache):
     assert item["pixel_values"].shape == (3, 8, 8) and item["caption"] == "a red square"
 
 
+def test_paths_written_from_the_current_folder_are_pointed_out(tmp_path, monkeypatch):
+    """A table at data/train.jsonl whose rows say 'data/img/0.png' (relative to where the user runs, as some
+    tutorials write them): every row was skipped as missing, with no word of why."""
+    from difftune.data.images import ImageLoadError, load_image
+
+    _save(tmp_path / "data" / "img" / "0.png")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ImageLoadError, match=r"relative paths are read from the data file's folder, data; "
+                                             r"data/img/0.png is a file from the current folder"):
+        load_image("data/img/0.png", "data", "row 0, column 'image'")
+    assert load_image("img/0.png", "data").size == (16, 16)
+
+
 def test_load_imagefolder(tmp_path, cache):
     root = tmp_path / "folder"
     for k in range(2):

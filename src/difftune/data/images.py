@@ -158,6 +158,11 @@ def load_image(value: Any, base_dir: str | None = None, where: str = "",
         if isinstance(value, dict) and value.get("bytes") is None and isinstance(err, FileNotFoundError):
             # e.g. `datasets` stored a PIL image opened from a file as its path alone, relative to where it ran
             source += f" (the cell holds a path and no image bytes; relative paths are read from {base_dir or '.'})"
+        relative = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+        if (isinstance(err, FileNotFoundError) and base_dir and relative and not os.path.isabs(relative)
+                and os.path.isfile(relative)):  # written relative to where the user runs, not to the table
+            source += (f" (relative paths are read from the data file's folder, {base_dir}; {relative} is a file "
+                       f"from the current folder: write the paths relative to {base_dir}, or absolute)")
         raise ImageLoadError(
             f"{place}cannot read {source} ({type(err).__name__}: {err}) — {remedy}",
             file=file,
