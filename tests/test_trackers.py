@@ -110,3 +110,18 @@ def test_comet_offline_experiment_gets_losses_and_images_but_not_the_token(tiny_
     assert all(SECRET.encode() not in data for data in members.values())
     (command,) = [m["payload"]["command"] for m in messages if "command" in m["payload"]]
     assert "***" in command
+
+
+def test_a_tracker_that_does_not_import_says_to_reinstall_it(tiny_model_dir, fill_dir, tmp_path, monkeypatch, capsys):
+    """Installed but broken (it is found, it does not import): the hint was about logins and API keys."""
+    pytest.importorskip("tensorboard")
+    import accelerate
+
+    def broken(*args, **kwargs):
+        raise ImportError("cannot import name 'summary' from 'tensorboard'")
+
+    monkeypatch.setattr(accelerate.Accelerator, "init_trackers", broken)
+    with pytest.raises(AssertionError):
+        _train("tensorboard", tiny_model_dir, fill_dir, tmp_path / "run", monkeypatch)
+    err = capsys.readouterr().err
+    assert "does not import: pip install --upgrade 'difftune[tensorboard]'" in err and "wandb login" not in err

@@ -97,9 +97,12 @@ class Trackers:
             try:
                 accelerator.init_trackers(project, config=flat_hparams(config), init_kwargs=init_kwargs)
             except Exception as e:  # a tracker's own failure (no login, no network): one line, before any step
+                hint = (f"Its package is installed but does not import: pip install --upgrade "
+                        f"{' '.join(repr(_PACKAGES[n][1]) for n in names)}, or use --report_to none."
+                        if isinstance(e, ImportError) else _START_HINT)
                 raise ConfigError(f"--report_to {'+'.join(names)}: the tracker could not start ({type(e).__name__}: "
                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}). "
-                                  f"{_START_HINT}") from e
+                                  f"{hint}") from e
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         if not self.accelerator.is_main_process:
