@@ -371,6 +371,11 @@ def test_outputs_and_resolved_config(tiny_model_dir, fill_dir, tmp_path):
     assert [(e.step, e.width) for e in board.Images("validation/1")] == [(1, 64), (2, 64)]
     assert "diffusion_pytorch_model.safetensors" in (out / "README.md").read_text() or "ControlNet" in (
         out / "README.md").read_text()
+    # resumed without validation prompts: the summary and the card keep the run's newest grid (it was null)
+    summary = train_controlnet(make_config(tiny_model_dir, fill_dir, out, max_train_steps=3,
+                                           resume_from_checkpoint="latest", report_to="tensorboard"))
+    assert summary["validation_grid"] == str(out / "validation" / "step-0000002.png")
+    assert "step-0000002.png" in (out / "README.md").read_text()
 
 
 def test_streaming_trains_on_the_first_samples(tiny_model_dir, fill_dir, tmp_path):

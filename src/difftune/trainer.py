@@ -255,7 +255,9 @@ class Trainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             summary["exported"] = [str(p) for p in self.method.export(self.out)]  # first: a failing sampler loses nothing
-            summary["validation_grid"] = str(validator.run(state.global_step) or "") or None
+            # (no validation pairs this session, e.g. resumed without them: the run's newest grid, from before)
+            grid = validator.run(state.global_step) or max(validator.folder.glob("step-*.png"), default=None)
+            summary["validation_grid"] = str(grid) if grid else None
             card = self.method.model_card(self.out, summary)
             if state.resumed_changes:  # the card's settings are the last resume's
                 card += ("\nResumed with settings changed from the run before: " + "; ".join(state.resumed_changes)
