@@ -17,7 +17,7 @@ from typing import Any
 
 from . import checkpoint as ckpt
 from .config import to_dict
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, LaunchError
 
 log = logging.getLogger("difftune")
 
@@ -226,8 +226,6 @@ def refuse_lost_processes(num_processes: int) -> None:
     processes, and without ``ACCELERATE_USE_CPU=1`` each sets itself up as a run of its own: two
     whole trainings writing the same checkpoints and export into one folder, each thinking it is
     the only one, and a clean exit."""
-    from .errors import LaunchError
-
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > num_processes:
         raise LaunchError(

@@ -123,6 +123,7 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
                           "--regularization_prompts out to use ones made from the concepts' class prompts.")
     base = copy.deepcopy(base)
     parts, used, all_tokens, rows, concepts, renamed = [], set(), [], [], [], {}
+    w0: dict[str, torch.Tensor] = {}  # the base projections, read once (and checked against each folder's shapes)
     for folder in folders:
         meta = read_meta(folder)
         if meta.get("freeze_model") != "crossattn_kv":
@@ -153,7 +154,7 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
                               "first folder's).")
         try:
             for k, w in weights.items():
-                base_weight(base.unet, k, like=w)  # a layer this base lacks, or has in another shape, is named
+                w0[k] = base_weight(base.unet, k, like=w)  # a layer this base lacks, or has in another shape, is named
         except ConfigError as e:
             raise ConfigError(f"merge: {folder}: {e}") from None
         prompts = [_rename(c["instance_prompt"], mapping) for c in meta["concepts"]]
@@ -182,7 +183,7 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
     for w, _, _ in parts[1:]:
         if sorted(w) != keys:
             raise ConfigError("merge: the folders' weights cover different layers: were they trained on one base model?")
-    merged = {k: merged_weight(base_weight(base.unet, k), [(w[k], f) for (w, _, _), f in zip(parts, feats)], c_reg)
+    merged = {k: merged_weight(w0[k], [(w[k], f) for (w, _, _), f in zip(parts, feats)], c_reg)
               for k in keys}
     first = read_meta(folders[0])
     meta = dict(first, modifier_tokens=all_tokens, initializer_tokens=[], concepts=concepts,
