@@ -109,7 +109,8 @@ def test_a_controlnet_made_for_another_base_is_refused_before_any_step(tiny_mode
     cfg = make_config(tiny_sdxl_dir, fill_dir, tmp_path / "run", controlnet_model_name_or_path=str(sd_controlnet))
     # (it failed inside diffusers at the first step: "The size of tensor a (8) must match ...")
     with pytest.raises(ModelLoadError, match=r"--controlnet_model_name_or_path .*sd-controlnet was made for another "
-                                             r"base model \(cross_attention_dim 32 here, 64 in the base; "):
+                                             r"base model: an SD 1.x/2.x ControlNet on an SDXL base "
+                                             r"\(cross_attention_dim 32 in the ControlNet, 64 in the base; "):
         ControlNetMethod(cfg, base=sdxl_base)
     with pytest.raises(ModelLoadError, match="--controlnet .*made for another base"):
         generate(str(tiny_sdxl_dir), sd_controlnet, fill_dir / "validation" / "conditioning_0.png", PROMPT,

@@ -181,8 +181,8 @@ def generate(
     by ``on_image``, without holding them all).
     """
     from .data.transforms import check_resolution
-    from .models import check_controlnet_source, load_base_model, load_controlnet
-    from .recorded import resolve_base, resolve_vae
+    from .models import check_controlnet_source, load_base_model, load_controlnet, with_prediction_type
+    from .recorded import check_one_base, recorded_base, recorded_loading, resolve_base, resolve_vae
     from .pipelines import controlnet_pipeline, run_controlnet_pipeline
 
     if control_guidance not in CONTROL_GUIDANCE:
@@ -198,9 +198,16 @@ def generate(
                           "the first argument is the base model; pass the prompt as prompt=....")
     _check_generate_arguments(prompt, image, controlnet, num_inference_steps, num_images, guidance_scale,
                               controlnet_conditioning_scale, seed)
-    if pretrained_model_name_or_path is None:
+    given_base = pretrained_model_name_or_path
+    if controlnet is not None and custom_diffusion is not None:
+        check_one_base({f"--controlnet {controlnet}": (recorded_base(controlnet=controlnet) or (None,))[0],
+                        f"--custom_diffusion {custom_diffusion}":
+                            (recorded_base(custom_diffusion=custom_diffusion) or (None,))[0]},
+                       given_base, "--controlnet and --custom_diffusion", "both steer one base model")
+    pretrained_model_name_or_path = resolve_base(given_base, controlnet, custom_diffusion)
+    if given_base is None:
         vae = resolve_vae(vae, None, controlnet)
-    pretrained_model_name_or_path = resolve_base(pretrained_model_name_or_path, controlnet, custom_diffusion)
+    loading = recorded_loading(given_base, controlnet)  # the run's tokenizer and prediction type, on its base
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if resolution is not None:
@@ -214,7 +221,9 @@ def generate(
     if controlnet is not None:
         check_controlnet_source(str(controlnet), "--controlnet")  # before the base model loads
         _warn_other_condition(controlnet, condition)
-    base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae)
+    base = with_prediction_type(load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae,
+                                                tokenizer_name=loading.get("tokenizer_name")),
+                                loading.get("prediction_type"), recorded=True)
     res = resolution or base.native_resolution
     _check_latent_multiple(res, base.vae_scale_factor)
     if controlnet is None:

@@ -66,7 +66,6 @@ def check_image_out(out: Path, flag: str = "--out") -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import generate
-    from .recorded import resolve_base, resolve_vae
 
     if not args.controlnet and not args.custom_diffusion:
         raise UserError("generate needs --controlnet DIR (with --image), --custom_diffusion DIR, or both (a "
@@ -85,7 +84,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     # (lossless whatever --out is: a JPEG would blur the edges or depth it was generated from)
     condition_out = out.with_name(f"{out.stem}-condition.png") if args.condition else None
-    base = resolve_base(args.pretrained_model_name_or_path, args.controlnet, args.custom_diffusion)
     paths = ([out] if args.num_images == 1 else
              [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(args.num_images)])
     from PIL import Image
@@ -96,8 +94,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         atomic_write(paths[i], lambda p: image.save(p, format=Image.registered_extensions()[out.suffix.lower()]))
         print(paths[i], flush=True)
 
-    generate(
-        base, args.controlnet, args.image, args.prompt,
+    generate(  # the base (and VAE, tokenizer, prediction type) the adapter's run recorded, unless given
+        args.pretrained_model_name_or_path, args.controlnet, args.image, args.prompt,
         custom_diffusion=args.custom_diffusion, weight_name=args.weight_name,
         num_inference_steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
         controlnet_conditioning_scale=args.controlnet_conditioning_scale, num_images=args.num_images,
@@ -105,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cpu_offload=args.cpu_offload,
         enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
         condition=args.condition, condition_out=condition_out, control_guidance=args.control_guidance,
-        vae=resolve_vae(args.pretrained_vae_model_name_or_path, args.pretrained_model_name_or_path, args.controlnet),
+        vae=args.pretrained_vae_model_name_or_path,
         condition_settings=_condition_settings(args, args.condition) if args.condition else {},
         on_image=save, keep=False,
     )
@@ -126,7 +124,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_eval_controlnet(args: argparse.Namespace) -> int:
     from .eval.run import eval_controlnet, format_table
-    from .recorded import resolve_base, resolve_vae
+    from .recorded import recorded_loading, resolve_base, resolve_vae
 
     with out_dir(args.out):  # a failed evaluation leaves no empty --out
         result = eval_controlnet(resolve_base(args.pretrained_model_name_or_path, controlnet=args.controlnet),
@@ -137,7 +135,8 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
                                  control_guidance=tuple(args.control_guidance),
                                  conditioning_scale=args.controlnet_conditioning_scale,
                                  vae=resolve_vae(args.pretrained_vae_model_name_or_path,
-                                                 args.pretrained_model_name_or_path, args.controlnet))
+                                                 args.pretrained_model_name_or_path, args.controlnet),
+                                 loading=recorded_loading(args.pretrained_model_name_or_path, args.controlnet))
     print(format_table(result))
     modes = {"both": "ControlNet", "cond": "ControlNet, cond only"}
     columns = " | ".join(["condition", *(modes[m] for m in dict.fromkeys(args.control_guidance)),

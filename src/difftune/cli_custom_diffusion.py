@@ -89,36 +89,10 @@ def _write_new_folder(args: argparse.Namespace, write, inputs: list[str]) -> dic
     return {**info, "output_dir": str(out)}
 
 
-def _check_one_base(args: argparse.Namespace) -> None:
-    """The closed-form merge combines weight changes of one base model: concepts whose folders record
-    different bases are refused (the merge read them all against the first one's, silently), or, where
-    --pretrained_model_name_or_path says which base to use, warned about."""
-    import logging
-
-    from .errors import ConfigError
-    from .models import resolve_builtin
-    from .recorded import local_or_name, recorded_base
-
-    bases = {}
-    for folder in args.concepts:
-        found = recorded_base(custom_diffusion=folder)
-        if found is not None:
-            bases[folder] = local_or_name(resolve_builtin(found[0]))
-    if len(set(bases.values())) < 2:
-        return
-    listed = "; ".join(f"{folder}: {base}" for folder, base in bases.items())
-    if not args.pretrained_model_name_or_path:
-        raise ConfigError(f"--concepts were trained on different base models ({listed}), and a merge combines "
-                          "weight changes of one base: merge concepts trained on one base, or, if these are one "
-                          "model in two places, name it with --pretrained_model_name_or_path.")
-    logging.getLogger("difftune").warning("--concepts were trained on different base models (%s); merging them on "
-                                          "--pretrained_model_name_or_path %s as asked.", listed,
-                                          args.pretrained_model_name_or_path)
-
-
 def cmd_merge(args: argparse.Namespace) -> int:
     from .custom_diffusion.merge import merge_concepts
     from .models import load_base_model
+    from .recorded import check_one_base, recorded_base
 
     prompts = None
     if args.regularization_prompts:
@@ -133,7 +107,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for folder in args.concepts:  # each named with the flag that gave it, before the base model loads
         read_meta(folder, flag="--concepts")
     _check_output_dir(args, args.concepts, "--concepts")
-    _check_one_base(args)
+    check_one_base({folder: (recorded_base(custom_diffusion=folder) or (None,))[0] for folder in args.concepts},
+                   args.pretrained_model_name_or_path, "--concepts", "a merge combines weight changes of one base")
     base = load_base_model(base_of(args, args.concepts[0]))
     info = _write_new_folder(args, lambda tmp: merge_concepts(args.concepts, base, tmp, prompts,
                                                               safe=not args.no_safe_serialization), args.concepts)

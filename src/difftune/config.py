@@ -79,7 +79,7 @@ class ModelConfig:
     )
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     variant: str | None = opt(None, "Weight variant of the base model files, e.g. 'fp16'.")
-    tokenizer_name: str | None = opt(None, "Tokenizer folder or id, if not the base model's (for SDXL: replaces the first, CLIP ViT-L, one).")
+    tokenizer_name: str | None = opt(None, "Tokenizer folder or id, if not the base model's (on an SDXL base: the first, CLIP ViT-L, one).")
     cache_dir: str | None = opt(None, "Where downloaded models and data sets are cached.")
 
     def __post_init__(self) -> None:

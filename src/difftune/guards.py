@@ -169,11 +169,15 @@ def warn_changed_settings(out: Path, run_config: Any, resume_from: Path) -> list
             continue
         for key, value in values.items():
             old = (saved.get(section) or {}).get(key, value)
+            if key == "model_family" and old != value:
+                _refuse_other_family(saved, now, resume_from)
             if key in FIXED_ON_RESUME and old != value:
                 raise ConfigError(
                     f"--{key} {value} differs from the run that wrote {resume_from} ({old}): it decides which "
                     f"weights train, so that checkpoint cannot continue with it. Resume with --{key} {old}, or "
                     "start a new run in another --output_dir.")
+            if key == "prediction_type" and old is None:  # recorded unresolved (before 2026-12-03): the scheduler's
+                continue
             if key not in RESUMABLE_CHANGES and old != value:
                 changes.append(f"--{key} {'(unset)' if old is None else old} -> {'(unset)' if value is None else value}")
     _warn_replanned_schedule(saved, now, resume_from)
@@ -184,6 +188,18 @@ def warn_changed_settings(out: Path, run_config: Any, resume_from: Path) -> list
             "data resumes after the samples already seen; the rest takes the new values, so the run is no "
             "longer the uninterrupted one.", resume_from, "; ".join(changes))
     return changes
+
+
+def _refuse_other_family(saved: dict, now: dict, resume_from: Path) -> None:
+    """A checkpoint of an SDXL ControlNet cannot continue on an SD 1.x base (nor the reverse): said by name,
+    before its weights fail to load tensor by tensor."""
+    names = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
+    old, new = saved["model"]["model_family"], now["model"]["model_family"]
+    base = saved["model"].get("pretrained_model_name_or_path")
+    raise ConfigError(
+        f"{resume_from} was trained on an {names.get(old, old)} base ({base}); this run's base "
+        f"({now['model'].get('pretrained_model_name_or_path')}) is {names.get(new, new)}, which its weights do not fit. "
+        f"Resume with --pretrained_model_name_or_path {base}, or start a new run in another --output_dir.")
 
 
 def _warn_replanned_schedule(saved: dict, now: dict, resume_from: Path) -> None:

@@ -6,7 +6,10 @@ is not cached fails with a message that says so and what to pass instead.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,9 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
+from .model_folders import SINGLE_FILE_HINT, check_local_folder, note_local_folder, part_variants, pickle_only
+
+log = logging.getLogger("difftune")
 
 
 @dataclass
@@ -36,6 +42,7 @@ class BaseModel:
     # The stock SDXL VAE overflows in fp16: it stays in fp32 under mixed precision unless a
     # separate (fp16-safe) VAE was given, as diffusers' SDXL scripts do.
     vae_in_fp32: bool = False
+    variant: str | None = None  # the weight files' variant the UNet was read from ("fp16": *.fp16.safetensors)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         encoders = [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
@@ -126,18 +133,6 @@ def _hub_hint(name: str, err: Exception, advice: str = BASE_FOLDER_ADVICE) -> Mo
     )
 
 
-def check_local_folder(path: Path, needed: tuple[str, ...]) -> None:
-    missing = [sub for sub in needed if not (path / sub).is_dir()]
-    if missing:
-        inside = [p.parent for p in sorted(path.glob("*/model_index.json"))]  # (pretrain-base writes OUT/model)
-        hint = (f" It holds one, though: give --pretrained_model_name_or_path {inside[0]}." if inside else
-                " Export one with `pipe.save_pretrained(DIR)`.")
-        raise ModelLoadError(
-            f"{path} is not a diffusers-layout Stable Diffusion folder: missing sub-folder(s) "
-            f"{', '.join(missing)}.{hint}"
-        )
-
-
 def load_base_model(
     name_or_path: str,
     revision: str | None = None,
@@ -168,15 +163,22 @@ def load_base_model(
         except Exception as e:  # noqa: BLE001 — the hub's errors have no common base
             raise _hub_hint(name_or_path, e) from None
     fam = FAMILIES[family]
+    variants: dict[str, str | None] = {}
     if local.exists():
         if not local.is_dir():
-            raise ModelLoadError(f"--pretrained_model_name_or_path {local} is a file; give the model folder.")
+            raise ModelLoadError(f"--pretrained_model_name_or_path {local} is a file; give the model folder"
+                                 f"{SINGLE_FILE_HINT if local.suffix in ('.safetensors', '.ckpt') else ''}.")
         lacking = [name for name in fam.extra_subfolders if not (local / name).is_dir()]
         if given != "auto" and lacking and (local / "unet").is_dir():
             raise ModelLoadError(f"--model_family {given}: {local} has no {' or '.join(lacking)}, so it is not an "
                                  f"{given} model — use --model_family auto.")
-        check_local_folder(local, ("unet", "vae", "text_encoder", "tokenizer", "scheduler", *fam.extra_subfolders))
+        check_local_folder(local, ("unet", *(() if vae_name_or_path else ("vae",)), "text_encoder",
+                                   *(() if tokenizer_name else ("tokenizer",)), "scheduler", *fam.extra_subfolders))
+        note_local_folder(local, revision)
         name_or_path = str(local)
+        weights = ("text_encoder", "unet", *(("vae",) if vae_name_or_path is None else ()),
+                   *(p for p in fam.extra_subfolders if p.startswith("text_encoder")))
+        variants = part_variants(local, weights, variant)
     elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ModelLoadError(f"Model folder {name_or_path} does not exist.")
     common = dict(revision=revision, cache_dir=cache_dir)
@@ -188,17 +190,19 @@ def load_base_model(
             part = "tokenizer"
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **common)
         part = "text_encoder"
-        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", variant=variant,
+        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder",
+                                                     variant=variants.get("text_encoder", variant),
                                                      use_safetensors=True, **common)
         part = " / ".join(fam.extra_subfolders)
-        extra = fam.load_extra_encoders(name_or_path, variant, common)
+        extra = fam.load_extra_encoders(name_or_path, variants.get("text_encoder_2", variant), common)
         part = "vae"
         if vae_name_or_path is None:
-            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, use_safetensors=True,
-                                                **common)
+            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variants.get("vae", variant),
+                                                use_safetensors=True, **common)
         part = "unet"
-        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", variant=variant,
-                                                    use_safetensors=True, **common)
+        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet",
+                                                    variant=variants.get("unet", variant), use_safetensors=True,
+                                                    **common)
         part = "scheduler"
         noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **common)
     except (OSError, ValueError) as e:
@@ -209,23 +213,43 @@ def load_base_model(
     if vae_name_or_path is not None:
         vae = load_vae(vae_name_or_path, revision, cache_dir)
     check_unet_family(unet, family, name_or_path)
+    latent = int(vae.config.latent_channels)
+    if int(unet.config.in_channels) != latent and vae_name_or_path is not None:
+        raise ModelLoadError(f"--pretrained_vae_model_name_or_path {vae_name_or_path} makes {latent}-channel latents, "
+                             f"and the UNet of {name_or_path} takes {unet.config.in_channels}: give a VAE of this "
+                             "base's kind (or leave the flag out for its own).")
+    if int(unet.config.in_channels) != latent:
+        raise ModelLoadError(
+            f"{name_or_path}: its UNet takes {unet.config.in_channels} input channels and its VAE makes {latent}-channel "
+            "latents: an inpainting (or other image-conditioned) model, whose UNet also reads a mask and a masked "
+            "image. difftune trains and samples on text-to-image bases: give one (e.g. the text-to-image model this "
+            "one was made from).")
     for module in (text_encoder, vae, unet, *extra.values()):
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
             module.eval()
     return BaseModel(tokenizer, text_encoder, vae, unet, noise_scheduler, source=name_or_path, family=family,
-                     vae_in_fp32=fam.vae_needs_fp32 and vae_name_or_path is None, **extra)
+                     vae_in_fp32=fam.vae_needs_fp32 and vae_name_or_path is None,
+                     variant=variants.get("unet", variant), **extra)
 
 
-def pickle_only(folder: Path) -> str:
-    """Why a folder whose weights are only ``.bin`` / ``.pt`` / ``.ckpt`` does not load, and the way on:
-    weights are read from safetensors only, since unpickling a file can run any code in it."""
-    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    if not pickles or any(folder.glob("*.safetensors")):
-        return ""
-    return (f" Its weights are only in {', '.join(pickles)}, a pickle, which difftune does not load (unpickling a file "
-            "can run any code in it). If you trust the file, convert it once: load it in diffusers or transformers "
-            "and save it again with save_pretrained(DIR, safe_serialization=True).")
+def with_prediction_type(base: BaseModel, prediction_type: str | None, recorded: bool = False) -> BaseModel:
+    """The base with ``prediction_type`` in its scheduler, when that differs from the scheduler's own (a shallow
+    copy; else ``base`` itself): training, validation and sampling then agree on what the UNet predicts.
+    ``recorded``: it is what an adapter's run trained with (said as a note, not a training warning)."""
+    own = base.noise_scheduler.config.prediction_type
+    if prediction_type is None or prediction_type == own:
+        return base
+    if recorded:
+        print(f"prediction type: {prediction_type} (the adapter's run trained with it; the base's scheduler says "
+              f"{own})", file=sys.stderr)
+    else:
+        log.warning("--prediction_type %s: the base's scheduler says %s, and its frozen UNet predicts what it was "
+                    "trained to predict. Override it only when the scheduler's config is wrong (e.g. a v-prediction "
+                    "model saved with an epsilon scheduler); validation and `difftune generate` sample with %s too.",
+                    prediction_type, own, prediction_type)
+    scheduler = type(base.noise_scheduler).from_config(base.noise_scheduler.config, prediction_type=prediction_type)
+    return dataclasses.replace(base, noise_scheduler=scheduler)
 
 
 def _load_tokenizer(name_or_path: str, common: dict):
@@ -387,13 +411,20 @@ def check_controlnet_fits(controlnet_config: Any, unet_config: Any, what: str) -
     def norm(value):
         return list(value) if isinstance(value, (list, tuple)) else value
 
-    differ = [f"{key} {norm(controlnet_config.get(key))} here, {norm(unet_config.get(key))} in the base"
+    differ = [f"{key} {norm(controlnet_config.get(key))} in the ControlNet, {norm(unet_config.get(key))} in the base"
               for key in _SHARED_WITH_UNET if norm(controlnet_config.get(key)) != norm(unet_config.get(key))]
     if differ:
+        mine, base = family_name(controlnet_config), family_name(unet_config)
+        kinds = f"an {mine} ControlNet on an {base} base" if mine != base else "another model of the same family"
         raise ModelLoadError(
-            f"{what} was made for another base model ({'; '.join(differ)}). Give the base it was trained on "
+            f"{what} was made for another base model: {kinds} ({'; '.join(differ)}). Give the base it was trained on "
             "(--pretrained_model_name_or_path), or train a new ControlNet on this one."
         )
+
+
+def family_name(config: Any) -> str:
+    """'SDXL' or 'SD 1.x/2.x', from a UNet's or ControlNet's config (SDXL's adds its time ids to the embedding)."""
+    return "SDXL" if config.get("addition_embed_type") == "text_time" else "SD 1.x/2.x"
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):

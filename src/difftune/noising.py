@@ -125,7 +125,12 @@ class DiffusionObjective:
     def __post_init__(self) -> None:
         self.prediction_type = self.prediction_type or self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
+            from .errors import ConfigError
+
+            raise ConfigError(f"The base model's scheduler predicts {self.prediction_type!r} (prediction_type in its "
+                              "scheduler/scheduler_config.json), which difftune does not train: it trains epsilon and "
+                              "v_prediction models. If that setting is wrong, --prediction_type epsilon|v_prediction "
+                              "overrides it.")
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
             raise ValueError(f"timestep sampling {self.timestep_sampling!r} is not one of {TIMESTEP_SAMPLING}")
         self.num_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
@@ -180,3 +185,12 @@ def per_sample_error(model_pred: torch.Tensor, target: torch.Tensor, mask: torch
     if mask is not None:
         return (err * mask).flatten(1).sum(1) / mask.expand_as(err).flatten(1).sum(1).clamp(min=1)
     return err.flatten(1).mean(1)
+
+
+def objective_text(prediction_type: str, snr_gamma: float | None, timestep_sampling: str = "uniform") -> str:
+    """A model card's line on what the loss was: 'v_prediction target, Min-SNR-gamma 5.0 weighting, ...'."""
+    parts = [f"{prediction_type} target"]
+    if snr_gamma is not None:
+        parts.append(f"Min-SNR-gamma {snr_gamma:g} weighting")
+    parts.append(f"{timestep_sampling} timesteps")
+    return ", ".join(parts)

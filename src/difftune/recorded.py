@@ -16,21 +16,41 @@ def resolve_vae(explicit: str | None, explicit_base: str | None, controlnet: str
     with (e.g. an fp16-safe SDXL VAE) when the base is also the recorded one, else None (the base's own VAE)."""
     if explicit or explicit_base or controlnet is None:
         return explicit
+    return _recorded_setting(controlnet, "model", "pretrained_vae_model_name_or_path", "VAE",
+                             "--pretrained_vae_model_name_or_path to choose another", path=True)
+
+
+def recorded_loading(explicit_base: str | None, controlnet: str | Path | None) -> dict[str, str | None]:
+    """How the ControlNet's run read its base besides the VAE, for sampling on the recorded base: the tokenizer
+    (``--tokenizer_name``) and ``--prediction_type`` it trained with, each said on stderr where set. Empty when
+    another base is given (its own tokenizer and scheduler are the ones that fit it)."""
+    if explicit_base or controlnet is None:
+        return {}
+    return {
+        "tokenizer_name": _recorded_setting(controlnet, "model", "tokenizer_name", "tokenizer", "", path=True),
+        "prediction_type": _recorded_setting(controlnet, "loss", "prediction_type", None, ""),  # said where it acts
+    }
+
+
+def _recorded_setting(controlnet: str | Path, section: str, key: str, what: str | None, note: str,
+                      path: bool = False) -> str | None:
+    """One setting of a ControlNet run's difftune_config.json (its own, or for a checkpoint its run's), said on
+    stderr as ``what`` when set (unless ``what`` is None); a recorded path reads as it does from here."""
     import json
 
     folder = Path(controlnet)
-    for path in (folder / "difftune_config.json", folder.parent.parent / "difftune_config.json"):
+    for config in (folder / "difftune_config.json", folder.parent.parent / "difftune_config.json"):
         try:
-            saved = json.loads(path.read_text())
-            vae = saved["model"]["pretrained_vae_model_name_or_path"]
+            saved = json.loads(config.read_text())
+            value = saved[section][key]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if isinstance(vae, str) and vae:
-            vae = _as_recorded(vae, path, saved)
-            print(f"VAE: {vae} (recorded in {path}; --pretrained_vae_model_name_or_path to choose another)",
-                  file=sys.stderr)
-            return vae
-        return None
+        if not isinstance(value, str) or not value:
+            return None
+        value = _as_recorded(value, config, saved) if path else value
+        if what is not None:
+            print(f"{what}: {value} (recorded in {config}{'; ' + note if note else ''})", file=sys.stderr)
+        return value
     return None
 
 
@@ -137,3 +157,24 @@ def resolve_base(explicit: str | None, controlnet: str | Path | None = None,
     print(f"base model: {base} (recorded in {source}; --pretrained_model_name_or_path to choose another)",
           file=sys.stderr)
     return base
+
+
+def check_one_base(recorded: dict[str, str | None], explicit: str | None, what: str, why: str) -> None:
+    """Adapters (``{label: the base its folder records}``) that record different base models: refused when no
+    --pretrained_model_name_or_path says which to use (an adapter fits the base it was trained on), warned
+    about when one does. ``what`` names them ("--concepts"), ``why`` says what needs one base."""
+    import logging
+
+    from .errors import ConfigError
+    from .models import resolve_builtin
+
+    bases = {label: local_or_name(resolve_builtin(base)) for label, base in recorded.items() if base}
+    if len(set(bases.values())) < 2:
+        return
+    listed = "; ".join(f"{label}: {base}" for label, base in bases.items())
+    if not explicit:
+        raise ConfigError(f"{what} were trained on different base models ({listed}), and {why}: use adapters "
+                          "trained on one base, or, if these are one model in two places, name it with "
+                          "--pretrained_model_name_or_path.")
+    logging.getLogger("difftune").warning("%s were trained on different base models (%s); using "
+                                          "--pretrained_model_name_or_path %s as asked.", what, listed, explicit)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import base_in_code
+from ..noising import objective_text
 from ..optim import batch_text, learning_rate_text
 
 
@@ -38,12 +39,14 @@ def model_card(method: Any, output_dir: Path, summary: dict) -> str:
         f"- Optimizer steps: {summary.get('global_step')} of "
         f"{batch_text(c.train.train_batch_size, summary.get('processes', 1), c.train.gradient_accumulation_steps)}"
         f", {learning_rate_text(summary, c.optim)}",
+        f"- Loss: {objective_text(c.loss.prediction_type, c.loss.snr_gamma, c.loss.timestep_sampling)}",
         f"- Final loss: {loss:.4f}" if isinstance(loss, float) else "",
         "",
         "```python",
         "from diffusers import StableDiffusionPipeline",
         *base_in_code(base)[0],
-        f'pipe = StableDiffusionPipeline.from_pretrained({base_in_code(base)[1]})',
+        f'pipe = StableDiffusionPipeline.from_pretrained({base_in_code(base)[1]}'
+        + (f', variant="{method.base.variant}"' if method.base.variant else "") + ")",
         "# _pipeline=pipe works around huggingface/diffusers#9320 (load_attn_procs is a no-op without it)",
         f'pipe.unet.load_attn_procs("{output_dir}", weight_name="pytorch_custom_diffusion_weights.{ext}", '
         "_pipeline=pipe)",

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from ..checkpoint import atomic_write
 from ..errors import ConfigError
-from .export import LOWRANK, META, WEIGHTS_SAFE, full_processor_dict, read_embedding, read_meta, read_weights
+from .export import (LOWRANK, META, WEIGHTS_SAFE, check_base_family, full_processor_dict, read_embedding, read_meta,
+                     read_weights)
 
 log = logging.getLogger("difftune")
 
@@ -79,6 +80,7 @@ def compress(folder: str | Path, base_unet: torch.nn.Module, output_dir: str | P
     check_compress_amount(rank, energy)
     folder, out = Path(folder), Path(output_dir)
     meta = read_meta(folder)
+    check_base_family(base_unet, folder)
     weights = read_weights(folder, meta.get("weight_name"))
     out.mkdir(parents=True, exist_ok=True)
     compact, full, err_num, err_den, full_numel, compact_numel = {}, {}, 0.0, 0.0, 0, 0

@@ -166,6 +166,15 @@ def read_embedding(folder: str | Path, token: str, file: str) -> torch.Tensor:
     return tensors[token]
 
 
+def check_base_family(base_unet: torch.nn.Module, folder: str | Path) -> None:
+    """Custom Diffusion trains on SD 1.x/2.x bases only: an SDXL base is named as such, before its weight names
+    fail to match one by one."""
+    if base_unet.config.get("addition_embed_type") == "text_time":
+        raise ConfigError(f"{folder}: Custom Diffusion supports SD 1.x/2.x bases, and this base is SDXL. Give the "
+                          "SD base it was trained on with --pretrained_model_name_or_path, or leave the flag out for "
+                          "the one its folder records.")
+
+
 def read_weights(folder: str | Path, weight_name: str | None = None, base_unet: torch.nn.Module | None = None
                  ) -> dict[str, torch.Tensor]:
     """The processor weights of an output folder (low-rank files are expanded against ``base_unet``)."""
@@ -191,6 +200,7 @@ def load_custom_diffusion(pipe: Any, folder: str | Path, weight_name: str | None
 
     folder = Path(folder)
     meta = read_meta(folder)
+    check_base_family(pipe.unet, folder)
     weights = read_weights(folder, weight_name or meta.get("weight_name"), base_unet=pipe.unet)
     freeze = "crossattn" if any("to_q_custom_diffusion" in k for k in weights) else "crossattn_kv"
     install_processors(pipe.unet, freeze)

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import ConfigError
 from ..noising import tokenize
-from .export import read_embedding, read_meta, read_weights, save_custom_diffusion
+from .export import check_base_family, read_embedding, read_meta, read_weights, save_custom_diffusion
 from .surgery import add_tokens, set_embeddings
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
     w0: dict[str, torch.Tensor] = {}  # the base projections, read once (and checked against each folder's shapes)
     for folder in folders:
         meta = read_meta(folder)
+        check_base_family(base.unet, folder)
         if meta.get("freeze_model") != "crossattn_kv":
             raise ConfigError(f"merge: {folder} was trained with --freeze_model {meta.get('freeze_model')}; the "
                               "closed-form merge combines key/value projections only (crossattn_kv).")

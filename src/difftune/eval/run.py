@@ -293,8 +293,11 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
                     out: str | Path | None = None, metric: str | None = None, baseline: bool = True,
                     condition_settings: dict | None = None,
                     control_guidance: str | tuple[str, ...] = "both", conditioning_scale: float = 1.0,
-                    vae: str | None = None) -> dict:
+                    vae: str | None = None, loading: dict | None = None) -> dict:
     """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline.
+
+    ``vae`` and ``loading`` (``tokenizer_name``, ``prediction_type``): how the base is read, as the ControlNet's
+    run read it (``difftune.recorded``).
 
     ``metric``: ``fill50k`` (circle IoU), ``canny`` (edge F1) or ``depth`` (depth correlation);
     by default the condition ``data``'s ``difftune_dataset.json`` names, else fill50k.
@@ -305,7 +308,7 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     the pipeline's ``controlnet_conditioning_scale`` (the ControlNet's residuals times it; 0 gives
     the base alone's images).
     """
-    from ..models import check_controlnet_source, load_base_model, load_controlnet
+    from ..models import check_controlnet_source, load_base_model, load_controlnet, with_prediction_type
     from ..pipelines import controlnet_pipeline
     from ..validation import image_grid
 
@@ -329,7 +332,10 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
         _warn_other_condition(trained[0], metric, data)
     if not isinstance(controlnet, torch.nn.Module):
         training_data = data is not None and _is_training_data(data, controlnet)
-    base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae)
+    loading = loading or {}
+    base = with_prediction_type(load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae,
+                                                tokenizer_name=loading.get("tokenizer_name")),
+                                loading.get("prediction_type"), recorded=True)
     res = _base_resolution(base)
     scorer, targets = condition_targets(metric, n, res, seed, data, condition_settings)
     if len(targets) < n:

@@ -28,8 +28,10 @@ from ..data.images import files_signature
 from ..data.materialize import materialize
 from ..errors import ConfigError
 from ..families import family_of, micro_conditions
-from ..models import BaseModel, base_in_code, default_resolution, load_base_model, load_controlnet
-from ..noising import DiffusionObjective, drop_captions, latent_moments, per_sample_error, sample_latents, to_device
+from ..models import (BaseModel, base_in_code, default_resolution, load_base_model, load_controlnet,
+                      with_prediction_type)
+from ..noising import (DiffusionObjective, drop_captions, latent_moments, objective_text, per_sample_error,
+                       sample_latents, to_device)
 from ..optim import batch_text, learning_rate_text
 from ..pipelines import controlnet_pipeline, run_controlnet_pipeline
 from ..encoded_cache import (
@@ -101,16 +103,21 @@ class ControlNetMethod:
     def __init__(self, cfg: ControlNetConfig, base: BaseModel | None = None):
         self.cfg = cfg
         m = cfg.model
-        self.base = base or load_base_model(
+        self.base = with_prediction_type(base or load_base_model(
             m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir,
             family=m.model_family, vae_name_or_path=m.pretrained_vae_model_name_or_path,
-        )
+        ), cfg.loss.prediction_type)
         self.family = family_of(self.base)
+        crops = [f"--{f}" for f in ("crops_coords_top_left_h", "crops_coords_top_left_w") if getattr(cfg.data, f) is not None]
+        if crops and self.family.name != "sdxl":
+            log.warning("%s: SDXL's crop micro-conditioning; this base is SD 1.x/2.x, which has none, so the flag does "
+                        "nothing here.", " and ".join(crops))
         self.resolution = cfg.data.resolution or default_resolution(self.family.default_resolution, self.base)
         # the resolved config (what Trainer saves) names the family, resolution and tracker project used
         project = cfg.train.tracker_project_name or self.family.controlnet_tracker_project
         self.cfg = cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(m, model_family=self.family.name),
+            loss=dataclasses.replace(cfg.loss, prediction_type=self.base.noise_scheduler.config.prediction_type),
             data=dataclasses.replace(cfg.data, resolution=self.resolution),
             train=dataclasses.replace(cfg.train, tracker_project_name=project),
         )
@@ -405,6 +412,8 @@ class ControlNetMethod:
         pipe_cls = self.family.controlnet_pipeline_name
         base_imports, base_expr = base_in_code(c.model.pretrained_model_name_or_path)
         extra = ", safety_checker=None" if self.family.name == "sd" else ""
+        if self.base.variant:  # a folder saved in fp16 only: diffusers reads those files only when told
+            extra = f', variant="{self.base.variant}"' + extra
         vae = c.model.pretrained_vae_model_name_or_path
         vae_code = []
         if vae:  # the run's VAE, not the base's: without it the snippet draws other images than validation did
@@ -427,6 +436,7 @@ class ControlNetMethod:
             f"{batch_text(c.train.train_batch_size, summary.get('processes', 1), c.train.gradient_accumulation_steps)}"
             f", {learning_rate_text(summary, c.optim)}",
             f"- Final loss: {summary.get('final_loss'):.4f}" if summary.get("final_loss") is not None else "",
+            f"- Loss: {objective_text(c.loss.prediction_type, c.loss.snr_gamma, c.loss.timestep_sampling)}",
             f"- Trainable parameters: {count_parameters(self.controlnet):,}",
             "",
             "```python",

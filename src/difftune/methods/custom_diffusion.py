@@ -31,7 +31,7 @@ from ..custom_diffusion import surgery
 from ..custom_diffusion.class_images import ensure_class_images, text2image_pipeline
 from ..custom_diffusion.export import save_custom_diffusion
 from ..errors import ConfigError, DataError
-from ..models import BaseModel, default_resolution, load_base_model
+from ..models import BaseModel, default_resolution, load_base_model, with_prediction_type
 from ..noising import DiffusionObjective, latent_moments, sample_latents, to_device, tokenize
 from ..recorded import local_or_name
 from ..speed import apply_compile, to_channels_last
@@ -55,14 +55,16 @@ class CustomDiffusionMethod:
         m, c = cfg.model, cfg.custom
         # surgery changes the tokenizer, the embedding table and the UNet's processors: never
         # those of a model object the caller keeps using
-        self.base = copy.deepcopy(base) if base is not None else load_base_model(
-            m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir)
+        self.base = with_prediction_type(copy.deepcopy(base) if base is not None else load_base_model(
+            m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir),
+            cfg.loss.prediction_type)
         if getattr(self.base, "family", "sd") != "sd":  # one text encoder is assumed throughout (tokens, embeddings, eval)
             raise ConfigError(f"Custom Diffusion supports SD 1.x/2.x bases; {m.pretrained_model_name_or_path} is "
                               "SDXL, which is not supported yet.")
-        if cfg.data.resolution is None:  # resolved here: the saved config, card and summary name the size used
-            self.cfg = cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-                cfg.data, resolution=default_resolution(512, self.base)))
+        # resolved here: the saved config, card and summary name the size and objective used
+        self.cfg = cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, resolution=cfg.data.resolution or default_resolution(512, self.base)),
+            loss=dataclasses.replace(cfg.loss, prediction_type=self.base.noise_scheduler.config.prediction_type))
         self.concepts = cc.resolve_concepts(cfg.data, c.modifier_tokens())
         d = cfg.data
         if not d.with_prior_preservation and (d.class_prompt or d.class_data_dir):

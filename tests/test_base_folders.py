@@ -1,0 +1,148 @@
+"""The shapes a user's base model folder comes in: weights saved in fp16 only, a part given by another flag,
+an inpainting UNet, a scheduler that says another prediction type; and adapters of different bases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from conftest import make_config
+
+
+def _fp16_only(src, dst):
+    """A copy of a model folder as `save_pretrained(..., variant="fp16")` alone leaves it."""
+    shutil.copytree(src, dst)
+    for part in ("unet", "vae", "text_encoder"):
+        for f in (dst / part).glob("*.safetensors"):
+            f.rename(f.with_name(f.name.replace(".safetensors", ".fp16.safetensors")))
+    return dst
+
+
+def test_a_folder_saved_in_fp16_only_loads_without_a_flag_and_its_card_says_so(tiny_model_dir, fill_dir, tmp_path,
+                                                                               caplog):
+    from difftune.errors import ModelLoadError
+    from difftune.methods.controlnet import ControlNetMethod
+    from difftune.models import load_base_model
+
+    fp16 = _fp16_only(tiny_model_dir, tmp_path / "sd-fp16")
+    with caplog.at_level(logging.INFO, logger="difftune"):
+        base = load_base_model(str(fp16))  # (generate, eval and merge pass no --variant)
+    assert base.variant == "fp16" and "*.fp16.safetensors only" in caplog.text
+    with pytest.raises(ModelLoadError, match=r"--variant bf16: .*text_encoder has no bf16 weights, only "
+                                             r"model.fp16.safetensors: give --variant fp16, or leave --variant out"):
+        load_base_model(str(fp16), variant="bf16")
+    with pytest.raises(ModelLoadError, match="--variant fp16: .* has no fp16 weights in text_encoder, unet, vae: "
+                                             "leave --variant out"):
+        load_base_model(str(tiny_model_dir), variant="fp16")
+    assert load_base_model(str(tiny_model_dir)).variant is None
+
+    method = ControlNetMethod(make_config(fp16, fill_dir, tmp_path / "run"))
+    card = method.model_card(tmp_path / "run", {"global_step": 1, "final_loss": 0.1})
+    assert 'controlnet=controlnet, variant="fp16"' in card  # diffusers reads fp16-only folders only when told
+
+
+def test_another_flag_stands_in_for_a_missing_tokenizer_or_vae(tiny_model_dir, tmp_path, caplog):
+    from difftune.errors import ModelLoadError
+    from difftune.models import load_base_model
+
+    partial = tmp_path / "no-tokenizer-no-vae"
+    shutil.copytree(tiny_model_dir, partial)
+    shutil.rmtree(partial / "tokenizer")
+    shutil.rmtree(partial / "vae")
+    (partial / "model_index.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"missing sub-folder\(s\) vae, tokenizer\. .*or give "
+                                             r"--pretrained_vae_model_name_or_path for vae/ and --tokenizer_name"):
+        load_base_model(str(partial))
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        base = load_base_model(str(partial), tokenizer_name=str(tiny_model_dir / "tokenizer"),
+                               vae_name_or_path=str(tiny_model_dir / "vae"), revision="v1.0")
+    assert base.tokenizer is not None and base.vae is not None
+    assert "--revision v1.0: " in caplog.text and "has no revisions" in caplog.text
+    assert "has no model_index.json" in caplog.text  # the model card's from_pretrained needs it
+
+
+def test_an_inpainting_unet_is_refused_when_it_loads(tiny_model_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from difftune.errors import ModelLoadError
+    from difftune.models import load_base_model
+
+    inpaint = tmp_path / "inpaint"
+    shutil.copytree(tiny_model_dir, inpaint)
+    config = dict(UNet2DConditionModel.load_config(inpaint / "unet"), in_channels=9)
+    UNet2DConditionModel.from_config(config).save_pretrained(inpaint / "unet")
+    # (it failed at the first step: "expected input[2, 4, 8, 8] to have 9 channels")
+    with pytest.raises(ModelLoadError, match="UNet takes 9 input channels and its VAE makes 4-channel latents: an "
+                                             "inpainting"):
+        load_base_model(str(inpaint))
+
+
+def test_the_prediction_type_is_resolved_recorded_and_sampled_with(tiny_base, tiny_model_dir, fill_dir, tmp_path,
+                                                                   caplog):
+    from difftune.errors import ConfigError
+    from difftune.methods.controlnet import ControlNetMethod
+    from difftune.models import with_prediction_type
+    from difftune.noising import DiffusionObjective
+    from difftune.recorded import recorded_loading
+
+    method = ControlNetMethod(make_config(tiny_model_dir, fill_dir, tmp_path / "run"), base=tiny_base)
+    assert method.cfg.loss.prediction_type == "epsilon"  # the scheduler's, in difftune_config.json and the card
+    assert "- Loss: epsilon target, uniform timesteps" in method.model_card(tmp_path / "run", {"global_step": 1})
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        method = ControlNetMethod(make_config(tiny_model_dir, fill_dir, tmp_path / "v", prediction_type="v_prediction",
+                                              snr_gamma=5.0), base=tiny_base)
+    assert "--prediction_type v_prediction: the base's scheduler says epsilon" in caplog.text
+    assert method.base.noise_scheduler.config.prediction_type == "v_prediction"  # validation samples with it
+    assert tiny_base.noise_scheduler.config.prediction_type == "epsilon"  # the caller's base is left alone
+    assert method.objective.prediction_type == "v_prediction"
+    assert "- Loss: v_prediction target, Min-SNR-gamma 5 weighting" in method.model_card(tmp_path / "v", {})
+
+    run = tmp_path / "recorded"
+    run.mkdir()
+    (run / "difftune_config.json").write_text(json.dumps({"model": {"tokenizer_name": None},
+                                                          "loss": {"prediction_type": "v_prediction"}}))
+    loading = recorded_loading(None, run)
+    assert loading == {"tokenizer_name": None, "prediction_type": "v_prediction"}
+    assert recorded_loading(str(tiny_model_dir), run) == {}  # another base: its own scheduler
+    assert with_prediction_type(tiny_base, loading["prediction_type"], recorded=True) \
+        .noise_scheduler.config.prediction_type == "v_prediction"
+
+    sample = type(tiny_base.noise_scheduler).from_config(tiny_base.noise_scheduler.config, prediction_type="sample")
+    with pytest.raises(ConfigError, match=r"predicts 'sample' .*scheduler_config.json.* --prediction_type "
+                                          r"epsilon\|v_prediction overrides it"):
+        DiffusionObjective(sample)
+
+
+def test_adapters_of_other_bases_or_families_are_named(tiny_base, tiny_model_dir, tmp_path):
+    from difftune.config import ControlNetConfig, from_dict
+    from difftune.custom_diffusion.export import check_base_family
+    from difftune.errors import ConfigError
+    from difftune.guards import warn_changed_settings
+    from difftune.recorded import check_one_base
+    from difftune.tiny import save_tiny_sdxl_model
+
+    with pytest.raises(ConfigError, match=r"--controlnet and --custom_diffusion were trained on different base models "
+                                          r"\(--controlnet cn: /a; --custom_diffusion cd: /b\)"):
+        check_one_base({"--controlnet cn": "/a", "--custom_diffusion cd": "/b"}, None,
+                       "--controlnet and --custom_diffusion", "both steer one base model")
+    check_one_base({"--controlnet cn": "/a", "--custom_diffusion cd": None}, None, "x", "y")  # one records nothing
+
+    sdxl = save_tiny_sdxl_model(tmp_path / "sdxl", seed=0)
+    from diffusers import UNet2DConditionModel
+
+    with pytest.raises(ConfigError, match="cd1: Custom Diffusion supports SD 1.x/2.x bases, and this base is SDXL"):
+        check_base_family(UNet2DConditionModel.from_pretrained(sdxl / "unet"), "cd1")
+    check_base_family(tiny_base.unet, "cd1")
+
+    ckpt = tmp_path / "out" / "checkpoints" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "difftune_config.json").write_text(json.dumps(
+        {"model": {"model_family": "sdxl", "pretrained_model_name_or_path": str(sdxl)}}))
+    now = from_dict(ControlNetConfig, {"pretrained_model_name_or_path": str(tiny_model_dir), "model_family": "sd",
+                                       "output_dir": str(tmp_path / "out"), "train_data_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=rf"checkpoint-2 was trained on an SDXL base \({sdxl}\); this run's base "
+                                          rf"\({tiny_model_dir}\) is SD 1.x/2.x.*--pretrained_model_name_or_path {sdxl}"):
+        warn_changed_settings(tmp_path / "out", now, ckpt)
