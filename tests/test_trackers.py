@@ -12,6 +12,7 @@ import zipfile
 import pytest
 
 from difftune.cli import main, redact_secrets
+from difftune.errors import ConfigError
 
 SECRET = "hf_SECRET_tracker_must_not_see"
 
@@ -125,3 +126,11 @@ def test_a_tracker_that_does_not_import_says_to_reinstall_it(tiny_model_dir, fil
         _train("tensorboard", tiny_model_dir, fill_dir, tmp_path / "run", monkeypatch)
     err = capsys.readouterr().err
     assert "does not import: pip install --upgrade 'difftune[tensorboard]'" in err and "wandb login" not in err
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "my proj/../x", "a/b", "..", ""])
+def test_a_tracker_project_name_that_is_not_a_plain_name_is_refused_at_config_time(name, tmp_path):
+    from conftest import make_config
+
+    with pytest.raises(ConfigError, match="--tracker_project_name .*letters, digits"):
+        make_config(tmp_path / "model", tmp_path / "data", tmp_path / "run", tracker_project_name=name)
