@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import zipfile
 
@@ -134,3 +135,37 @@ def test_a_tracker_project_name_that_is_not_a_plain_name_is_refused_at_config_ti
 
     with pytest.raises(ConfigError, match="--tracker_project_name .*letters, digits"):
         make_config(tmp_path / "model", tmp_path / "data", tmp_path / "run", tracker_project_name=name)
+
+
+def _run(model_dir, data_dir, out, **flags):
+    from conftest import make_config
+
+    from difftune.api import train_controlnet
+
+    return train_controlnet(make_config(model_dir, data_dir, out, train_batch_size=2, **flags))
+
+
+def _without_packages(monkeypatch, *missing):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else find_spec(name, *a))
+
+
+def test_report_to_all_says_what_it_picked(monkeypatch, caplog):
+    from difftune.trackers import requested_trackers, say_picked
+
+    caplog.set_level(logging.INFO, logger="difftune")
+    _without_packages(monkeypatch, "comet_ml")
+    say_picked("all", requested_trackers("all"))
+    assert "--report_to all: logging to tensorboard, wandb (comet_ml not installed)." in caplog.text
+    caplog.clear()
+    _without_packages(monkeypatch, "tensorboard", "wandb", "comet_ml")
+    say_picked("all", requested_trackers("all"))
+    assert "nothing is logged beyond OUTPUT_DIR/metrics.jsonl" in caplog.text
+
+
+def test_a_missing_tracker_package_is_said_before_the_base_model_loads(fill_dir, tmp_path, monkeypatch):
+    _without_packages(monkeypatch, "wandb")
+    with pytest.raises(ConfigError, match="--report_to wandb: the 'wandb' package is not installed"):
+        _run(tmp_path / "no-model-here", fill_dir, tmp_path / "run", report_to="wandb")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 
 from .errors import ConfigError
 
+log = logging.getLogger("difftune")
 _PACKAGES = {
     "tensorboard": ("tensorboard", "difftune[tensorboard]"),
     "wandb": ("wandb", "difftune[wandb]"),
@@ -31,7 +33,8 @@ _START_HINT = ("W&B: run `wandb login` or set WANDB_API_KEY, or log locally with
 
 
 def requested_trackers(report_to: str) -> list[str]:
-    """Tracker names for ``--report_to``; a clear error if one is not installed."""
+    """Tracker names for ``--report_to``; a clear error if one is not installed. Cheap (no import): run it
+    before the base model loads, so a missing package fails at once."""
     if report_to == "none":
         return []
     names = list(_PACKAGES) if report_to == "all" else [report_to]
@@ -44,11 +47,27 @@ def requested_trackers(report_to: str) -> list[str]:
     return available
 
 
+def say_picked(report_to: str, names: list[str]) -> None:
+    """``--report_to all``: one line naming the trackers it found (or that only metrics.jsonl is written)."""
+    if report_to != "all":
+        return
+    missing = [n for n in _PACKAGES if n not in names]
+    if not names:
+        log.warning("--report_to all: no tracker package is installed (tensorboard, wandb, comet_ml), so nothing is "
+                    "logged beyond OUTPUT_DIR/metrics.jsonl; pip install 'difftune[tensorboard]' for one.")
+    else:
+        log.info("--report_to all: logging to %s%s.", ", ".join(names),
+                 f" ({', '.join(missing)} not installed)" if missing else "")
+
+
 def flat_hparams(config: dict) -> dict:
-    """Scalars-only flat view of a nested config (what TensorBoard's hparams accept)."""
+    """Scalars-only flat view of a nested config (what TensorBoard's hparams accept). Unset settings are left
+    out (TensorBoard would record them as the string 'None'); difftune_config.json has every one."""
     out = {}
     for section, values in config.items():
         for key, value in (values.items() if isinstance(values, dict) else [(section, values)]):
+            if value is None:
+                continue
             if isinstance(value, (list, tuple)):
                 value = ", ".join(map(str, value))
             out[key] = value if isinstance(value, (int, float, str, bool)) else str(value)

@@ -33,7 +33,7 @@ from .optim import (batch_text, build_lr_scheduler, build_optimizer, check_optim
 from .profiling import StepProfiler
 from .resuming import (check_fits, config_to_record, data_position, learning_rate_used, nothing_left_to_train,
                        restore)
-from .trackers import Trackers, drop_metrics_after, requested_trackers
+from .trackers import Trackers, drop_metrics_after, requested_trackers, say_picked
 from .validation import Validator, load_validation_images
 
 
@@ -148,6 +148,8 @@ class Trainer:
         cfg = self.cfg
         tracker_names = requested_trackers(cfg.report_to)
         accelerator = make_accelerator(cfg, tracker_names)
+        if accelerator.is_main_process:
+            say_picked(cfg.report_to, tracker_names)
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
