@@ -169,3 +169,95 @@ def test_a_missing_tracker_package_is_said_before_the_base_model_loads(fill_dir,
     _without_packages(monkeypatch, "wandb")
     with pytest.raises(ConfigError, match="--report_to wandb: the 'wandb' package is not installed"):
         _run(tmp_path / "no-model-here", fill_dir, tmp_path / "run", report_to="wandb")
+
+
+def _board(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    board.Reload()  # (it applies a resumed writer's purge_step, as TensorBoard does)
+    return [(e.step, e.value) for e in board.Scalars("loss")]
+
+
+def _offline_trackers(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a Comet archive written to the current folder would show here
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("COMET_START_ONLINE", "false")
+    for name in ("WANDB_DIR", "COMET_OFFLINE_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_resume_continues_each_trackers_run_and_overwrite_clears_them(tiny_model_dir, fill_dir, tmp_path,
+                                                                          monkeypatch):
+    """Resumed from checkpoint-2 of a 4-step run: TensorBoard's curve has each step once (it was 1,2,3,4,3,4),
+    W&B goes on under the run's id, Comet under its experiment key. --overwrite_output_dir then leaves only the
+    new run's logs (TensorBoard showed 1,2,3,4,1,2)."""
+    for name in ("tensorboard", "wandb", "comet_ml"):
+        pytest.importorskip(name)
+    import wandb
+
+    wandb.teardown()
+    _offline_trackers(monkeypatch, tmp_path)
+    out, logs = tmp_path / "run", tmp_path / "run" / "logs"
+    _run(tiny_model_dir, fill_dir, out, max_train_steps=4, checkpointing_steps=2, report_to="all")
+    _run(tiny_model_dir, fill_dir, out, max_train_steps=4, checkpointing_steps=2, report_to="all",
+         resume_from_checkpoint=str(out / "checkpoints" / "checkpoint-2"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert _board(logs / "train_controlnet") == [(r["step"], pytest.approx(r["loss"], rel=1e-5)) for r in rows]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    runs = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())["tracker_runs"]
+    wandb_runs = sorted(p.name for p in (logs / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(name.endswith(f"-{runs['wandb']}") for name in wandb_runs)
+    archives = sorted((logs / "comet_ml").glob("*.zip"))  # with the run's logs, not in the current folder
+    assert len(archives) == 2 and all(p.name.startswith(runs["comet_ml"]) for p in archives)
+    assert not (tmp_path / ".cometml-runs").exists()
+    for hparams in logs.rglob("hparams.yml"):
+        assert "None" not in hparams.read_text()  # unset settings were written as the string 'None'
+
+    _run(tiny_model_dir, fill_dir, out, max_train_steps=2, report_to="tensorboard", overwrite_output_dir=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert _board(logs / "train_controlnet") == [(r["step"], pytest.approx(r["loss"], rel=1e-5)) for r in rows]
+    assert sorted(p.name for p in logs.iterdir()) == ["train_controlnet"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_overwrite_never_deletes_a_logging_dir_outside_the_output_dir(tiny_model_dir, fill_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    outside = tmp_path / "board"
+    flags = dict(max_train_steps=1, report_to="tensorboard", logging_dir=str(outside))
+    _run(tiny_model_dir, fill_dir, tmp_path / "run", **flags)
+    first = sorted(outside.rglob("events.out.tfevents.*"))
+    _run(tiny_model_dir, fill_dir, tmp_path / "run", overwrite_output_dir=True, **flags)
+    assert set(first) < set(outside.rglob("events.out.tfevents.*"))
+
+
+def _comet_cannot_start(monkeypatch, tmp_path):
+    """Comet online with no API key anywhere: its start fails."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.comet.config
+    for name in ("COMET_API_KEY", "COMET_START_ONLINE", "COMET_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_failed_tracker_start_records_no_run(tiny_model_dir, fill_dir, tmp_path, monkeypatch, capsys):
+    """--report_to all with Comet failing after TensorBoard and W&B started: a fresh output folder is not left
+    (it kept difftune_config.json and logs/); over an earlier run (--overwrite_output_dir) all of it stays."""
+    for name in ("tensorboard", "wandb", "comet_ml"):
+        pytest.importorskip(name)
+    import wandb
+
+    wandb.teardown()
+    _offline_trackers(monkeypatch, tmp_path)
+    out = tmp_path / "run"
+    _run(tiny_model_dir, fill_dir, out, max_train_steps=2, report_to="tensorboard")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    _comet_cannot_start(monkeypatch, tmp_path)
+    with pytest.raises(ConfigError, match="--report_to tensorboard.wandb.comet_ml: the tracker could not start"):
+        _run(tiny_model_dir, fill_dir, out, max_train_steps=2, report_to="all", overwrite_output_dir=True,
+             learning_rate=1e-4)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the earlier run, whole
+    fresh = tmp_path / "fresh" / "run"
+    with pytest.raises(ConfigError, match="could not start"):
+        _run(tiny_model_dir, fill_dir, fresh, max_train_steps=2, report_to="all")
+    assert not (tmp_path / "fresh").exists()
+    assert "Traceback" not in capsys.readouterr().err
