@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import zipfile
 
 import pytest
 
 from difftune.cli import main, redact_secrets
+from difftune.errors import ConfigError
 
 SECRET = "hf_SECRET_tracker_must_not_see"
 
@@ -125,3 +127,137 @@ def test_a_tracker_that_does_not_import_says_to_reinstall_it(tiny_model_dir, fil
         _train("tensorboard", tiny_model_dir, fill_dir, tmp_path / "run", monkeypatch)
     err = capsys.readouterr().err
     assert "does not import: pip install --upgrade 'difftune[tensorboard]'" in err and "wandb login" not in err
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "my proj/../x", "a/b", "..", ""])
+def test_a_tracker_project_name_that_is_not_a_plain_name_is_refused_at_config_time(name, tmp_path):
+    from conftest import make_config
+
+    with pytest.raises(ConfigError, match="--tracker_project_name .*letters, digits"):
+        make_config(tmp_path / "model", tmp_path / "data", tmp_path / "run", tracker_project_name=name)
+
+
+def _run(model_dir, data_dir, out, **flags):
+    from conftest import make_config
+
+    from difftune.api import train_controlnet
+
+    return train_controlnet(make_config(model_dir, data_dir, out, train_batch_size=2, **flags))
+
+
+def _without_packages(monkeypatch, *missing):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else find_spec(name, *a))
+
+
+def test_report_to_all_says_what_it_picked(monkeypatch, caplog):
+    from difftune.trackers import requested_trackers, say_picked
+
+    caplog.set_level(logging.INFO, logger="difftune")
+    _without_packages(monkeypatch, "comet_ml")
+    say_picked("all", requested_trackers("all"))
+    assert "--report_to all: logging to tensorboard, wandb (comet_ml not installed)." in caplog.text
+    caplog.clear()
+    _without_packages(monkeypatch, "tensorboard", "wandb", "comet_ml")
+    say_picked("all", requested_trackers("all"))
+    assert "nothing is logged beyond OUTPUT_DIR/metrics.jsonl" in caplog.text
+
+
+def test_a_missing_tracker_package_is_said_before_the_base_model_loads(fill_dir, tmp_path, monkeypatch):
+    _without_packages(monkeypatch, "wandb")
+    with pytest.raises(ConfigError, match="--report_to wandb: the 'wandb' package is not installed"):
+        _run(tmp_path / "no-model-here", fill_dir, tmp_path / "run", report_to="wandb")
+
+
+def _board(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    board.Reload()  # (it applies a resumed writer's purge_step, as TensorBoard does)
+    return [(e.step, e.value) for e in board.Scalars("loss")]
+
+
+def _offline_trackers(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a Comet archive written to the current folder would show here
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("COMET_START_ONLINE", "false")
+    for name in ("WANDB_DIR", "COMET_OFFLINE_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_resume_continues_each_trackers_run_and_overwrite_clears_them(tiny_model_dir, fill_dir, tmp_path,
+                                                                          monkeypatch):
+    """Resumed from checkpoint-2 of a 4-step run: TensorBoard's curve has each step once (it was 1,2,3,4,3,4),
+    W&B goes on under the run's id, Comet under its experiment key. --overwrite_output_dir then leaves only the
+    new run's logs (TensorBoard showed 1,2,3,4,1,2)."""
+    for name in ("tensorboard", "wandb", "comet_ml"):
+        pytest.importorskip(name)
+    import wandb
+
+    wandb.teardown()
+    _offline_trackers(monkeypatch, tmp_path)
+    out, logs = tmp_path / "run", tmp_path / "run" / "logs"
+    _run(tiny_model_dir, fill_dir, out, max_train_steps=4, checkpointing_steps=2, report_to="all")
+    _run(tiny_model_dir, fill_dir, out, max_train_steps=4, checkpointing_steps=2, report_to="all",
+         resume_from_checkpoint=str(out / "checkpoints" / "checkpoint-2"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert _board(logs / "train_controlnet") == [(r["step"], pytest.approx(r["loss"], rel=1e-5)) for r in rows]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    runs = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())["tracker_runs"]
+    wandb_runs = sorted(p.name for p in (logs / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(name.endswith(f"-{runs['wandb']}") for name in wandb_runs)
+    archives = sorted((logs / "comet_ml").glob("*.zip"))  # with the run's logs, not in the current folder
+    assert len(archives) == 2 and all(p.name.startswith(runs["comet_ml"]) for p in archives)
+    assert not (tmp_path / ".cometml-runs").exists()
+    for hparams in logs.rglob("hparams.yml"):
+        assert "None" not in hparams.read_text()  # unset settings were written as the string 'None'
+
+    _run(tiny_model_dir, fill_dir, out, max_train_steps=2, report_to="tensorboard", overwrite_output_dir=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert _board(logs / "train_controlnet") == [(r["step"], pytest.approx(r["loss"], rel=1e-5)) for r in rows]
+    assert sorted(p.name for p in logs.iterdir()) == ["train_controlnet"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_overwrite_never_deletes_a_logging_dir_outside_the_output_dir(tiny_model_dir, fill_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    outside = tmp_path / "board"
+    flags = dict(max_train_steps=1, report_to="tensorboard", logging_dir=str(outside))
+    _run(tiny_model_dir, fill_dir, tmp_path / "run", **flags)
+    first = sorted(outside.rglob("events.out.tfevents.*"))
+    _run(tiny_model_dir, fill_dir, tmp_path / "run", overwrite_output_dir=True, **flags)
+    assert set(first) < set(outside.rglob("events.out.tfevents.*"))
+
+
+def _comet_cannot_start(monkeypatch, tmp_path):
+    """Comet online with no API key anywhere: its start fails."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.comet.config
+    for name in ("COMET_API_KEY", "COMET_START_ONLINE", "COMET_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_failed_tracker_start_records_no_run(tiny_model_dir, fill_dir, tmp_path, monkeypatch, capsys):
+    """--report_to all with Comet failing after TensorBoard and W&B started: a fresh output folder is not left
+    (it kept difftune_config.json and logs/); over an earlier run (--overwrite_output_dir) all of it stays."""
+    for name in ("tensorboard", "wandb", "comet_ml"):
+        pytest.importorskip(name)
+    import wandb
+
+    wandb.teardown()
+    _offline_trackers(monkeypatch, tmp_path)
+    out = tmp_path / "run"
+    _run(tiny_model_dir, fill_dir, out, max_train_steps=2, report_to="tensorboard")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    _comet_cannot_start(monkeypatch, tmp_path)
+    with pytest.raises(ConfigError, match="--report_to tensorboard.wandb.comet_ml: the tracker could not start"):
+        _run(tiny_model_dir, fill_dir, out, max_train_steps=2, report_to="all", overwrite_output_dir=True,
+             learning_rate=1e-4)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the earlier run, whole
+    fresh = tmp_path / "fresh" / "run"
+    with pytest.raises(ConfigError, match="could not start"):
+        _run(tiny_model_dir, fill_dir, fresh, max_train_steps=2, report_to="all")
+    assert not (tmp_path / "fresh").exists()
+    assert "Traceback" not in capsys.readouterr().err

@@ -15,6 +15,7 @@ from PIL import Image
 from .config import CONTROL_GUIDANCE, ControlNetConfig
 from .errors import ConfigError, UserError
 from .guards import quiet_other_processes
+from .trackers import requested_trackers
 
 
 def resolve_seed(cfg: Any) -> Any:
@@ -46,6 +47,7 @@ def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
 
     cfg = resolve_seed(cfg)
     quiet_other_processes()
+    requested_trackers(cfg.train.report_to)  # a tracker package missing: said before the base model loads
     with _callers_random_state_kept():
         method = ControlNetMethod(cfg, base=base)
         return Trainer(method, method.cfg).fit()  # method.cfg: family and resolution resolved
@@ -63,6 +65,7 @@ def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
 
     cfg = resolve_seed(cfg)
     quiet_other_processes()
+    requested_trackers(cfg.train.report_to)  # a tracker package missing: said before the base model loads
     with _callers_random_state_kept():
         method = CustomDiffusionMethod(cfg, base=base)
         return Trainer(method, method.cfg).fit()  # method.cfg: resolution resolved

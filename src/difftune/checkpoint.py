@@ -54,6 +54,7 @@ class TrainState:
     last_loss: float | None = None  # the loss of the step it was saved at (a resumed run that trains no step reports it)
     micro_batch_samples: int | None = None  # samples per micro-batch over all processes (None before 2026-12)
     resumed_changes: list[str] = field(default_factory=list)  # settings changed by resumes, "--flag old -> new"
+    tracker_runs: dict[str, str] = field(default_factory=dict)  # tracker -> run id (W&B) / experiment key (Comet)
 
 
 def _fsync_file(path: Path) -> None:

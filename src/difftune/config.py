@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,6 +306,21 @@ class TrainConfig:
             raise ConfigError("--checkpoints_total_limit must be >= 1.")
         if self.report_to not in ("none", "all", "tensorboard", "wandb", "comet_ml"):
             raise ConfigError(f"--report_to {self.report_to!r}: choose tensorboard, wandb, comet_ml, all or none.")
+        if self.tracker_project_name is not None:
+            check_tracker_project_name(self.tracker_project_name)
+
+
+# what W&B, Comet and a TensorBoard folder name all take: no path parts, no characters W&B refuses
+_PROJECT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def check_tracker_project_name(name: str) -> None:
+    """--tracker_project_name becomes a folder under --logging_dir (TensorBoard) and a W&B / Comet project:
+    refused here, before the models load, if it could leave that folder or a tracker would refuse it."""
+    if not _PROJECT_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"--tracker_project_name {name!r}: use letters, digits, '_', '-' and '.' (up to 128, "
+                          "starting with a letter, digit or '_'; no '..', '/', spaces or other characters), "
+                          "e.g. --tracker_project_name my_controlnet.")
 
 
 @dataclass

@@ -65,8 +65,10 @@ def finished_model_file(out: Path) -> str | None:
 
 def earlier_outputs(out: Path) -> list[Path]:
     """What an earlier difftune run or export wrote in ``out`` (the user's own files are not listed):
-    checkpoints, metrics, validation grids, the exported model of either method, merge/compress notes."""
+    checkpoints, metrics, validation grids, the exported model of either method, merge/compress notes, and
+    its tracker logs (set aside by ``trackers.start_trackers`` when they are inside ``out``)."""
     from .custom_diffusion.export import LOWRANK
+    from .trackers import EARLIER_LOGS
 
     names = {"metrics.jsonl", "train_summary.json", "merge_info.json", "config.json", *FINISHED_MODEL_FILES, LOWRANK}
     names.discard("model_index.json")  # a base model's folder: claim_output_dir refuses it
@@ -80,16 +82,19 @@ def earlier_outputs(out: Path) -> list[Path]:
     found = [out / n for n in sorted(names) if (out / n).is_file()]
     found += sorted((out / "validation").glob("step-*.png"))
     # (the encoded and stream caches stay: each is keyed by what it was made from, and a new run reuses it)
-    return found + [out / d for d in ("checkpoints", "profile") if (out / d).is_dir()]
+    return found + [out / d for d in ("checkpoints", "profile", EARLIER_LOGS) if (out / d).is_dir()]
 
 
 def clear_earlier_run(accelerator: Any, out: Path, root: Path) -> None:
     """--overwrite_output_dir, once the new run has started well: what the earlier run wrote goes, so that
     nothing of it (a model of the other method, an old validation grid) stays beside the new one."""
     if accelerator.is_main_process:
+        from .trackers import EARLIER_LOGS
+
         gone = earlier_outputs(out)
+        names = ["tracker logs" if p.name == EARLIER_LOGS else p.name for p in gone]
         log.warning("--overwrite_output_dir: deleting the earlier run in %s (%s)", out,
-                    ", ".join(p.name for p in gone[:8]) + (f" and {len(gone) - 8} more" if len(gone) > 8 else ""))
+                    ", ".join(names[:8]) + (f" and {len(gone) - 8} more" if len(gone) > 8 else ""))
         for path in gone:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()

@@ -33,7 +33,7 @@ from .optim import (batch_text, build_lr_scheduler, build_optimizer, check_optim
 from .profiling import StepProfiler
 from .resuming import (check_fits, config_to_record, data_position, learning_rate_used, nothing_left_to_train,
                        restore)
-from .trackers import Trackers, drop_metrics_after, requested_trackers
+from .trackers import drop_metrics_after, requested_trackers, say_picked, start_trackers
 from .validation import Validator, load_validation_images
 
 
@@ -148,6 +148,8 @@ class Trainer:
         cfg = self.cfg
         tracker_names = requested_trackers(cfg.report_to)
         accelerator = make_accelerator(cfg, tracker_names)
+        if accelerator.is_main_process:
+            say_picked(cfg.report_to, tracker_names)
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -200,10 +202,6 @@ class Trainer:
             log.warning("The data set has %d samples, fewer than one batch across processes (--train_batch_size %d x %d "
                         "processes): accelerate fills each batch by repeating samples.", len(loader.dataset),
                         cfg.train_batch_size, accelerator.num_processes)
-        if clear_earlier:  # only now: a flag or file at fault has failed above with the earlier run intact
-            clear_earlier_run(accelerator, self.out, root)
-        if accelerator.is_main_process:  # after the models, data and optimizer: a failed start records no run
-            save_resolved(self.run_config, self.out)
         *prepared, optimizer, loader = accelerator.prepare(*modules, optimizer, loader)
         self.method.bind(prepared)
         steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
@@ -224,12 +222,15 @@ class Trainer:
             log.info("%d optimizer steps of %s", max_steps,
                      batch_text(cfg.train_batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps))
 
-        if accelerator.is_main_process:  # steps logged after the checkpoint by the run that was killed: redone now
-            drop_metrics_after(self.out / "metrics.jsonl", state.global_step)
         if resumed and state.global_step >= max_steps and accelerator.is_main_process:
             nothing_left_to_train(resume_from, state.global_step, max_steps)
-        trackers = Trackers(accelerator, self.out, tracker_names, cfg.tracker_project_name or self.method.name,
-                            to_dict(self.run_config), logging_dir=self.out / cfg.logging_dir)
+        trackers = self._start_trackers(accelerator, tracker_names, state, clear_earlier, made_out)
+        if accelerator.is_main_process:  # steps logged after the checkpoint by the run that was killed: redone now
+            drop_metrics_after(self.out / "metrics.jsonl", state.global_step)
+        if clear_earlier:  # only now: a flag, file or tracker at fault has failed above with the earlier run intact
+            clear_earlier_run(accelerator, self.out, root)
+        if accelerator.is_main_process:  # after the models, data, optimizer and trackers: a failed start records no run
+            save_resolved(self.run_config, self.out)
         validator = Validator(self.val_cfg, self.method, self.out, trackers, seed, validation_pairs)
         if resumed and 0 < state.global_step < max_steps and accelerator.is_main_process \
                 and validator.interrupted(state.global_step):
@@ -272,6 +273,23 @@ class Trainer:
             summary["hub_url"] = hub.push_folder(self.out, cfg.hub_model_id, cfg.hub_token,
                                                  ignore=hub.RUN_UPLOAD_IGNORE)
         return summary
+
+    def _start_trackers(self, accelerator, names: list[str], state: ckpt.TrainState, clear_earlier: bool,
+                        made_out: Path | None):
+        """Start the trackers, continuing the checkpoint's tracker runs on a resume; their run ids go into
+        ``state`` (and so into every checkpoint). A failed start leaves nothing it made in the output folder."""
+        cfg = self.cfg
+        try:
+            trackers = start_trackers(accelerator, self.out, self.out / cfg.logging_dir, clear_earlier,
+                                      names=names, project=cfg.tracker_project_name or self.method.name,
+                                      config=to_dict(self.run_config), resume_step=state.global_step,
+                                      runs=state.tracker_runs)
+        except BaseException:
+            if accelerator.is_main_process:
+                ckpt.remove_if_no_files(made_out)
+            raise
+        state.tracker_runs = {**state.tracker_runs, **trackers.run_ids()}
+        return trackers
 
     def _loop(self, accelerator, modules, optimizer, lr_scheduler, loader, generator, state, max_steps,
               trackers, validator, root) -> dict:
