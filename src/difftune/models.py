@@ -280,6 +280,11 @@ def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | No
     if not local.exists() and not _looks_like_hub_id(name_or_path):
         raise ModelLoadError(f"--pretrained_vae_model_name_or_path {name_or_path}: there is no such folder.")
     subfolder = "vae" if (local / "vae" / "config.json").is_file() else None
+    config = local / (subfolder or "") / "config.json"
+    kind = _config_class(config) if config.is_file() else None
+    if kind is not None and kind != "AutoencoderKL":
+        raise ModelLoadError(f"--pretrained_vae_model_name_or_path {local} is a {kind} folder, not a VAE. "
+                             f"{VAE_FOLDER_ADVICE}")
     try:
         return AutoencoderKL.from_pretrained(str(local) if local.exists() else name_or_path, subfolder=subfolder,
                                              revision=revision, cache_dir=cache_dir, use_safetensors=True)
@@ -331,6 +336,10 @@ def check_controlnet_source(name_or_path: str, flag: str = CONTROLNET_FLAG) -> N
             raise ModelLoadError(f"{flag} {name_or_path} does not exist; {GIVE_CONTROLNET}.")
         return  # a Hub id: the loader tries the Hub
     if not local.is_dir():
+        named = local.read_text(errors="replace").strip() if local.name == "latest" and local.stat().st_size < 200 else ""
+        if named and (local.parent / named).is_dir():  # a run's checkpoints/latest: the checkpoint it names
+            raise ModelLoadError(f"{flag} {local} is a file naming the newest checkpoint: give that checkpoint, "
+                                 f"{flag} {local.parent / named}.")
         raise ModelLoadError(f"{flag} {local} is a file; {GIVE_CONTROLNET}.")
     config = local / "config.json"
     if not config.is_file():
