@@ -135,34 +135,76 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
-    """Read a YAML, TOML or JSON config file into a dict."""
+    """Read a YAML, TOML or JSON config file (by its extension, in any case) into a dict. A key given twice in
+    one mapping is refused: YAML and JSON would otherwise keep the last value without a word."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"Config file {p} does not exist.")
+    suffix = p.suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(f"Config file {p}: use .yaml, .yml, .toml or .json.")
     text = p.read_text(encoding="utf-8")
     try:
-        if p.suffix in (".yaml", ".yml"):
+        if suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
-        elif p.suffix == ".toml":
+            data = yaml.load(text, Loader=_unique_key_yaml_loader()) or {}  # a SafeLoader underneath
+        elif suffix == ".toml":  # TOML itself forbids a key given twice: tomllib refuses it
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib  # type: ignore[no-redef]
             data = tomllib.loads(text)
-        elif p.suffix == ".json":
-            data = json.loads(text)
         else:
-            raise ConfigError(f"Config file {p}: use .yaml, .yml, .toml or .json.")
-    except ConfigError:
-        raise
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
+    except _DuplicateKey as e:
+        raise ConfigError(f"Config file {p}: {e} Keep one of them.") from None
     except Exception as e:
         raise ConfigError(f"Config file {p} could not be parsed: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {p} must hold a mapping of settings.")
     return data
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"'{key}' is given twice (in the same object).")
+        out[key] = value
+    return out
+
+
+def _unique_key_yaml_loader() -> type:
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping (keys merged in with ``<<`` may be
+    overridden, as YAML means them to be)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+                try:
+                    hash(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+                if key in seen:
+                    raise _DuplicateKey(f"'{key}' is given twice (lines {seen[key]} and {line}).")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def save_resolved(cfg: Any, folder: str | os.PathLike, name: str = "difftune_config.json") -> Path:
