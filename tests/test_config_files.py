@@ -1,4 +1,4 @@
-"""--config files: extensions in any case, keys given twice."""
+"""--config files: mistakes named with the file and what was meant, extensions in any case, keys given twice."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 from difftune.cli import build_parser
 from difftune.config import ControlNetConfig, read_config_file
+from difftune.config_custom_diffusion import CustomDiffusionConfig
 from difftune.errors import ConfigError
 
 
@@ -26,6 +27,34 @@ def _build(cfg_cls, *argv: str):
 def _write(path, text: str):
     path.write_text(text)
     return str(path)
+
+
+@pytest.mark.parametrize("text, said", [
+    ("trainer:\n  train_batch_size: 2\n",
+     r"'trainer' is not a section \(did you mean 'train'\?\): the sections are model, data, optim, loss, train, "
+     r"validation"),
+    ("train-data-dir: d\n", r"'train-data-dir' is written 'train_data_dir' in a config file \(with underscores"),
+    ("--train_data_dir: d\n", r"'--train_data_dir' is written 'train_data_dir' in a config file \(without the leading"),
+    ("train: 8\n", r"'train' is a section: put its settings under it"),
+    ("learning_rat: 0.1\nfoo_bar_baz: 1\n",
+     r"did you mean 'learning_rate'\?; unknown setting 'foo_bar_baz' \(`difftune train controlnet --help` lists"),
+])
+def test_config_file_mistakes_are_named_with_the_file_and_what_was_meant(text, said, tmp_path):
+    path = _write(tmp_path / "typo.yaml", text)
+    with pytest.raises(ConfigError, match=rf"Config file {path}: .*{said}") as err:
+        _build(ControlNetConfig, "--config", path)
+    assert "Valid settings" not in str(err.value)  # no list of 90 names
+
+
+def test_a_run_config_given_to_the_other_method_says_which_method_it_is_for(tmp_path):
+    cn = _write(tmp_path / "cn.yaml", "model:\n  controlnet_model_name_or_path: cn0\n  model_family: sd\n")
+    with pytest.raises(ConfigError, match=r"holds ControlNet settings \(controlnet_model_name_or_path, model_family\)"
+                                          rf".*`difftune train controlnet --config {cn}`"):
+        _build(CustomDiffusionConfig, "--config", cn)
+    cd = _write(tmp_path / "cd.yaml", "instance_prompt: a <new1> cat\ncustom:\n  modifier_token: <new1>\n")
+    with pytest.raises(ConfigError, match=r"holds Custom Diffusion settings \(instance_prompt, custom\).*"
+                                          r"`difftune train custom-diffusion"):
+        _build(ControlNetConfig, "--config", cd)
 
 
 def test_config_file_extensions_in_any_case_and_keys_given_twice(tmp_path):

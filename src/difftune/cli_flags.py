@@ -102,7 +102,7 @@ def config_from_args(cfg_cls: type, args: argparse.Namespace, recipe: dict | Non
 
     values: dict = dict(recipe or {})
     if getattr(args, "config", None):
-        values = merge(values, nest(cfg_cls, read_config_file(args.config)))
+        values = merge(values, nest(cfg_cls, read_config_file(args.config), source=args.config))
     given: dict = {}
     for key, value in vars(args).items():
         if "." in key:
