@@ -111,7 +111,7 @@ def test_config_file_with_flag_override(tmp_path):
                           ("gradient_checkpointing: maybe", "'gradient_checkpointing' must be true or false"),
                           ("validation_steps: 2.5", "'validation_steps' must be an integer, got 2.5")):
         bad.write_text(f"pretrained_model_name_or_path: m\ntrain_data_dir: {tmp_path}\n{text}\n")
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message + r".* \(set in config file .*bad.yaml: "):  # where it came from
             config_from_args(ControlNetConfig, p.parse_args(["--config", str(bad)]))
 
 
