@@ -82,10 +82,10 @@ def test_config_file_with_flag_override(tmp_path):
     from difftune.cli import config_from_args
 
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text("pretrained_model_name_or_path: m\ntrain_data_dir: d\ntrain:\n  train_batch_size: 8\n"
+    yaml_file.write_text(f"pretrained_model_name_or_path: m\ntrain_data_dir: {tmp_path}\ntrain:\n  train_batch_size: 8\n"
                          "learning_rate: 0.001\n")
     toml_file = tmp_path / "run.toml"
-    toml_file.write_text('pretrained_model_name_or_path = "m"\ntrain_data_dir = "d"\n[optim]\nlearning_rate = 0.5\n')
+    toml_file.write_text(f'pretrained_model_name_or_path = "m"\ntrain_data_dir = "{tmp_path}"\n[optim]\nlearning_rate = 0.5\n')
     p = _subparser("train", "controlnet")
     cfg = config_from_args(ControlNetConfig, p.parse_args(["--config", str(yaml_file), "--learning_rate", "0.01"]))
     assert cfg.train.train_batch_size == 8 and cfg.optim.learning_rate == 0.01
@@ -94,24 +94,24 @@ def test_config_file_with_flag_override(tmp_path):
     assert cfg.optim.learning_rate == 0.5 and cfg.train.max_train_steps == 4
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 0.1\n")
-    with pytest.raises(ConfigError, match="Unknown setting 'learning_rat'"):
+    with pytest.raises(ConfigError, match=r"Config file .*bad.yaml: unknown setting 'learning_rat': did you mean "
+                                          r"'learning_rate'\?"):
         config_from_args(ControlNetConfig, p.parse_args(["--config", str(bad)]))
     bad.write_text("train:\n  optimizer_in_backward: true\n")  # in the wrong section: which one it belongs in
-    with pytest.raises(ConfigError, match=r"Unknown setting 'train.optimizer_in_backward' in the config: it belongs "
-                                          r"in section 'optim'"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: 'train.optimizer_in_backward' belongs in section 'optim'"):
         config_from_args(ControlNetConfig, p.parse_args(["--config", str(bad)]))
     bad.write_text("loss:\n  snr: 5\n")
-    with pytest.raises(ConfigError, match=r"Unknown setting 'loss.snr' in the config: the settings of 'loss' are "):
+    with pytest.raises(ConfigError, match=r"unknown setting 'loss.snr': the settings of 'loss' are snr_gamma, "):
         config_from_args(ControlNetConfig, p.parse_args(["--config", str(bad)]))
     # YAML reads 1e-5 (no dot) as a string: it is still the number meant
     sci = tmp_path / "sci.yaml"
-    sci.write_text("pretrained_model_name_or_path: m\ntrain_data_dir: d\nlearning_rate: 1e-5\n")
+    sci.write_text(f"pretrained_model_name_or_path: m\ntrain_data_dir: {tmp_path}\nlearning_rate: 1e-5\n")
     assert config_from_args(ControlNetConfig, p.parse_args(["--config", str(sci)])).optim.learning_rate == 1e-5
     for text, message in (("train_batch_size: two", "'train_batch_size' must be an integer, got 'two'"),
                           ("gradient_checkpointing: maybe", "'gradient_checkpointing' must be true or false"),
                           ("validation_steps: 2.5", "'validation_steps' must be an integer, got 2.5")):
-        bad.write_text(f"pretrained_model_name_or_path: m\ntrain_data_dir: d\n{text}\n")
-        with pytest.raises(ConfigError, match=message):
+        bad.write_text(f"pretrained_model_name_or_path: m\ntrain_data_dir: {tmp_path}\n{text}\n")
+        with pytest.raises(ConfigError, match=message + r".* \(set in config file .*bad.yaml: "):  # where it came from
             config_from_args(ControlNetConfig, p.parse_args(["--config", str(bad)]))
 
 

@@ -97,18 +97,16 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg_cls: type, defaults: d
 
 
 def config_from_args(cfg_cls: type, args: argparse.Namespace, recipe: dict | None = None):
-    """defaults < recipe < --config file < explicit flags."""
-    from .config import from_dict, merge, nest, read_config_file
+    """defaults < recipe < --config file < explicit flags (``recipe``: the settings of --recipe, if any, over
+    the command's defaults; a config file may name a recipe, used when --recipe is not given)."""
+    from .config_file import build_config
 
-    values: dict = dict(recipe or {})
-    if getattr(args, "config", None):
-        values = merge(values, nest(cfg_cls, read_config_file(args.config)))
     given: dict = {}
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".", 1)
             given.setdefault(section, {})[name] = value
-    return from_dict(cfg_cls, merge(values, given))
+    return build_config(cfg_cls, recipe, given, getattr(args, "config", None), getattr(args, "recipe", None))
 
 
 @contextlib.contextmanager

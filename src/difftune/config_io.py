@@ -31,29 +31,106 @@ def to_dict(cfg: Any, redact: bool = True) -> dict:
     return out
 
 
-def nest(cfg_cls: type, values: dict) -> dict[str, dict]:
+def nest(cfg_cls: type, values: dict, source: str | None = None) -> dict[str, dict]:
     """``{section: {field: v}}`` from a nested or flat (``{field: v}``) dict, or a mix.
 
-    Unknown keys are rejected with the list of valid ones: a typo in a config file must not
-    be silently ignored.
+    Unknown keys are rejected, each with what was probably meant: a typo in a config file must not
+    be silently ignored. ``source``: the config file the values come from, named in the message.
     """
     secs = sections(cfg_cls)
-    owner = {f.name: s for s, c in secs.items() for f in dataclasses.fields(c)}
+    owner = _owners(cfg_cls)
     nested: dict[str, dict] = {s: {} for s in secs}
+    unknown: list[tuple[str, str | None, Any]] = []  # (key, section it was under, value)
     for key, value in values.items():
         if key in secs and isinstance(value, dict):
             for k, v in value.items():
-                if owner.get(k) != key:
-                    where = (f"it belongs in section '{owner[k]}' (the groups of --help say where each flag is), or"
-                             f" give it flat, as '{k}'" if k in owner else
-                             f"the settings of '{key}' are {', '.join(sorted(n for n, s in owner.items() if s == key))}")
-                    raise ConfigError(f"Unknown setting '{key}.{k}' in the config: {where}.")
-                nested[key][k] = v
+                if owner.get(k) == key:
+                    nested[key][k] = v
+                else:
+                    unknown.append((k, key, v))
         elif key in owner:
             nested[owner[key]][key] = value
         else:
-            raise ConfigError(f"Unknown setting '{key}'. Valid settings: {', '.join(sorted(owner))}.")
+            unknown.append((key, None, value))
+    if unknown:
+        raise ConfigError(unknown_settings_message(cfg_cls, unknown, source))
     return nested
+
+
+def _owners(cfg_cls: type) -> dict[str, str]:
+    """Setting name -> the section that holds it."""
+    return {f.name: s for s, c in sections(cfg_cls).items() for f in dataclasses.fields(c)}
+
+
+# the run configs difftune trains, by class name: the method's name and its command
+METHODS = {"ControlNetConfig": ("ControlNet", "difftune train controlnet"),
+           "CustomDiffusionConfig": ("Custom Diffusion", "difftune train custom-diffusion")}
+
+
+def _other_methods_settings(cfg_cls: type) -> dict[str, str]:
+    """Setting and section names of the other methods' run configs that ``cfg_cls`` lacks -> the class name
+    of the run config that has them: a ControlNet run's config given to Custom Diffusion, or the reverse."""
+    from .config import ControlNetConfig
+    from .config_custom_diffusion import CustomDiffusionConfig
+
+    own = set(_owners(cfg_cls)) | set(sections(cfg_cls))
+    found: dict[str, str] = {}
+    for other in (ControlNetConfig, CustomDiffusionConfig):
+        if other is not cfg_cls:
+            for name in (*_owners(other), *sections(other)):
+                if name not in own:
+                    found.setdefault(name, other.__name__)
+    return found
+
+
+def unknown_settings_message(cfg_cls: type, unknown: list[tuple[str, str | None, Any]], source: str | None) -> str:
+    """What is wrong with each unknown key, and first, when keys belong to another method's run config, which."""
+    method, command = METHODS.get(cfg_cls.__name__, (cfg_cls.__name__, "difftune train"))
+    where = f"Config file {source}" if source else "The config"
+    lines = []
+    foreign = _other_methods_settings(cfg_cls)
+    theirs = [k for k, _, _ in unknown if k in foreign]
+    if theirs:
+        other_method, other_command = METHODS[foreign[theirs[0]]]
+        shown = ", ".join(theirs[:4]) + (f" and {len(theirs) - 4} more" if len(theirs) > 4 else "")
+        target = f" --config {source}" if source else ""
+        lines.append(f"{where} holds {other_method} settings ({shown}), not {method} ones: it looks like a "
+                     f"{other_method} run's config. Train it with `{other_command}{target}`, or leave those out.")
+    rest = [_advice(cfg_cls, k, sec, v) for k, sec, v in unknown if k not in foreign]
+    if rest:
+        lines.append(f"{where}: " + "; ".join(rest) + f" (`{command} --help` lists every setting by section).")
+    return "\n".join(lines)
+
+
+def _advice(cfg_cls: type, key: str, section: str | None, value: Any) -> str:
+    """One unknown key: what it probably should be."""
+    import difflib
+
+    secs, owner = sections(cfg_cls), _owners(cfg_cls)
+    name = f"{section}.{key}" if section else str(key)
+    plain = str(key).lstrip("-").replace("-", "_")
+    if plain != key and (plain in owner or plain in secs):
+        how = "without the leading dashes" if str(key).startswith("-") else "with underscores, as the flag is"
+        return f"'{name}' is written '{plain}' in a config file ({how})"
+    if key == "recipe" and section is None:
+        return ("'recipe' is no setting: a recipe is chosen with --recipe NAME (a config file may name one as "
+                "'recipe: NAME'; from Python, merge difftune.recipes.RECIPES[NAME]() under your settings)")
+    if section is None and key in secs:
+        return f"'{key}' is a section: put its settings under it, indented ({key}:\n  SETTING: VALUE)"
+    if section is not None and key in owner:
+        return f"'{name}' belongs in section '{owner[key]}' (the groups of --help say where each flag is), or give it " \
+               f"flat, as '{key}'"
+    if section is None and isinstance(value, dict):
+        close = difflib.get_close_matches(str(key), list(secs), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"'{key}' is not a section{hint}: the sections are {', '.join(secs)}"
+    pool = [n for n, s in owner.items() if s == section] if section else list(owner)
+    close = difflib.get_close_matches(str(key), pool, n=3, cutoff=0.6)
+    if close:
+        return f"unknown setting '{name}': did you mean {' or '.join(repr(c) for c in close)}?"
+    if section is not None:
+        return f"unknown setting '{name}': the settings of '{section}' are {', '.join(pool)}"
+    return f"unknown setting '{name}'"
 
 
 _KIND = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -135,34 +212,76 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
-    """Read a YAML, TOML or JSON config file into a dict."""
+    """Read a YAML, TOML or JSON config file (by its extension, in any case) into a dict. A key given twice in
+    one mapping is refused: YAML and JSON would otherwise keep the last value without a word."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"Config file {p} does not exist.")
+    suffix = p.suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(f"Config file {p}: use .yaml, .yml, .toml or .json.")
     text = p.read_text(encoding="utf-8")
     try:
-        if p.suffix in (".yaml", ".yml"):
+        if suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
-        elif p.suffix == ".toml":
+            data = yaml.load(text, Loader=_unique_key_yaml_loader()) or {}  # a SafeLoader underneath
+        elif suffix == ".toml":  # TOML itself forbids a key given twice: tomllib refuses it
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib  # type: ignore[no-redef]
             data = tomllib.loads(text)
-        elif p.suffix == ".json":
-            data = json.loads(text)
         else:
-            raise ConfigError(f"Config file {p}: use .yaml, .yml, .toml or .json.")
-    except ConfigError:
-        raise
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
+    except _DuplicateKey as e:
+        raise ConfigError(f"Config file {p}: {e} Keep one of them.") from None
     except Exception as e:
         raise ConfigError(f"Config file {p} could not be parsed: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {p} must hold a mapping of settings.")
     return data
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"'{key}' is given twice (in the same object).")
+        out[key] = value
+    return out
+
+
+def _unique_key_yaml_loader() -> type:
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping (keys merged in with ``<<`` may be
+    overridden, as YAML means them to be)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+                try:
+                    hash(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+                if key in seen:
+                    raise _DuplicateKey(f"'{key}' is given twice (lines {seen[key]} and {line}).")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def save_resolved(cfg: Any, folder: str | os.PathLike, name: str = "difftune_config.json") -> Path:
