@@ -146,3 +146,18 @@ def test_adapters_of_other_bases_or_families_are_named(tiny_base, tiny_model_dir
     with pytest.raises(ConfigError, match=rf"checkpoint-2 was trained on an SDXL base \({sdxl}\); this run's base "
                                           rf"\({tiny_model_dir}\) is SD 1.x/2.x.*--pretrained_model_name_or_path {sdxl}"):
         warn_changed_settings(tmp_path / "out", now, ckpt)
+
+
+def test_what_fails_without_the_models_is_said_before_they_load(fill_dir, tmp_path):
+    """The base model named here does not exist: each error below comes before any model loads."""
+    from difftune import train_controlnet
+    from difftune.errors import ConfigError, DataError
+
+    (tmp_path / "run" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a run's checkpoints"):
+        train_controlnet(make_config(tmp_path / "no-model", fill_dir, tmp_path / "run"))
+    with pytest.raises(DataError, match="--validation_image .*nope.png does not exist"):
+        train_controlnet(make_config(tmp_path / "no-model", fill_dir, tmp_path / "new",
+                                     validation_image=[str(tmp_path / "nope.png")], validation_prompt=["red circle"]))
+    assert not (tmp_path / "new").exists()

@@ -47,10 +47,23 @@ def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
 
     cfg = resolve_seed(cfg)
     quiet_other_processes()
-    requested_trackers(cfg.train.report_to)  # a tracker package missing: said before the base model loads
+    check_before_loading(cfg)
     with _callers_random_state_kept():
         method = ControlNetMethod(cfg, base=base)
         return Trainer(method, method.cfg).fit()  # method.cfg: family and resolution resolved
+
+
+def check_before_loading(cfg: Any) -> None:
+    """What fails without the models, said before minutes of loading them (the trainer checks again): a
+    tracker package missing, an --output_dir holding another run, a --validation_image that is not there."""
+    from .guards import claim_output_dir
+    from .validation import load_validation_images
+
+    requested_trackers(cfg.train.report_to)
+    if not cfg.train.resume_from_checkpoint:
+        out = Path(cfg.train.output_dir)
+        claim_output_dir(out, out / "checkpoints", cfg.train.overwrite_output_dir)
+    load_validation_images(cfg.validation)
 
 
 def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
@@ -65,7 +78,7 @@ def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
 
     cfg = resolve_seed(cfg)
     quiet_other_processes()
-    requested_trackers(cfg.train.report_to)  # a tracker package missing: said before the base model loads
+    check_before_loading(cfg)
     with _callers_random_state_kept():
         method = CustomDiffusionMethod(cfg, base=base)
         return Trainer(method, method.cfg).fit()  # method.cfg: resolution resolved
