@@ -533,6 +533,63 @@ def test_a_caption_that_is_not_text_is_refused_before_training(captions, message
         ControlNetExamples(table, "image", "conditioning_image", "text", resolution=8)
 
 
+def _stream_to_cache(root, cache_dir, max_train_samples, seed=1):
+    from difftune.data.materialize import materialize
+
+    table = select_samples(load_table(train_data_dir=root, streaming=True), max_train_samples, seed=seed)
+    return materialize(table, cache_dir)
+
+
+def test_stream_cache_is_reused_by_a_rerun_and_rebuilt_for_other_data(tmp_path, monkeypatch, caplog):
+    """A resumed --streaming run streamed (downloaded) its rows again into a new folder: the cache was
+    keyed by datasets' fingerprint of the generator, which differs between runs."""
+    import difftune.data.materialize as materialize_module
+
+    pulled = []
+
+    def counted(stream):
+        for row in stream:
+            pulled.append(row["text"])
+            yield row
+
+    monkeypatch.setattr(materialize_module, "_rows", counted)
+    root = _metadata_folder(tmp_path / "pairs", [
+        {"image": f"t{k}.png", "conditioning_image": f"c{k}.png", "text": f"caption {k}"} for k in range(4)
+    ])
+    cache_dir = tmp_path / "out" / "stream-cache"
+    first = _stream_to_cache(root, cache_dir, 3)
+    assert len(pulled) == 3 and first.dataset["text"] == pulled
+    assert not list(cache_dir.rglob("*.lock"))  # datasets' empty lock files, removed in a one-process run
+    again = _stream_to_cache(root, cache_dir, 3)
+    assert len(pulled) == 3, "a rerun with the same data and flags streamed the rows again"
+    assert again.dataset["text"] == first.dataset["text"] and again.dataset._fingerprint == first.dataset._fingerprint
+    assert len(list(cache_dir.rglob("*.arrow"))) == 1
+
+    _stream_to_cache(root, cache_dir, 2)  # another --max_train_samples: other rows
+    assert len(pulled) == 5 and len(list(cache_dir.rglob("*.arrow"))) == 2
+    with open(root / "metadata.jsonl", "a") as handle:  # the data changed: streamed again, the new row in it
+        handle.write(json.dumps({"image": "t0.png", "conditioning_image": "c0.png", "text": "new row"}) + "\n")
+    with caplog.at_level("INFO", logger="difftune"):
+        changed = _stream_to_cache(root, cache_dir, 8)
+    assert len(changed.dataset) == 5 and "new row" in changed.dataset["text"]
+    assert len(list(cache_dir.rglob("*.arrow"))) == 3
+    # a stream that ends before --max_train_samples is said, as for a table with fewer rows
+    assert "--max_train_samples 8: the data set has 5 rows; training on all of them" in caplog.text
+
+
+def test_stream_cache_key_ignores_the_run_folder_inside_the_data(tmp_path):
+    """An --output_dir inside --train_data_dir: its checkpoints and caches are not the data."""
+    from difftune.data.materialize import stream_cache_key
+
+    root = _metadata_folder(tmp_path / "pairs", [{"image": "t.png", "conditioning_image": "c.png", "text": "a"}])
+    table = select_samples(load_table(train_data_dir=root, streaming=True), 1, seed=0)
+    key = stream_cache_key(table, root / "run" / "stream-cache")
+    _save(root / "run" / "checkpoints" / "x.png")
+    assert stream_cache_key(table, root / "run" / "stream-cache") == key
+    _save(root / "extra.png")
+    assert stream_cache_key(table, root / "run" / "stream-cache") != key
+
+
 def test_streaming_examples_match_and_resume(small_fill_dir):
     table = load_table(train_data_dir=small_fill_dir, streaming=True)
     columns = ("image", "conditioning_image", "text")

@@ -241,7 +241,9 @@ class ControlNetMethod:
             streaming=d.streaming,
         )
         table = select_samples(table, d.max_train_samples, self.cfg.train.seed or 0)
-        table = materialize(table, Path(self.cfg.train.output_dir) / "stream-cache")
+        acc = self._accelerator
+        table = materialize(table, Path(self.cfg.train.output_dir) / "stream-cache",
+                            single_process=acc is None or acc.num_processes == 1)
         columns = resolve_columns(
             table.column_names, d.image_column, d.conditioning_image_column, d.caption_column
         )
