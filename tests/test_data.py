@@ -262,6 +262,60 @@ def test_resolve_columns():
         resolve_columns(["image", "text"])
 
 
+def _image_text_parquet(path):
+    """A parquet of two image columns and a caption, named so no role is found by name: tgt, ctrl, cap."""
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(png, format="PNG")
+    cell = {"bytes": png.getvalue(), "path": None}
+    features = datasets.Features({"tgt": datasets.Image(), "ctrl": datasets.Image(), "cap": datasets.Value("string")})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict({"tgt": [cell] * 2, "ctrl": [cell] * 2, "cap": ["a", "b"]}, features=features).to_parquet(
+        str(path))
+    return path
+
+
+def test_positions_that_do_not_fit_the_column_types_suggest_a_mapping(tmp_path):
+    """tgt, ctrl, cap (images, images, text) by diffusers' positions made the image column 'ctrl' the caption:
+    the run failed on 'caption is dict ({'bytes': b'\\x89PNG...)' with no word of the right flags."""
+    from difftune.data.columns import table_column_kinds
+
+    table = load_table(train_data_dir=_image_text_parquet(tmp_path / "data" / "train.parquet"))
+    kinds = table_column_kinds(table)
+    assert kinds == {"tgt": "image", "ctrl": "image", "cap": "text"}
+    with pytest.raises(DataError) as info:
+        resolve_columns(table.column_names, kinds=kinds)
+    message = str(info.value)
+    assert "caption 'ctrl' holds images" in message and "conditioning image 'cap' holds text" in message
+    assert "pass --image_column tgt --conditioning_image_column ctrl --caption_column cap" in message
+    assert "PNG" not in message and "bytes" not in message
+    assert resolve_columns(table.column_names, "tgt", "ctrl", "cap", kinds=kinds) == ("tgt", "ctrl", "cap")
+    # a caption flag pointing at images: the error shows the cell's size, not its bytes
+    with pytest.raises(DataError, match=r"caption is an image \(\d+ bytes\), expected a string") as info:
+        ControlNetExamples(table, "tgt", "cap", "ctrl", resolution=8)
+    assert "PNG" not in str(info.value)
+
+
+def test_kinds_refuse_only_a_clear_positional_misfit():
+    three_images = {"a": "image", "b": "image", "c": "image"}
+    with pytest.raises(DataError, match=r"The columns hold: a \(images\), b \(images\), c \(images\) — name each"):
+        resolve_columns(["a", "b", "c"], kinds=three_images)
+    # paths without an extension read as text: with no image column anywhere, positions stand
+    assert resolve_columns(["a", "b", "c"], kinds={"a": "text", "b": "text", "c": "text"}) == ("a", "c", "b")
+    assert resolve_columns(["a", "b", "c"], kinds={"a": "image", "b": "text", "c": "image"}) == ("a", "c", "b")
+    # roles found by name or given are not second-guessed by kind
+    assert resolve_columns(["image", "conditioning_image", "text"], kinds=three_images) == \
+        ("image", "conditioning_image", "text")
+
+
+def test_describe_value_never_prints_raw_bytes():
+    from difftune.data.columns import describe_value
+
+    assert describe_value({"bytes": b"\x89PNG" + bytes(100), "path": None}) == "an image (104 bytes)"
+    assert describe_value(b"\x00" * 7) == "7 bytes"
+    assert describe_value("x" * 100) == repr("x" * 100)[:57] + "..."
+    assert describe_value(3, typed=True) == "int (3)"
+
+
 def test_resolve_columns_recognises_role_names(caplog):
     # the original fill50k layout: source = control, target = image; position alone would swap them
     with caplog.at_level("INFO", logger="difftune"):
