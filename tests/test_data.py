@@ -262,6 +262,60 @@ def test_resolve_columns():
         resolve_columns(["image", "text"])
 
 
+def _image_text_parquet(path):
+    """A parquet of two image columns and a caption, named so no role is found by name: tgt, ctrl, cap."""
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(png, format="PNG")
+    cell = {"bytes": png.getvalue(), "path": None}
+    features = datasets.Features({"tgt": datasets.Image(), "ctrl": datasets.Image(), "cap": datasets.Value("string")})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict({"tgt": [cell] * 2, "ctrl": [cell] * 2, "cap": ["a", "b"]}, features=features).to_parquet(
+        str(path))
+    return path
+
+
+def test_positions_that_do_not_fit_the_column_types_suggest_a_mapping(tmp_path):
+    """tgt, ctrl, cap (images, images, text) by diffusers' positions made the image column 'ctrl' the caption:
+    the run failed on 'caption is dict ({'bytes': b'\\x89PNG...)' with no word of the right flags."""
+    from difftune.data.columns import table_column_kinds
+
+    table = load_table(train_data_dir=_image_text_parquet(tmp_path / "data" / "train.parquet"))
+    kinds = table_column_kinds(table)
+    assert kinds == {"tgt": "image", "ctrl": "image", "cap": "text"}
+    with pytest.raises(DataError) as info:
+        resolve_columns(table.column_names, kinds=kinds)
+    message = str(info.value)
+    assert "caption 'ctrl' holds images" in message and "conditioning image 'cap' holds text" in message
+    assert "pass --image_column tgt --conditioning_image_column ctrl --caption_column cap" in message
+    assert "PNG" not in message and "bytes" not in message
+    assert resolve_columns(table.column_names, "tgt", "ctrl", "cap", kinds=kinds) == ("tgt", "ctrl", "cap")
+    # a caption flag pointing at images: the error shows the cell's size, not its bytes
+    with pytest.raises(DataError, match=r"caption is an image \(\d+ bytes\), expected a string") as info:
+        ControlNetExamples(table, "tgt", "cap", "ctrl", resolution=8)
+    assert "PNG" not in str(info.value)
+
+
+def test_kinds_refuse_only_a_clear_positional_misfit():
+    three_images = {"a": "image", "b": "image", "c": "image"}
+    with pytest.raises(DataError, match=r"The columns hold: a \(images\), b \(images\), c \(images\) — name each"):
+        resolve_columns(["a", "b", "c"], kinds=three_images)
+    # paths without an extension read as text: with no image column anywhere, positions stand
+    assert resolve_columns(["a", "b", "c"], kinds={"a": "text", "b": "text", "c": "text"}) == ("a", "c", "b")
+    assert resolve_columns(["a", "b", "c"], kinds={"a": "image", "b": "text", "c": "image"}) == ("a", "c", "b")
+    # roles found by name or given are not second-guessed by kind
+    assert resolve_columns(["image", "conditioning_image", "text"], kinds=three_images) == \
+        ("image", "conditioning_image", "text")
+
+
+def test_describe_value_never_prints_raw_bytes():
+    from difftune.data.columns import describe_value
+
+    assert describe_value({"bytes": b"\x89PNG" + bytes(100), "path": None}) == "an image (104 bytes)"
+    assert describe_value(b"\x00" * 7) == "7 bytes"
+    assert describe_value("x" * 100) == repr("x" * 100)[:57] + "..."
+    assert describe_value(3, typed=True) == "int (3)"
+
+
 def test_resolve_columns_recognises_role_names(caplog):
     # the original fill50k layout: source = control, target = image; position alone would swap them
     with caplog.at_level("INFO", logger="difftune"):
@@ -531,6 +585,63 @@ def test_a_caption_that_is_not_text_is_refused_before_training(captions, message
     table = load_table(train_data_dir=_metadata_folder(tmp_path / "pairs", rows), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=message):  # when the data set is opened, not when the row is drawn
         ControlNetExamples(table, "image", "conditioning_image", "text", resolution=8)
+
+
+def _stream_to_cache(root, cache_dir, max_train_samples, seed=1):
+    from difftune.data.materialize import materialize
+
+    table = select_samples(load_table(train_data_dir=root, streaming=True), max_train_samples, seed=seed)
+    return materialize(table, cache_dir)
+
+
+def test_stream_cache_is_reused_by_a_rerun_and_rebuilt_for_other_data(tmp_path, monkeypatch, caplog):
+    """A resumed --streaming run streamed (downloaded) its rows again into a new folder: the cache was
+    keyed by datasets' fingerprint of the generator, which differs between runs."""
+    import difftune.data.materialize as materialize_module
+
+    pulled = []
+
+    def counted(stream):
+        for row in stream:
+            pulled.append(row["text"])
+            yield row
+
+    monkeypatch.setattr(materialize_module, "_rows", counted)
+    root = _metadata_folder(tmp_path / "pairs", [
+        {"image": f"t{k}.png", "conditioning_image": f"c{k}.png", "text": f"caption {k}"} for k in range(4)
+    ])
+    cache_dir = tmp_path / "out" / "stream-cache"
+    first = _stream_to_cache(root, cache_dir, 3)
+    assert len(pulled) == 3 and first.dataset["text"] == pulled
+    assert not list(cache_dir.rglob("*.lock"))  # datasets' empty lock files, removed in a one-process run
+    again = _stream_to_cache(root, cache_dir, 3)
+    assert len(pulled) == 3, "a rerun with the same data and flags streamed the rows again"
+    assert again.dataset["text"] == first.dataset["text"] and again.dataset._fingerprint == first.dataset._fingerprint
+    assert len(list(cache_dir.rglob("*.arrow"))) == 1
+
+    _stream_to_cache(root, cache_dir, 2)  # another --max_train_samples: other rows
+    assert len(pulled) == 5 and len(list(cache_dir.rglob("*.arrow"))) == 2
+    with open(root / "metadata.jsonl", "a") as handle:  # the data changed: streamed again, the new row in it
+        handle.write(json.dumps({"image": "t0.png", "conditioning_image": "c0.png", "text": "new row"}) + "\n")
+    with caplog.at_level("INFO", logger="difftune"):
+        changed = _stream_to_cache(root, cache_dir, 8)
+    assert len(changed.dataset) == 5 and "new row" in changed.dataset["text"]
+    assert len(list(cache_dir.rglob("*.arrow"))) == 3
+    # a stream that ends before --max_train_samples is said, as for a table with fewer rows
+    assert "--max_train_samples 8: the data set has 5 rows; training on all of them" in caplog.text
+
+
+def test_stream_cache_key_ignores_the_run_folder_inside_the_data(tmp_path):
+    """An --output_dir inside --train_data_dir: its checkpoints and caches are not the data."""
+    from difftune.data.materialize import stream_cache_key
+
+    root = _metadata_folder(tmp_path / "pairs", [{"image": "t.png", "conditioning_image": "c.png", "text": "a"}])
+    table = select_samples(load_table(train_data_dir=root, streaming=True), 1, seed=0)
+    key = stream_cache_key(table, root / "run" / "stream-cache")
+    _save(root / "run" / "checkpoints" / "x.png")
+    assert stream_cache_key(table, root / "run" / "stream-cache") == key
+    _save(root / "extra.png")
+    assert stream_cache_key(table, root / "run" / "stream-cache") != key
 
 
 def test_streaming_examples_match_and_resume(small_fill_dir):

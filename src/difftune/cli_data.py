@@ -87,6 +87,7 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .data import check_dataset, load_table, resolve_columns
+    from .data.columns import table_column_kinds
     from .data.transforms import check_resolution
     from .models import DEFAULT_MODEL, training_resolution
 
@@ -105,7 +106,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         table = load_table(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
                            train_data_dir=args.train_data_dir, cache_dir=args.cache_dir)
         cols = resolve_columns(table.column_names, args.image_column, args.conditioning_image_column,
-                               args.caption_column)
+                               args.caption_column, kinds=table_column_kinds(table))
     except DataError as e:
         failed = "columns" if table is not None else "unreadable_data_set"
         report = CheckReport(0, [Issue(None, None, None, str(e), failed)],

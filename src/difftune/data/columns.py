@@ -5,9 +5,12 @@ text where images belong, or one column in two roles, is refused before a run tr
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difftune.errors import DataError
+
+if TYPE_CHECKING:
+    from difftune.data.sources import Table
 
 _KNOWN_NAMES = {
     "image": ("image", "target", "target_image", "file_name"),
@@ -26,6 +29,7 @@ def resolve_columns(
     image_column: str | None = None,
     conditioning_image_column: str | None = None,
     caption_column: str | None = None,
+    kinds: dict[str, str] | None = None,
 ) -> tuple[str, str, str]:
     """(image, conditioning_image, caption) column names.
 
@@ -35,6 +39,8 @@ def resolve_columns(
     shift anything and a source/target table is not read backwards; failing that, the
     diffusers positions (image first, caption second, conditioning third), skipping
     columns already taken. The choice is logged, since a swap trains without any error.
+    ``kinds`` (``column_kinds``: column -> "image" / "text") refuses a positional choice that puts
+    images in the caption's place or text in an image's, with the mapping their kinds suggest.
     """
     columns = list(column_names)
     given = {"image": image_column, "conditioning_image": conditioning_image_column, "caption": caption_column}
@@ -77,6 +83,7 @@ def resolve_columns(
         position = _POSITION[role]
         at = columns[position] if position < len(columns) else None
         chosen[role], how[role] = (at if at in free else free[0]), "by position"
+    _refuse_positions_against_kinds(columns, chosen, how, kinds or {})
     for role, column in chosen.items():  # e.g. --conditioning_image_column image: the image role then falls
         other = next((r for r in _KNOWN_NAMES if r != role and column in _KNOWN_NAMES[r]), None)  # elsewhere
         if other is not None:
@@ -122,12 +129,111 @@ def column_contents_problem(rows: list[dict], image_column: str, conditioning_im
         values = [row.get(column) for row in rows]
         what = f"the {_ROLE_WORDS[role]} column {column!r} holds"
         if all(isinstance(v, (int, float)) for v in values):
-            what += f" numbers ({values[0]!r}), not images"
+            what += f" numbers ({describe_value(values[0])}), not images"
         elif captions_are_paths and all(isinstance(v, str) and not _is_image_path(v) for v in values):
-            what += (f" text ({values[0]!r:.60}) while the caption column {caption_column!r} holds image "
-                     f"paths ({captions[0]!r:.60})")
+            what += (f" text ({describe_value(values[0])}) while the caption column {caption_column!r} holds "
+                     f"image paths ({describe_value(captions[0])})")
         else:
             continue
         return (f"{what}: every sample would fail to load — the columns are mixed up; set --image_column, "
                 f"--conditioning_image_column and --caption_column")
     return None
+
+
+_ROLE_KIND = {"image": "image", "conditioning_image": "image", "caption": "text"}
+_KIND_WORDS = {"image": "images", "text": "text", "number": "numbers", "other": "other values"}
+
+
+def _value_kind(value: Any) -> str | None:
+    """"image" (bytes, an image cell, a path to an image file), "text", "number", "other", or None (empty)."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)) or (isinstance(value, dict) and ("bytes" in value or "path" in value)):
+        return "image"
+    if isinstance(value, str):
+        return "image" if _is_image_path(value) else "text"
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return "text"  # several captions per image
+    if isinstance(value, (int, float)):
+        return "number"
+    return "image" if hasattr(value, "getpixel") else "other"  # a decoded PIL image
+
+
+def column_kinds(features: Any, rows: list[dict]) -> dict[str, str]:
+    """What each column holds, where it is clear: "image" for an ``Image`` feature, else the kind
+    every non-empty value of ``rows`` agrees on. Columns with mixed or no values are left out."""
+    kinds = {}
+    for column, feature in (features or {}).items():
+        if type(feature).__name__ == "Image":
+            kinds[column] = "image"
+    for column in dict.fromkeys(c for row in rows for c in row):
+        if column in kinds:
+            continue
+        seen = {_value_kind(row.get(column)) for row in rows} - {None}
+        if len(seen) == 1:
+            kinds[column] = seen.pop()
+    return kinds
+
+
+def table_column_kinds(table: "Table", peek: int = 5) -> dict[str, str]:
+    """``column_kinds`` of ``table``'s first ``peek`` rows (a stream's features only: reading it
+    could mean a download)."""
+    dataset = table.dataset
+    rows = [] if table.streaming else [dataset[i] for i in range(min(peek, len(dataset)))]
+    return column_kinds(getattr(dataset, "features", None), rows)
+
+
+def _refuse_positions_against_kinds(columns: list[str], chosen: dict[str, str], how: dict[str, str],
+                                    kinds: dict[str, str]) -> None:
+    """Columns taken by position that hold the wrong kind (images as captions, text as images) fail on
+    every sample: refused here, with the mapping the columns' kinds suggest. Text in an image's place
+    counts only when some column does hold images (paths without an extension read as text)."""
+    has_images = "image" in kinds.values()
+    wrong = [role for role in ("image", "conditioning_image", "caption")
+             if how[role] == "by position" and not _fits(role, kinds.get(chosen[role]), has_images)]
+    if not wrong:
+        return
+    said = ", ".join(f"{_ROLE_NAMES[r]} {chosen[r]!r} holds {_KIND_WORDS[kinds[chosen[r]]]}" for r in wrong)
+    head = (f"the columns were matched by position, as diffusers does, and that does not fit what they hold: "
+            f"{said}")
+    suggested = _mapping_by_kind(columns, {r: c for r, c in chosen.items() if r not in wrong}, kinds)
+    if suggested is None:
+        held = ", ".join(f"{c} ({_KIND_WORDS.get(kinds.get(c, ''), 'unclear')})" for c in columns)
+        raise DataError(f"{head}. The columns hold: {held} — name each role's column with --image_column, "
+                        "--conditioning_image_column and --caption_column")
+    flags = " ".join(f"{_FLAGS[r]} {suggested[r]}" for r in ("image", "conditioning_image", "caption"))
+    raise DataError(f"{head} — by what they hold, pass {flags} (check that {suggested['image']!r} holds the "
+                    f"pictures to learn and {suggested['conditioning_image']!r} their conditions; swap the two "
+                    "if not)")
+
+
+def _fits(role: str, kind: str | None, has_images: bool) -> bool:
+    """Whether a column of ``kind`` (None: unclear) may play ``role``."""
+    if kind is None or kind == _ROLE_KIND[role]:
+        return True
+    return role != "caption" and kind == "text" and not has_images
+
+
+def _mapping_by_kind(columns: list[str], kept: dict[str, str], kinds: dict[str, str]) -> dict[str, str] | None:
+    """Roles for the columns not in ``kept``, by kind and in column order (images: the first is the
+    image, as in diffusers' order; the first text column is the caption); None if one is missing."""
+    mapping = dict(kept)
+    for role in ("image", "conditioning_image", "caption"):
+        if role not in mapping:
+            fits = [c for c in columns if kinds.get(c) == _ROLE_KIND[role] and c not in mapping.values()]
+            if not fits:
+                return None
+            mapping[role] = fits[0]
+    return mapping
+
+
+def describe_value(value: Any, width: int = 60, typed: bool = False) -> str:
+    """A value for a message: an image cell or bytes by its size, never its raw bytes; anything
+    else as its repr cut to ``width`` characters, after its type name when ``typed``."""
+    if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
+        return f"an image ({len(value['bytes'])} bytes)"
+    if isinstance(value, (bytes, bytearray)):
+        return f"{len(value)} bytes"
+    text = repr(value)
+    text = text if len(text) <= width else text[: width - 3] + "..."
+    return f"{type(value).__name__} ({text})" if typed else text

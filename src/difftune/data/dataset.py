@@ -18,7 +18,7 @@ import torch
 import torch.utils.data
 
 from difftune.data.images import ImageLoadError, load_image
-from difftune.data.columns import captions_look_like_paths, column_contents_problem
+from difftune.data.columns import captions_look_like_paths, column_contents_problem, describe_value
 from difftune.data.sources import Table
 from difftune.data.transforms import (
     aspects_differ,
@@ -62,9 +62,9 @@ class _ExampleBuilder:
             if problem is not None:
                 raise DataError(f"{table.description}: {problem}")
             if captions_look_like_paths(first, caption_column):
-                logger.warning("the caption column %r of %s holds image file names (%r): the model would learn "
+                logger.warning("the caption column %r of %s holds image file names (%s): the model would learn "
                                "them as prompts — set --caption_column to the captions", caption_column,
-                               table.description, first[0][caption_column])
+                               table.description, describe_value(first[0][caption_column]))
         self.table = table
         self.image_column = image_column
         self.conditioning_image_column = conditioning_image_column
@@ -102,7 +102,7 @@ class _ExampleBuilder:
         else:
             raise DataError(
                 f"{self.table.row_name(index)}, column {self.caption_column!r} of {self.table.description}: caption is "
-                f"{type(value).__name__} ({value!r:.60}), expected a string or a list of strings — "
+                f"{describe_value(value, typed=True)}, expected a string or a list of strings — "
                 f"fix the data or pick another --caption_column"
             )
         # diffusers' --proportion_empty_prompts: train some steps unconditionally (for CFG).

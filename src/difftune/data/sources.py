@@ -41,13 +41,16 @@ class Table:
     ``dataset`` is a ``datasets.Dataset`` (or ``IterableDataset`` when streaming);
     ``base_dir`` resolves relative image paths; ``description`` names it in messages;
     ``row_numbers`` maps a position to the row it came from when rows were picked
-    (``select_samples``), so messages name the row as the user's data counts it.
+    (``select_samples``), so messages name the row as the user's data counts it;
+    ``source`` is what defines the rows (hub name, config and split, or the local path and
+    split, plus the selection), the same in every run, to key caches of them by.
     """
 
     dataset: Any
     base_dir: str | None
     description: str
     row_numbers: tuple[int, ...] | None = None
+    source: dict | None = None
 
     def row_name(self, index: int) -> str:
         """How messages name the row at ``index``: its number in the data set, counting from 0."""
@@ -85,9 +88,12 @@ def load_table(
         )
     if dataset_name is not None and not os.path.exists(os.path.expanduser(dataset_name)):
         table = _load_hub(dataset_name, dataset_config_name, cache_dir, streaming, split)
+        source = {"hub": dataset_name, "config": dataset_config_name, "split": split}
     else:
-        table = _load_local(Path(os.path.expanduser(dataset_name or train_data_dir)), cache_dir, streaming, split)
-    table = replace(table, dataset=_undecoded(table.dataset))
+        path = Path(os.path.expanduser(dataset_name or train_data_dir))
+        table = _load_local(path, cache_dir, streaming, split)
+        source = {"path": str(path.resolve()), "split": split}
+    table = replace(table, dataset=_undecoded(table.dataset), source=source)
     if not table.streaming and len(table.dataset) == 0:
         raise DataError(f"{table.description} has no rows — point at a folder or split that holds samples")
     return table
@@ -409,28 +415,36 @@ def _undecoded(dataset: Any) -> Any:
 # Names people give each role, best first. The original fill50k (lllyasviel) has
 # source = control, target = image, prompt = caption: position alone (image first) would
 # pick source as the image and train the control the wrong way round.
+def say_fewer_rows(max_train_samples: int, rows: int) -> None:
+    """Tell the user that --max_train_samples asked for more rows than the data holds."""
+    _log.info("--max_train_samples %d: the data set has %d rows; training on all of them", max_train_samples, rows)
+
+
 def select_samples(table: Table, max_train_samples: int | None, seed: int, buffer_size: int = 1000) -> Table:
     """Shuffle with ``seed`` and keep the first ``max_train_samples`` (diffusers semantics).
 
-    Streaming data sets shuffle within a ``buffer_size`` window, then ``take``.
+    Streaming data sets shuffle within a ``buffer_size`` window, then ``take``; how many rows that
+    gives is only known once the stream is read (``materialize`` says so when it is fewer).
     """
     if max_train_samples is None:
         return table
     if isinstance(max_train_samples, bool) or not isinstance(max_train_samples, int) or max_train_samples <= 0:
         raise ConfigError(f"--max_train_samples {max_train_samples!r} must be a positive integer")
+    source = {**(table.source or {}), "max_train_samples": max_train_samples, "seed": seed}
     if table.streaming:
         dataset = table.dataset.shuffle(seed=seed, buffer_size=buffer_size).take(max_train_samples)
+        source["buffer_size"] = buffer_size
     else:
         count = min(max_train_samples, len(table.dataset))
         if count < max_train_samples:
-            _log.info("--max_train_samples %d: the data set has %d rows; training on all of them", max_train_samples,
-                        count)
+            say_fewer_rows(max_train_samples, count)
         # Dataset.shuffle(seed)'s own order (numpy's permutation), kept so messages can name the rows.
         # keep_in_memory: never write index caches into the user's data folder.
         picked = np.random.default_rng(seed).permutation(len(table.dataset))[:count]
         dataset = table.dataset.select(picked, keep_in_memory=True)
         earlier = table.row_numbers
         rows = tuple(int(earlier[i]) if earlier is not None else int(i) for i in picked)
-        return replace(table, dataset=dataset, row_numbers=rows,
+        return replace(table, dataset=dataset, row_numbers=rows, source=source,
                        description=f"{table.description} (first {max_train_samples} after shuffle)")
-    return replace(table, dataset=dataset, description=f"{table.description} (first {max_train_samples} after shuffle)")
+    return replace(table, dataset=dataset, source=source,
+                   description=f"{table.description} (first {max_train_samples} after shuffle)")

@@ -25,6 +25,7 @@ from ..cuda_graphs import GraphedModule, no_autocast_cache, use_cuda_graphs
 from ..config import ControlNetConfig
 from ..data import ControlNetExamples, collate_examples, load_table, resolve_columns, select_samples
 from ..data.images import files_signature
+from ..data.columns import table_column_kinds
 from ..data.materialize import materialize
 from ..errors import ConfigError
 from ..families import family_of, micro_conditions
@@ -248,9 +249,12 @@ class ControlNetMethod:
             streaming=d.streaming,
         )
         table = select_samples(table, d.max_train_samples, self.cfg.train.seed or 0)
-        table = materialize(table, Path(self.cfg.train.output_dir) / "stream-cache")
+        acc = self._accelerator
+        table = materialize(table, Path(self.cfg.train.output_dir) / "stream-cache",
+                            single_process=acc is None or acc.num_processes == 1)
         columns = resolve_columns(
-            table.column_names, d.image_column, d.conditioning_image_column, d.caption_column
+            table.column_names, d.image_column, d.conditioning_image_column, d.caption_column,
+            kinds=table_column_kinds(table),
         )
         examples = ControlNetExamples(table, *columns, resolution=self.resolution,
                                       interpolation=d.image_interpolation_mode)
