@@ -130,3 +130,23 @@ def test_latent_downsample_2_gives_32x32_latents_the_unet_takes():
     assert out.shape == latents.shape
     with pytest.raises(UserError, match="2, 4 or 8"):
         architecture(16)
+
+
+def test_the_vae_schedule_takes_every_step_count():
+    """OneCycleLR divided by zero at 20 VAE steps (a one-step warm-up); every count builds and runs now."""
+    import math
+
+    import torch
+
+    from difftune.pretrain import one_cycle_pct_start, vae_schedule
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    for steps in range(1, 3001):
+        opt = torch.optim.AdamW([param], lr=1e-3)
+        sched = vae_schedule(opt, 1e-3, steps)
+        if steps <= 60:  # the short runs, step by step to the end
+            for _ in range(steps):
+                opt.step()
+                sched.step()
+                assert math.isfinite(sched.get_last_lr()[0]) and sched.get_last_lr()[0] > 0, steps
+    assert one_cycle_pct_start(1500) == 0.05  # what shipped is unchanged

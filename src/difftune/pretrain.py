@@ -143,6 +143,22 @@ class StageCheckpoints:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def one_cycle_pct_start(steps: int, warmup: float = 0.05) -> float:
+    """OneCycleLR's ``pct_start`` for a warm-up over the first ``warmup`` of ``steps``.
+
+    OneCycleLR ends its warm-up at step ``pct_start * steps - 1`` and divides by the warm-up's
+    length, so a warm-up of exactly one step (20 steps at 5%) ends at step 0, where it starts, and
+    divides by zero. A warm-up of one step or less is none: 0 (the schedule starts at its peak and
+    anneals), which is what fewer than 20 steps already did in effect. Longer runs keep 5%."""
+    return warmup if warmup * steps > 1 else 0.0
+
+
+def vae_schedule(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The VAE's learning rate: a 5% warm-up to ``lr``, then a cosine down to ``lr / 100`` at ``steps``."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=one_cycle_pct_start(steps),
+                                               anneal_strategy="cos", div_factor=10, final_div_factor=10)
+
+
 def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int = 32, lr: float = 3e-4,
               config: dict = VAE_CONFIG, device: str = "cpu", checkpoints: StageCheckpoints | None = None):
     from diffusers import AutoencoderKL
@@ -150,8 +166,7 @@ def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int =
     torch.manual_seed(seed)
     vae = AutoencoderKL(**config).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05,
-                                                anneal_strategy="cos", div_factor=10, final_div_factor=10)
+    sched = vae_schedule(opt, lr, steps)
     g = np.random.default_rng(seed)
     log, t0 = out / "pretrain_log.jsonl", time.time()
     start = 1
