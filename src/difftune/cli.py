@@ -287,14 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "--pretrained_model_name_or_path); OUT/vae, the stages' checkpoints and the log beside it")
     pb.add_argument("--n_images", type=at_least(1), default=20000, help="shapes-world images generated to train on")
     pb.add_argument("--vae_steps", type=at_least(1), default=1500, help="optimizer steps of the VAE stage")
-    pb.add_argument("--unet_steps", type=at_least(0), default=2000, help="0: train and save the VAE only (out/vae)")
+    pb.add_argument("--unet_steps", type=at_least(0), default=2000,
+                    help="0: train and save the VAE only (OUT/vae; no OUT/model)")
     pb.add_argument("--seed", type=int, default=0)
     pb.add_argument("--stop_at_step", type=at_least(1), default=None,
-                    help="end after the EMA export at this UNet step (default: at --unet_steps)")
+                    help="end at this UNet step, after exporting the model there; the same flags with a later "
+                         "--stop_at_step, or none, continue from it (default: at --unet_steps)")
     pb.add_argument("--latent_downsample", type=int, choices=(2, 4, 8), default=4,
                     help="image pixels per latent pixel: 4 ships (16x16 latents); 8 gives 8x8, 2 gives 32x32 (an experiment)")
     pb.add_argument("--latent_channels", type=at_least(1), default=4,
-                    help="channels per latent pixel: 4 ships (as SD 1.x/SDXL); 8 or 16 keep more of each patch")
+                    help="channels per latent pixel, any positive number: 4 ships (as SD 1.x/SDXL); more (8, 16 "
+                         "as SD3/FLUX) keep more of each patch")
     pb.add_argument("--world", choices=("standard", "wide"), default="standard",
                     help="standard (ships): shapes fully in frame; wide: half of the images with fill50k's "
                          "geometry too (smaller shapes, cut by the border)")

@@ -2,7 +2,9 @@
 
 Reproducible: ``difftune pretrain-base --out DIR [--seed 0]`` (the defaults are what was
 shipped). Two stages, each saved before the next starts, and each checkpointed every
-``--checkpointing_steps`` steps, so a killed run continues where it was:
+``--checkpointing_steps`` steps, so a killed run continues where it was; each finished stage
+records the flags it was trained with, so a rerun with other flags is refused rather than mixed
+in, and a finished run is not retrained (``pretrain_run.py``):
 
 1. VAE (``AutoencoderKL``, 64 px -> 16x16x4 latents, or 8x8 with ``latent_downsample=8``, or
    more channels with ``latent_channels``):
@@ -20,28 +22,33 @@ short loops instead of the method loop in ``trainer.py``.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (
-    TrainState,
-    clean_partial,
-    load_checkpoint,
-    resolve_resume,
-    restore_rng,
-    save_checkpoint,
-    umask_mode,
-)
+from .checkpoint import restore_rng
 from .data.shapes import BASE_SHAPES, render_batch, sample_shapes
 from .errors import ConfigError
 from .noising import DiffusionObjective
+from .pretrain_run import (
+    PretrainSettings,
+    StageCheckpoints,
+    check_memory,
+    recorded_settings,
+    recorded_step,
+    refuse_other_settings,
+    save_whole,
+    write_record,
+)
 from .tiny import SD_SCHEDULER, default_words, write_tokenizer
+
+logger = logging.getLogger(__name__)
 
 RESOLUTION = 64
 MAX_TOKENS = 24
@@ -107,40 +114,20 @@ def _images_to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-class StageCheckpoints:
-    """Resumable checkpoints of one pretraining stage in ``folder`` (the newest one kept), every
-    ``every`` steps, for the run that ``run`` describes (steps, seed, batch, data, architecture).
+def one_cycle_pct_start(steps: int, warmup: float = 0.05) -> float:
+    """OneCycleLR's ``pct_start`` for a warm-up over the first ``warmup`` of ``steps``.
 
-    A rerun of the same command resumes from the newest; a checkpoint of another run is refused
-    rather than mixed in. Written with ``checkpoint.save_checkpoint``: atomic, safetensors and
-    JSON only."""
+    OneCycleLR ends its warm-up at step ``pct_start * steps - 1`` and divides by the warm-up's
+    length, so a warm-up of exactly one step (20 steps at 5%) ends at step 0, where it starts, and
+    divides by zero. A warm-up of one step or less is none: 0 (the schedule starts at its peak and
+    anneals), which is what fewer than 20 steps already did in effect. Longer runs keep 5%."""
+    return warmup if warmup * steps > 1 else 0.0
 
-    def __init__(self, folder: Path, run: dict, every: int):
-        self.folder, self.every = Path(folder), every
-        self.run = json.loads(json.dumps(run))  # as it reads back from JSON (tuples become lists)
 
-    def load(self) -> dict | None:
-        clean_partial(self.folder)
-        path = resolve_resume(self.folder, "latest")
-        if path is None:
-            return None
-        ck = load_checkpoint(path)
-        theirs = ck["extra"].get("run", {})
-        if theirs != self.run:
-            differ = sorted(k for k in set(theirs) | set(self.run) if theirs.get(k) != self.run.get(k))
-            raise ConfigError(f"{path} is a checkpoint of another run (it differs in: {', '.join(differ)}). "
-                             f"Rerun with that run's flags to resume it, or delete {self.folder} to start over.")
-        return ck
-
-    def due(self, step: int, steps: int) -> bool:
-        return step % self.every == 0 and step < steps  # the last step's result is saved as the model
-
-    def save(self, step: int, weights: dict, opt, sched, generator: torch.Generator, extra: dict | None = None) -> None:
-        save_checkpoint(self.folder, TrainState(global_step=step), weights, opt.state_dict(), sched.state_dict(),
-                        generator, total_limit=1, extra={"run": self.run, **(extra or {})})
-
-    def finished(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+def vae_schedule(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The VAE's learning rate: a 5% warm-up to ``lr``, then a cosine down to ``lr / 100`` at ``steps``."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=one_cycle_pct_start(steps),
+                                               anneal_strategy="cos", div_factor=10, final_div_factor=10)
 
 
 def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int = 32, lr: float = 3e-4,
@@ -150,8 +137,7 @@ def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int =
     torch.manual_seed(seed)
     vae = AutoencoderKL(**config).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05,
-                                                anneal_strategy="cos", div_factor=10, final_div_factor=10)
+    sched = vae_schedule(opt, lr, steps)
     g = np.random.default_rng(seed)
     log, t0 = out / "pretrain_log.jsonl", time.time()
     start = 1
@@ -163,6 +149,7 @@ def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int =
         restore_rng(ck["rng"], torch.Generator())  # the latent samples come from torch's global generator
         start = ck["state"].global_step + 1
         _log(log, stage="vae", resumed_after=start - 1)
+        logger.info("vae: resumed from its checkpoint at step %d", start - 1)
     for step in range(start, steps + 1):
         x = _images_to_tensor(images[g.integers(len(images), size=batch)]).to(device)
         dist = vae.encode(x).latent_dist
@@ -176,6 +163,7 @@ def train_vae(out: Path, images: np.ndarray, steps: int, seed: int, batch: int =
         sched.step()
         if step % 50 == 0 or step == steps:
             _log(log, stage="vae", step=step, mse=round(mse.item(), 5), seconds=round(time.time() - t0, 1))
+            logger.info("vae step %d/%d: mse %.5f (%.0f s)", step, steps, mse.item(), time.time() - t0)
         if checkpoints is not None and checkpoints.due(step, steps):
             checkpoints.save(step, vae.state_dict(), opt, sched, torch.Generator(),
                              extra={"numpy_rng": g.bit_generator.state})
@@ -196,7 +184,13 @@ def latent_moments_of(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.
 
 def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: int, scaling_factor: float,
                    batch: int = 64, lr: float = 1e-3, ema_decay: float = 0.999, empty_prob: float = 0.1,
-                   unet_config: dict = UNET_CONFIG, checkpoints: StageCheckpoints | None = None):
+                   unet_config: dict = UNET_CONFIG, checkpoints: StageCheckpoints | None = None,
+                   stop: int | None = None,
+                   export: Callable[[int, torch.nn.ModuleList], None] | None = None) -> torch.nn.ModuleList:
+    """Train the UNet and text encoder on the latents ``mean + std * noise``; returns their EMA
+    ``[unet, text_encoder]``. The schedule spans ``steps``; the run ends at ``stop`` (default
+    ``steps``), and ``export(step, ema)`` is called every 1000 steps and at ``stop``, before the
+    checkpoint of that step, so a checkpoint never runs ahead of the exported model."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -230,7 +224,14 @@ def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: 
         restore_rng(ck["rng"], g)
         start = ck["state"].global_step + 1
         _log(log, stage="unet", resumed_after=start - 1)
-    for step in range(start, steps + 1):
+        logger.info("unet: resumed from its checkpoint at step %d", start - 1)
+    stop = steps if stop is None else stop
+    if start - 1 > stop:
+        raise ConfigError(f"{checkpoints.folder} is at UNet step {start - 1}, past --stop_at_step {stop}: a run "
+                          f"cannot go back; use a new --out for a model at step {stop}")
+    if start - 1 == stop and export is not None:  # stopped there before, and its export is gone
+        export(stop, ema)
+    for step in range(start, stop + 1):
         # every random draw comes from one CPU generator, so a run is the same on any device
         idx = torch.randint(len(mean), (batch,), generator=g)
         eps = torch.randn((batch, *mean.shape[1:]), generator=g).to(device)
@@ -255,36 +256,36 @@ def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: 
             for e, p in zip(ema.parameters(), modules.parameters()):
                 e.lerp_(p, 1 - decay)
         running.append(loss.item())
-        if step % 100 == 0 or step == steps:
+        if step % 100 == 0 or step == stop:
             _log(log, stage="unet", step=step, loss=round(sum(running) / len(running), 5),
                  lr=sched.get_last_lr()[0], seconds=round(time.time() - t0, 1))
+            logger.info("unet step %d/%d: loss %.5f (%.0f s)", step, steps, sum(running) / len(running),
+                        time.time() - t0)
             running = []
-        if step % 1000 == 0 or step == steps:
-            yield step, ema
-        if checkpoints is not None and checkpoints.due(step, steps):
+        if export is not None and (step % 1000 == 0 or step == stop):
+            export(step, ema)
+        if checkpoints is not None and checkpoints.due(step, steps, stop):
             weights = {f"model.{k}": v for k, v in modules.state_dict().items()}
             weights.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
             checkpoints.save(step, weights, opt, sched, g)
+    return ema
 
 
-def save_pipeline(folder: Path, vae, text_encoder, unet, tokenizer) -> None:
+def save_pipeline(folder: Path, vae, text_encoder, unet, tokenizer, settings: dict | None = None,
+                  step: int | None = None) -> None:
+    """The model in diffusers' layout, with the run's ``settings`` and UNet ``step`` recorded in it."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDPMScheduler(**SD_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    save_whole(folder, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
 
+    def save(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if settings is not None:
+            write_record(tmp, settings, step)
 
-def save_whole(folder: Path, save) -> None:
-    """``save(tmp)`` into a folder beside ``folder``, then put it in ``folder``'s place: a reader
-    (or a resumed run) finds the previous folder or the whole new one, never half of one."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
-    save(tmp)
-    umask_mode(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    save_whole(folder, save)
 
 
 def world_samples(n_images: int, seed: int, world: str = "standard") -> list:
@@ -320,67 +321,129 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
     """Build the tiny-shapes base model in ``out/model`` (diffusers layout); returns that path.
 
     The UNet's learning-rate schedule spans ``unet_steps``; the EMA weights are exported every
-    1000 steps, and ``stop_at_step`` ends the run after that export. The defaults are what ships:
-    16x16x4 latents, 1,500 VAE steps, 2,000 UNet + text encoder steps (about 3 hours on 2 cores),
-    the ``standard`` world. ``unet_steps=0`` stops after the VAE and returns its folder
-    (``out/vae``), e.g. to measure it. ``device`` "auto" takes a CUDA GPU when torch sees one
-    (fp32 with TF32 matmuls there); the random draws come from CPU generators either way.
+    1000 steps, and ``stop_at_step`` ends the run at that step after exporting it there (a later
+    run with the same flags continues from it). The defaults are what ships: 16x16x4 latents,
+    1,500 VAE steps, 2,000 UNet + text encoder steps (about 3 hours on 2 cores), the ``standard``
+    world. ``unet_steps=0`` stops after the VAE and returns its folder (``out/vae``), e.g. to
+    measure it. ``device`` "auto" takes a CUDA GPU when torch sees one (fp32 with TF32 matmuls
+    there); the random draws come from CPU generators either way.
     Every ``checkpointing_steps`` steps each stage saves a resumable checkpoint
     (``out/checkpoints-vae``, ``out/checkpoints-unet``): the same command run again continues a
-    killed run from there, and trains exactly what the uninterrupted run would have.
+    killed run from there, and trains exactly what the uninterrupted run would have. Each
+    finished stage records its flags (``difftune_pretrain.json`` in ``out/vae`` and
+    ``out/model``): a rerun with other flags is refused, and a finished run is not retrained.
+    Every flag is checked, and the images' memory estimated, before anything is written.
     """
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTokenizer
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = PretrainSettings(n_images=n_images, world=world, seed=seed, latent_downsample=latent_downsample,
+                                latent_channels=latent_channels, vae_steps=vae_steps, vae_batch=vae_batch,
+                                unet_steps=unet_steps, unet_batch=unet_batch, stop_at_step=stop_at_step)
+    if checkpointing_steps < 1:
+        raise ConfigError(f"--checkpointing_steps must be at least 1, not {checkpointing_steps}")
+    vae_config, unet_config = architecture(latent_downsample, latent_channels)
     device = resolve_device(device)
+    check_memory(settings, RESOLUTION)
+    out = Path(out)
+    if (done := finished_stage(out, settings)) is not None:
+        return done
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    logger.info("rendering %d shapes-world images", n_images)
     samples = world_samples(n_images, seed, world)
-    images = render_batch(samples, RESOLUTION)
-    captions = [s.prompt for s in samples]
+    images = render_batch(samples, RESOLUTION)  # before OUT exists: a start that fails here leaves nothing
+    out.mkdir(parents=True, exist_ok=True)
     tok_dir = out / "tokenizer"
     write_tokenizer(tok_dir, default_words())
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=MAX_TOKENS)
-    tokenizer.model_max_length = MAX_TOKENS
+    vae = vae_stage(out, settings, images, vae_config, device, checkpointing_steps)
+    if unet_steps == 0:
+        logger.info("--unet_steps 0: only the VAE was trained, into %s; %s holds no model (the same flags with "
+                    "--unet_steps N train one over this VAE)", out / "vae", out / "model")
+        return out / "vae"
+    return unet_stage(out, settings, vae, images, [s.prompt for s in samples], tok_dir, unet_config,
+                      checkpointing_steps)
 
-    vae_config, unet_config = architecture(latent_downsample, latent_channels)
-    data = {"n_images": n_images, "world": world, "seed": seed}  # what both stages' checkpoints depend on
+
+def finished_stage(out: Path, settings: PretrainSettings) -> Path | None:
+    """What a rerun into ``out`` already finished with these flags (its folder), None while
+    something is left to train; a finished stage trained with other flags is refused."""
+    vae_dir, model_dir = out / "vae", out / "model"
+    if (recorded := recorded_settings(vae_dir)) is not None:
+        refuse_other_settings(vae_dir, recorded, settings.vae_stage())
+        if settings.unet_steps == 0:
+            logger.info("%s is already trained with these flags: nothing to do", vae_dir)
+            return vae_dir
+    if settings.unet_steps == 0 or (recorded := recorded_settings(model_dir)) is None:
+        return None
+    refuse_other_settings(model_dir, recorded, settings.model_stage())
+    step = recorded_step(model_dir)
+    if step is not None and step > settings.last_unet_step:
+        raise ConfigError(f"{model_dir} is at UNet step {step}, past --stop_at_step {settings.stop_at_step}: a run "
+                          f"cannot go back; use a new --out for a model at step {settings.stop_at_step}")
+    if step == settings.last_unet_step:
+        logger.info("%s is already complete with these flags (UNet step %d of %d): nothing to train",
+                    model_dir, step, settings.unet_steps)
+        return model_dir
+    return None
+
+
+def _data(settings: PretrainSettings) -> dict:
+    """What both stages' checkpoints depend on besides their own steps, batch and architecture."""
+    return {"n_images": settings.n_images, "world": settings.world, "seed": settings.seed}
+
+
+def vae_stage(out: Path, settings: PretrainSettings, images: np.ndarray, vae_config: dict, device: str,
+              checkpointing_steps: int):
+    """``out/vae``: the finished one (checked by ``finished_stage``), else trained and saved with its record."""
+    from diffusers import AutoencoderKL
+
     vae_dir = out / "vae"
     if (vae_dir / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
-        if (list(vae.config.block_out_channels) != list(vae_config["block_out_channels"])
-                or vae.config.latent_channels != latent_channels):
-            raise ConfigError(f"{vae_dir} holds a VAE of another latent size than --latent_downsample "
-                             f"{latent_downsample} --latent_channels {latent_channels}; use a new --out folder")
-    else:
-        ckpts = StageCheckpoints(out / "checkpoints-vae", {"stage": "vae", "steps": vae_steps, "batch": vae_batch,
-                                                           "config": vae_config, **data}, checkpointing_steps)
-        vae = train_vae(out, images, vae_steps, seed, batch=vae_batch, config=vae_config, device=device,
-                        checkpoints=ckpts)
-        mean, _ = latent_moments_of(vae, images[:2000])
-        vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
-        save_whole(vae_dir, vae.save_pretrained)
-        ckpts.finished()
-    if unet_steps == 0:
-        return vae_dir
+        return AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
+    ckpts = StageCheckpoints(out / "checkpoints-vae", {"stage": "vae", "steps": settings.vae_steps,
+                                                       "batch": settings.vae_batch, "config": vae_config,
+                                                       **_data(settings)}, checkpointing_steps)
+    vae = train_vae(out, images, settings.vae_steps, settings.seed, batch=settings.vae_batch, config=vae_config,
+                    device=device, checkpoints=ckpts)
+    mean, _ = latent_moments_of(vae, images[:2000])
+    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+
+    def save(tmp: Path) -> None:
+        vae.save_pretrained(tmp)
+        write_record(tmp, settings.vae_stage())
+
+    save_whole(vae_dir, save)
+    ckpts.finished()
+    logger.info("vae: saved to %s", vae_dir)
+    return vae
+
+
+def unet_stage(out: Path, settings: PretrainSettings, vae, images: np.ndarray, captions: list[str], tok_dir: Path,
+               unet_config: dict, checkpointing_steps: int) -> Path:
+    """Train the UNet and text encoder on ``vae``'s latents, exporting the model to ``out/model``."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=MAX_TOKENS)
+    tokenizer.model_max_length = MAX_TOKENS
     mean, std = latent_moments_of(vae, images)
     scale = float(vae.config.scaling_factor)
     _log(out / "pretrain_log.jsonl", stage="latents", scaling_factor=scale, latent_std=float((mean * scale).std()))
     ckpts = StageCheckpoints(out / "checkpoints-unet",
-                             {"stage": "unet", "steps": unet_steps, "batch": unet_batch, "config": unet_config,
-                              "scaling_factor": scale, **data},
+                             {"stage": "unet", "steps": settings.unet_steps, "batch": settings.unet_batch,
+                              "config": unet_config, "scaling_factor": scale, **_data(settings)},
                              checkpointing_steps)
-    for step, ema in train_denoiser(out, tokenizer, mean, std, captions, unet_steps, seed + 1, scale,
-                                    batch=unet_batch, unet_config=unet_config, checkpoints=ckpts):
-        unet, text_encoder = ema[0], ema[1]
-        save_pipeline(out / "model", vae, text_encoder, unet, tokenizer)
+    model_dir, stop = out / "model", settings.last_unet_step
+
+    def export(step: int, ema: torch.nn.ModuleList) -> None:
+        save_pipeline(model_dir, vae, ema[1], ema[0], tokenizer, settings.model_stage(), step)
         _log(out / "pretrain_log.jsonl", stage="saved", step=step)
-        if stop_at_step is not None and step >= stop_at_step:
-            break
-    else:
+        logger.info("unet step %d: model exported to %s", step, model_dir)
+
+    train_denoiser(out, tokenizer, mean, std, captions, settings.unet_steps, settings.seed + 1, scale,
+                   batch=settings.unet_batch, unet_config=unet_config, checkpoints=ckpts, stop=stop, export=export)
+    if stop == settings.unet_steps:
         ckpts.finished()
-    return out / "model"
+    else:
+        logger.info("stopped at UNet step %d of %d (--stop_at_step): the same flags with a later --stop_at_step, "
+                    "or none, continue from there", stop, settings.unet_steps)
+    return model_dir
