@@ -127,3 +127,32 @@ def test_a_process_whose_batch_is_all_unreadable_still_joins_the_step(tiny_model
     assert state["skipped_samples"] == 1
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["skipped_samples"] == 1  # the per-step log counts both processes too
+
+
+def test_a_run_without_seed_draws_one_seed_for_all_processes_and_a_resume_keeps_it(fill_dir, tmp_path):
+    """The seed picks the samples (--max_train_samples, a stream's cache) and their order: two processes
+    with a seed each trained on two selections, and a resume without --seed drew a third."""
+    from difftune.api import resolve_seed
+    from difftune.config import ControlNetConfig, from_dict
+
+    script = tmp_path / "seed.py"
+    script.write_text(
+        "import sys\n"
+        "from difftune.api import resolve_seed\n"
+        "from difftune.config import ControlNetConfig, from_dict\n"
+        "cfg = from_dict(ControlNetConfig, {'train_data_dir': sys.argv[1], 'output_dir': sys.argv[2]})\n"
+        "print('SEED', resolve_seed(cfg).train.seed, flush=True)\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(fill_dir), str(tmp_path / "run")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seeds = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("SEED")}
+    assert len(seeds) == 1 and done.stdout.count("SEED") == 2
+
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-5"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 5, "seed": 1234}))
+    cfg = from_dict(ControlNetConfig, {"train_data_dir": str(fill_dir), "output_dir": str(tmp_path / "run"),
+                                       "resume_from_checkpoint": "latest"})
+    assert resolve_seed(cfg).train.seed == 1234  # the checkpoint's, recorded as such in difftune_config.json

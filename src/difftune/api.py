@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,42 @@ def resolve_seed(cfg: Any) -> Any:
     check_optimizer_available(cfg.optim)
     if cfg.train.seed is not None:
         return cfg
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=random.randrange(2**31)))
+    seed = _checkpoint_seed(cfg.train)
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, seed=_shared_random_seed() if seed is None else seed))
+
+
+def _checkpoint_seed(train: Any) -> int | None:
+    """The seed of the checkpoint a run resumes from: it picked the run's samples (--max_train_samples, a
+    stream's cache) and their order, so a resume without --seed must not draw another."""
+    from . import checkpoint as ckpt
+
+    if not train.resume_from_checkpoint:
+        return None
+    resume_from = ckpt.resolve_resume(Path(train.output_dir) / "checkpoints", train.resume_from_checkpoint)
+    if resume_from is None:
+        return None
+    import json
+
+    try:
+        seed = json.loads((resume_from / ckpt.STATE_FILE).read_text()).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None  # (the trainer names a damaged checkpoint)
+    return seed if isinstance(seed, int) else None
+
+
+def _shared_random_seed() -> int:
+    """A random seed, the same in every process of a multi-process launch (process 0's): the seed picks the
+    samples and their order, and processes with different ones would each train on their own selection."""
+    seed = random.randrange(2**31)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+        # (the state the run's Accelerator then joins; it reads ACCELERATE_USE_CPU itself, PartialState does not)
+        if PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes > 1:
+            seed = broadcast_object_list([seed], from_process=0)[0]
+    return seed
 
 
 def _callers_random_state_kept():
