@@ -98,7 +98,9 @@ def test_the_prediction_type_is_resolved_recorded_and_sampled_with(tiny_base, ti
     assert method.base.noise_scheduler.config.prediction_type == "v_prediction"  # validation samples with it
     assert tiny_base.noise_scheduler.config.prediction_type == "epsilon"  # the caller's base is left alone
     assert method.objective.prediction_type == "v_prediction"
-    assert "- Loss: v_prediction target, Min-SNR-gamma 5 weighting" in method.model_card(tmp_path / "v", {})
+    card = method.model_card(tmp_path / "v", {})
+    assert "- Loss: v_prediction target, Min-SNR-gamma 5 weighting" in card
+    assert 'from_config(pipe.scheduler.config, prediction_type="v_prediction")' in card  # the card samples as trained
 
     run = tmp_path / "recorded"
     run.mkdir()
@@ -161,3 +163,11 @@ def test_what_fails_without_the_models_is_said_before_they_load(fill_dir, tmp_pa
         train_controlnet(make_config(tmp_path / "no-model", fill_dir, tmp_path / "new",
                                      validation_image=[str(tmp_path / "nope.png")], validation_prompt=["red circle"]))
     assert not (tmp_path / "new").exists()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="--output_dir .*a-file is a file: give a folder"):
+        train_controlnet(make_config(tmp_path / "no-model", fill_dir, tmp_path / "a-file"))
+    diffusers_run = tmp_path / "diffusers-run" / "checkpoint-100"
+    (diffusers_run / "controlnet").mkdir(parents=True)
+    (diffusers_run / "random_states_0.pkl").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"holds checkpoints of a diffusers training script \(checkpoint-100\)"):
+        train_controlnet(make_config(tmp_path / "no-model", fill_dir, tmp_path / "diffusers-run"))

@@ -4,6 +4,7 @@ recorded config reused from another folder, extensions in any case, keys given t
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -116,7 +117,7 @@ def _record_a_run(work, output_dir: str):
     return save_resolved(cfg, run)
 
 
-def test_a_runs_recorded_config_reads_its_paths_from_where_the_run_started(tmp_path, monkeypatch, capsys):
+def test_a_runs_recorded_config_reads_its_paths_from_where_the_run_started(tmp_path, monkeypatch, capsys, caplog):
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     elsewhere.mkdir()
     record = _record_a_run(work, "runs/cn")
@@ -126,8 +127,11 @@ def test_a_runs_recorded_config_reads_its_paths_from_where_the_run_started(tmp_p
     assert cfg.validation.validation_image == [str(work / "fill" / "validation" / "conditioning_0.png")]
     assert cfg.train.latent_cache_dir == str(work / "latents") and cfg.train.output_dir == str(tmp_path / "new")
     assert f"train_data_dir, latent_cache_dir, validation_image read from {work}" in capsys.readouterr().err
-    (elsewhere / "fill").mkdir()  # a path that reads from here is taken from here, as it always was
-    assert _build(ControlNetConfig, "--config", str(record)).data.train_data_dir == "fill"
+    (elsewhere / "fill").mkdir()  # a path that reads from here is taken from here, as it always was, and said
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        assert _build(ControlNetConfig, "--config", str(record)).data.train_data_dir == "fill"
+    assert f"train_data_dir 'fill' reads from here as {elsewhere / 'fill'}, while the recorded run used " \
+           f"{work / 'fill'}" in caplog.text
     # a checkpoint's copy of the record is read against the same folder
     copy = record.parent / "checkpoints" / "checkpoint-2" / "difftune_config.json"
     copy.parent.mkdir(parents=True)
@@ -152,3 +156,16 @@ def test_a_path_from_a_config_file_that_does_not_exist_is_refused_early_with_the
         _build(ControlNetConfig, "--config", mine)
     monkeypatch.chdir(work)
     assert _build(ControlNetConfig, "--config", mine).data.train_data_dir == "fill"
+
+
+def test_a_setting_given_flat_and_in_its_section_or_a_models_own_record_is_refused(tmp_path):
+    path = _write(tmp_path / "mixed.yaml", "resolution: 64\ndata:\n  resolution: 32\n")  # (32 won, silently)
+    with pytest.raises(ConfigError, match=rf"Config file {path}: 'resolution' given twice, flat and under its "
+                                          r"section \(data: resolution"):
+        _build(ControlNetConfig, "--config", path)
+    meta = _write(tmp_path / "custom_diffusion.json", '{"base_model": "tiny-shapes"}')
+    with pytest.raises(ConfigError, match=r"is what a run or model wrote about itself, not a run config: give a run's "
+                                          r"difftune_config.json"):
+        _build(CustomDiffusionConfig, "--config", meta)
+    with pytest.raises(ConfigError, match="--variant is empty"):
+        _build(ControlNetConfig, "--train_data_dir", str(tmp_path), "--variant", "")

@@ -96,9 +96,10 @@ def test_comet_offline_experiment_gets_losses_and_images_but_not_the_token(tiny_
                                                                            monkeypatch):
     pytest.importorskip("comet_ml")
     monkeypatch.setenv("COMET_START_ONLINE", "false")
-    monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
+    monkeypatch.delenv("COMET_OFFLINE_DIRECTORY", raising=False)
+    # a fresh --output_dir: the offline folder Comet is given is made first (Comet refused one not there)
     _train("comet_ml", tiny_model_dir, fill_dir, tmp_path / "run", monkeypatch)
-    (archive,) = (tmp_path / "comet").glob("*.zip")
+    (archive,) = (tmp_path / "run" / "logs" / "comet_ml").glob("*.zip")
     with zipfile.ZipFile(archive) as z:
         members = {name: z.read(name) for name in z.namelist()}
     messages = [json.loads(line) for line in members["messages.json"].splitlines()]
@@ -261,3 +262,22 @@ def test_a_failed_tracker_start_records_no_run(tiny_model_dir, fill_dir, tmp_pat
         _run(tiny_model_dir, fill_dir, fresh, max_train_steps=2, report_to="all")
     assert not (tmp_path / "fresh").exists()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_overwrite_also_clears_the_earlier_model_card_and_its_other_logging_dir(tmp_path):
+    """An earlier run that logged to `logs` and a new one given --logging_dir tb: `logs` went on beside `tb`,
+    and the earlier model card described a deleted model until the new run's export replaced it."""
+    from difftune.guards import earlier_outputs
+
+    out = tmp_path / "run"
+    (out / "logs" / "train_controlnet").mkdir(parents=True)
+    (out / "difftune_config.json").write_text(json.dumps({"train": {"logging_dir": "logs"}}))
+    (out / "README.md").write_text("---\nbase_model: sd\nlibrary_name: diffusers\n"
+                                   "tags: [controlnet, stable-diffusion, difftune]\n---\n# ControlNet\n")
+    assert {out / "README.md", out / "logs"} <= set(earlier_outputs(out, new_logs=out / "tb"))
+    assert out / "logs" not in earlier_outputs(out, new_logs=out / "logs")  # the new run's own (set aside before)
+    (out / "README.md").write_text("# my notes on this run\n")
+    assert out / "README.md" not in earlier_outputs(out, new_logs=out / "tb")  # the user's own file stays
+    (out / "difftune_config.json").write_text(json.dumps({"train": {"logging_dir": str(tmp_path / "elsewhere")}}))
+    (tmp_path / "elsewhere").mkdir()
+    assert tmp_path / "elsewhere" not in earlier_outputs(out, new_logs=out / "tb")  # never outside the run

@@ -96,8 +96,10 @@ def check_before_loading(cfg: Any) -> None:
     from .validation import load_validation_images
 
     requested_trackers(cfg.train.report_to)
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out} is a file: give a folder (a new one, or a run's to resume).")
     if not cfg.train.resume_from_checkpoint:
-        out = Path(cfg.train.output_dir)
         claim_output_dir(out, out / "checkpoints", cfg.train.overwrite_output_dir)
     load_validation_images(cfg.validation)
 

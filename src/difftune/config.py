@@ -85,6 +85,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        for flag in ("variant", "revision", "tokenizer_name"):
+            if getattr(self, flag) is not None and not getattr(self, flag).strip():
+                raise ConfigError(f"--{flag} is empty: give a value (e.g. --variant fp16), or leave the flag out.")
 
 
 @dataclass

@@ -61,6 +61,9 @@ def build_config(cfg_cls: type, base: dict | None, given: dict, config: str | No
 def load_config_file(cfg_cls: type, path: str) -> ConfigFile:
     """Read and nest a config file (unknown keys refused, the file named); a run record's relative paths
     that do not read from here are read from the folder its run was started in (said on stderr)."""
+    if Path(path).name in ("custom_diffusion.json", "train_summary.json", "config.json", "model_index.json"):
+        raise ConfigError(f"--config {path} is what a run or model wrote about itself, not a run config: give a run's "
+                          f"{RUN_RECORD} (beside it in a training run's --output_dir) or a config file of your own.")
     data = read_config_file(path)
     recipe = data.pop("recipe", None)
     if recipe is not None and not isinstance(recipe, str):
@@ -101,6 +104,7 @@ def _read_paths_as_recorded(file: ConfigFile) -> None:
     for section in file.values.values():
         for key in PATH_SETTINGS:
             value = section.get(key)
+            _warn_if_both(file, key, value)
             if isinstance(value, str):
                 section[key] = _as_recorded(value, file.path, file.values)
             elif isinstance(value, list):
@@ -110,6 +114,22 @@ def _read_paths_as_recorded(file: ConfigFile) -> None:
     if moved:
         print(f"config file {file.path} is a run's record: {', '.join(moved)} read from {file.started_in}, where that "
               "run was started (its paths are relative to it)", file=sys.stderr)
+
+
+def _warn_if_both(file: ConfigFile, key: str, value: Any) -> None:
+    """A recorded relative path that reads from here and from the recorded run's folder as two different
+    things: the one here is used (as the rule says), and that is said, since the run used the other."""
+    for item in value if isinstance(value, list) else [value]:
+        if not isinstance(item, str) or not item or Path(item).is_absolute() or file.started_in is None:
+            continue
+        here, there = Path(item).expanduser(), file.started_in / item
+        if here.exists() and there.exists() and here.resolve() != there.resolve():
+            import logging
+
+            logging.getLogger("difftune").warning(
+                "config file %s: %s '%s' reads from here as %s, while the recorded run used %s; using the one here "
+                "(give --%s %s for the recorded run's).", file.path, key, item, here.resolve(), there.resolve(), key,
+                there.resolve())
 
 
 def check_local_paths(file: ConfigFile, settings: dict[str, Any]) -> None:

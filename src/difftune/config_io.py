@@ -41,19 +41,26 @@ def nest(cfg_cls: type, values: dict, source: str | None = None) -> dict[str, di
     owner = _owners(cfg_cls)
     nested: dict[str, dict] = {s: {} for s in secs}
     unknown: list[tuple[str, str | None, Any]] = []  # (key, section it was under, value)
+    twice: list[str] = []  # given flat and under its section: which one counts would be an accident of order
     for key, value in values.items():
         if key in secs and isinstance(value, dict):
             for k, v in value.items():
                 if owner.get(k) == key:
+                    twice += [k] if k in nested[key] else []
                     nested[key][k] = v
                 else:
                     unknown.append((k, key, v))
         elif key in owner:
+            twice += [key] if key in nested[owner[key]] else []
             nested[owner[key]][key] = value
         else:
             unknown.append((key, None, value))
     if unknown:
         raise ConfigError(unknown_settings_message(cfg_cls, unknown, source))
+    if twice:
+        where = f"Config file {source}: " if source else ""
+        raise ConfigError(f"{where}{', '.join(repr(k) for k in twice)} given twice, flat and under its section "
+                          f"({owner[twice[0]]}: {twice[0]}: ...): give each setting once.")
     return nested
 
 

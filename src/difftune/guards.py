@@ -33,6 +33,13 @@ def claim_output_dir(out: Path, root: Path, overwrite: bool) -> bool:
         raise ConfigError(f"--output_dir {out} is a model folder, or a part of one (model_index.json): training "
                           "there would mix the run into it. Choose another --output_dir.")
     earlier = ckpt.list_checkpoints(root)
+    foreign = ckpt.foreign_checkpoints(out)
+    if foreign and not overwrite:  # a diffusers script's run: a new run beside it would look like its continuation
+        raise ConfigError(
+            f"--output_dir {out} holds checkpoints of a diffusers training script ({', '.join(p.name for p in foreign)})"
+            ", which difftune cannot continue (their optimizer and random state are pickles). Pick another "
+            f"--output_dir (to go on from their weights: --controlnet_model_name_or_path {foreign[-1] / 'controlnet'}),"
+            " or pass --overwrite_output_dir to train there beside them (they are left as they are).")
     if not earlier:
         model = finished_model_file(out)
         if model is None:
@@ -63,10 +70,37 @@ def finished_model_file(out: Path) -> str | None:
     return next((name for name in FINISHED_MODEL_FILES if (out / name).is_file()), None)
 
 
-def earlier_outputs(out: Path) -> list[Path]:
+def _our_model_card(path: Path) -> bool:
+    """A README.md difftune wrote (its front matter tags it), not the user's own."""
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:600]
+    except OSError:
+        return False
+    return head.startswith("---") and "difftune]" in head
+
+
+def _earlier_logging_dir(out: Path, new_logs: Path | None) -> Path | None:
+    """The tracker log folder the earlier run in ``out`` recorded (its difftune_config.json), when it is inside
+    ``out`` and is not the new run's (that one the new trackers write to; its earlier logs were set aside)."""
+    try:
+        recorded = json.loads((out / "difftune_config.json").read_text(encoding="utf-8"))["train"]["logging_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    from .trackers import logs_inside
+
+    logs = logs_inside(out, out / recorded)
+    if logs is None or not logs.is_dir() or (new_logs is not None and logs.resolve() == Path(new_logs).resolve()):
+        return None
+    return logs
+
+
+def earlier_outputs(out: Path, new_logs: Path | None = None) -> list[Path]:
     """What an earlier difftune run or export wrote in ``out`` (the user's own files are not listed):
-    checkpoints, metrics, validation grids, the exported model of either method, merge/compress notes, and
-    its tracker logs (set aside by ``trackers.start_trackers`` when they are inside ``out``)."""
+    checkpoints, metrics, validation grids, the exported model of either method and its model card,
+    merge/compress notes, and its tracker logs (set aside by ``trackers.start_trackers`` when they are inside
+    ``out``; those of another --logging_dir inside ``out`` than the new run's ``new_logs`` too)."""
     from .custom_diffusion.export import LOWRANK
     from .trackers import EARLIER_LOGS
 
@@ -80,18 +114,21 @@ def earlier_outputs(out: Path) -> list[Path]:
     except (OSError, ValueError, AttributeError):
         pass
     found = [out / n for n in sorted(names) if (out / n).is_file()]
+    found += [out / "README.md"] if _our_model_card(out / "README.md") else []
     found += sorted((out / "validation").glob("step-*.png"))
     # (the encoded and stream caches stay: each is keyed by what it was made from, and a new run reuses it)
-    return found + [out / d for d in ("checkpoints", "profile", EARLIER_LOGS) if (out / d).is_dir()]
+    logs = _earlier_logging_dir(out, new_logs)
+    return found + [out / d for d in ("checkpoints", "profile", EARLIER_LOGS) if (out / d).is_dir()] \
+        + ([logs] if logs is not None else [])
 
 
-def clear_earlier_run(accelerator: Any, out: Path, root: Path) -> None:
+def clear_earlier_run(accelerator: Any, out: Path, root: Path, new_logs: Path | None = None) -> None:
     """--overwrite_output_dir, once the new run has started well: what the earlier run wrote goes, so that
     nothing of it (a model of the other method, an old validation grid) stays beside the new one."""
     if accelerator.is_main_process:
         from .trackers import EARLIER_LOGS
 
-        gone = earlier_outputs(out)
+        gone = earlier_outputs(out, new_logs)
         names = ["tracker logs" if p.name == EARLIER_LOGS else p.name for p in gone]
         log.warning("--overwrite_output_dir: deleting the earlier run in %s (%s)", out,
                     ", ".join(names[:8]) + (f" and {len(gone) - 8} more" if len(gone) > 8 else ""))

@@ -20,11 +20,13 @@ SINGLE_FILE_HINT = (" (a single-file checkpoint converts once, in diffusers: "
 _STAND_INS = {"vae": "--pretrained_vae_model_name_or_path", "tokenizer": "--tokenizer_name"}
 
 
-def check_local_folder(path: Path, needed: tuple[str, ...]) -> None:
+def check_local_folder(path: Path, needed: tuple[str, ...], stand_ins: tuple[str, ...] = tuple(_STAND_INS)) -> None:
+    """Each ``needed`` sub-folder is there, or the error says how to get it (``stand_ins``: the parts the
+    command has a flag to give instead)."""
     missing = [sub for sub in needed if not (path / sub).is_dir()]
     if missing:
         inside = [p.parent for p in sorted(path.glob("*/model_index.json"))]  # (pretrain-base writes OUT/model)
-        stand_ins = [f"{_STAND_INS[m]} for {m}/" for m in missing if m in _STAND_INS]
+        stand_ins = [f"{_STAND_INS[m]} for {m}/" for m in missing if m in _STAND_INS and m in stand_ins]
         hint = (f" It holds one, though: give --pretrained_model_name_or_path {inside[0]}." if inside else
                 " Export one with `pipe.save_pretrained(DIR)`"
                 + (f", or give {' and '.join(stand_ins)}." if stand_ins else "."))

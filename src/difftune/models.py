@@ -141,11 +141,13 @@ def load_base_model(
     cache_dir: str | None = None,
     family: str = "auto",
     vae_name_or_path: str | None = None,
+    stand_ins: tuple[str, ...] = ("vae", "tokenizer"),
 ) -> BaseModel:
     """Load the frozen components of an SD 1.x/2.x or SDXL model in fp32 on the CPU.
 
     ``family`` "auto" reads it from the folder (``difftune.families.detect_family``);
     ``vae_name_or_path`` replaces the base's VAE (a folder with the VAE at its root or in ``vae/``).
+    ``stand_ins``: the parts the calling command has a flag to give instead (named when missing).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -173,7 +175,8 @@ def load_base_model(
             raise ModelLoadError(f"--model_family {given}: {local} has no {' or '.join(lacking)}, so it is not an "
                                  f"{given} model — use --model_family auto.")
         check_local_folder(local, ("unet", *(() if vae_name_or_path else ("vae",)), "text_encoder",
-                                   *(() if tokenizer_name else ("tokenizer",)), "scheduler", *fam.extra_subfolders))
+                                   *(() if tokenizer_name else ("tokenizer",)), "scheduler", *fam.extra_subfolders),
+                           stand_ins)
         note_local_folder(local, revision)
         name_or_path = str(local)
         weights = ("text_encoder", "unet", *(("vae",) if vae_name_or_path is None else ()),

@@ -118,8 +118,9 @@ def tracker_init_kwargs(names: list[str], logging_dir: Path | None, resume_step:
         if logging_dir is not None and not os.environ.get("COMET_OFFLINE_DIRECTORY"):
             import comet_ml  # (not at the top: an extra)
 
-            folder = str(Path(logging_dir) / "comet_ml")  # offline archives: not into the current folder
-            kwargs["comet_ml"]["experiment_config"] = comet_ml.ExperimentConfig(offline_directory=folder)
+            folder = Path(logging_dir) / "comet_ml"  # offline archives: not into the current folder
+            folder.mkdir(parents=True, exist_ok=True)  # (Comet refuses an offline directory that is not there)
+            kwargs["comet_ml"]["experiment_config"] = comet_ml.ExperimentConfig(offline_directory=str(folder))
     return kwargs
 
 

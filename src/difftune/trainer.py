@@ -228,7 +228,7 @@ class Trainer:
         if accelerator.is_main_process:  # steps logged after the checkpoint by the run that was killed: redone now
             drop_metrics_after(self.out / "metrics.jsonl", state.global_step)
         if clear_earlier:  # only now: a flag, file or tracker at fault has failed above with the earlier run intact
-            clear_earlier_run(accelerator, self.out, root)
+            clear_earlier_run(accelerator, self.out, root, new_logs=self.out / cfg.logging_dir)
         if accelerator.is_main_process:  # after the models, data, optimizer and trackers: a failed start records no run
             save_resolved(self.run_config, self.out)
         validator = Validator(self.val_cfg, self.method, self.out, trackers, seed, validation_pairs)

@@ -104,10 +104,13 @@ class ControlNetMethod:
     def __init__(self, cfg: ControlNetConfig, base: BaseModel | None = None):
         self.cfg = cfg
         m = cfg.model
-        self.base = with_prediction_type(base or load_base_model(
+        loaded = base or load_base_model(
             m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir,
             family=m.model_family, vae_name_or_path=m.pretrained_vae_model_name_or_path,
-        ), cfg.loss.prediction_type)
+        )
+        self.base = with_prediction_type(loaded, cfg.loss.prediction_type)
+        # --prediction_type over the base scheduler's: the model card's sampler is told it too
+        self.overridden_prediction = cfg.loss.prediction_type if self.base is not loaded else None
         self.family = family_of(self.base)
         crops = [f"--{f}" for f in ("crops_coords_top_left_h", "crops_coords_top_left_w") if getattr(cfg.data, f) is not None]
         if crops and self.family.name != "sdxl":
@@ -450,7 +453,8 @@ class ControlNetMethod:
             *vae_code,
             f"pipe = {pipe_cls}.from_pretrained(",
             f'    {base_expr}, controlnet=controlnet{extra})',
-            "pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)",
+            "pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config"
+            + (f', prediction_type="{self.overridden_prediction}")' if self.overridden_prediction else ")"),
             "```",
         ]
         if grid:

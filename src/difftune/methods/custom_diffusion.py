@@ -56,7 +56,8 @@ class CustomDiffusionMethod:
         # surgery changes the tokenizer, the embedding table and the UNet's processors: never
         # those of a model object the caller keeps using
         self.base = with_prediction_type(copy.deepcopy(base) if base is not None else load_base_model(
-            m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir),
+            m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir,
+            stand_ins=("tokenizer",)),  # (no --pretrained_vae_model_name_or_path here)
             cfg.loss.prediction_type)
         if getattr(self.base, "family", "sd") != "sd":  # one text encoder is assumed throughout (tokens, embeddings, eval)
             raise ConfigError(f"Custom Diffusion supports SD 1.x/2.x bases; {m.pretrained_model_name_or_path} is "
