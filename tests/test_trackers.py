@@ -253,7 +253,7 @@ def test_a_failed_tracker_start_records_no_run(tiny_model_dir, fill_dir, tmp_pat
     _run(tiny_model_dir, fill_dir, out, max_train_steps=2, report_to="tensorboard")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     _comet_cannot_start(monkeypatch, tmp_path)
-    with pytest.raises(ConfigError, match="--report_to tensorboard.wandb.comet_ml: the tracker could not start"):
+    with pytest.raises(ConfigError, match="--report_to tensorboard.wandb.comet_ml: the tracker \\(comet_ml\\) could not start"):
         _run(tiny_model_dir, fill_dir, out, max_train_steps=2, report_to="all", overwrite_output_dir=True,
              learning_rate=1e-4)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the earlier run, whole

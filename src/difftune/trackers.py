@@ -142,13 +142,29 @@ class Trackers:
                 Path(logging_dir).mkdir(parents=True, exist_ok=True)  # (wandb wants it there)
             accelerator.init_trackers(project, config=flat_hparams(config), init_kwargs=init_kwargs)
         except Exception as e:  # a tracker's own failure (no login, no network): one line, before any step
+            failed = self._failed(names)
             self._stop_started()
             hint = (f"Its package is installed but does not import: pip install --upgrade "
-                    f"{' '.join(repr(_PACKAGES[n][1]) for n in names)}, or use --report_to none."
+                    f"{' '.join(repr(_PACKAGES[n][1]) for n in failed)}, or use --report_to none."
                     if isinstance(e, ImportError) else _START_HINT)
-            raise ConfigError(f"--report_to {'+'.join(names)}: the tracker could not start ({type(e).__name__}: "
+            which = f" ({failed[0]})" if len(names) > 1 and len(failed) == 1 else ""
+            raise ConfigError(f"--report_to {'+'.join(names)}: the tracker{which} could not start ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}). "
                               f"{hint}") from e
+
+    def _failed(self, names: list[str]) -> list[str]:
+        """The tracker whose start raised: accelerate makes them all, in order, then starts each in order; the
+        first made but not started, else the first not made. All of ``names`` when that cannot be told."""
+        made = list(getattr(self.accelerator, "trackers", []))
+        for tracker in made:
+            try:
+                started = getattr(tracker, "tracker", None) is not None
+            except Exception:  # noqa: BLE001 — a tracker's own property may raise before its start
+                started = False
+            if not started and getattr(tracker, "name", None) in names:
+                return [tracker.name]
+        names_made = {getattr(t, "name", None) for t in made}
+        return [n for n in names if n not in names_made][:1] or names
 
     def _stop_started(self) -> None:
         """Close the trackers that started before one failed (--report_to all), so none runs on half-made."""
