@@ -236,7 +236,7 @@ def generate(
     """
     from .data.transforms import check_resolution
     from .models import check_controlnet_source, load_base_model, load_controlnet, with_prediction_type
-    from .recorded import check_one_base, recorded_base, recorded_loading, resolve_base, resolve_vae
+    from .recorded import check_one_base, recorded_base_name, recorded_loading, resolve_base, resolve_vae
     from .pipelines import controlnet_pipeline, run_controlnet_pipeline
 
     if control_guidance not in CONTROL_GUIDANCE:
@@ -254,9 +254,8 @@ def generate(
                               controlnet_conditioning_scale, seed)
     given_base = pretrained_model_name_or_path
     if controlnet is not None and custom_diffusion is not None:
-        check_one_base({f"--controlnet {controlnet}": (recorded_base(controlnet=controlnet) or (None,))[0],
-                        f"--custom_diffusion {custom_diffusion}":
-                            (recorded_base(custom_diffusion=custom_diffusion) or (None,))[0]},
+        check_one_base({f"--controlnet {controlnet}": recorded_base_name(controlnet=controlnet),
+                        f"--custom_diffusion {custom_diffusion}": recorded_base_name(custom_diffusion=custom_diffusion)},
                        given_base, "--controlnet and --custom_diffusion", "both steer one base model")
     pretrained_model_name_or_path = resolve_base(given_base, controlnet, custom_diffusion)
     if given_base is None:

@@ -92,7 +92,7 @@ def _write_new_folder(args: argparse.Namespace, write, inputs: list[str]) -> dic
 def cmd_merge(args: argparse.Namespace) -> int:
     from .custom_diffusion.merge import merge_concepts
     from .models import load_base_model
-    from .recorded import check_one_base, recorded_base
+    from .recorded import check_one_base, recorded_base_name
 
     prompts = None
     if args.regularization_prompts:
@@ -107,7 +107,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for folder in args.concepts:  # each named with the flag that gave it, before the base model loads
         read_meta(folder, flag="--concepts")
     _check_output_dir(args, args.concepts, "--concepts")
-    check_one_base({folder: (recorded_base(custom_diffusion=folder) or (None,))[0] for folder in args.concepts},
+    check_one_base({folder: recorded_base_name(custom_diffusion=folder) for folder in args.concepts},
                    args.pretrained_model_name_or_path, "--concepts", "a merge combines weight changes of one base")
     base = load_base_model(base_of(args, args.concepts[0]))
     info = _write_new_folder(args, lambda tmp: merge_concepts(args.concepts, base, tmp, prompts,

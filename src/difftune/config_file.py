@@ -95,9 +95,9 @@ def _file_recipe(cfg_cls: type, file: ConfigFile, recipe_flag: str | None) -> di
 def _read_paths_as_recorded(file: ConfigFile) -> None:
     """A run record's relative paths, read from the folder its run was started in where they do not read
     from here (the run recorded them as typed there)."""
-    from .recorded import _as_recorded, _run_of, _training_dir
+    from .recorded import as_recorded, run_of, training_dir
 
-    file.started_in = _training_dir(_run_of(file.path), file.values.get("train", {}).get("output_dir"))
+    file.started_in = training_dir(run_of(file.path), file.values.get("train", {}).get("output_dir"))
     if file.started_in is None:
         return
     moved = []
@@ -106,9 +106,9 @@ def _read_paths_as_recorded(file: ConfigFile) -> None:
             value = section.get(key)
             _warn_if_both(file, key, value)
             if isinstance(value, str):
-                section[key] = _as_recorded(value, file.path, file.values)
+                section[key] = as_recorded(value, file.path, file.values)
             elif isinstance(value, list):
-                section[key] = [_as_recorded(v, file.path, file.values) if isinstance(v, str) else v for v in value]
+                section[key] = [as_recorded(v, file.path, file.values) if isinstance(v, str) else v for v in value]
             if key in section and section[key] != value:
                 moved.append(key)
     if moved:

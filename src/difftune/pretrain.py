@@ -227,8 +227,7 @@ def train_denoiser(out: Path, tokenizer, mean, std, captions, steps: int, seed: 
         logger.info("unet: resumed from its checkpoint at step %d", start - 1)
     stop = steps if stop is None else stop
     if start - 1 > stop:
-        raise ConfigError(f"{checkpoints.folder} is at UNet step {start - 1}, past --stop_at_step {stop}: a run "
-                          f"cannot go back; use a new --out for a model at step {stop}")
+        refuse_going_back(checkpoints.folder, start - 1, stop)
     if start - 1 == stop and export is not None:  # stopped there before, and its export is gone
         export(stop, ema)
     for step in range(start, stop + 1):
@@ -364,6 +363,12 @@ def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500,
                       checkpointing_steps)
 
 
+def refuse_going_back(folder: Path, step: int, stop: int | None) -> None:
+    """A model or checkpoint already past --stop_at_step: a run only goes forward."""
+    raise ConfigError(f"{folder} is at UNet step {step}, past --stop_at_step {stop}: a run cannot go back; use a new "
+                      f"--out for a model at step {stop}")
+
+
 def finished_stage(out: Path, settings: PretrainSettings) -> Path | None:
     """What a rerun into ``out`` already finished with these flags (its folder), None while
     something is left to train; a finished stage trained with other flags is refused."""
@@ -378,8 +383,7 @@ def finished_stage(out: Path, settings: PretrainSettings) -> Path | None:
     refuse_other_settings(model_dir, recorded, settings.model_stage())
     step = recorded_step(model_dir)
     if step is not None and step > settings.last_unet_step:
-        raise ConfigError(f"{model_dir} is at UNet step {step}, past --stop_at_step {settings.stop_at_step}: a run "
-                          f"cannot go back; use a new --out for a model at step {settings.stop_at_step}")
+        refuse_going_back(model_dir, step, settings.stop_at_step)
     if step == settings.last_unet_step:
         logger.info("%s is already complete with these flags (UNet step %d of %d): nothing to train",
                     model_dir, step, settings.unet_steps)

@@ -47,7 +47,7 @@ def _recorded_setting(controlnet: str | Path, section: str, key: str, what: str 
             continue
         if not isinstance(value, str) or not value:
             return None
-        value = _as_recorded(value, config, saved) if path else value
+        value = as_recorded(value, config, saved) if path else value
         if what is not None:
             print(f"{what}: {value} (recorded in {config}{'; ' + note if note else ''})", file=sys.stderr)
         return value
@@ -83,8 +83,14 @@ def recorded_base(controlnet: str | Path | None = None, custom_diffusion: str | 
         except (OSError, KeyError, TypeError):
             continue
         if isinstance(value, str) and value:
-            return _as_recorded(value, path, saved), path
+            return as_recorded(value, path, saved), path
     return None
+
+
+def recorded_base_name(controlnet: str | Path | None = None, custom_diffusion: str | Path | None = None) -> str | None:
+    """``recorded_base``'s base model alone (None when nothing records one)."""
+    found = recorded_base(controlnet, custom_diffusion)
+    return None if found is None else found[0]
 
 
 def local_or_name(name_or_path: str) -> str:
@@ -94,7 +100,7 @@ def local_or_name(name_or_path: str) -> str:
     return str(local.resolve()) if local.is_dir() else name_or_path
 
 
-def _training_dir(run: Path, output_dir: Any) -> Path | None:
+def training_dir(run: Path, output_dir: Any) -> Path | None:
     """The folder a run was started in, from where it is now and its --output_dir as recorded (relative to
     that folder); None when that cannot be told (an absolute or '..' output_dir, a moved run)."""
     out = Path(output_dir) if isinstance(output_dir, str) and output_dir else Path("/")
@@ -104,16 +110,16 @@ def _training_dir(run: Path, output_dir: Any) -> Path | None:
     return Path(*run_parts[: len(run_parts) - len(out_parts)])
 
 
-def _as_recorded(value: str, config: Path, saved: dict) -> str:
+def as_recorded(value: str, config: Path, saved: dict) -> str:
     """A path a run's config recorded as typed (relative to where training ran): as it reads from here.
     Kept as it is when it reads from here already, or is no local path there (a Hub id, a built-in name)."""
     if Path(value).expanduser().exists() or Path(value).is_absolute():
         return value
-    where = _training_dir(_run_of(config), (saved.get("train") or {}).get("output_dir"))
+    where = training_dir(run_of(config), (saved.get("train") or {}).get("output_dir"))
     return str(where / value) if where is not None and (where / value).exists() else value
 
 
-def _run_of(config: Path) -> Path:
+def run_of(config: Path) -> Path:
     """The run folder of a difftune_config.json: its own folder, or for a checkpoint's copy
     (OUTPUT_DIR/checkpoints/checkpoint-N/), the output folder two levels up."""
     folder = config.parent
@@ -128,7 +134,7 @@ def recorded_train_data(controlnet: str | Path) -> Path | None:
 
     folder = Path(controlnet)
     for config in (folder / "difftune_config.json", folder.parent.parent / "difftune_config.json"):
-        run = _run_of(config)
+        run = run_of(config)
         try:
             saved = json.loads(config.read_text())
             data, output_dir = saved["data"]["train_data_dir"], saved["train"]["output_dir"]
@@ -139,7 +145,7 @@ def recorded_train_data(controlnet: str | Path) -> Path | None:
         data_path = Path(data).expanduser()
         if data_path.is_absolute():
             return data_path
-        where = _training_dir(run, output_dir)
+        where = training_dir(run, output_dir)
         return None if where is None else where / data_path
     return None
 
