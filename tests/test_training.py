@@ -259,6 +259,17 @@ def test_a_kill_around_the_rename_never_sets_a_complete_checkpoint_aside(tmp_pat
     assert ckpt.supersede_later(root, 4) is None
 
 
+def test_a_latest_pointer_to_a_lost_checkpoint_is_said_once(tmp_path, caplog):
+    """The run resolves its checkpoint twice (its seed, then the trainer): the warning comes once."""
+    root = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(root, ckpt.TrainState(global_step=2), {"w": torch.ones(2)},
+                         {"state": {}, "param_groups": []}, {}, torch.Generator())
+    (root / "latest").write_text("checkpoint-9")  # a folder removed by hand after the pointer was written
+    with caplog.at_level("WARNING", logger="difftune"):
+        assert [ckpt.resolve_resume(root, "latest").name for _ in range(2)] == ["checkpoint-2"] * 2
+    assert [r.getMessage().count("checkpoint-9") > 0 for r in caplog.records] == [True]
+
+
 def test_stale_temporary_files_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
     out = tmp_path / "run"
     (out / "validation").mkdir(parents=True)

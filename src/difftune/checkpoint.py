@@ -356,6 +356,9 @@ def _refuse_foreign(out: Path, spec: str, found: list[Path]) -> None:
         f"new --output_dir with {weights}: the optimizer and the learning-rate schedule start anew.")
 
 
+_SAID_INCOMPLETE: set[tuple[Path, str]] = set()
+
+
 def resolve_resume(root: Path, spec: str | None) -> Path | None:
     """The checkpoint folder that ``--resume_from_checkpoint`` names (None: start fresh). Checkpoints of
     diffusers' scripts beside ``root`` are refused with the way to go on from their weights (``latest``
@@ -369,7 +372,8 @@ def resolve_resume(root: Path, spec: str | None) -> Path | None:
             named = root / pointer.read_text().strip()
             if (named / STATE_FILE).is_file():
                 return named
-            if done:
+            if done and (pointer, named.name) not in _SAID_INCOMPLETE:  # (resolved twice per run: seed, trainer)
+                _SAID_INCOMPLETE.add((pointer, named.name))
                 logging.getLogger("difftune").warning("%s names %s, which is no complete checkpoint (a run killed while "
                                                       "saving it): resuming from the newest complete one, %s",
                                                       pointer, named.name, done[-1].name)
