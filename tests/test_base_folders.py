@@ -171,3 +171,17 @@ def test_what_fails_without_the_models_is_said_before_they_load(fill_dir, tmp_pa
     (diffusers_run / "random_states_0.pkl").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"holds checkpoints of a diffusers training script \(checkpoint-100\)"):
         train_controlnet(make_config(tmp_path / "no-model", fill_dir, tmp_path / "diffusers-run"))
+
+
+def test_diffusers_empty_keep_in_fp32_notice_is_dropped_and_a_real_one_kept(caplog):
+    """diffusers warns 'modules ... should be kept in float32: []' on every dtype cast (bf16 runs repeated it):
+    difftune drops that empty notice, not one that names modules."""
+    import logging
+
+    import difftune.models  # noqa: F401  (installs the filter)
+
+    diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
+    with caplog.at_level(logging.WARNING, logger="diffusers.models.modeling_utils"):
+        diffusers_log.warning("There are modules in UNet2DConditionModel that should be kept in float32: [].")
+        diffusers_log.warning("There are modules in T5 that should be kept in float32: ['wo'].")
+    assert [r.getMessage().endswith("['wo'].") for r in caplog.records] == [True]

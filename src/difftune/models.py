@@ -22,6 +22,18 @@ from .model_folders import SINGLE_FILE_HINT, check_local_folder, note_local_fold
 log = logging.getLogger("difftune")
 
 
+class _NoEmptyFp32Notice(logging.Filter):
+    """diffusers' ModelMixin.to(dtype) warns "modules ... that should be kept in float32: []" for every model
+    and every cast, the list empty: a notice with nothing in it to act on, repeated through a bf16 run. One
+    that names modules still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFp32Notice())
+
+
 @dataclass
 class BaseModel:
     """The frozen parts of a Stable Diffusion model: SD 1.x/2.x, or SDXL (``family="sdxl"``).
