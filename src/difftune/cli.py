@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ControlNet training steps (default: the controlnet_tiny_demo recipe's, 800)")
     d.add_argument("--n", type=at_least(1), default=None, help="fill50k samples to generate (default: 5000)")
     d.add_argument("--eval_n", type=at_least(1), default=200,
-                   help="held-out conditions the evaluation samples (most of the demo's time; 16 for a quick look)")
+                   help="held-out conditions the evaluation samples (about 40%% of the demo's time at 200; 16 for a quick look)")
     d.set_defaults(func=cmd_demo)
     from .bench.cli import register as register_bench
 

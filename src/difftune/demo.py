@@ -33,6 +33,10 @@ def run_demo(out: Path, steps: int | None = None, n: int | None = None, eval_n: 
     if not (data_dir / "difftune_dataset.json").is_file():
         print(f"[1/3] generating fill50k: {n or DEMO_SAMPLES} circles at 64 px in {data_dir}")
         write_fill50k(data_dir, n=n or DEMO_SAMPLES, resolution=64, seed=0)
+    else:
+        made = json.loads((data_dir / "difftune_dataset.json").read_text()).get("n")
+        print(f"[1/3] reusing {data_dir} ({made} circles" + (f"; --n {n} is not applied to data made before: "
+              "use a new --out for it)" if n and n != made else ")"))
     val = json.loads((data_dir / "validation" / "prompts.json").read_text())
     run_dir = out / "controlnet"
     values = merge(controlnet_tiny_demo(), {

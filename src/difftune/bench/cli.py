@@ -113,6 +113,7 @@ def register(sub) -> None:
     b.add_argument("--peak_tflops", type=finite_float, help="peak rate for MFU (default: 790 on H100/H200, else no MFU)")
     b.add_argument("--timeout", type=_positive_seconds, help="seconds before a configuration's run is stopped")
     b.add_argument("--estimate_memory", action="store_true",
-                   help="no training and no GPU: estimate each configuration's peak GPU memory on the CPU (one "
-                        "training step on fake tensors; live tensor bytes by kind; ControlNet only)")
+                   help="no training and no GPU: estimate each configuration's peak GPU memory on the CPU (the "
+                        "training step on fake tensors, twice: the second holds the optimizer state; live tensor "
+                        "bytes by kind; ControlNet only)")
     b.set_defaults(func=cmd_bench)
