@@ -72,6 +72,24 @@ def _callers_random_state_kept():
     return torch.random.fork_rng(devices=[])
 
 
+def _check_run_config(cfg: Any, cfg_cls: type, call: str) -> None:
+    """A run config of the method's own class: a dict, a file name or the other method's config would otherwise
+    fail as an AttributeError deep in the call."""
+    from .config_io import METHODS
+
+    if isinstance(cfg, cfg_cls):
+        return
+    if type(cfg).__name__ in METHODS:  # the other method's run config
+        other = type(cfg).__name__
+        raise TypeError(f"{call} takes a difftune.{cfg_cls.__name__}, got a {other}: train that with "
+                        f"difftune.train_{METHODS[other][0].lower().replace(' ', '_')}.")
+    hint = (f"from_dict({cfg_cls.__name__}, read_config_file(path)) reads a config file"
+            if isinstance(cfg, (str, os.PathLike)) else f"from_dict({cfg_cls.__name__}, {{...}}) builds one from a "
+            "flat or sectioned dict of flag names")
+    raise TypeError(f"{call} takes a difftune.{cfg_cls.__name__}, got {type(cfg).__name__}: "
+                    f"{hint} (from difftune.config import from_dict, read_config_file).")
+
+
 def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
     """Train a ControlNet as configured; returns the run summary (also in OUTPUT_DIR/train_summary.json).
 
@@ -81,6 +99,7 @@ def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
     from .methods.controlnet import ControlNetMethod
     from .trainer import Trainer
 
+    _check_run_config(cfg, ControlNetConfig, "train_controlnet")
     cfg = resolve_seed(cfg)
     quiet_other_processes()
     check_before_loading(cfg)
@@ -111,9 +130,11 @@ def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
     with prior preservation (each example then carries a class image too), as diffusers does
     (``CustomDiffusionMethod.lr_scale``).
     """
+    from .config_custom_diffusion import CustomDiffusionConfig
     from .methods.custom_diffusion import CustomDiffusionMethod
     from .trainer import Trainer
 
+    _check_run_config(cfg, CustomDiffusionConfig, "train_custom_diffusion")
     cfg = resolve_seed(cfg)
     quiet_other_processes()
     check_before_loading(cfg)
