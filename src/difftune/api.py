@@ -193,6 +193,19 @@ def _check_generate_arguments(prompt, image, controlnet, steps, num_images, guid
         raise ConfigError("generate: a ControlNet needs a conditioning image (image=PATH or a PIL image).")
 
 
+def _conditioner(condition: str | None, settings: dict | None) -> Any:
+    """The conditioner ``condition`` (and its ``condition_settings``) name, built before any warning or model:
+    an unknown condition or setting was said only after the base had loaded."""
+    from .data.conditions import conditioner_from_settings
+
+    if condition is None:
+        if settings:
+            raise ConfigError(f"generate: condition_settings {settings!r} without a condition: give condition= "
+                              "(e.g. 'canny'), or leave them out.")
+        return None
+    return conditioner_from_settings({**(settings or {}), "condition": condition})
+
+
 def _warn_other_condition(controlnet: str | Path, condition: str | None) -> None:
     """--condition of another kind than the ControlNet's run trained on (depth maps for a canny ControlNet)."""
     from .eval.run import trained_condition
@@ -259,6 +272,7 @@ def generate(
     from .models import check_controlnet_source, load_base_model, load_controlnet, with_prediction_type
     from .recorded import check_one_base, recorded_base_name, recorded_loading, resolve_base, resolve_vae
     from .pipelines import controlnet_pipeline, run_controlnet_pipeline
+    from .pretrain import resolve_device
 
     if control_guidance not in CONTROL_GUIDANCE:
         raise ConfigError(f"--control_guidance {control_guidance!r} is not one of {', '.join(CONTROL_GUIDANCE)}.")
@@ -273,6 +287,7 @@ def generate(
                           "the first argument is the base model; pass the prompt as prompt=....")
     _check_generate_arguments(prompt, image, controlnet, num_inference_steps, num_images, guidance_scale,
                               controlnet_conditioning_scale, seed)
+    conditioner = _conditioner(condition, condition_settings)  # an unknown condition or setting: said first
     given_base = pretrained_model_name_or_path
     if controlnet is not None and custom_diffusion is not None:
         check_one_base({f"--controlnet {controlnet}": recorded_base_name(controlnet=controlnet),
@@ -282,7 +297,7 @@ def generate(
     if given_base is None:
         vae = resolve_vae(vae, None, controlnet)
     loading = recorded_loading(given_base, controlnet)  # the run's tokenizer and prediction type, on its base
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device or "auto")  # (a device torch cannot use is said before any model loads)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if resolution is not None:
         check_resolution(resolution)  # as training does: the pipeline would quietly round it down
@@ -328,13 +343,11 @@ def generate(
             guidance_scale=guidance_scale, height=res, width=res, num_images_per_prompt=n,
             generator=generators).images, on_image, keep)
     cond = image if isinstance(image, Image.Image) else _open_condition(image)
-    if condition is not None:  # computed at the size it is sampled at: the picture's own aspect ratio
-        from .data.conditions import conditioner_from_settings
+    if conditioner is not None:  # computed at the size it is sampled at: the picture's own aspect ratio
         from .pipelines import output_size
 
         height, width = output_size(cond, res, max(8, base.vae_scale_factor))
-        cond = conditioner_from_settings({"condition": condition, **(condition_settings or {})})(
-            cond.convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
+        cond = conditioner(cond.convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
         if condition_out is not None:
             cond.save(condition_out)
     return run_controlnet_pipeline(

@@ -163,7 +163,7 @@ def check_eval_request(metric: str | None, n: int, data: str | Path | None,
     fill50k; the fill50k metric reads circles from a fill50k folder's parquet shards, the others
     read any folder the trainer reads.
     """
-    from ..data.conditions import CONDITIONERS, MANIFEST, read_manifest
+    from ..data.conditions import CONDITIONERS, MANIFEST, SETTING_FLAGS, checked_settings, read_manifest
     from ..errors import DataError
 
     if n < 1:
@@ -183,11 +183,12 @@ def check_eval_request(metric: str | None, n: int, data: str | Path | None,
                           f"{metric} metric cannot score against; leave out --metric, or give a {metric} data set.")
     known = {f.name for f in fields(CONDITIONERS[metric])} if metric in CONDITIONERS else set()
     if unknown := sorted(set(condition_settings or {}) - known):
-        flag = {"model": "--depth_model", "low_threshold": "--low_threshold", "high_threshold": "--high_threshold"}
-        named = [flag.get(k, k) for k in unknown]
+        named = [SETTING_FLAGS.get(k, k) for k in unknown]
         raise ConfigError(f"{', '.join(named)}: not a setting of the {metric} metric's detector"
-                          f"{' (its settings: ' + ', '.join(flag.get(k, k) for k in sorted(known)) + ')' if known else ''}"
+                          f"{' (its settings: ' + ', '.join(SETTING_FLAGS[k] for k in sorted(known)) + ')' if known else ''}"
                           "; leave it out")
+    if metric in CONDITIONERS:
+        checked_settings(metric, condition_settings or {})  # each of its type
     if metric == "fill50k" and data is not None and not fill50k_shards(data):
         others = " or ".join(m for m in CONDITION_METRICS if m != "fill50k")
         why, instead = ((f" (it was made for the {manifest['condition']} condition)", "leave out --metric")
@@ -310,8 +311,7 @@ def eval_controlnet(pretrained_model_name_or_path: str | None, controlnet, data:
     the pipeline's ``controlnet_conditioning_scale`` (the ControlNet's residuals times it; 0 gives
     the base alone's images).
     """
-    from ..models import (DEFAULT_MODEL, check_controlnet_source, load_base_model, load_controlnet,
-                          with_prediction_type)
+    from ..models import DEFAULT_MODEL, check_controlnet_source, load_base_model, load_controlnet, with_prediction_type
     from ..pipelines import controlnet_pipeline
     from ..recorded import recorded_loading, resolve_base, resolve_vae
     from ..validation import image_grid
