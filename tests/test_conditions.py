@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -414,3 +415,21 @@ def test_depth_model_loads_safetensors_only_and_fails_clearly_offline(tiny_depth
     with pytest.raises(ModelLoadError, match="a folder, but no transformers depth estimator could be read from it"
                                              ".*model.safetensors"):
         Depth(str(pickled))(picture)  # a pickle is never loaded
+
+
+def test_condition_settings_from_python_are_checked_by_name_and_type(tmp_path):
+    """write_condition_dataset's **settings (and eval's condition_settings): another condition's setting, a
+    misspelt one or a threshold as a string were bare TypeErrors; the CLI's flags were checked already."""
+    from difftune.eval.run import check_eval_request
+
+    bad = [(dict(low=50), "'low' is not a setting of the canny condition: its settings are low_threshold "
+                          "(--low_threshold), high_threshold (--high_threshold)"),
+           (dict(model="x"), "'model' (--depth_model) is a setting of the depth condition, not of canny"),
+           (dict(low_threshold="50"), "low_threshold (--low_threshold) must be an integer, got '50'"),
+           (dict(high_threshold=True), "high_threshold (--high_threshold) must be an integer, got True"),
+           (dict(condition="depth", model=5), "model (--depth_model) must be a string, got 5")]
+    for settings, message in bad:  # refused before --input_dir (not there) is looked at
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            write_condition_dataset(tmp_path / "no-input", tmp_path / "out", **settings)
+    with pytest.raises(ConfigError, match=re.escape("high_threshold (--high_threshold) must be an integer, got 2.5")):
+        check_eval_request("canny", 2, None, {"high_threshold": 2.5})  # before models load

@@ -169,3 +169,35 @@ def test_a_setting_given_flat_and_in_its_section_or_a_models_own_record_is_refus
         _build(CustomDiffusionConfig, "--config", meta)
     with pytest.raises(ConfigError, match="--variant is empty"):
         _build(ControlNetConfig, "--train_data_dir", str(tmp_path), "--variant", "")
+
+
+def test_from_dict_takes_pathlib_paths_where_a_string_is_expected(tmp_path):
+    """As the dataclasses themselves do: a folder from Python is often a pathlib.Path (lists of them too)."""
+    cfg = from_dict(ControlNetConfig, {"train_data_dir": tmp_path / "shc", "output_dir": tmp_path / "out",
+                                       "validation_prompt": "a red circle",
+                                       "validation_image": [tmp_path / "a.png", "b.png"]})
+    assert cfg.data.train_data_dir == str(tmp_path / "shc") and cfg.train.output_dir == str(tmp_path / "out")
+    assert cfg.validation.validation_image == [str(tmp_path / "a.png"), "b.png"]
+    one = from_dict(ControlNetConfig, {"train_data_dir": "d", "validation_prompt": "x", "validation_image": tmp_path})
+    assert one.validation.validation_image == [str(tmp_path)]
+    cd = from_dict(CustomDiffusionConfig, {"instance_data_dir": tmp_path, "instance_prompt": "a <new1> star"})
+    assert cd.data.instance_data_dir == str(tmp_path)
+    with pytest.raises(ConfigError, match="'learning_rate' must be a number"):  # a path is still no number
+        from_dict(ControlNetConfig, {"train_data_dir": "d", "learning_rate": tmp_path})
+
+
+def test_the_training_calls_refuse_what_is_no_run_config_of_their_method(tmp_path):
+    """A dict, a config file's name or the other method's config failed as "'dict' object has no attribute
+    'optim'": said as a TypeError that names from_dict."""
+    import difftune
+
+    cn = from_dict(ControlNetConfig, {"train_data_dir": str(tmp_path)})
+    calls = [(difftune.train_controlnet, {"train_data_dir": "shc"},
+              r"train_controlnet takes a difftune.ControlNetConfig, got dict: from_dict\(ControlNetConfig, \{...\}\)"),
+             (difftune.train_custom_diffusion, "cd.yaml", r"got str: from_dict\(CustomDiffusionConfig, "
+                                                           r"read_config_file\(path\)\) reads a config file"),
+             (difftune.train_custom_diffusion, cn, "got a ControlNetConfig: train that with difftune.train_controlnet")]
+    for call, cfg, message in calls:
+        with pytest.raises(TypeError, match=message):
+            call(cfg)
+    assert not list(tmp_path.iterdir())

@@ -207,3 +207,21 @@ def test_a_damaged_run_record_is_said_not_silently_skipped(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="difftune"):
         assert recorded_base(controlnet=tmp_path) is None
     assert f"{tmp_path / 'difftune_config.json'} is not valid JSON" in caplog.text
+
+
+def test_eval_controlnet_from_python_without_a_base_uses_the_recorded_one(tiny_model_dir, fill_dir, tmp_path, capsys):
+    """None as the base: the one the run recorded, read as the run read it (its tokenizer, prediction type), as
+    generate() does and the CLI did on its own (the API raised a TypeError on None)."""
+    from difftune.api import train_controlnet
+    from difftune.eval.run import eval_controlnet
+    from conftest import make_config
+
+    run = tmp_path / "cn"
+    train_controlnet(make_config(tiny_model_dir, fill_dir, run, max_train_steps=1, prediction_type="v_prediction",
+                                 tokenizer_name=str(tiny_model_dir / "tokenizer")))
+    capsys.readouterr()
+    result = eval_controlnet(None, run, n=1, steps=1, baseline=False)
+    assert result["base_model"] == str(tiny_model_dir)
+    said = capsys.readouterr().err
+    assert f"base model: {tiny_model_dir} (recorded in" in said and f"tokenizer: {tiny_model_dir / 'tokenizer'}" in said
+    assert "prediction type: v_prediction (the adapter's run trained with it" in said

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -329,3 +331,44 @@ def test_generate_from_python_checks_its_arguments_like_the_cli(tmp_path):
               "image": str(tmp_path / "c.png"), "prompt": "x", **change}
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             generate(**kw)
+
+
+def test_generate_refuses_a_bad_condition_or_device_before_any_warning_or_model(tmp_path, caplog, monkeypatch):
+    """From Python: an unknown condition, a setting its detector does not take or a device torch cannot use was
+    said only after the base had loaded (a raw TypeError or torch's RuntimeError; 'sobel' after the warning that
+    the ControlNet was trained on canny). Here the base does not exist: a load would fail first."""
+    import json
+    import logging
+
+    from difftune.api import generate
+    from difftune.errors import ConfigError
+
+    data, run = tmp_path / "edges", tmp_path / "cn"  # a ControlNet run that trained on canny conditions
+    data.mkdir()
+    (data / "difftune_dataset.json").write_text(json.dumps({"kind": "conditions", "condition": "canny"}))
+    run.mkdir()
+    (run / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    (run / "difftune_config.json").write_text(json.dumps({"data": {"train_data_dir": str(data)},
+                                                          "train": {"output_dir": str(run)}}))
+    Image.new("RGB", (64, 64)).save(tmp_path / "c.png")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bad = [(dict(condition="sobel"), "unknown condition 'sobel'; known: canny, depth"),
+           (dict(condition="canny", condition_settings={"low": 5}),
+            "'low' is not a setting of the canny condition: its settings are low_threshold (--low_threshold), "
+            "high_threshold (--high_threshold)"),
+           (dict(condition="canny", condition_settings={"model": "x"}),
+            "'model' (--depth_model) is a setting of the depth condition, not of canny"),
+           (dict(condition="canny", condition_settings={"low_threshold": "50"}),
+            "low_threshold (--low_threshold) must be an integer, got '50'"),
+           (dict(condition_settings={"low_threshold": 50}), "condition_settings {'low_threshold': 50} without a "
+                                                             "condition"),
+           (dict(device="tpu"), "--device 'tpu' is not a torch device"),
+           (dict(device="cuda"), "--device cuda: no CUDA GPU is visible to torch here")]
+    for change, message in bad:
+        kw = {"pretrained_model_name_or_path": str(tmp_path / "no-model"), "controlnet": str(run),
+              "image": str(tmp_path / "c.png"), "prompt": "x", **change}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="difftune"):
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                generate(**kw)
+        assert not caplog.records, change  # no word of the canny training before the refusal

@@ -72,6 +72,24 @@ def _callers_random_state_kept():
     return torch.random.fork_rng(devices=[])
 
 
+def _check_run_config(cfg: Any, cfg_cls: type, call: str) -> None:
+    """A run config of the method's own class: a dict, a file name or the other method's config would otherwise
+    fail as an AttributeError deep in the call."""
+    from .config_io import METHODS
+
+    if isinstance(cfg, cfg_cls):
+        return
+    if type(cfg).__name__ in METHODS:  # the other method's run config
+        other = type(cfg).__name__
+        raise TypeError(f"{call} takes a difftune.{cfg_cls.__name__}, got a {other}: train that with "
+                        f"difftune.train_{METHODS[other][0].lower().replace(' ', '_')}.")
+    hint = (f"from_dict({cfg_cls.__name__}, read_config_file(path)) reads a config file"
+            if isinstance(cfg, (str, os.PathLike)) else f"from_dict({cfg_cls.__name__}, {{...}}) builds one from a "
+            "flat or sectioned dict of flag names")
+    raise TypeError(f"{call} takes a difftune.{cfg_cls.__name__}, got {type(cfg).__name__}: "
+                    f"{hint} (from difftune.config import from_dict, read_config_file).")
+
+
 def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
     """Train a ControlNet as configured; returns the run summary (also in OUTPUT_DIR/train_summary.json).
 
@@ -81,6 +99,7 @@ def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
     from .methods.controlnet import ControlNetMethod
     from .trainer import Trainer
 
+    _check_run_config(cfg, ControlNetConfig, "train_controlnet")
     cfg = resolve_seed(cfg)
     quiet_other_processes()
     check_before_loading(cfg)
@@ -111,9 +130,11 @@ def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
     with prior preservation (each example then carries a class image too), as diffusers does
     (``CustomDiffusionMethod.lr_scale``).
     """
+    from .config_custom_diffusion import CustomDiffusionConfig
     from .methods.custom_diffusion import CustomDiffusionMethod
     from .trainer import Trainer
 
+    _check_run_config(cfg, CustomDiffusionConfig, "train_custom_diffusion")
     cfg = resolve_seed(cfg)
     quiet_other_processes()
     check_before_loading(cfg)
@@ -170,6 +191,19 @@ def _check_generate_arguments(prompt, image, controlnet, steps, num_images, guid
             raise ConfigError(f"generate: {name} must be a finite number, got {value!r}.")
     if controlnet is not None and image is None:
         raise ConfigError("generate: a ControlNet needs a conditioning image (image=PATH or a PIL image).")
+
+
+def _conditioner(condition: str | None, settings: dict | None) -> Any:
+    """The conditioner ``condition`` (and its ``condition_settings``) name, built before any warning or model:
+    an unknown condition or setting was said only after the base had loaded."""
+    from .data.conditions import conditioner_from_settings
+
+    if condition is None:
+        if settings:
+            raise ConfigError(f"generate: condition_settings {settings!r} without a condition: give condition= "
+                              "(e.g. 'canny'), or leave them out.")
+        return None
+    return conditioner_from_settings({**(settings or {}), "condition": condition})
 
 
 def _warn_other_condition(controlnet: str | Path, condition: str | None) -> None:
@@ -238,6 +272,7 @@ def generate(
     from .models import check_controlnet_source, load_base_model, load_controlnet, with_prediction_type
     from .recorded import check_one_base, recorded_base_name, recorded_loading, resolve_base, resolve_vae
     from .pipelines import controlnet_pipeline, run_controlnet_pipeline
+    from .pretrain import resolve_device
 
     if control_guidance not in CONTROL_GUIDANCE:
         raise ConfigError(f"--control_guidance {control_guidance!r} is not one of {', '.join(CONTROL_GUIDANCE)}.")
@@ -252,6 +287,7 @@ def generate(
                           "the first argument is the base model; pass the prompt as prompt=....")
     _check_generate_arguments(prompt, image, controlnet, num_inference_steps, num_images, guidance_scale,
                               controlnet_conditioning_scale, seed)
+    conditioner = _conditioner(condition, condition_settings)  # an unknown condition or setting: said first
     given_base = pretrained_model_name_or_path
     if controlnet is not None and custom_diffusion is not None:
         check_one_base({f"--controlnet {controlnet}": recorded_base_name(controlnet=controlnet),
@@ -261,7 +297,7 @@ def generate(
     if given_base is None:
         vae = resolve_vae(vae, None, controlnet)
     loading = recorded_loading(given_base, controlnet)  # the run's tokenizer and prediction type, on its base
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device or "auto")  # (a device torch cannot use is said before any model loads)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if resolution is not None:
         check_resolution(resolution)  # as training does: the pipeline would quietly round it down
@@ -307,13 +343,11 @@ def generate(
             guidance_scale=guidance_scale, height=res, width=res, num_images_per_prompt=n,
             generator=generators).images, on_image, keep)
     cond = image if isinstance(image, Image.Image) else _open_condition(image)
-    if condition is not None:  # computed at the size it is sampled at: the picture's own aspect ratio
-        from .data.conditions import conditioner_from_settings
+    if conditioner is not None:  # computed at the size it is sampled at: the picture's own aspect ratio
         from .pipelines import output_size
 
         height, width = output_size(cond, res, max(8, base.vae_scale_factor))
-        cond = conditioner_from_settings({"condition": condition, **(condition_settings or {})})(
-            cond.convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
+        cond = conditioner(cond.convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
         if condition_out is not None:
             cond.save(condition_out)
     return run_controlnet_pipeline(

@@ -124,19 +124,15 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_eval_controlnet(args: argparse.Namespace) -> int:
     from .eval.run import eval_controlnet, format_table
-    from .recorded import recorded_loading, resolve_base, resolve_vae
 
     with out_dir(args.out):  # a failed evaluation leaves no empty --out
-        result = eval_controlnet(resolve_base(args.pretrained_model_name_or_path, controlnet=args.controlnet),
-                                 args.controlnet, data=args.data, n=args.n,
+        result = eval_controlnet(args.pretrained_model_name_or_path, args.controlnet, data=args.data, n=args.n,
                                  steps=args.num_inference_steps, seed=args.seed, guidance_scale=args.guidance_scale,
                                  out=args.out, baseline=not args.no_baseline, metric=args.metric,
                                  condition_settings=_condition_settings(args, None),
                                  control_guidance=tuple(args.control_guidance),
                                  conditioning_scale=args.controlnet_conditioning_scale,
-                                 vae=resolve_vae(args.pretrained_vae_model_name_or_path,
-                                                 args.pretrained_model_name_or_path, args.controlnet),
-                                 loading=recorded_loading(args.pretrained_model_name_or_path, args.controlnet))
+                                 vae=args.pretrained_vae_model_name_or_path)
     print(format_table(result))
     modes = {"both": "ControlNet", "cond": "ControlNet, cond only"}
     columns = " | ".join(["condition", *(modes[m] for m in dict.fromkeys(args.control_guidance)),

@@ -158,6 +158,8 @@ def typed_value(name: str, hint: Any, value: Any) -> Any:
         raise ConfigError(f"Setting '{name}' needs a value, got null/None.")
     if optional and len(args) == 1:
         hint = args[0]
+    if hint is str or typing.get_args(hint) == (str,):  # a folder given as a pathlib.Path, as the sections take it
+        value = [_fspath(v) for v in value] if isinstance(value, (list, tuple)) else _fspath(value)
     if typing.get_origin(hint) is list and typing.get_args(hint) == (str,):
         if isinstance(value, str):
             return [value]
@@ -181,6 +183,10 @@ def typed_value(name: str, hint: Any, value: Any) -> Any:
     if not ok:
         raise ConfigError(f"Setting '{name}' must be {_KIND[hint]}, got {value!r} ({type(value).__name__}).")
     return value
+
+
+def _fspath(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def _typed_section(section_cls: type, values: dict) -> dict:

@@ -302,15 +302,20 @@ def world_samples(n_images: int, seed: int, world: str = "standard") -> list:
 
 
 def resolve_device(device: str) -> str:
+    """``--device`` (``auto``: a CUDA GPU when torch sees one), refused when torch cannot use it here: said
+    before any model loads (also by ``generate``), not as torch's error once the models are loaded."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
     try:
-        torch.device(device)
-    except RuntimeError:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
         raise ConfigError(f"--device {device!r} is not a torch device: use auto, cpu, cuda or cuda:N.") from None
-    return device
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here, "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    return str(device)
 
 
 def pretrain_base(out: str | Path, n_images: int = 20000, vae_steps: int = 1500, unet_steps: int = 2000,

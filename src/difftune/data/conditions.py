@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,7 @@ class Depth(Conditioner):
 
 
 CONDITIONERS: dict[str, type] = {"canny": Canny, "depth": Depth}
+SETTING_FLAGS = {"low_threshold": "--low_threshold", "high_threshold": "--high_threshold", "model": "--depth_model"}
 
 
 def conditioner_from_settings(settings: dict):
@@ -179,7 +181,30 @@ def conditioner_from_settings(settings: dict):
     name = settings.pop("condition")
     if name not in CONDITIONERS:
         raise ConfigError(f"unknown condition {name!r}; known: {', '.join(CONDITIONERS)}")
-    return CONDITIONERS[name](**settings)
+    return CONDITIONERS[name](**checked_settings(name, settings))
+
+
+def checked_settings(condition: str, settings: dict) -> dict:
+    """``settings`` for the ``condition``'s conditioner, each a setting of it and of its type (a path as a string),
+    or a ConfigError naming it: from Python, a misspelt or other condition's setting or a threshold given as a
+    string failed as a bare TypeError, in ``generate`` only after the models had loaded."""
+    kinds = {f.name: f.type for f in fields(CONDITIONERS[condition])}  # "int" / "str" (postponed annotations)
+    accepted = ", ".join(f"{k} ({SETTING_FLAGS[k]})" for k in kinds)
+    checked = {}
+    for key, value in settings.items():
+        if key not in kinds:
+            owner = [n for n, c in CONDITIONERS.items() if key in {f.name for f in fields(c)}]
+            whose = f"({SETTING_FLAGS[key]}) is a setting of the {owner[0]} condition, not of {condition}" if owner \
+                else f"is not a setting of the {condition} condition"
+            raise ConfigError(f"{key!r} {whose}: its settings are {accepted}.")
+        if isinstance(value, os.PathLike) and kinds[key] == "str":
+            value = os.fspath(value)
+        if kinds[key] == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)) or \
+                kinds[key] == "str" and not isinstance(value, str):
+            word = {"int": "an integer", "str": "a string"}[kinds[key]]
+            raise ConfigError(f"{key} ({SETTING_FLAGS[key]}) must be {word}, got {value!r}.")
+        checked[key] = int(value) if kinds[key] == "int" else value
+    return checked
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
@@ -383,7 +408,7 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
 
     if condition not in CONDITIONERS:
         raise ConfigError(f"--condition {condition!r}: known conditions are {', '.join(CONDITIONERS)}")
-    conditioner = CONDITIONERS[condition](**settings)
+    conditioner = conditioner_from_settings({**settings, "condition": condition})
     if resolution is not None:
         check_resolution(resolution)
     src, out = Path(input_dir), Path(out_dir)

@@ -163,7 +163,7 @@ def check_eval_request(metric: str | None, n: int, data: str | Path | None,
     fill50k; the fill50k metric reads circles from a fill50k folder's parquet shards, the others
     read any folder the trainer reads.
     """
-    from ..data.conditions import CONDITIONERS, MANIFEST, read_manifest
+    from ..data.conditions import CONDITIONERS, MANIFEST, SETTING_FLAGS, checked_settings, read_manifest
     from ..errors import DataError
 
     if n < 1:
@@ -183,11 +183,12 @@ def check_eval_request(metric: str | None, n: int, data: str | Path | None,
                           f"{metric} metric cannot score against; leave out --metric, or give a {metric} data set.")
     known = {f.name for f in fields(CONDITIONERS[metric])} if metric in CONDITIONERS else set()
     if unknown := sorted(set(condition_settings or {}) - known):
-        flag = {"model": "--depth_model", "low_threshold": "--low_threshold", "high_threshold": "--high_threshold"}
-        named = [flag.get(k, k) for k in unknown]
+        named = [SETTING_FLAGS.get(k, k) for k in unknown]
         raise ConfigError(f"{', '.join(named)}: not a setting of the {metric} metric's detector"
-                          f"{' (its settings: ' + ', '.join(flag.get(k, k) for k in sorted(known)) + ')' if known else ''}"
+                          f"{' (its settings: ' + ', '.join(SETTING_FLAGS[k] for k in sorted(known)) + ')' if known else ''}"
                           "; leave it out")
+    if metric in CONDITIONERS:
+        checked_settings(metric, condition_settings or {})  # each of its type
     if metric == "fill50k" and data is not None and not fill50k_shards(data):
         others = " or ".join(m for m in CONDITION_METRICS if m != "fill50k")
         why, instead = ((f" (it was made for the {manifest['condition']} condition)", "leave out --metric")
@@ -288,7 +289,7 @@ def _summary(scores: list[dict]) -> dict:
     return {k: float(np.nanmean([s[k] for s in scores])) for k in keys}
 
 
-def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | Path | None = None,
+def eval_controlnet(pretrained_model_name_or_path: str | None, controlnet, data: str | Path | None = None,
                     n: int = 200, steps: int = 20, seed: int = 0, guidance_scale: float = 7.5,
                     out: str | Path | None = None, metric: str | None = None, baseline: bool = True,
                     condition_settings: dict | None = None,
@@ -296,8 +297,10 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
                     vae: str | None = None, loading: dict | None = None) -> dict:
     """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline.
 
-    ``vae`` and ``loading`` (``tokenizer_name``, ``prediction_type``): how the base is read, as the ControlNet's
-    run read it (``difftune.recorded``).
+    ``pretrained_model_name_or_path`` None: the base the ControlNet's run recorded (else tiny-shapes), read as
+    that run read it: ``vae`` None means the recorded VAE, ``loading`` None the recorded tokenizer and prediction
+    type (``difftune.recorded``), as ``difftune.generate`` does. ``loading``: ``{"tokenizer_name": ...,
+    "prediction_type": ...}``, how to read a base given here.
 
     ``metric``: ``fill50k`` (circle IoU), ``canny`` (edge F1) or ``depth`` (depth correlation);
     by default the condition ``data``'s ``difftune_dataset.json`` names, else fill50k.
@@ -308,8 +311,9 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
     the pipeline's ``controlnet_conditioning_scale`` (the ControlNet's residuals times it; 0 gives
     the base alone's images).
     """
-    from ..models import check_controlnet_source, load_base_model, load_controlnet, with_prediction_type
+    from ..models import DEFAULT_MODEL, check_controlnet_source, load_base_model, load_controlnet, with_prediction_type
     from ..pipelines import controlnet_pipeline
+    from ..recorded import recorded_loading, resolve_base, resolve_vae
     from ..validation import image_grid
 
     modes = (control_guidance,) if isinstance(control_guidance, str) else tuple(dict.fromkeys(control_guidance))
@@ -332,6 +336,11 @@ def eval_controlnet(pretrained_model_name_or_path: str, controlnet, data: str | 
         _warn_other_condition(trained[0], metric, data)
     if not isinstance(controlnet, torch.nn.Module):
         training_data = data is not None and _is_training_data(data, controlnet)
+        if not pretrained_model_name_or_path:  # the base its run recorded, read as that run read it
+            pretrained_model_name_or_path = resolve_base(None, controlnet)
+            vae = resolve_vae(vae, None, controlnet)
+            loading = recorded_loading(None, controlnet) if loading is None else loading
+    pretrained_model_name_or_path = pretrained_model_name_or_path or DEFAULT_MODEL  # (an in-memory ControlNet)
     loading = loading or {}
     base = with_prediction_type(load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae,
                                                 tokenizer_name=loading.get("tokenizer_name")),
