@@ -201,3 +201,30 @@ def test_the_training_calls_refuse_what_is_no_run_config_of_their_method(tmp_pat
         with pytest.raises(TypeError, match=message):
             call(cfg)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_concepts_list_runs_record_reads_the_lists_own_folders_from_where_the_run_started(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Repeated from another folder, the list was read from the run's folder but its relative instance_data_dir
+    from the current one ('entry 0: instance_data_dir star is not a folder')."""
+    from difftune.custom_diffusion.concepts import resolve_concepts
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "star").mkdir(parents=True)
+    elsewhere.mkdir()
+    (work / "concepts.json").write_text(json.dumps([{"instance_prompt": "a <new1> star", "instance_data_dir": "star",
+                                                     "class_data_dir": "to-make"}]))
+    monkeypatch.chdir(work)
+    cfg = _build(CustomDiffusionConfig, "--concepts_list", "concepts.json", "--output_dir", "runs/cd")
+    assert cfg.data.concepts_root is None  # (a list given by flag: its folders are read from here)
+    save_resolved(cfg, work / "runs" / "cd")
+    monkeypatch.chdir(elsewhere)
+    cfg = _build(CustomDiffusionConfig, "--config", str(work / "runs" / "cd" / "difftune_config.json"),
+                 "--output_dir", str(tmp_path / "new"))
+    assert cfg.data.concepts_root == str(work)  # the repeated run records it, so that it repeats too
+    concept, = resolve_concepts(cfg.data, [])
+    assert concept.instance_data_dir == str(work / "star")
+    assert concept.class_data_dir == "to-make"  # made where it is not found (here), as a flag's path is
+    assert f"entry 0: instance_data_dir star read from {work}" in capsys.readouterr().err
+    (elsewhere / "star").mkdir()  # one that reads from here is taken from here, as the record's other paths are
+    assert resolve_concepts(cfg.data, [])[0].instance_data_dir == "star"

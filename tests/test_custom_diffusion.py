@@ -478,3 +478,16 @@ def test_resume_refuses_another_set_of_trained_weights_and_ignores_the_file_form
                                           r"\(crossattn_kv\).*Resume with --freeze_model crossattn_kv"):
         warn_changed_settings(tmp_path, cd_config(tiny_model_dir, tmp_path, freeze_model="crossattn", **kw),
                               checkpoint)
+
+
+def test_a_folder_exported_before_the_prediction_type_was_recorded_samples_as_it_did(tmp_path):
+    """An older custom_diffusion.json has no prediction_type or tokenizer_name: the base's own, as before."""
+    from difftune.recorded import one_prediction_type, recorded_concept_loading
+
+    (tmp_path / "custom_diffusion.json").write_text(json.dumps({"base_model": "tiny-shapes", "weight_name": "w"}))
+    assert recorded_concept_loading(None, tmp_path) == {"tokenizer_name": None, "prediction_type": None}
+    assert recorded_concept_loading("another-base", tmp_path) == {}  # a base given: its own scheduler and tokenizer
+    assert one_prediction_type({"old": None}, "epsilon") is None
+    assert one_prediction_type({"old": None, "new": "epsilon"}, "epsilon") == "epsilon"
+    with pytest.raises(ConfigError, match="different prediction types"):
+        one_prediction_type({"old": None, "new": "v_prediction"}, "epsilon")

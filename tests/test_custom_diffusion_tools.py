@@ -159,6 +159,7 @@ def test_merge_keeps_both_concepts_and_loads(tiny_model_dir, two_concepts, tmp_p
     assert max(info["constraint_relative_error"].values()) < 1e-3
     meta = json.loads((out / "custom_diffusion.json").read_text())
     assert [c["instance_prompt"] for c in meta["concepts"]] == ["<new1> star", "<new2> heart"]
+    assert meta["prediction_type"] == "epsilon"  # (what both trained with: the merged folder samples with it)
     images = generate(str(tiny_model_dir), None, None, "<new1> star and <new2> heart", num_inference_steps=2,
                       custom_diffusion=out)
     assert images[0].size == (64, 64)
@@ -457,3 +458,70 @@ def test_default_regularization_captions_fit_the_base():
     assert len(everyday) == len(shapes) == 201 and everyday[-1] == shapes[-1] == "a cat"
     assert "a photo of a dog" in everyday and not any("background" in p for p in everyday)
     assert all(p.endswith("background") for p in shapes[:-1])
+
+
+def test_a_runs_tokenizer_and_prediction_type_reach_the_commands_that_use_it(tiny_model_dir, tmp_path, capsys):
+    """A run's --prediction_type was lost after training (generate sampled with the base scheduler's), and one
+    trained with --tokenizer_name on a base without tokenizer/ could be used by no command."""
+    import shutil
+
+    base = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model_dir, base, ignore=shutil.ignore_patterns("tokenizer"))
+    out = tmp_path / "run"
+    train_custom_diffusion(cd_config(base, out, instance_data_dir=str(write_concept(tmp_path / "star")),
+                                     instance_prompt="<new1> star", max_train_steps=1, prediction_type="v_prediction",
+                                     tokenizer_name=str(tiny_model_dir / "tokenizer")))
+    meta = json.loads((out / "custom_diffusion.json").read_text())
+    assert (meta["prediction_type"], meta["tokenizer_name"]) == ("v_prediction", str(tiny_model_dir / "tokenizer"))
+    card = (out / "README.md").read_text()
+    assert 'from_config(pipe.scheduler.config, prediction_type="v_prediction")' in card  # the card samples as trained
+    assert f"`difftune generate --custom_diffusion {out} " in card  # (on the recorded base, read as it was)
+    capsys.readouterr()
+    assert main(["generate", "--custom_diffusion", str(out), "--prompt", "<new1> star", "--num_inference_steps", "1",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    err = capsys.readouterr().err
+    assert "prediction type: v_prediction (the adapter's run trained with it" in err and "tokenizer: " in err
+    assert main(["custom-diffusion", "compress", "--custom_diffusion", str(out), "--rank", "1",
+                 "--output_dir", str(tmp_path / "c")]) == 0
+    compressed = json.loads((tmp_path / "c" / "custom_diffusion.json").read_text())
+    assert (compressed["prediction_type"], compressed["tokenizer_name"]) == ("v_prediction", meta["tokenizer_name"])
+    assert main(["eval", "custom-diffusion", "--custom_diffusion", str(out), "--n", "1", "--num_inference_steps", "1",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert "prediction type: v_prediction" in capsys.readouterr().err
+    # another base, given: its own tokenizer and scheduler (none here: the hint names a flag the command takes)
+    assert main(["custom-diffusion", "compress", "--custom_diffusion", str(out), "--rank", "1", "--output_dir",
+                 str(tmp_path / "c2"), "--pretrained_model_name_or_path", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert "missing sub-folder(s) tokenizer" in err and "--tokenizer_name for tokenizer/" in err
+    assert "--pretrained_vae_model_name_or_path" not in err
+    assert main(["custom-diffusion", "compress", "--custom_diffusion", str(out), "--rank", "1", "--output_dir",
+                 str(tmp_path / "c2"), "--pretrained_model_name_or_path", str(base),
+                 "--tokenizer_name", str(tiny_model_dir / "tokenizer")]) == 0
+
+
+def test_concepts_or_a_controlnet_trained_with_other_prediction_types_are_refused(tiny_model_dir, tiny_base,
+                                                                                  two_concepts, tmp_path, capsys):
+    """Merged, or sampled together, one of them would be read with the other's prediction type."""
+    import shutil
+
+    from diffusers import ControlNetModel
+
+    v = tmp_path / "v"  # a concept trained with --prediction_type v_prediction (the other predates the record)
+    shutil.copytree(two_concepts[1], v)
+    meta = json.loads((v / "custom_diffusion.json").read_text())
+    (v / "custom_diffusion.json").write_text(json.dumps(dict(meta, prediction_type="v_prediction")))
+    assert main(["custom-diffusion", "merge", "--concepts", str(two_concepts[0]), str(v),
+                 "--output_dir", str(tmp_path / "m")]) == 2
+    assert "merge: the concepts were trained with different prediction types" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    controlnet = tmp_path / "controlnet"  # a ControlNet run on the same base, trained with epsilon
+    ControlNetModel.from_unet(tiny_base.unet).save_pretrained(controlnet)
+    (controlnet / "difftune_config.json").write_text(json.dumps(
+        {"model": {"pretrained_model_name_or_path": str(tiny_model_dir)}, "loss": {"prediction_type": "epsilon"}}))
+    outline = str(tmp_path / "outline.png")
+    Image.new("RGB", (64, 64)).save(outline)
+    argv = ["generate", "--controlnet", str(controlnet), "--image", outline, "--prompt", "<new1> heart",
+            "--num_inference_steps", "1", "--out", str(tmp_path / "g.png")]
+    assert main([*argv, "--custom_diffusion", str(v)]) == 2
+    assert "trained with different prediction types" in capsys.readouterr().err
+    assert main([*argv, "--custom_diffusion", str(v), "--pretrained_model_name_or_path", str(tiny_model_dir)]) == 0

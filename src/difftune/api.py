@@ -242,6 +242,7 @@ def generate(
     condition_out: str | Path | None = None,
     control_guidance: str = "both",
     vae: str | None = None,
+    tokenizer_name: str | None = None,
     on_image: Any = None,
     keep: bool = True,
 ) -> list[Image.Image]:
@@ -260,7 +261,8 @@ def generate(
     (``pipelines.controlnet_in_guidance``).
 
     ``pretrained_model_name_or_path`` None: the base the adapter was trained on (as recorded in its folder),
-    else tiny-shapes; ``vae`` None with it: the VAE that run trained with. So
+    else tiny-shapes; ``vae`` and ``tokenizer_name`` None with it: the VAE and tokenizer that run trained with (and
+    its prediction type; a ControlNet and a concept trained with different ones are refused). So
     ``generate(prompt="a <new1> star", custom_diffusion="cd1")`` is a whole call.
 
     fp16 on CUDA, fp32 on the CPU; the same seed gives the same images: image i of ``num_images`` is drawn
@@ -270,7 +272,8 @@ def generate(
     """
     from .data.transforms import check_resolution
     from .models import check_controlnet_source, load_base_model, load_controlnet, with_prediction_type
-    from .recorded import check_one_base, recorded_base_name, recorded_loading, resolve_base, resolve_vae
+    from .recorded import (check_one_base, one_prediction_type, recorded_base_name, recorded_concept_loading,
+                           recorded_loading, resolve_base, resolve_vae)
     from .pipelines import controlnet_pipeline, run_controlnet_pipeline
     from .pretrain import resolve_device
 
@@ -297,6 +300,8 @@ def generate(
     if given_base is None:
         vae = resolve_vae(vae, None, controlnet)
     loading = recorded_loading(given_base, controlnet)  # the run's tokenizer and prediction type, on its base
+    concept = recorded_concept_loading(given_base, custom_diffusion)  # (and the concept's run's)
+    tokenizer_name = tokenizer_name or loading.get("tokenizer_name") or concept.get("tokenizer_name")
     device = resolve_device(device or "auto")  # (a device torch cannot use is said before any model loads)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     if resolution is not None:
@@ -310,9 +315,11 @@ def generate(
     if controlnet is not None:
         check_controlnet_source(str(controlnet), "--controlnet")  # before the base model loads
         _warn_other_condition(controlnet, condition)
-    base = with_prediction_type(load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae,
-                                                tokenizer_name=loading.get("tokenizer_name")),
-                                loading.get("prediction_type"), recorded=True)
+    base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae, tokenizer_name=tokenizer_name)
+    trained = {**({f"--controlnet {controlnet}": loading["prediction_type"]} if loading.get("prediction_type") else {}),
+               **({f"--custom_diffusion {custom_diffusion}": concept["prediction_type"]} if concept else {})}
+    base = with_prediction_type(base, one_prediction_type(trained, base.noise_scheduler.config.prediction_type),
+                                recorded=True)
     res = resolution or base.native_resolution
     _check_latent_multiple(res, base.vae_scale_factor)
     if controlnet is None:

@@ -16,8 +16,8 @@ from pathlib import Path
 from .errors import UserError
 
 from .cli_flags import (  # noqa: F401 (re-exported)
-    add_config_flags, add_launcher_flags, add_vae_flag, at_least, config_from_args, finite_float, out_dir,
-    refuse_unknown,
+    add_config_flags, add_launcher_flags, add_tokenizer_flag, add_vae_flag, at_least, config_from_args, finite_float,
+    given_tokenizer, out_dir, refuse_unknown,
 )
 from .cli_process import Terminated, redact_secrets, saved_so_far, show_messages, stop_on_sigterm  # noqa: F401 (re-exported)
 from .cli_data import _add_condition_flags, _check_condition_flags, _condition_settings  # noqa: F401 (re-exported)
@@ -103,7 +103,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cpu_offload=args.cpu_offload,
         enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
         condition=args.condition, condition_out=condition_out, control_guidance=args.control_guidance,
-        vae=args.pretrained_vae_model_name_or_path,
+        vae=args.pretrained_vae_model_name_or_path, tokenizer_name=args.tokenizer_name,
         condition_settings=_condition_settings(args, args.condition) if args.condition else {},
         on_image=save, keep=False,
     )
@@ -124,6 +124,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_eval_controlnet(args: argparse.Namespace) -> int:
     from .eval.run import eval_controlnet, format_table
+    from .recorded import recorded_loading
 
     with out_dir(args.out):  # a failed evaluation leaves no empty --out
         result = eval_controlnet(args.pretrained_model_name_or_path, args.controlnet, data=args.data, n=args.n,
@@ -132,7 +133,9 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
                                  condition_settings=_condition_settings(args, None),
                                  control_guidance=tuple(args.control_guidance),
                                  conditioning_scale=args.controlnet_conditioning_scale,
-                                 vae=args.pretrained_vae_model_name_or_path)
+                                 vae=args.pretrained_vae_model_name_or_path,  # (None: the recorded one)
+                                 loading=given_tokenizer(args, recorded_loading(args.pretrained_model_name_or_path,
+                                                                                args.controlnet)))
     print(format_table(result))
     modes = {"both": "ControlNet", "cond": "ControlNet, cond only"}
     columns = " | ".join(["condition", *(modes[m] for m in dict.fromkeys(args.control_guidance)),
@@ -222,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_images", type=at_least(1), default=1)
     g.add_argument("--resolution", type=at_least(8), help="image size (default: the base model's)")
     add_vae_flag(g)
+    add_tokenizer_flag(g)
     g.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     g.add_argument("--cpu_offload", action="store_true", help="keep only the running model on the GPU")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
@@ -253,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out conditions to sample and score (fewer when --data holds fewer usable ones)")
     e.add_argument("--no_baseline", action="store_true", help="skip the base-model-alone baseline")
     add_vae_flag(e)
+    add_tokenizer_flag(e)
     e.add_argument("--control_guidance", nargs="+", choices=CONTROL_GUIDANCE, default=["both"],
                    help="evaluate with the ControlNet on both halves of classifier-free guidance (both, row "
                         "controlnet; diffusers' default) and/or on the conditional half only (cond, row "

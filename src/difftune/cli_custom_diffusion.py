@@ -55,6 +55,18 @@ def base_of(args: argparse.Namespace, folder: str | Path) -> str:
     return resolve_base(args.pretrained_model_name_or_path, custom_diffusion=folder)
 
 
+def _load_recorded_base(args: argparse.Namespace, folder: str | Path):
+    """The base a folder was trained on (``base_of``), read as its run read it: its recorded --tokenizer_name,
+    unless --pretrained_model_name_or_path names another base; --tokenizer_name over either."""
+    from .cli_flags import given_tokenizer
+    from .models import load_base_model
+    from .recorded import recorded_concept_loading
+
+    base = base_of(args, folder)
+    loading = given_tokenizer(args, recorded_concept_loading(args.pretrained_model_name_or_path, folder))
+    return load_base_model(base, tokenizer_name=loading.get("tokenizer_name"), stand_ins=("tokenizer",))
+
+
 def _check_output_dir(args: argparse.Namespace, inputs: list[str], flag: str) -> None:
     """Never write over an input folder; an existing non-empty --output_dir needs --overwrite."""
     from .data.writing import check_out_dir
@@ -91,7 +103,6 @@ def _write_new_folder(args: argparse.Namespace, write, inputs: list[str]) -> dic
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .custom_diffusion.merge import merge_concepts
-    from .models import load_base_model
     from .recorded import check_one_base, recorded_base_name
 
     prompts = None
@@ -109,7 +120,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     _check_output_dir(args, args.concepts, "--concepts")
     check_one_base({folder: recorded_base_name(custom_diffusion=folder) for folder in args.concepts},
                    args.pretrained_model_name_or_path, "--concepts", "a merge combines weight changes of one base")
-    base = load_base_model(base_of(args, args.concepts[0]))
+    base = _load_recorded_base(args, args.concepts[0])
     info = _write_new_folder(args, lambda tmp: merge_concepts(args.concepts, base, tmp, prompts,
                                                               safe=not args.no_safe_serialization), args.concepts)
     print(json.dumps(info, indent=2))
@@ -118,11 +129,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from .custom_diffusion.compress import check_compress_amount, compress
-    from .models import load_base_model
 
     check_compress_amount(args.rank, args.energy)  # before the base model loads
     _check_output_dir(args, [args.custom_diffusion], "--custom_diffusion")
-    base = load_base_model(base_of(args, args.custom_diffusion))
+    base = _load_recorded_base(args, args.custom_diffusion)
     info = _write_new_folder(args, lambda tmp: compress(args.custom_diffusion, base.unet, tmp, args.rank, args.energy),
                              [args.custom_diffusion])
     print(json.dumps(info, indent=2))
@@ -130,14 +140,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .cli_flags import out_dir
+    from .cli_flags import given_tokenizer, out_dir
     from .custom_diffusion.eval import eval_custom_diffusion, format_table
+    from .recorded import recorded_concept_loading
 
     with out_dir(args.out):  # a failed evaluation leaves no empty --out
-        result = eval_custom_diffusion(base_of(args, args.custom_diffusion), args.custom_diffusion, n=args.n,
-                                       steps=args.num_inference_steps, seed=args.seed,
-                                       guidance_scale=args.guidance_scale, out=args.out, weight_name=args.weight_name,
-                                       clip_model=args.clip_model)
+        base = base_of(args, args.custom_diffusion)  # (the folder checked before its record is read)
+        loading = given_tokenizer(args, recorded_concept_loading(args.pretrained_model_name_or_path,
+                                                                 args.custom_diffusion))
+        result = eval_custom_diffusion(base, args.custom_diffusion, n=args.n, steps=args.num_inference_steps,
+                                       seed=args.seed, guidance_scale=args.guidance_scale, out=args.out,
+                                       weight_name=args.weight_name, clip_model=args.clip_model, loading=loading)
     print(format_table(result))
     print(f"details: {Path(args.out) / 'eval_custom_diffusion.json'}, grid: {Path(args.out) / 'eval_custom_diffusion.png'}"
           f" (rows, up to 8 images each: {'; '.join(result['grid_rows'])})")
@@ -146,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub, train_sub, eval_sub=None) -> None:
     """Add the Custom Diffusion commands to the top-level, ``train`` and ``eval`` sub-parsers."""
-    from .cli_flags import add_config_flags, add_launcher_flags, at_least, finite_float
+    from .cli_flags import add_config_flags, add_launcher_flags, add_tokenizer_flag, at_least, finite_float
     from .config_custom_diffusion import CustomDiffusionConfig, custom_diffusion_defaults
     from .recipes import recipes_for
 
@@ -186,6 +199,7 @@ def register(sub, train_sub, eval_sub=None) -> None:
         q.add_argument("--pretrained_model_name_or_path", help="base model (default: the one the folder was trained on, from its custom_diffusion.json)")
         q.add_argument("--output_dir", required=True, help="a new folder for the result")
         q.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
+        add_tokenizer_flag(q)
     m.set_defaults(func=cmd_merge)
     c.set_defaults(func=cmd_compress)
 
@@ -194,6 +208,7 @@ def register(sub, train_sub, eval_sub=None) -> None:
         e.add_argument("--pretrained_model_name_or_path", help="base model (default: the one the folder was trained on, from its custom_diffusion.json)")
         e.add_argument("--custom_diffusion", required=True, help="Custom Diffusion output folder")
         e.add_argument("--weight_name", help="weight file in the folder (default: from custom_diffusion.json)")
+        add_tokenizer_flag(e)
         e.add_argument("--n", type=at_least(1), default=16,
                        help="images per prompt: each concept's token prompt and class prompt (the 8 unrelated "
                             "prompts that measure drift get one image each)")

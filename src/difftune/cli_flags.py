@@ -139,6 +139,18 @@ def add_vae_flag(parser: argparse.ArgumentParser) -> None:
                              "ControlNet's run recorded, when the base is too)")
 
 
+def add_tokenizer_flag(parser: argparse.ArgumentParser) -> None:
+    """``--tokenizer_name`` for commands that use a trained adapter (it stands in for a base's missing tokenizer/)."""
+    parser.add_argument("--tokenizer_name",
+                        help="a tokenizer folder or hub id in place of the base's (default: the one the adapter's "
+                             "run recorded, when the base is too)")
+
+
+def given_tokenizer(args: argparse.Namespace, loading: dict) -> dict:
+    """``loading`` (how an adapter's run read its base) with --tokenizer_name over its tokenizer, when given."""
+    return {**loading, "tokenizer_name": args.tokenizer_name} if args.tokenizer_name else loading
+
+
 # ----------------------------------------------------------------------------- unknown flags
 def _sub_choices(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:  # argparse keeps sub-commands as an action; no public accessor

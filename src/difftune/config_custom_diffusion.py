@@ -29,6 +29,9 @@ class CustomDiffusionDataConfig:
         None, "JSON file: a list of {instance_prompt, class_prompt, instance_data_dir, class_data_dir}, "
               "one per concept, trained jointly (replaces the four single-concept flags)."
     )
+    concepts_root: str | None = opt(
+        None, "Folder the relative folders in --concepts_list are read from where they do not exist from the current "
+              "folder (a run's record repeated from another folder sets it to the folder that run was started in).")
     with_prior_preservation: bool = opt(False, "Add the prior-preservation loss on class images.")
     real_prior: bool = opt(False, "Class images are real images with captions (`difftune retrieve`, or a folder "
                                   "with images.txt + caption.txt, or images with same-name .txt captions).")

@@ -24,7 +24,8 @@ RUN_RECORD = "difftune_config.json"
 # are left alone: a new run writes where it is told); each is resolved only when it reads from nowhere here
 PATH_SETTINGS = ("pretrained_model_name_or_path", "controlnet_model_name_or_path", "pretrained_vae_model_name_or_path",
                  "tokenizer_name", "cache_dir", "train_data_dir", "dataset_name", "latent_cache_dir",
-                 "validation_image", "resume_from_checkpoint", "instance_data_dir", "class_data_dir", "concepts_list")
+                 "validation_image", "resume_from_checkpoint", "instance_data_dir", "class_data_dir", "concepts_list",
+                 "concepts_root")
 # of those, the ones that can only be local paths: one that does not exist is an error before any model loads
 LOCAL_ONLY = ("train_data_dir", "validation_image", "instance_data_dir", "concepts_list")
 
@@ -111,6 +112,9 @@ def _read_paths_as_recorded(file: ConfigFile) -> None:
                 section[key] = [as_recorded(v, file.path, file.values) if isinstance(v, str) else v for v in value]
             if key in section and section[key] != value:
                 moved.append(key)
+    data = file.values.get("data", {})
+    if data.get("concepts_list") and not data.get("concepts_root"):  # the paths inside it are the run's too
+        data["concepts_root"] = str(file.started_in)
     if moved:
         print(f"config file {file.path} is a run's record: {', '.join(moved)} read from {file.started_in}, where that "
               "run was started (its paths are relative to it)", file=sys.stderr)

@@ -32,6 +32,41 @@ def recorded_loading(explicit_base: str | None, controlnet: str | Path | None) -
     }
 
 
+def recorded_concept_loading(explicit_base: str | None, custom_diffusion: str | Path | None) -> dict[str, str | None]:
+    """As ``recorded_loading``, for a Custom Diffusion folder: the tokenizer and prediction type its run trained
+    with, from its custom_diffusion.json. Empty when another base is given; a folder exported before these were
+    recorded gives None for each (the base's own, as it was sampled with then)."""
+    import json
+
+    if explicit_base or custom_diffusion is None:
+        return {}
+    path = Path(custom_diffusion) / "custom_diffusion.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}  # (read_meta names a missing or damaged file)
+    found = {k: meta.get(k) if isinstance(meta, dict) else None for k in ("tokenizer_name", "prediction_type")}
+    found = {k: v if isinstance(v, str) and v else None for k, v in found.items()}
+    if found["tokenizer_name"]:
+        print(f"tokenizer: {found['tokenizer_name']} (recorded in {path})", file=sys.stderr)
+    return found
+
+
+def one_prediction_type(recorded: dict[str, str | None], own: str) -> str | None:
+    """The prediction type to sample with for adapters (``{label: what its run recorded}``; None: the base
+    scheduler's ``own``, as folders that predate the record trained with): refused when they differ, as the base's
+    UNet predicts one thing and an adapter trained toward another target would be sampled wrongly."""
+    from .errors import ConfigError
+
+    used = {label: value or own for label, value in recorded.items()}
+    if len(set(used.values())) > 1:
+        listed = "; ".join(f"{label}: {value}" for label, value in used.items())
+        raise ConfigError(f"the adapters were trained with different prediction types ({listed}), and they sample "
+                          "with one scheduler: use adapters trained alike, or give --pretrained_model_name_or_path "
+                          "to sample with that base's own scheduler.")
+    return next((v for v in recorded.values() if v), None)
+
+
 def _recorded_setting(controlnet: str | Path, section: str, key: str, what: str | None, note: str,
                       path: bool = False) -> str | None:
     """One setting of a ControlNet run's difftune_config.json (its own, or for a checkpoint its run's), said on

@@ -47,6 +47,8 @@ def model_card(method: Any, output_dir: Path, summary: dict) -> str:
         *base_in_code(base)[0],
         f'pipe = StableDiffusionPipeline.from_pretrained({base_in_code(base)[1]}'
         + (f', variant="{method.base.variant}"' if method.base.variant else "") + ")",
+        *([f'pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, '
+           f'prediction_type="{method.overridden_prediction}")'] if method.overridden_prediction else []),
         "# _pipeline=pipe works around huggingface/diffusers#9320 (load_attn_procs is a no-op without it)",
         f'pipe.unet.load_attn_procs("{output_dir}", weight_name="pytorch_custom_diffusion_weights.{ext}", '
         "_pipeline=pipe)",
@@ -54,8 +56,8 @@ def model_card(method: Any, output_dir: Path, summary: dict) -> str:
         f'image = pipe("{method.concepts[0].instance_prompt}", num_inference_steps=50).images[0]',
         "```",
         "",
-        f"or: `difftune generate --pretrained_model_name_or_path {base} --custom_diffusion {output_dir} "
-        f"--prompt \"{method.concepts[0].instance_prompt}\"`",
+        # (no --pretrained_model_name_or_path: on the recorded base, generate reads it as this run did)
+        f"or: `difftune generate --custom_diffusion {output_dir} --prompt \"{method.concepts[0].instance_prompt}\"`",
     ]
     if grid:
         lines += ["", f"![validation samples]({Path(grid).relative_to(output_dir)})"]

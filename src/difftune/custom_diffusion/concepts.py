@@ -40,8 +40,10 @@ class Concept:
         return self.class_prompt.split()[-1] if self.class_prompt and self.class_prompt.split() else None
 
 
-def read_concepts_list(path: str | Path) -> list[Concept]:
-    """Concepts from a JSON list of {instance_prompt, class_prompt, instance_data_dir, class_data_dir}."""
+def read_concepts_list(path: str | Path, root: str | Path | None = None) -> list[Concept]:
+    """Concepts from a JSON list of {instance_prompt, class_prompt, instance_data_dir, class_data_dir}. Their
+    relative folders are read from the current folder, as flags are, or where they do not exist here, from
+    ``root`` (--concepts_root: for a repeated run's record, the folder that run was started in)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--concepts_list {p} does not exist.")
@@ -66,9 +68,21 @@ def read_concepts_list(path: str | Path) -> list[Concept]:
                                   f"({json.dumps(entry[key])[:40]}).")
             if not isinstance(entry.get(key), str) or not entry[key].strip():
                 raise ConfigError(f"{where} has no '{key}'.")
-        concepts.append(Concept(entry["instance_prompt"], entry["instance_data_dir"], entry.get("class_prompt"),
-                                entry.get("class_data_dir"), where=where))
+        dirs = {k: _from_root(entry.get(k), root, f"{where}: {k}") for k in ("instance_data_dir", "class_data_dir")}
+        concepts.append(Concept(entry["instance_prompt"], dirs["instance_data_dir"], entry.get("class_prompt"),
+                                dirs["class_data_dir"], where=where))
     return concepts
+
+
+def _from_root(value: Any, root: str | Path | None, what: str) -> Any:
+    """A concept's relative folder as it reads from here, else from ``root`` where it exists there (said)."""
+    if root is None or not isinstance(value, str) or not value or Path(value).is_absolute() \
+            or Path(value).expanduser().exists() or not (Path(root) / value).exists():
+        return value
+    import sys
+
+    print(f"{what} {value} read from {root} (--concepts_root; it is not in the current folder)", file=sys.stderr)
+    return str(Path(root) / value)
 
 
 # a token the user wrote into a prompt: <new1>, <sks-dog>; no spaces or nested brackets
@@ -87,7 +101,7 @@ def resolve_concepts(data_cfg: Any, modifier_tokens: list[str]) -> list[Concept]
     With ``modifier_tokens`` empty (no ``--modifier_token``), each concept's tokens are the ``<...>``
     ones its prompt holds, if any; a concept without one trains on its prompt's own words."""
     if data_cfg.concepts_list:
-        concepts = read_concepts_list(data_cfg.concepts_list)
+        concepts = read_concepts_list(data_cfg.concepts_list, data_cfg.concepts_root)
     else:
         concepts = [Concept(data_cfg.instance_prompt, data_cfg.instance_data_dir, data_cfg.class_prompt,
                             data_cfg.class_data_dir)]

@@ -96,10 +96,16 @@ def pixel_drift(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int = 16, steps: int = 20, seed: int = 0,
                           guidance_scale: float = 7.5, out: str | Path = "eval", n_unrelated: int = 8,
-                          weight_name: str | None = None, clip_model: str | None = None) -> dict:
-    """Measure every concept of a Custom Diffusion folder; writes ``eval_custom_diffusion.json`` and a grid."""
+                          weight_name: str | None = None, clip_model: str | None = None,
+                          loading: dict | None = None) -> dict:
+    """Measure every concept of a Custom Diffusion folder; writes ``eval_custom_diffusion.json`` and a grid.
+
+    ``loading`` (``tokenizer_name``, ``prediction_type``): how the base is read, as the concept's run read it
+    (``difftune.recorded.recorded_concept_loading``); the base alone is sampled alike, as the baseline."""
+    import copy
+
     from ..eval.run import _base_resolution, generate_batched, note_guidance, save_atomically, text2image_pipeline
-    from ..models import load_base_model
+    from ..models import load_base_model, with_prediction_type
     from ..validation import image_grid
     from .export import load_custom_diffusion, read_meta
 
@@ -124,11 +130,13 @@ def eval_custom_diffusion(pretrained: str, custom_diffusion: str | Path, n: int 
         from ..eval.clip import ClipScorer
 
         clip = ClipScorer(clip_model, device="cuda" if torch.cuda.is_available() else "cpu")
-    base = load_base_model(pretrained)
+    loading = loading or {}
+    base = with_prediction_type(load_base_model(pretrained, tokenizer_name=loading.get("tokenizer_name"),
+                                                stand_ins=("tokenizer",)), loading.get("prediction_type"), recorded=True)
     res = _base_resolution(base)
     refs = [concept_reference(c["instance_data_dir"], res) for c in meta["concepts"]]
     base_pipe = text2image_pipeline(base)
-    adapted = text2image_pipeline(load_base_model(pretrained))
+    adapted = text2image_pipeline(copy.deepcopy(base))  # (the concept is installed into its own copy)
     load_custom_diffusion(adapted, custom_diffusion, weight_name)
 
     def both(prompts: list[str], desc: str):

@@ -105,6 +105,19 @@ def _rename(prompt: str, mapping: dict[str, str]) -> str:
     return prompt
 
 
+def _one_prediction_type(folders: list[str | Path], own: str) -> str:
+    """What the concepts' runs trained the UNet to predict (a folder that predates the record: the base scheduler's
+    ``own``), which must be one: the merged folder samples with one scheduler, and a concept trained toward another
+    target than that would be drawn from a wrongly read prediction."""
+    trained = {str(f): read_meta(f, flag="--concepts").get("prediction_type") or own for f in folders}
+    if len(set(trained.values())) > 1:
+        listed = "; ".join(f"{f}: {p}" for f, p in trained.items())
+        raise ConfigError(f"merge: the concepts were trained with different prediction types ({listed}); the merged "
+                          "folder samples with one. Merge concepts trained alike (train one again with the other's "
+                          "--prediction_type).")
+    return next(iter(trained.values()))
+
+
 def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
                    regularization_prompts: list[str] | None = None, safe: bool = True) -> dict:
     """Merge Custom Diffusion folders (each trained with crossattn_kv on ``base``) into ``output_dir``."""
@@ -121,6 +134,7 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
     if regularization_prompts is not None and not regularization_prompts:
         raise ConfigError("merge: the regularization prompts are empty; give captions, one per line, or leave "
                           "--regularization_prompts out to use ones made from the concepts' class prompts.")
+    prediction = _one_prediction_type(folders, base.noise_scheduler.config.prediction_type)
     base = copy.deepcopy(base)
     parts, used, all_tokens, rows, concepts, renamed = [], set(), [], [], [], {}
     w0: dict[str, torch.Tensor] = {}  # the base projections, read once (and checked against each folder's shapes)
@@ -187,7 +201,7 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
     merged = {k: merged_weight(w0[k], [(w[k], f) for (w, _, _), f in zip(parts, feats)], c_reg)
               for k in keys}
     first = read_meta(folders[0])
-    meta = dict(first, modifier_tokens=all_tokens, initializer_tokens=[], concepts=concepts,
+    meta = dict(first, modifier_tokens=all_tokens, initializer_tokens=[], concepts=concepts, prediction_type=prediction,
                 merged_from=[str(Path(f).resolve()) for f in folders])
     save_custom_diffusion(output_dir, base.unet, merged, dict(zip(all_tokens, rows)), meta, safe=safe)
     errors = {}

@@ -55,10 +55,12 @@ class CustomDiffusionMethod:
         m, c = cfg.model, cfg.custom
         # surgery changes the tokenizer, the embedding table and the UNet's processors: never
         # those of a model object the caller keeps using
-        self.base = with_prediction_type(copy.deepcopy(base) if base is not None else load_base_model(
+        loaded = copy.deepcopy(base) if base is not None else load_base_model(
             m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir,
-            stand_ins=("tokenizer",)),  # (no --pretrained_vae_model_name_or_path here)
-            cfg.loss.prediction_type)
+            stand_ins=("tokenizer",))  # (no --pretrained_vae_model_name_or_path here)
+        self.base = with_prediction_type(loaded, cfg.loss.prediction_type)
+        # --prediction_type over the base scheduler's: the model card's sampler is told it too
+        self.overridden_prediction = cfg.loss.prediction_type if self.base is not loaded else None
         if getattr(self.base, "family", "sd") != "sd":  # one text encoder is assumed throughout (tokens, embeddings, eval)
             raise ConfigError(f"Custom Diffusion supports SD 1.x/2.x bases; {m.pretrained_model_name_or_path} is "
                               "SDXL, which is not supported yet.")
@@ -279,6 +281,9 @@ class CustomDiffusionMethod:
         return {
             "format": "difftune-custom-diffusion/1",
             "base_model": local_or_name(c.model.pretrained_model_name_or_path),  # absolute: read from anywhere
+            # how the base was read and what the UNet was trained to predict: `generate` and `eval` read it alike
+            **({"tokenizer_name": local_or_name(c.model.tokenizer_name)} if c.model.tokenizer_name else {}),
+            "prediction_type": c.loss.prediction_type,
             "modifier_tokens": self.modifier_tokens,
             "initializer_tokens": self.initializers,
             "freeze_model": c.custom.freeze_model,
