@@ -52,7 +52,9 @@ def recorded_concept_loading(explicit_base: str | None, custom_diffusion: str | 
     return found
 
 
-def one_prediction_type(recorded: dict[str, str | None], own: str) -> str | None:
+def one_prediction_type(recorded: dict[str, str | None], own: str, what: str = "the adapters",
+                        fix: str = "use adapters trained alike, or give --pretrained_model_name_or_path to sample "
+                                   "with that base's own scheduler") -> str | None:
     """The prediction type to sample with for adapters (``{label: what its run recorded}``; None: the base
     scheduler's ``own``, as folders that predate the record trained with): refused when they differ, as the base's
     UNet predicts one thing and an adapter trained toward another target would be sampled wrongly."""
@@ -61,9 +63,8 @@ def one_prediction_type(recorded: dict[str, str | None], own: str) -> str | None
     used = {label: value or own for label, value in recorded.items()}
     if len(set(used.values())) > 1:
         listed = "; ".join(f"{label}: {value}" for label, value in used.items())
-        raise ConfigError(f"the adapters were trained with different prediction types ({listed}), and they sample "
-                          "with one scheduler: use adapters trained alike, or give --pretrained_model_name_or_path "
-                          "to sample with that base's own scheduler.")
+        raise ConfigError(f"{what} were trained with different prediction types ({listed}), and they sample "
+                          f"with one scheduler: {fix}.")
     return next((v for v in recorded.values() if v), None)
 
 

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import ConfigError
 from ..noising import tokenize
+from ..recorded import one_prediction_type
 from .export import check_base_family, read_embedding, read_meta, read_weights, save_custom_diffusion
 from .surgery import add_tokens, set_embeddings
 
@@ -105,19 +106,6 @@ def _rename(prompt: str, mapping: dict[str, str]) -> str:
     return prompt
 
 
-def _one_prediction_type(folders: list[str | Path], own: str) -> str:
-    """What the concepts' runs trained the UNet to predict (a folder that predates the record: the base scheduler's
-    ``own``), which must be one: the merged folder samples with one scheduler, and a concept trained toward another
-    target than that would be drawn from a wrongly read prediction."""
-    trained = {str(f): read_meta(f, flag="--concepts").get("prediction_type") or own for f in folders}
-    if len(set(trained.values())) > 1:
-        listed = "; ".join(f"{f}: {p}" for f, p in trained.items())
-        raise ConfigError(f"merge: the concepts were trained with different prediction types ({listed}); the merged "
-                          "folder samples with one. Merge concepts trained alike (train one again with the other's "
-                          "--prediction_type).")
-    return next(iter(trained.values()))
-
-
 def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
                    regularization_prompts: list[str] | None = None, safe: bool = True) -> dict:
     """Merge Custom Diffusion folders (each trained with crossattn_kv on ``base``) into ``output_dir``."""
@@ -134,7 +122,10 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
     if regularization_prompts is not None and not regularization_prompts:
         raise ConfigError("merge: the regularization prompts are empty; give captions, one per line, or leave "
                           "--regularization_prompts out to use ones made from the concepts' class prompts.")
-    prediction = _one_prediction_type(folders, base.noise_scheduler.config.prediction_type)
+    own = base.noise_scheduler.config.prediction_type  # (what a folder that predates the record trained with)
+    prediction = one_prediction_type({str(f): read_meta(f, flag="--concepts").get("prediction_type") for f in folders},
+                                     own, "merge: the concepts", "merge concepts trained alike (train one again "
+                                     "with the other's --prediction_type)") or own
     base = copy.deepcopy(base)
     parts, used, all_tokens, rows, concepts, renamed = [], set(), [], [], [], {}
     w0: dict[str, torch.Tensor] = {}  # the base projections, read once (and checked against each folder's shapes)
