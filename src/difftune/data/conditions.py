@@ -54,9 +54,15 @@ class Conditioner:
 
     name = ""
     in_process = False  # True for model-based conditions: not copied into worker processes
+    # Where the settings were read from when no flag gave them (a data set's difftune_dataset.json), for messages;
+    # not a setting (``conditioner_from_settings`` sets it on the instance).
+    recorded_in: str | None = None
 
     def settings(self) -> dict:
         return {"condition": self.name, **asdict(self)}
+
+    def load(self) -> None:
+        """Load what the condition needs now (a model), so that it fails before minutes of other work."""
 
     def batch(self, images: list[Image.Image]) -> list[Image.Image]:
         """The conditions of several images; model-based conditions run them as one batch."""
@@ -111,6 +117,15 @@ class Depth(Conditioner):
     name = "depth"
     in_process = True
 
+    def settings(self) -> dict:
+        """A local model folder as an absolute path, so that a data set's record of it reads the same from
+        any folder (``eval controlnet --data`` run elsewhere); a hub id as it is."""
+        model = os.path.abspath(self.model) if Path(self.model).is_dir() else self.model
+        return {"condition": self.name, "model": model}
+
+    def load(self) -> None:
+        self._load()
+
     def _load(self) -> tuple:
         if self.model not in _DEPTH_MODELS:
             import torch
@@ -125,9 +140,14 @@ class Depth(Conditioner):
                 where = ("a folder, but no transformers depth estimator could be read from it" if Path(self.model).is_dir() else
                          "not a local folder, and the Hugging Face Hub could not provide it (offline, or no such "
                          "repository)")
-                default = " (the default; give another with --depth_model)" if self.model == DEFAULT_DEPTH_MODEL else ""
+                if self.recorded_in:  # not the user's flag: say where the value came from
+                    what, give = (f"{self.model} (the depth model {self.recorded_in} records; --depth_model was not "
+                                  "given)"), "Pass --depth_model with"
+                else:
+                    default = " (the default; give another with --depth_model)" if self.model == DEFAULT_DEPTH_MODEL else ""
+                    what, give = f"--depth_model {self.model}{default}", "Give"
                 raise ModelLoadError(
-                    f"--depth_model {self.model}{default}: {where}. Give a folder with a transformers depth estimator "
+                    f"{what}: {where}. {give} a folder with a transformers depth estimator "
                     f"(config.json, model.safetensors, preprocessor_config.json). ({type(err).__name__}: {err})"
                 ) from None
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,13 +193,42 @@ class Depth(Conditioner):
 CONDITIONERS: dict[str, type] = {"canny": Canny, "depth": Depth}
 
 
-def conditioner_from_settings(settings: dict):
-    """The conditioner a data set's ``difftune_dataset.json`` records (``{"condition": "canny", ...}``)."""
+def conditioner_from_settings(settings: dict, recorded_in: str | None = None):
+    """The conditioner a data set's ``difftune_dataset.json`` records (``{"condition": "canny", ...}``);
+    ``recorded_in`` names that file in its messages when the settings are not the user's flags."""
     settings = dict(settings)
     name = settings.pop("condition")
     if name not in CONDITIONERS:
         raise ConfigError(f"unknown condition {name!r}; known: {', '.join(CONDITIONERS)}")
-    return CONDITIONERS[name](**settings)
+    conditioner = CONDITIONERS[name](**settings)
+    if recorded_in is not None:
+        object.__setattr__(conditioner, "recorded_in", recorded_in)  # (frozen; not a setting, so not a field)
+    return conditioner
+
+
+def recorded_settings(manifest: dict, data_dir: str | os.PathLike) -> dict:
+    """The detector settings a data set's ``difftune_dataset.json`` records, ``{"condition": ..., ...}``.
+
+    Data sets made before depth model folders were recorded absolute hold the ``--depth_model`` as it was
+    given, relative to the folder ``difftune data conditions`` ran in; that folder is looked for among the
+    data set's own and its parents (one where the recorded ``input_dir`` is found too first), so the
+    record reads from anywhere. A hub id, found as no such folder, stays as it is.
+    """
+    settings = {"condition": manifest.get("condition"), **(manifest.get("conditioner") or {})}
+    model = settings.get("model")
+    if not isinstance(model, str) or not model or os.path.isabs(model):
+        return settings
+    here = Path(os.path.abspath(data_dir))
+    found = [folder for folder in (here, *here.parents) if (folder / model).is_dir()]
+    source = manifest.get("input_dir")
+    if isinstance(source, str) and source and not os.path.isabs(source):
+        found = [folder for folder in found if (folder / source).is_dir()] or found
+    if found:
+        settings["model"] = os.path.normpath(found[0] / model)
+        if settings["model"] != os.path.abspath(model):  # not what it reads as from here: said
+            logger.warning("%s records the depth model as %s, relative to the folder it was made in; read as %s "
+                           "(pass --depth_model to use another)", Path(data_dir) / MANIFEST, model, settings["model"])
+    return settings
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
