@@ -211,6 +211,43 @@ def test_paths_written_from_the_current_folder_are_pointed_out(tmp_path, monkeyp
     assert load_image("img/0.png", "data").size == (16, 16)
 
 
+def test_image_cells_holding_paths_from_the_current_folder_are_read_as_datasets_reads_them(tmp_path, monkeypatch,
+                                                                                             caplog):
+    """A parquet written by `Dataset.from_dict({"image": paths}, features=Image()).to_parquet("pq/...")` holds
+    {"bytes": None, "path": "img/0.png"}, relative to where it ran: datasets and the diffusers script read it
+    from there, difftune refused every row (read from pq/ only)."""
+    import logging
+
+    from difftune.data import images
+    from difftune.data.images import files_signature
+
+    monkeypatch.setattr(images, "_FROM_HERE_SAID", set())
+    for k in range(2):
+        _save(tmp_path / "img" / f"{k}.png", color=(255, 0, 0))
+        _save(tmp_path / "img" / f"c{k}.png", color=(0, 0, 255))
+    monkeypatch.chdir(tmp_path)
+    features = datasets.Features(image=datasets.Image(), conditioning_image=datasets.Image(),
+                                 text=datasets.Value("string"))
+    datasets.Dataset.from_dict({"image": ["img/0.png", "img/1.png"], "conditioning_image": ["img/c0.png", "img/c1.png"],
+                                "text": ["a", "b"]}, features=features).to_parquet("pq/data.parquet")
+    table = load_table(train_data_dir="pq", cache_dir=str(tmp_path / "cache"))
+    assert table.dataset[0]["image"] == {"bytes": None, "path": "img/0.png"}
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        report = check_dataset(table, "image", "conditioning_image", "text", resolution=8, progress=False)
+    assert report.ok and report.rows_checked == 2
+    said = [r.getMessage() for r in caplog.records if "relative to the current folder" in r.getMessage()]
+    assert len(said) == 1 and "as datasets does" in said[0]  # once, not per row
+    here = files_signature(table.dataset, ["image", "conditioning_image"], table.base_dir)
+    _save(tmp_path / "pq" / "img" / "0.png", color=(0, 255, 0))  # one beside the data wins, as for a path cell always
+    assert load_image(table.dataset[0]["image"], table.base_dir).getpixel((0, 0)) == (0, 255, 0)
+    assert files_signature(table.dataset, ["image", "conditioning_image"], table.base_dir) != here
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ImageLoadError, match=r"relative paths are read from pq, then from the current folder, "
+                                             + re.escape(str(tmp_path / "elsewhere"))):
+        load_image(table.dataset[1]["image"], table.base_dir)
+
+
 def test_load_imagefolder(tmp_path, cache):
     root = tmp_path / "folder"
     for k in range(2):
