@@ -344,6 +344,24 @@ def test_kinds_refuse_only_a_clear_positional_misfit():
         ("image", "conditioning_image", "text")
 
 
+def test_a_flag_naming_a_column_of_the_wrong_kind_is_said_as_that_flag():
+    """--image_column text was refused as 'the columns were matched by position, as diffusers does ...: caption
+    'image' holds images': the user had named the column, and nothing said so."""
+    columns = ["image", "text", "conditioning_image"]
+    kinds = {"image": "image", "text": "text", "conditioning_image": "image"}
+    with pytest.raises(DataError) as info:
+        resolve_columns(columns, image_column="text", kinds=kinds)
+    assert str(info.value).startswith("--image_column text holds text, not images; the image columns are image, "
+                                      "conditioning_image — give --image_column the column meant")
+    assert "by position" not in str(info.value)
+    with pytest.raises(DataError, match=r"^--conditioning_image_column text holds text, not images; the image"):
+        resolve_columns(columns, conditioning_image_column="text", kinds=kinds)
+    with pytest.raises(DataError, match=r"^--caption_column image holds images, not text; the text column is text "):
+        resolve_columns(columns, caption_column="image", kinds=kinds)
+    with pytest.raises(DataError, match=r"^--caption_column a holds images, not text; no column holds text \(the columns: a, b, c\)"):
+        resolve_columns(["a", "b", "c"], caption_column="a", kinds={"a": "image", "b": "image", "c": "image"})
+
+
 def test_describe_value_never_prints_raw_bytes():
     from difftune.data.columns import describe_value
 

@@ -83,6 +83,7 @@ def resolve_columns(
         position = _POSITION[role]
         at = columns[position] if position < len(columns) else None
         chosen[role], how[role] = (at if at in free else free[0]), "by position"
+    _refuse_given_against_kinds(columns, chosen, how, kinds or {})
     _refuse_positions_against_kinds(columns, chosen, how, kinds or {})
     for role, column in chosen.items():  # e.g. --conditioning_image_column image: the image role then falls
         other = next((r for r in _KNOWN_NAMES if r != role and column in _KNOWN_NAMES[r]), None)  # elsewhere
@@ -181,6 +182,26 @@ def table_column_kinds(table: "Table", peek: int = 5) -> dict[str, str]:
     dataset = table.dataset
     rows = [] if table.streaming else [dataset[i] for i in range(min(peek, len(dataset)))]
     return column_kinds(getattr(dataset, "features", None), rows)
+
+
+def _refuse_given_against_kinds(columns: list[str], chosen: dict[str, str], how: dict[str, str],
+                                kinds: dict[str, str]) -> None:
+    """A column the user named for a role that holds the wrong kind (``--image_column text``), refused with
+    the columns that do hold that kind; said before any positional choice, which the flag's column shifts."""
+    has_images = "image" in kinds.values()
+    said, wrong = [], []
+    for role in ("image", "conditioning_image", "caption"):
+        column = chosen[role]
+        if how[role] != "given" or _fits(role, kinds.get(column), has_images):
+            continue
+        wrong.append(_FLAGS[role])
+        want = _ROLE_KIND[role]
+        fitting = [c for c in columns if kinds.get(c) == want]
+        said.append(f"{_FLAGS[role]} {column} holds {_KIND_WORDS[kinds[column]]}, not {_KIND_WORDS[want]}; "
+                    + (f"the {want} column{'s are' if len(fitting) > 1 else ' is'} {', '.join(fitting)}" if fitting else f"no column holds {_KIND_WORDS[want]}"
+                       f" (the columns: {', '.join(columns)})"))
+    if said:
+        raise DataError("; and ".join(said) + f" — give {' and '.join(wrong)} the column meant")
 
 
 def _refuse_positions_against_kinds(columns: list[str], chosen: dict[str, str], how: dict[str, str],
