@@ -25,6 +25,7 @@ from difftune.data.transforms import (
     check_resolution,
     conditioning_to_tensor,
     image_to_tensor,
+    misaligned_words,
     resize_center_crop,
     resize_center_crop_geometry,
 )
@@ -82,11 +83,10 @@ class _ExampleBuilder:
         condition no longer lies over what it describes (``difftune data check`` lists every such row)."""
         if self._aspect_warned or not aspects_differ(image_size, conditioning_size):
             return
-        (w, h), (cw, ch) = image_size, conditioning_size
         self._aspect_warned = True
-        logger.warning("%s of %s: the image is %dx%d but its conditioning image %dx%d; cropped to squares they "
-                       "no longer line up (further rows are not reported: `difftune data check` lists them all)",
-                       self.table.row_name(index), self.table.description, w, h, cw, ch)
+        logger.warning("%s of %s: %s (further rows are not reported: `difftune data check` lists them all)",
+                       self.table.row_name(index), self.table.description,
+                       misaligned_words(image_size, conditioning_size))
 
     def set_epoch(self, epoch: int) -> None:
         """Vary caption choice / prompt dropping per epoch, reproducibly (call before iterating)."""
