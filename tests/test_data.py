@@ -633,13 +633,17 @@ def test_an_image_and_condition_of_other_shapes_are_named_once(tmp_path, caplog)
 
 @pytest.mark.parametrize("captions, message", [
     ([42], "row 0, column 'text'.*caption is int"),
-    (["a", "b", None, "d"], "row 2, column 'text'.*caption is NoneType"),  # a string column with a gap
+    (["a", "b", None, "d"], "row 2, column 'text'.*: no caption: the row has no 'text' value \\(the key is missing, "
+                            "or null\\)"),  # a string column with a gap, or a JSON line without the key
 ])
 def test_a_caption_that_is_not_text_is_refused_before_training(captions, message, tmp_path):
     rows = [{"image": "t.png", "conditioning_image": "c.png", "text": c} for c in captions]
     table = load_table(train_data_dir=_metadata_folder(tmp_path / "pairs", rows), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=message):  # when the data set is opened, not when the row is drawn
         ControlNetExamples(table, "image", "conditioning_image", "text", resolution=8)
+    report = check_dataset(table, "image", "conditioning_image", "text", resolution=8, progress=False)
+    said = [i.message for i in report.errors if i.kind == "bad_caption"]  # data check in the same words
+    assert len(said) == 1 and re.match(message.split(".*")[-1].lstrip(": "), said[0])
 
 
 def _stream_to_cache(root, cache_dir, max_train_samples, seed=1):

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from difftune.data.images import ImageLoadError, describe_source, load_image
-from difftune.data.columns import captions_look_like_paths, column_contents_problem
+from difftune.data.columns import bad_caption_words, captions_look_like_paths, column_contents_problem
 from difftune.data.sources import Table
 from difftune.data.transforms import aspects_differ, check_resolution, misaligned_words
 
@@ -191,11 +191,7 @@ def _check_caption(report: CheckReport, value: Any, index: int, column: str, tok
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         captions = list(value)
     else:
-        report.errors.append(Issue(
-            index, column, None,
-            f"caption is {type(value).__name__} ({value!r:.60}), expected a string or a list of strings",
-            "bad_caption",
-        ))
+        report.errors.append(Issue(index, column, None, bad_caption_words(value, column), "bad_caption"))
         return
     if not any(c.strip() for c in captions):
         report.warnings.append(Issue(

@@ -248,6 +248,16 @@ def _mapping_by_kind(columns: list[str], kept: dict[str, str], kinds: dict[str, 
     return mapping
 
 
+def bad_caption_words(value: Any, column: str) -> str:
+    """Why a caption cell that is neither text nor a list of texts cannot be trained on, and what to do (said
+    the same by training and ``data check``). A row of JSON Lines without the key reads as None, as a null does."""
+    if value is None:
+        return (f"no caption: the row has no {column!r} value (the key is missing, or null) — give the row its "
+                "caption (\"\" for none)")
+    return (f"caption is {describe_value(value, typed=True)}, expected a string or a list of strings — fix the data "
+            "or pick another --caption_column")
+
+
 def describe_value(value: Any, width: int = 60, typed: bool = False) -> str:
     """A value for a message: an image cell or bytes by its size, never its raw bytes; anything
     else as its repr cut to ``width`` characters, after its type name when ``typed``."""

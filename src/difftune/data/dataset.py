@@ -18,7 +18,12 @@ import torch
 import torch.utils.data
 
 from difftune.data.images import ImageLoadError, load_image
-from difftune.data.columns import captions_look_like_paths, column_contents_problem, describe_value
+from difftune.data.columns import (
+    bad_caption_words,
+    captions_look_like_paths,
+    column_contents_problem,
+    describe_value,
+)
 from difftune.data.sources import Table
 from difftune.data.transforms import (
     aspects_differ,
@@ -100,11 +105,8 @@ class _ExampleBuilder:
             # Several captions per image: pick one, seeded by index so a resumed run agrees.
             caption = value[int(rng.integers(len(value)))] if value else ""
         else:
-            raise DataError(
-                f"{self.table.row_name(index)}, column {self.caption_column!r} of {self.table.description}: caption is "
-                f"{describe_value(value, typed=True)}, expected a string or a list of strings — "
-                f"fix the data or pick another --caption_column"
-            )
+            raise DataError(f"{self.table.row_name(index)}, column {self.caption_column!r} of {self.table.description}: "
+                            f"{bad_caption_words(value, self.caption_column)}")
         # diffusers' --proportion_empty_prompts: train some steps unconditionally (for CFG).
         if self.proportion_empty_prompts and rng.random() < self.proportion_empty_prompts:
             return ""
