@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftune.data.conditions import Canny, write_condition_dataset, write_shapes_folder
-from difftune.data.shapes import ShapeSample, render_shape, sample_shapes
+from difftune.data.conditions import Canny, write_condition_dataset
+from difftune.data.shapes import ShapeSample, render_shape, sample_shapes, write_shapes_folder
 from difftune.errors import ConfigError, DataError
 from difftune.eval.metrics import EdgeF1, edge_f1, score_all
 

@@ -633,8 +633,8 @@ def test_an_image_and_condition_of_other_shapes_are_named_once(tmp_path, caplog)
 
 @pytest.mark.parametrize("captions, message", [
     ([42], "row 0, column 'text'.*caption is int"),
-    (["a", "b", None, "d"], "row 2, column 'text'.*: no caption: the row has no 'text' value \\(the key is missing, "
-                            "or null\\)"),  # a string column with a gap, or a JSON line without the key
+    (["a", "b", None, "d"], ("row 2, column 'text'.*: no caption: the row has no 'text' value \\(the key is "
+                             "missing, or null\\)")),  # a string column with a gap, or a JSON line without the key
 ])
 def test_a_caption_that_is_not_text_is_refused_before_training(captions, message, tmp_path):
     rows = [{"image": "t.png", "conditioning_image": "c.png", "text": c} for c in captions]

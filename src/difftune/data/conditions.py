@@ -483,39 +483,3 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**info, "path": str(out)}
-
-
-def write_shapes_folder(out_dir: str | os.PathLike, n: int, resolution: int = 64, seed: int = 0,
-                        shapes: tuple[str, ...] | None = None, overwrite: bool = False) -> dict:
-    """A plain image folder of the shapes world (``NNNNN.png`` + ``metadata.jsonl`` with ``file_name``, ``text``).
-
-    The same kind of folder a user brings: ``difftune data conditions`` turns it into a
-    ControlNet data set (canny edges of shapes for the bundled base model).
-    """
-    from .shapes import BASE_SHAPES, ALL_SHAPES, render_shape, sample_shapes
-
-    shapes = tuple(shapes or BASE_SHAPES)
-    unknown = sorted(set(shapes) - set(ALL_SHAPES))
-    if unknown:
-        raise ConfigError(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(ALL_SHAPES)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"--n {n!r}: the number of images must be a positive integer")
-    from .writing import check_out_dir, replace_dir
-
-    out = Path(out_dir)
-    check_out_dir(out, overwrite)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        rows = []
-        for i, sample in enumerate(sample_shapes(n, resolution, seed, shapes)):
-            name = f"{i:05d}.png"
-            render_shape(sample, resolution).save(tmp / name)
-            rows.append({"file_name": name, "text": sample.prompt})
-        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"n": n, "resolution": resolution, "seed": seed, "shapes": list(shapes), "path": str(out)}
