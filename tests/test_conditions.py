@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftune.data.conditions import Canny, write_condition_dataset, write_shapes_folder
-from difftune.data.shapes import ShapeSample, render_shape, sample_shapes
+from difftune.data.conditions import Canny, write_condition_dataset
+from difftune.data.shapes import ShapeSample, render_shape, sample_shapes, write_shapes_folder
 from difftune.errors import ConfigError, DataError
 from difftune.eval.metrics import EdgeF1, edge_f1, score_all
 
@@ -392,6 +392,44 @@ def test_eval_targets_refuse_nothing_to_score_and_take_setting_overrides(tiny_de
     scorer, targets = condition_targets(args.metric, 2, 64, 0, args.data, settings)
     assert len(targets) == 2 and scorer.conditioner.model == str(tiny_depth_model)
     assert scorer.score(np.asarray(targets[0]["image"]), targets[0])["depth_corr"] > 0.99
+
+
+def test_a_depth_data_set_reads_its_model_from_any_folder(tiny_depth_model, tmp_path, monkeypatch, caplog):
+    """`data conditions --depth_model ../tiny-dpt` recorded the path as given, so `eval controlnet --data`
+    from another folder looked for ../tiny-dpt there and blamed a --depth_model the user never passed."""
+    import logging
+    import shutil
+
+    from difftune.data.conditions import MANIFEST
+    from difftune.errors import ModelLoadError
+    from difftune.eval.run import condition_targets
+
+    shutil.copytree(tiny_depth_model, tmp_path / "tiny-dpt")
+    (tmp_path / "A").mkdir()
+    _photos(tmp_path / "A" / "ph", n=2)
+    monkeypatch.chdir(tmp_path / "A")
+    write_condition_dataset("ph", "phd", condition="depth", model="../tiny-dpt", caption="x", resolution=64,
+                            progress=False)
+    manifest_file = tmp_path / "A" / "phd" / MANIFEST
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["conditioner"]["model"] == str(tmp_path / "tiny-dpt")  # absolute: reads the same anywhere
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere" / "deep")  # where ../tiny-dpt is no folder
+    scorer, targets = condition_targets(None, 2, 64, 0, "../../A/phd")
+    assert len(targets) == 2 and scorer.conditioner.model == str(tmp_path / "tiny-dpt")
+    # a data set made before: the folder as given, relative to where it was made, found from the data set's place
+    manifest["conditioner"]["model"] = "../tiny-dpt"
+    manifest_file.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        scorer, targets = condition_targets(None, 2, 64, 0, "../../A/phd")
+    assert len(targets) == 2 and scorer.conditioner.model == str(tmp_path / "tiny-dpt")
+    assert "records the depth model as ../tiny-dpt, relative to the folder it was made in; read as" in caplog.text
+    # a recorded model that is gone is named as the data set's, not as a flag the user gave
+    manifest["conditioner"]["model"] = str(tmp_path / "gone")
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match=r"gone \(the depth model \.\./\.\./A/phd/difftune_dataset\.json records; "
+                                             r"--depth_model was not given\): not a local folder.*Pass --depth_model"):
+        condition_targets(None, 2, 64, 0, "../../A/phd")
 
 
 def test_depth_model_loads_safetensors_only_and_fails_clearly_offline(tiny_depth_model, tmp_path):

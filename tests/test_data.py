@@ -211,6 +211,43 @@ def test_paths_written_from_the_current_folder_are_pointed_out(tmp_path, monkeyp
     assert load_image("img/0.png", "data").size == (16, 16)
 
 
+def test_image_cells_holding_paths_from_the_current_folder_are_read_as_datasets_reads_them(tmp_path, monkeypatch,
+                                                                                             caplog):
+    """A parquet written by `Dataset.from_dict({"image": paths}, features=Image()).to_parquet("pq/...")` holds
+    {"bytes": None, "path": "img/0.png"}, relative to where it ran: datasets and the diffusers script read it
+    from there, difftune refused every row (read from pq/ only)."""
+    import logging
+
+    from difftune.data import images
+    from difftune.data.images import files_signature
+
+    monkeypatch.setattr(images, "_FROM_HERE_SAID", set())
+    for k in range(2):
+        _save(tmp_path / "img" / f"{k}.png", color=(255, 0, 0))
+        _save(tmp_path / "img" / f"c{k}.png", color=(0, 0, 255))
+    monkeypatch.chdir(tmp_path)
+    features = datasets.Features(image=datasets.Image(), conditioning_image=datasets.Image(),
+                                 text=datasets.Value("string"))
+    datasets.Dataset.from_dict({"image": ["img/0.png", "img/1.png"], "conditioning_image": ["img/c0.png", "img/c1.png"],
+                                "text": ["a", "b"]}, features=features).to_parquet("pq/data.parquet")
+    table = load_table(train_data_dir="pq", cache_dir=str(tmp_path / "cache"))
+    assert table.dataset[0]["image"] == {"bytes": None, "path": "img/0.png"}
+    with caplog.at_level(logging.WARNING, logger="difftune"):
+        report = check_dataset(table, "image", "conditioning_image", "text", resolution=8, progress=False)
+    assert report.ok and report.rows_checked == 2
+    said = [r.getMessage() for r in caplog.records if "relative to the current folder" in r.getMessage()]
+    assert len(said) == 1 and "as datasets does" in said[0]  # once, not per row
+    here = files_signature(table.dataset, ["image", "conditioning_image"], table.base_dir)
+    _save(tmp_path / "pq" / "img" / "0.png", color=(0, 255, 0))  # one beside the data wins, as for a path cell always
+    assert load_image(table.dataset[0]["image"], table.base_dir).getpixel((0, 0)) == (0, 255, 0)
+    assert files_signature(table.dataset, ["image", "conditioning_image"], table.base_dir) != here
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ImageLoadError, match=r"relative paths are read from pq, then from the current folder, "
+                                             + re.escape(str(tmp_path / "elsewhere"))):
+        load_image(table.dataset[1]["image"], table.base_dir)
+
+
 def test_load_imagefolder(tmp_path, cache):
     root = tmp_path / "folder"
     for k in range(2):
@@ -305,6 +342,24 @@ def test_kinds_refuse_only_a_clear_positional_misfit():
     # roles found by name or given are not second-guessed by kind
     assert resolve_columns(["image", "conditioning_image", "text"], kinds=three_images) == \
         ("image", "conditioning_image", "text")
+
+
+def test_a_flag_naming_a_column_of_the_wrong_kind_is_said_as_that_flag():
+    """--image_column text was refused as 'the columns were matched by position, as diffusers does ...: caption
+    'image' holds images': the user had named the column, and nothing said so."""
+    columns = ["image", "text", "conditioning_image"]
+    kinds = {"image": "image", "text": "text", "conditioning_image": "image"}
+    with pytest.raises(DataError) as info:
+        resolve_columns(columns, image_column="text", kinds=kinds)
+    assert str(info.value).startswith("--image_column text holds text, not images; the image columns are image, "
+                                      "conditioning_image — give --image_column the column meant")
+    assert "by position" not in str(info.value)
+    with pytest.raises(DataError, match=r"^--conditioning_image_column text holds text, not images; the image"):
+        resolve_columns(columns, conditioning_image_column="text", kinds=kinds)
+    with pytest.raises(DataError, match=r"^--caption_column image holds images, not text; the text column is text "):
+        resolve_columns(columns, caption_column="image", kinds=kinds)
+    with pytest.raises(DataError, match=r"^--caption_column a holds images, not text; no column holds text \(the columns: a, b, c\)"):
+        resolve_columns(["a", "b", "c"], caption_column="a", kinds={"a": "image", "b": "image", "c": "image"})
 
 
 def test_describe_value_never_prints_raw_bytes():
@@ -578,13 +633,17 @@ def test_an_image_and_condition_of_other_shapes_are_named_once(tmp_path, caplog)
 
 @pytest.mark.parametrize("captions, message", [
     ([42], "row 0, column 'text'.*caption is int"),
-    (["a", "b", None, "d"], "row 2, column 'text'.*caption is NoneType"),  # a string column with a gap
+    (["a", "b", None, "d"], ("row 2, column 'text'.*: no caption: the row has no 'text' value \\(the key is "
+                             "missing, or null\\)")),  # a string column with a gap, or a JSON line without the key
 ])
 def test_a_caption_that_is_not_text_is_refused_before_training(captions, message, tmp_path):
     rows = [{"image": "t.png", "conditioning_image": "c.png", "text": c} for c in captions]
     table = load_table(train_data_dir=_metadata_folder(tmp_path / "pairs", rows), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=message):  # when the data set is opened, not when the row is drawn
         ControlNetExamples(table, "image", "conditioning_image", "text", resolution=8)
+    report = check_dataset(table, "image", "conditioning_image", "text", resolution=8, progress=False)
+    said = [i.message for i in report.errors if i.kind == "bad_caption"]  # data check in the same words
+    assert len(said) == 1 and re.match(message.split(".*")[-1].lstrip(": "), said[0])
 
 
 def _stream_to_cache(root, cache_dir, max_train_samples, seed=1):
@@ -690,11 +749,15 @@ def test_check_dataset_reports_each_problem(tmp_path, clip_tokenizer):
     report = check_dataset(table, "image", "conditioning_image", "text", resolution=16, tokenizer=clip_tokenizer, progress=False)
     assert report.rows_checked == 7 and not report.ok
     kinds = {(i.kind, i.row) for i in report.errors}
-    assert kinds == {("unreadable_image", 1), ("aspect_mismatch", 2)}
+    assert kinds == {("unreadable_image", 1)}
     unreadable = next(i for i in report.errors if i.kind == "unreadable_image")
     assert unreadable.column == "conditioning_image" and unreadable.file == str(root / "bad.png")
     warnings = {(i.kind, i.row) for i in report.warnings}
-    assert {("size_mismatch", 3), ("small_image", 4), ("empty_caption", 5), ("long_caption", 6)} <= warnings
+    assert {("aspect_mismatch", 2), ("size_mismatch", 3), ("small_image", 4), ("empty_caption", 5),
+            ("long_caption", 6)} <= warnings
+    # a pair of other shapes trains (as in diffusers), with a warning: the words training says it with
+    assert next(i.message for i in report.warnings if i.kind == "aspect_mismatch").startswith(
+        "the image is 32x16 but its conditioning image 16x16; cropped to squares they no longer line up")
     assert ("long_caption", 0) not in warnings
     assert len(clip_tokenizer("a very long caption").input_ids) == 18  # 16 letters + start/end
     assert "18 tokens" in next(i.message for i in report.warnings if i.kind == "long_caption")

@@ -77,7 +77,7 @@ def cmd_data_conditions(args: argparse.Namespace) -> int:
 
 
 def cmd_data_shapes(args: argparse.Namespace) -> int:
-    from .data.conditions import write_shapes_folder
+    from .data.shapes import write_shapes_folder
 
     shapes = tuple(s.strip() for s in args.shapes.split(",")) if args.shapes else None
     print(json.dumps(write_shapes_folder(args.out, n=args.n, resolution=args.resolution, seed=args.seed,

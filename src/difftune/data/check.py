@@ -2,9 +2,10 @@
 
 A training run finds a corrupt file or a misaligned pair hours in, if at all: a
 conditioning image with another aspect ratio than its target is centre-cropped
-differently, so the control silently stops lining up. This reads every row once (images
-fully decoded) and reports errors (the run would be wrong) and warnings (it would work,
-maybe not as intended), each naming the row, column and file.
+differently, so the control stops lining up (training warns of the first such row and
+trains on, as diffusers does). This reads every row once (images fully decoded) and
+reports errors (the run would fail or skip rows) and warnings (it would work, maybe not
+as intended, as for those pairs), each naming the row, column and file.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from difftune.data.images import ImageLoadError, describe_source, load_image
-from difftune.data.columns import captions_look_like_paths, column_contents_problem
+from difftune.data.columns import bad_caption_words, captions_look_like_paths, column_contents_problem
 from difftune.data.sources import Table
-from difftune.data.transforms import aspects_differ, check_resolution
+from difftune.data.transforms import aspects_differ, check_resolution, misaligned_words
 
 _PEEK_ROWS = 5  # rows looked at to catch a mixed-up column mapping
 
@@ -170,18 +171,16 @@ def _check_row(report: CheckReport, table: Table, row: dict, index: int, image_c
         (w1, h1), (w2, h2) = sizes[image_column], sizes[conditioning_image_column]
         files = describe_source(row[image_column], table.base_dir), describe_source(row[conditioning_image_column], table.base_dir)
         file = " / ".join(f for f in files if f) or None
-        what = f"image is {w1}x{h1} but the conditioning image is {w2}x{h2}"
-        if aspects_differ((w1, h1), (w2, h2)):
-            report.errors.append(Issue(
+        if aspects_differ((w1, h1), (w2, h2)):  # a warning, as training says it: the pair trains, as in diffusers
+            report.warnings.append(Issue(
                 index, conditioning_image_column, file,
-                f"{what}: different aspect ratios, so after resize + centre crop the control no longer "
-                f"lines up with the target — crop or pad both to the same shape", "aspect_mismatch",
+                f"{misaligned_words((w1, h1), (w2, h2))} — crop or pad both to the same shape", "aspect_mismatch",
             ))
         else:
             report.warnings.append(Issue(
                 index, conditioning_image_column, file,
-                f"{what}: same aspect ratio, both are resized to {resolution}; fine if they show the same view",
-                "size_mismatch",
+                f"image is {w1}x{h1} but the conditioning image is {w2}x{h2}: same aspect ratio, both are resized "
+                f"to {resolution}; fine if they show the same view", "size_mismatch",
             ))
     _check_caption(report, row[caption_column], index, caption_column, tokenizer)
 
@@ -192,11 +191,7 @@ def _check_caption(report: CheckReport, value: Any, index: int, column: str, tok
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         captions = list(value)
     else:
-        report.errors.append(Issue(
-            index, column, None,
-            f"caption is {type(value).__name__} ({value!r:.60}), expected a string or a list of strings",
-            "bad_caption",
-        ))
+        report.errors.append(Issue(index, column, None, bad_caption_words(value, column), "bad_caption"))
         return
     if not any(c.strip() for c in captions):
         report.warnings.append(Issue(

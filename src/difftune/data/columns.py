@@ -83,6 +83,7 @@ def resolve_columns(
         position = _POSITION[role]
         at = columns[position] if position < len(columns) else None
         chosen[role], how[role] = (at if at in free else free[0]), "by position"
+    _refuse_given_against_kinds(columns, chosen, how, kinds or {})
     _refuse_positions_against_kinds(columns, chosen, how, kinds or {})
     for role, column in chosen.items():  # e.g. --conditioning_image_column image: the image role then falls
         other = next((r for r in _KNOWN_NAMES if r != role and column in _KNOWN_NAMES[r]), None)  # elsewhere
@@ -183,6 +184,26 @@ def table_column_kinds(table: "Table", peek: int = 5) -> dict[str, str]:
     return column_kinds(getattr(dataset, "features", None), rows)
 
 
+def _refuse_given_against_kinds(columns: list[str], chosen: dict[str, str], how: dict[str, str],
+                                kinds: dict[str, str]) -> None:
+    """A column the user named for a role that holds the wrong kind (``--image_column text``), refused with
+    the columns that do hold that kind; said before any positional choice, which the flag's column shifts."""
+    has_images = "image" in kinds.values()
+    said, wrong = [], []
+    for role in ("image", "conditioning_image", "caption"):
+        column = chosen[role]
+        if how[role] != "given" or _fits(role, kinds.get(column), has_images):
+            continue
+        wrong.append(_FLAGS[role])
+        want = _ROLE_KIND[role]
+        fitting = [c for c in columns if kinds.get(c) == want]
+        said.append(f"{_FLAGS[role]} {column} holds {_KIND_WORDS[kinds[column]]}, not {_KIND_WORDS[want]}; "
+                    + (f"the {want} column{'s are' if len(fitting) > 1 else ' is'} {', '.join(fitting)}" if fitting else f"no column holds {_KIND_WORDS[want]}"
+                       f" (the columns: {', '.join(columns)})"))
+    if said:
+        raise DataError("; and ".join(said) + f" — give {' and '.join(wrong)} the column meant")
+
+
 def _refuse_positions_against_kinds(columns: list[str], chosen: dict[str, str], how: dict[str, str],
                                     kinds: dict[str, str]) -> None:
     """Columns taken by position that hold the wrong kind (images as captions, text as images) fail on
@@ -225,6 +246,16 @@ def _mapping_by_kind(columns: list[str], kept: dict[str, str], kinds: dict[str, 
                 return None
             mapping[role] = fits[0]
     return mapping
+
+
+def bad_caption_words(value: Any, column: str) -> str:
+    """Why a caption cell that is neither text nor a list of texts cannot be trained on, and what to do (said
+    the same by training and ``data check``). A row of JSON Lines without the key reads as None, as a null does."""
+    if value is None:
+        return (f"no caption: the row has no {column!r} value (the key is missing, or null) — give the row its "
+                "caption (\"\" for none)")
+    return (f"caption is {describe_value(value, typed=True)}, expected a string or a list of strings — fix the data "
+            "or pick another --caption_column")
 
 
 def describe_value(value: Any, width: int = 60, typed: bool = False) -> str:

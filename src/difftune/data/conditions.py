@@ -55,9 +55,15 @@ class Conditioner:
 
     name = ""
     in_process = False  # True for model-based conditions: not copied into worker processes
+    # Where the settings were read from when no flag gave them (a data set's difftune_dataset.json), for messages;
+    # not a setting (``conditioner_from_settings`` sets it on the instance).
+    recorded_in: str | None = None
 
     def settings(self) -> dict:
         return {"condition": self.name, **asdict(self)}
+
+    def load(self) -> None:
+        """Load what the condition needs now (a model), so that it fails before minutes of other work."""
 
     def batch(self, images: list[Image.Image]) -> list[Image.Image]:
         """The conditions of several images; model-based conditions run them as one batch."""
@@ -112,6 +118,15 @@ class Depth(Conditioner):
     name = "depth"
     in_process = True
 
+    def settings(self) -> dict:
+        """A local model folder as an absolute path, so that a data set's record of it reads the same from
+        any folder (``eval controlnet --data`` run elsewhere); a hub id as it is."""
+        model = os.path.abspath(self.model) if Path(self.model).is_dir() else self.model
+        return {"condition": self.name, "model": model}
+
+    def load(self) -> None:
+        self._load()
+
     def _load(self) -> tuple:
         if self.model not in _DEPTH_MODELS:
             import torch
@@ -126,9 +141,14 @@ class Depth(Conditioner):
                 where = ("a folder, but no transformers depth estimator could be read from it" if Path(self.model).is_dir() else
                          "not a local folder, and the Hugging Face Hub could not provide it (offline, or no such "
                          "repository)")
-                default = " (the default; give another with --depth_model)" if self.model == DEFAULT_DEPTH_MODEL else ""
+                if self.recorded_in:  # not the user's flag: say where the value came from
+                    what, give = (f"{self.model} (the depth model {self.recorded_in} records; --depth_model was not "
+                                  "given)"), "Pass --depth_model with"
+                else:
+                    default = " (the default; give another with --depth_model)" if self.model == DEFAULT_DEPTH_MODEL else ""
+                    what, give = f"--depth_model {self.model}{default}", "Give"
                 raise ModelLoadError(
-                    f"--depth_model {self.model}{default}: {where}. Give a folder with a transformers depth estimator "
+                    f"{what}: {where}. {give} a folder with a transformers depth estimator "
                     f"(config.json, model.safetensors, preprocessor_config.json). ({type(err).__name__}: {err})"
                 ) from None
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -175,13 +195,17 @@ CONDITIONERS: dict[str, type] = {"canny": Canny, "depth": Depth}
 SETTING_FLAGS = {"low_threshold": "--low_threshold", "high_threshold": "--high_threshold", "model": "--depth_model"}
 
 
-def conditioner_from_settings(settings: dict):
-    """The conditioner a data set's ``difftune_dataset.json`` records (``{"condition": "canny", ...}``)."""
+def conditioner_from_settings(settings: dict, recorded_in: str | None = None):
+    """The conditioner a data set's ``difftune_dataset.json`` records (``{"condition": "canny", ...}``);
+    ``recorded_in`` names that file in its messages when the settings are not the user's flags."""
     settings = dict(settings)
     name = settings.pop("condition")
     if name not in CONDITIONERS:
         raise ConfigError(f"unknown condition {name!r}; known: {', '.join(CONDITIONERS)}")
-    return CONDITIONERS[name](**checked_settings(name, settings))
+    conditioner = CONDITIONERS[name](**checked_settings(name, settings))
+    if recorded_in is not None:
+        object.__setattr__(conditioner, "recorded_in", recorded_in)  # (frozen; not a setting, so not a field)
+    return conditioner
 
 
 def checked_settings(condition: str, settings: dict) -> dict:
@@ -205,6 +229,29 @@ def checked_settings(condition: str, settings: dict) -> dict:
             raise ConfigError(f"{key} ({SETTING_FLAGS[key]}) must be {word}, got {value!r}.")
         checked[key] = int(value) if kinds[key] == "int" else value
     return checked
+def recorded_settings(manifest: dict, data_dir: str | os.PathLike) -> dict:
+    """The detector settings a data set's ``difftune_dataset.json`` records, ``{"condition": ..., ...}``.
+
+    Data sets made before depth model folders were recorded absolute hold the ``--depth_model`` as it was
+    given, relative to the folder ``difftune data conditions`` ran in; that folder is looked for among the
+    data set's own and its parents (one where the recorded ``input_dir`` is found too first), so the
+    record reads from anywhere. A hub id, found as no such folder, stays as it is.
+    """
+    settings = {"condition": manifest.get("condition"), **(manifest.get("conditioner") or {})}
+    model = settings.get("model")
+    if not isinstance(model, str) or not model or os.path.isabs(model):
+        return settings
+    here = Path(os.path.abspath(data_dir))
+    found = [folder for folder in (here, *here.parents) if (folder / model).is_dir()]
+    source = manifest.get("input_dir")
+    if isinstance(source, str) and source and not os.path.isabs(source):
+        found = [folder for folder in found if (folder / source).is_dir()] or found
+    if found:
+        settings["model"] = os.path.normpath(found[0] / model)
+        if settings["model"] != os.path.abspath(model):  # not what it reads as from here: said
+            logger.warning("%s records the depth model as %s, relative to the folder it was made in; read as %s "
+                           "(pass --depth_model to use another)", Path(data_dir) / MANIFEST, model, settings["model"])
+    return settings
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
@@ -459,39 +506,3 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {**info, "path": str(out)}
-
-
-def write_shapes_folder(out_dir: str | os.PathLike, n: int, resolution: int = 64, seed: int = 0,
-                        shapes: tuple[str, ...] | None = None, overwrite: bool = False) -> dict:
-    """A plain image folder of the shapes world (``NNNNN.png`` + ``metadata.jsonl`` with ``file_name``, ``text``).
-
-    The same kind of folder a user brings: ``difftune data conditions`` turns it into a
-    ControlNet data set (canny edges of shapes for the bundled base model).
-    """
-    from .shapes import BASE_SHAPES, ALL_SHAPES, render_shape, sample_shapes
-
-    shapes = tuple(shapes or BASE_SHAPES)
-    unknown = sorted(set(shapes) - set(ALL_SHAPES))
-    if unknown:
-        raise ConfigError(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(ALL_SHAPES)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"--n {n!r}: the number of images must be a positive integer")
-    from .writing import check_out_dir, replace_dir
-
-    out = Path(out_dir)
-    check_out_dir(out, overwrite)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        rows = []
-        for i, sample in enumerate(sample_shapes(n, resolution, seed, shapes)):
-            name = f"{i:05d}.png"
-            render_shape(sample, resolution).save(tmp / name)
-            rows.append({"file_name": name, "text": sample.prompt})
-        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        replace_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"n": n, "resolution": resolution, "seed": seed, "shapes": list(shapes), "path": str(out)}

@@ -18,13 +18,19 @@ import torch
 import torch.utils.data
 
 from difftune.data.images import ImageLoadError, load_image
-from difftune.data.columns import captions_look_like_paths, column_contents_problem, describe_value
+from difftune.data.columns import (
+    bad_caption_words,
+    captions_look_like_paths,
+    column_contents_problem,
+    describe_value,
+)
 from difftune.data.sources import Table
 from difftune.data.transforms import (
     aspects_differ,
     check_resolution,
     conditioning_to_tensor,
     image_to_tensor,
+    misaligned_words,
     resize_center_crop,
     resize_center_crop_geometry,
 )
@@ -82,11 +88,10 @@ class _ExampleBuilder:
         condition no longer lies over what it describes (``difftune data check`` lists every such row)."""
         if self._aspect_warned or not aspects_differ(image_size, conditioning_size):
             return
-        (w, h), (cw, ch) = image_size, conditioning_size
         self._aspect_warned = True
-        logger.warning("%s of %s: the image is %dx%d but its conditioning image %dx%d; cropped to squares they "
-                       "no longer line up (further rows are not reported: `difftune data check` lists them all)",
-                       self.table.row_name(index), self.table.description, w, h, cw, ch)
+        logger.warning("%s of %s: %s (further rows are not reported: `difftune data check` lists them all)",
+                       self.table.row_name(index), self.table.description,
+                       misaligned_words(image_size, conditioning_size))
 
     def set_epoch(self, epoch: int) -> None:
         """Vary caption choice / prompt dropping per epoch, reproducibly (call before iterating)."""
@@ -100,11 +105,8 @@ class _ExampleBuilder:
             # Several captions per image: pick one, seeded by index so a resumed run agrees.
             caption = value[int(rng.integers(len(value)))] if value else ""
         else:
-            raise DataError(
-                f"{self.table.row_name(index)}, column {self.caption_column!r} of {self.table.description}: caption is "
-                f"{describe_value(value, typed=True)}, expected a string or a list of strings — "
-                f"fix the data or pick another --caption_column"
-            )
+            raise DataError(f"{self.table.row_name(index)}, column {self.caption_column!r} of {self.table.description}: "
+                            f"{bad_caption_words(value, self.caption_column)}")
         # diffusers' --proportion_empty_prompts: train some steps unconditionally (for CFG).
         if self.proportion_empty_prompts and rng.random() < self.proportion_empty_prompts:
             return ""

@@ -32,7 +32,7 @@ def describe_source(value: Any, base_dir: str | None = None) -> str | None:
     if isinstance(value, dict):
         if value.get("bytes") is not None:
             return value.get("path") or None  # the original file name, kept for messages only
-        value = value.get("path")
+        return _resolve_cell_path(value["path"], base_dir) if value.get("path") else None
     if isinstance(value, (str, os.PathLike)):
         return _resolve(os.fspath(value), base_dir)
     if isinstance(value, Image.Image):
@@ -47,6 +47,31 @@ def _resolve(path: str, base_dir: str | None) -> str:
     return path
 
 
+_FROM_HERE_SAID: set[str] = set()
+
+
+def _resolve_cell_path(path: str, base_dir: str | None) -> str:
+    """The file of a ``{"bytes": None, "path": ...}`` cell (a ``datasets.Image`` column holding no bytes):
+    relative to the data folder, else, where no such file is there but one is from the current folder,
+    from here. ``datasets`` stores such a path as the picture was opened, relative to where it ran, and reads
+    it back from the current folder (as does the diffusers script); plain text cells (a metadata.jsonl of
+    file names) stay relative to their file's folder only, as imagefolder reads them."""
+    joined = _resolve(path, base_dir)
+    here = os.path.expanduser(path)
+    if base_dir is None or os.path.isabs(here) or os.path.exists(joined) or not os.path.exists(here):
+        return joined
+    if base_dir not in _FROM_HERE_SAID:
+        _FROM_HERE_SAID.add(base_dir)
+        import logging
+
+        logging.getLogger("difftune").warning(
+            "image cells of %s hold paths and no image bytes, relative to the current folder (%s) rather than to the "
+            "data: read from here, as datasets does, so the data set reads only from this folder (e.g. %s). To read it "
+            "from anywhere, write the paths relative to %s, absolute, or the pictures into the cells "
+            "(datasets' embed_external_files)", base_dir, os.getcwd(), path, base_dir)
+    return here
+
+
 def _open(value: Any, base_dir: str | None) -> Image.Image:
     if isinstance(value, Image.Image):
         return value
@@ -56,7 +81,7 @@ def _open(value: Any, base_dir: str | None) -> Image.Image:
         if value.get("bytes") is not None:
             return Image.open(io.BytesIO(value["bytes"]))
         if value.get("path"):
-            return Image.open(_resolve(value["path"], base_dir))
+            return Image.open(_resolve_cell_path(value["path"], base_dir))
         raise ValueError("the cell has neither 'bytes' nor 'path'")
     if isinstance(value, (str, os.PathLike)):
         if not os.fspath(value):
@@ -157,7 +182,8 @@ def load_image(value: Any, base_dir: str | None = None, where: str = "",
         source = f"file {file}" if file else "image embedded in the data set"
         if isinstance(value, dict) and value.get("bytes") is None and isinstance(err, FileNotFoundError):
             # e.g. `datasets` stored a PIL image opened from a file as its path alone, relative to where it ran
-            source += f" (the cell holds a path and no image bytes; relative paths are read from {base_dir or '.'})"
+            source += (f" (the cell holds a path and no image bytes; relative paths are read from {base_dir or '.'}"
+                       + (f", then from the current folder, {os.getcwd()}, as datasets does)" if base_dir else ")"))
         relative = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
         if (isinstance(err, FileNotFoundError) and base_dir and relative and not os.path.isabs(relative)
                 and os.path.isfile(relative)):  # written relative to where the user runs, not to the table
@@ -182,6 +208,7 @@ def files_signature(dataset: Any, columns: list[str], base_dir: str | None) -> s
     for column in columns:
         values = dataset.data.column(column)
         kind = values.type
+        resolve = _resolve
         if pa.types.is_string(kind) or pa.types.is_large_string(kind):
             paths = values.to_pylist()
         elif pa.types.is_struct(kind) and kind.get_field_index("path") >= 0:  # a datasets.Image column
@@ -192,12 +219,13 @@ def files_signature(dataset: Any, columns: list[str], base_dir: str | None) -> s
                     embedded = chunk.field("bytes").is_valid().to_pylist()
                     names = [name for name, has in zip(names, embedded) if not has]
                 paths.extend(names)
+            resolve = _resolve_cell_path  # (read as load_image reads them)
         else:
             continue
         for path in paths:
             if not path:
                 continue
-            file = _resolve(path, base_dir)
+            file = resolve(path, base_dir)
             try:
                 stat = os.stat(file)
                 digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())

@@ -10,11 +10,17 @@ clearly different (CIELAB distance >= ``MIN_CONTRAST``), so that every image sho
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from difftune.errors import ConfigError
 
 from .colors import CSS_COLORS
 
@@ -132,3 +138,37 @@ def sample_shapes(count: int, resolution: int, seed: int, shapes: tuple[str, ...
 def render_batch(samples: list[ShapeSample], resolution: int) -> np.ndarray:
     """uint8 array ``[N, H, W, 3]``."""
     return np.stack([np.asarray(render_shape(s, resolution)) for s in samples])
+
+
+def write_shapes_folder(out_dir: str | os.PathLike, n: int, resolution: int = 64, seed: int = 0,
+                        shapes: tuple[str, ...] | None = None, overwrite: bool = False) -> dict:
+    """A plain image folder of the shapes world (``NNNNN.png`` + ``metadata.jsonl`` with ``file_name``, ``text``).
+
+    The same kind of folder a user brings: ``difftune data conditions`` turns it into a
+    ControlNet data set (canny edges of shapes for the bundled base model).
+    """
+    shapes = tuple(shapes or BASE_SHAPES)
+    unknown = sorted(set(shapes) - set(ALL_SHAPES))
+    if unknown:
+        raise ConfigError(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(ALL_SHAPES)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"--n {n!r}: the number of images must be a positive integer")
+    from .writing import check_out_dir, replace_dir
+
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        rows = []
+        for i, sample in enumerate(sample_shapes(n, resolution, seed, shapes)):
+            name = f"{i:05d}.png"
+            render_shape(sample, resolution).save(tmp / name)
+            rows.append({"file_name": name, "text": sample.prompt})
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"n": n, "resolution": resolution, "seed": seed, "shapes": list(shapes), "path": str(out)}

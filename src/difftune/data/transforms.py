@@ -98,3 +98,10 @@ def aspects_differ(size_a: tuple[int, int], size_b: tuple[int, int]) -> bool:
     to a square cover different parts of the scene (an image and its condition then misalign)."""
     (w1, h1), (w2, h2) = size_a, size_b
     return abs(w1 / h1 - w2 / h2) / max(w1 / h1, w2 / h2) > ASPECT_TOLERANCE
+
+
+def misaligned_words(image_size: tuple[int, int], conditioning_size: tuple[int, int]) -> str:
+    """How training and ``data check`` both say an image and a condition of other shapes: a warning, since
+    the pair still trains (diffusers resizes and crops each on its own, and takes such data)."""
+    (w, h), (cw, ch) = image_size, conditioning_size
+    return f"the image is {w}x{h} but its conditioning image {cw}x{ch}; cropped to squares they no longer line up"

@@ -202,22 +202,32 @@ def check_eval_request(metric: str | None, n: int, data: str | Path | None,
 
 
 def condition_targets(metric: str | None, n: int, resolution: int, seed: int, data: str | Path | None,
-                      condition_settings: dict | None = None):
+                      condition_settings: dict | None = None, recorded: tuple[dict, str] | None = None):
     """(scorer, held-out targets) for a condition metric; by default the condition ``data``'s
     ``difftune_dataset.json`` names, else fill50k.
 
     The detector's settings are the data set's, updated by ``condition_settings`` (e.g. another
-    ``model`` for depth, when the one the data set was made with has moved).
+    ``model`` for depth, when the one the data set was made with has moved); without ``data``, those
+    ``recorded`` (settings, the file they are from: the ControlNet's training data's), if any. A recorded
+    setting that fails names its file.
     """
-    from ..data.conditions import conditioner_from_settings
+    from ..data.conditions import MANIFEST, conditioner_from_settings, recorded_settings
     from ..errors import DataError
 
     metric, manifest = check_eval_request(metric, n, data, condition_settings)
     if metric == "fill50k":
         scorer, targets = CONDITION_METRICS[metric](), eval_circles(n, resolution, seed, data)
     else:
-        settings = dict(manifest["conditioner"]) if manifest.get("condition") == metric else {"condition": metric}
-        conditioner = conditioner_from_settings({**settings, **(condition_settings or {})})
+        if manifest.get("condition") == metric:
+            settings, where = recorded_settings(manifest, data), str(Path(data) / MANIFEST)
+        elif recorded is not None and data is None:
+            settings, where = {**recorded[0], "condition": metric}, recorded[1]
+        else:
+            settings, where = {"condition": metric}, None
+        flags = condition_settings or {}
+        from_record = set(settings) - {"condition"} - set(flags)  # what no flag overrides
+        conditioner = conditioner_from_settings({**settings, **flags}, recorded_in=where if from_record else None)
+        conditioner.load()  # a depth estimator that cannot load fails here, not after the sampling
         scorer = CONDITION_METRICS[metric](conditioner)
         targets = eval_condition_rows(n, resolution, seed, data, conditioner)
     if not targets:
@@ -243,10 +253,11 @@ def _is_training_data(data: str | Path, controlnet: str | Path) -> bool:
     return True
 
 
-def trained_condition(controlnet: str | Path) -> tuple[str, dict] | None:
-    """(metric, detector settings) of the condition a ControlNet's run trained on, as its training data's
-    ``difftune_dataset.json`` records it; None when nothing records it (a downloaded ControlNet)."""
-    from ..data.conditions import read_manifest
+def trained_condition(controlnet: str | Path) -> tuple[str, dict, str] | None:
+    """(metric, detector settings, the file they are from) of the condition a ControlNet's run trained on,
+    as its training data's ``difftune_dataset.json`` records it; None when nothing records it (a
+    downloaded ControlNet)."""
+    from ..data.conditions import MANIFEST, read_manifest, recorded_settings
     from ..errors import DataError
     from ..recorded import recorded_train_data
 
@@ -258,7 +269,9 @@ def trained_condition(controlnet: str | Path) -> tuple[str, dict] | None:
     condition = "fill50k" if manifest.get("kind") == "fill50k" else manifest.get("condition")
     if condition not in CONDITION_METRICS:
         return None
-    return condition, dict(manifest.get("conditioner") or {})
+    settings = recorded_settings(manifest, data) if condition != "fill50k" else {}
+    settings.pop("condition", None)
+    return condition, settings, str(Path(data) / MANIFEST)
 
 
 def _warn_other_condition(trained: str, metric: str, data) -> None:
@@ -320,7 +333,7 @@ def eval_controlnet(pretrained_model_name_or_path: str | None, controlnet, data:
     unknown = [m for m in modes if m not in CONTROL_ROWS]
     if unknown or not modes:
         raise ConfigError(f"--control_guidance {' '.join(unknown) or '(none)'}: choose from {', '.join(CONTROL_ROWS)}.")
-    training_data, trained = False, None
+    training_data, trained, recorded = False, None, None
     if not isinstance(controlnet, torch.nn.Module):
         check_controlnet_source(str(controlnet), "--controlnet")
         trained = trained_condition(controlnet)
@@ -328,8 +341,7 @@ def eval_controlnet(pretrained_model_name_or_path: str | None, controlnet, data:
             metric = trained[0]
             if trained[0] != "fill50k":  # the detector's settings of the training data, --low_threshold etc. over them
                 known = {f.name for f in fields(CONDITIONERS[metric])}
-                condition_settings = {**{k: v for k, v in trained[1].items() if k in known},
-                                      **(condition_settings or {})}
+                recorded = {k: v for k, v in trained[1].items() if k in known}, trained[2]
     metric, _ = check_eval_request(metric, n, data, condition_settings)  # before minutes of loading and sampling
     note_guidance(guidance_scale)
     if trained and trained[0] != metric:
@@ -346,7 +358,7 @@ def eval_controlnet(pretrained_model_name_or_path: str | None, controlnet, data:
                                                 tokenizer_name=loading.get("tokenizer_name")),
                                 loading.get("prediction_type"), recorded=True)
     res = _base_resolution(base)
-    scorer, targets = condition_targets(metric, n, res, seed, data, condition_settings)
+    scorer, targets = condition_targets(metric, n, res, seed, data, condition_settings, recorded)
     if len(targets) < n:
         logging.getLogger("difftune").warning("--n %d: %s holds %d usable conditions; evaluating those", n, data,
                                               len(targets))
