@@ -92,8 +92,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from .models import DEFAULT_MODEL, training_resolution
 
     base = args.pretrained_model_name_or_path or DEFAULT_MODEL  # what `train` would use
+    default = training_resolution(base)  # (read even with --resolution: a base training cannot load is refused)
     if args.resolution is None:
-        args.resolution = training_resolution(base)
+        args.resolution = default
         print(f"checking at --resolution {args.resolution}: the training default for {base} (pass "
               f"--resolution to check another)", file=sys.stderr)
     check_resolution(args.resolution)

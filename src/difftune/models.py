@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,9 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
+from .hub_cache import BASE_FOLDER_ADVICE, cached_folder, complete_snapshot, hub_snapshot
+from .hub_cache import hub_hint as _hub_hint  # (eval.clip's name for it)
+from .hub_cache import looks_like_hub_id as _looks_like_hub_id
 from .model_folders import SINGLE_FILE_HINT, check_local_folder, note_local_folder, part_variants, pickle_only
 
 log = logging.getLogger("difftune")
@@ -86,21 +88,40 @@ def default_resolution(family_default: int, base: BaseModel) -> int:
 
 
 def training_resolution(name_or_path: str) -> int:
-    """``default_resolution`` read from a model folder's configs, without loading any weights (for
-    ``difftune data check``): the family's default where the configs cannot be read (a Hub id offline)."""
+    """``default_resolution`` read from a base model's configs, without loading any weights (for ``difftune data
+    check``): a folder's, or a Hub model's (fetched, or from the cache offline). A base whose UNet config cannot
+    be read is refused, saying why: training would fail on it at once, and its size is unknown."""
+    import contextlib
     import json
 
     from .families import FAMILIES, detect_family
 
-    folder = resolve_builtin(name_or_path)
-    family_default = FAMILIES[detect_family(folder)].default_resolution
+    name_or_path = resolve_builtin(name_or_path)
+    folder = Path(name_or_path).expanduser()
+    if not folder.exists():
+        if not _looks_like_hub_id(name_or_path):
+            raise ModelLoadError(f"--pretrained_model_name_or_path {name_or_path}: there is no such folder.")
+        folder = hub_snapshot(name_or_path, None, None) or folder  # (a Hub id neither reachable nor cached: refused)
+        from huggingface_hub import hf_hub_download
+
+        for config in ("unet/config.json", "vae/config.json"):  # into that snapshot (offline: where cached)
+            with contextlib.suppress(Exception):  # a missing UNet config is said below
+                hf_hub_download(name_or_path, config)
+    family = FAMILIES[detect_family(str(folder))] if folder.is_dir() else FAMILIES["sd"]
+    unet_config = folder / "unet" / "config.json"
     try:
-        unet = json.loads((Path(folder) / "unet" / "config.json").read_text())
-        vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
-        native = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        native = int(json.loads(unet_config.read_text(encoding="utf-8"))["sample_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = "it is missing" if isinstance(e, OSError) and not unet_config.exists() else f"{type(e).__name__}: {e}"
+        raise ModelLoadError(f"--pretrained_model_name_or_path {name_or_path}: the UNet's config {unet_config} cannot "
+                             f"be read ({why}), so training could not load this base, and the resolution it would "
+                             f"train at is unknown. Give a complete diffusers-layout base folder.") from None
+    try:
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
-        return family_default
-    return min(family_default, native)
+        scale = 8  # every SD and SDXL VAE's (a base without its own VAE trains with --pretrained_vae_model_name_or_path)
+    return min(family.default_resolution, native * scale)
 
 
 BUILTIN_MODELS = {"tiny-shapes": "assets/tiny-shapes"}
@@ -128,23 +149,6 @@ def base_in_code(name_or_path: str) -> tuple[list[str], str]:
     return [], f'"{name_or_path}"'
 
 
-BASE_FOLDER_ADVICE = ("Give --pretrained_model_name_or_path a local diffusers-layout folder (with model_index.json, "
-                      "unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
-
-
-def _hub_hint(name: str, err: Exception, advice: str = BASE_FOLDER_ADVICE) -> ModelLoadError:
-    """Why a name that is no local folder could not come from the Hub; ``advice`` says what to pass instead
-    (a base model's layout by default: a ControlNet's is another)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    why = ("HF_HUB_OFFLINE is set; unset it to download" if offline else
-           "no network or no such repository; with HF_HUB_OFFLINE=1 a machine without network fails at once "
-           "instead of after the hub's retries, and uses what is in the Hugging Face cache")
-    return ModelLoadError(
-        f"Could not load '{name}': it is not a local folder, and it could not be fetched from the "
-        f"Hugging Face Hub ({why}). {advice} Underlying error: {type(err).__name__}: {err}"
-    )
-
-
 def load_base_model(
     name_or_path: str,
     revision: str | None = None,
@@ -170,13 +174,20 @@ def load_base_model(
     local = Path(name_or_path).expanduser()
     if family not in ("auto", *FAMILIES):
         raise ModelLoadError(f"--model_family {family!r}: choose auto, {', '.join(FAMILIES)}.")
+    hub_id = None if local.exists() else name_or_path
+    if hub_id is not None:
+        if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+            raise ModelLoadError(f"Model folder {name_or_path} does not exist.")
+        # (first: offline, each part would fail the same way, one network timeout after another)
+        local = hub_snapshot(hub_id, revision, cache_dir) or local
     given = family
     if family == "auto":
-        try:  # (first: offline, each part would fail the same way, one network timeout after another)
-            family = detect_family(name_or_path, revision, cache_dir)
-        except Exception as e:  # noqa: BLE001 — the hub's errors have no common base
-            raise _hub_hint(name_or_path, e) from None
+        family = detect_family(str(local)) if local.exists() else "sd"  # (a Hub repository without model_index.json)
     fam = FAMILIES[family]
+    needed = ("unet", *(() if vae_name_or_path else ("vae",)), "text_encoder",
+              *(() if tokenizer_name else ("tokenizer",)), "scheduler", *fam.extra_subfolders)
+    if hub_id is not None and local.exists():  # the cache's snapshot: read as a local folder, when it holds it all
+        local = complete_snapshot(hub_id, local, needed, variant) or Path(hub_id)
     variants: dict[str, str | None] = {}
     if local.exists():
         if not local.is_dir():
@@ -186,16 +197,13 @@ def load_base_model(
         if given != "auto" and lacking and (local / "unet").is_dir():
             raise ModelLoadError(f"--model_family {given}: {local} has no {' or '.join(lacking)}, so it is not an "
                                  f"{given} model — use --model_family auto.")
-        check_local_folder(local, ("unet", *(() if vae_name_or_path else ("vae",)), "text_encoder",
-                                   *(() if tokenizer_name else ("tokenizer",)), "scheduler", *fam.extra_subfolders),
-                           stand_ins)
-        note_local_folder(local, revision)
+        check_local_folder(local, needed, stand_ins)
+        if hub_id is None:
+            note_local_folder(local, revision)
         name_or_path = str(local)
         weights = ("text_encoder", "unet", *(("vae",) if vae_name_or_path is None else ()),
                    *(p for p in fam.extra_subfolders if p.startswith("text_encoder")))
         variants = part_variants(local, weights, variant)
-    elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ModelLoadError(f"Model folder {name_or_path} does not exist.")
     common = dict(revision=revision, cache_dir=cache_dir)
     if tokenizer_name:
         tokenizer = _load_tokenizer(tokenizer_name, common)
@@ -227,6 +235,7 @@ def load_base_model(
         raise _hub_hint(name_or_path, e) from None
     if vae_name_or_path is not None:
         vae = load_vae(vae_name_or_path, revision, cache_dir)
+    name_or_path = hub_id or name_or_path  # (the messages below name a Hub model by its id, not its cache folder)
     check_unet_family(unet, family, name_or_path)
     latent = int(vae.config.latent_channels)
     if int(unet.config.in_channels) != latent and vae_name_or_path is not None:
@@ -243,7 +252,7 @@ def load_base_model(
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
             module.eval()
-    return BaseModel(tokenizer, text_encoder, vae, unet, noise_scheduler, source=name_or_path, family=family,
+    return BaseModel(tokenizer, text_encoder, vae, unet, noise_scheduler, source=hub_id or name_or_path, family=family,
                      vae_in_fp32=fam.vae_needs_fp32 and vae_name_or_path is None,
                      variant=variants.get("unet", variant), **extra)
 
@@ -275,6 +284,9 @@ def _load_tokenizer(name_or_path: str, common: dict):
     local = Path(name_or_path).expanduser()
     if not local.exists() and (not _looks_like_hub_id(name_or_path) or local.parent.is_dir()):
         raise ModelLoadError(f"--tokenizer_name {name_or_path}: there is no such folder.")
+    advice = "Pass a local tokenizer folder instead (e.g. a model's tokenizer/)."
+    local = cached_folder(name_or_path, common.get("revision"), common.get("cache_dir"), "tokenizer_config.json",
+                           advice, kind="tokenizer")
     if (local / "tokenizer").is_dir() and not (local / "tokenizer_config.json").is_file():
         raise ModelLoadError(f"--tokenizer_name {local} is a model folder: give its tokenizer, "
                              f"--tokenizer_name {local / 'tokenizer'}.")
@@ -284,7 +296,7 @@ def _load_tokenizer(name_or_path: str, common: dict):
         if local.exists():
             raise ModelLoadError(f"--tokenizer_name {local}: no tokenizer could be read there ({e}). Give a "
                                  f"folder holding tokenizer files (e.g. a model's tokenizer/ folder).") from None
-        raise _hub_hint(name_or_path, e, "Pass a local tokenizer folder instead (e.g. a model's tokenizer/).") from None
+        raise _hub_hint(name_or_path, e, advice) from None
 
 
 def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):
@@ -294,6 +306,7 @@ def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | No
     local = Path(name_or_path).expanduser()
     if not local.exists() and not _looks_like_hub_id(name_or_path):
         raise ModelLoadError(f"--pretrained_vae_model_name_or_path {name_or_path}: there is no such folder.")
+    local = cached_folder(name_or_path, revision, cache_dir, "config.json", VAE_FOLDER_ADVICE, kind="model")
     subfolder = "vae" if (local / "vae" / "config.json").is_file() else None
     config = local / (subfolder or "") / "config.json"
     kind = _config_class(config) if config.is_file() else None
@@ -318,11 +331,6 @@ GIVE_CONTROLNET = ("give a ControlNet folder: config.json + diffusion_pytorch_mo
                    "`difftune train controlnet` run writes them in its --output_dir (or a diffusers ControlNetModel's "
                    "save_pretrained())")
 CONTROLNET_FLAG = "--controlnet_model_name_or_path"  # training's flag; generate and eval call it --controlnet
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    """``owner/name``: anything else that is not a local folder can only be a mistyped path."""
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
 
 
 def _config_class(config: Path) -> str | None:
@@ -407,7 +415,8 @@ def load_controlnet(name_or_path: str, revision: str | None = None, cache_dir: s
     from diffusers import ControlNetModel
 
     check_controlnet_source(name_or_path, flag)
-    local = Path(name_or_path).expanduser()
+    local = cached_folder(name_or_path, revision, cache_dir, "config.json", f"For {flag}, {GIVE_CONTROLNET}.",
+                           kind="model")
     try:
         controlnet = ControlNetModel.from_pretrained(
             str(local) if local.exists() else name_or_path, revision=revision, cache_dir=cache_dir,
@@ -456,9 +465,12 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, cache_dir: st
     from transformers import AutoTokenizer
 
     name_or_path = resolve_builtin(name_or_path)
+    folder = cached_folder(name_or_path, revision, cache_dir, "model_index.json", BASE_FOLDER_ADVICE,
+                            parts=("tokenizer",))
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", revision=revision, cache_dir=cache_dir)
+        return AutoTokenizer.from_pretrained(str(folder) if folder.exists() else name_or_path, subfolder="tokenizer",
+                                             revision=revision, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
-        if Path(name_or_path).exists():
-            raise ModelLoadError(f"Could not load the tokenizer in {name_or_path}/tokenizer: {e}") from None
+        if folder.exists():
+            raise ModelLoadError(f"Could not load the tokenizer in {folder}/tokenizer: {e}") from None
         raise _hub_hint(name_or_path, e) from None
