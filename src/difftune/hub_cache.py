@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import ModelLoadError
-from .model_folders import _variant_of
+from .model_folders import variant_of
 
 BASE_FOLDER_ADVICE = ("Give --pretrained_model_name_or_path a local diffusers-layout folder (with model_index.json, "
                       "unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
@@ -74,7 +74,7 @@ def _has_weights(folder: Path, variant: str | None) -> bool:
 
     files = [p for p in folder.glob("*.safetensors") if p.is_file()]
     if variant is not None:
-        files = [p for p in files if _variant_of(p.name) == variant]
+        files = [p for p in files if variant_of(p.name) == variant]
     for index in folder.glob("*.safetensors.index*.json"):
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())

@@ -57,7 +57,7 @@ def note_local_folder(path: Path, revision: str | None) -> None:
                     "`pipe.save_pretrained(DIR)`.", index, e)
 
 
-def _variant_of(file_name: str) -> str | None:
+def variant_of(file_name: str) -> str | None:
     """'model.fp16.safetensors' -> 'fp16'; 'diffusion_pytorch_model.fp16-00001-of-00002.safetensors' -> 'fp16';
     a file of the plain weights ('model.safetensors', 'model-00001-of-00002.safetensors') -> None."""
     parts = file_name.removesuffix(".safetensors").split(".")
@@ -71,8 +71,8 @@ def part_variants(local: Path, parts: tuple[str, ...], variant: str | None) -> d
     chosen: dict[str, str | None] = {}
     for part in parts:
         names = [p.name for p in (local / part).glob("*.safetensors")]
-        tags = sorted({v for v in map(_variant_of, names) if v is not None})
-        plain = any(_variant_of(n) is None for n in names)
+        tags = sorted({v for v in map(variant_of, names) if v is not None})
+        plain = any(variant_of(n) is None for n in names)
         if variant is not None and variant not in tags and not plain and names:
             raise ModelLoadError(f"--variant {variant}: {local / part} has no {variant} weights, only "
                                  f"{', '.join(names)}: give --variant {tags[0]}, or leave --variant out.")
