@@ -102,15 +102,18 @@ def train_controlnet(cfg: ControlNetConfig, base: Any = None) -> dict:
     _check_run_config(cfg, ControlNetConfig, "train_controlnet")
     cfg = resolve_seed(cfg)
     quiet_other_processes()
-    check_before_loading(cfg)
+    data = check_before_loading(cfg, ControlNetMethod.check_data)
     with _callers_random_state_kept():
-        method = ControlNetMethod(cfg, base=base)
+        method = ControlNetMethod(cfg, base=base, data=data)
         return Trainer(method, method.cfg).fit()  # method.cfg: family and resolution resolved
 
 
-def check_before_loading(cfg: Any) -> None:
+def check_before_loading(cfg: Any, check_data: Any = None) -> Any:
     """What fails without the models, said before minutes of loading them (the trainer checks again): a
-    tracker package missing, an --output_dir holding another run, a --validation_image that is not there."""
+    tracker package missing, an --output_dir holding another run, a --validation_image that is not there; the
+    method's training data (``check_data(cfg)``, returned for the method to train on, not read twice); last,
+    with --push_to_hub, the Hub repo, created at the start as diffusers' scripts do (a bad --hub_model_id, token
+    or network stops the run here) once the rest has passed (no repo is made for a run that would not start)."""
     from .guards import claim_output_dir
     from .validation import load_validation_images
 
@@ -121,6 +124,12 @@ def check_before_loading(cfg: Any) -> None:
     if not cfg.train.resume_from_checkpoint:
         claim_output_dir(out, out / "checkpoints", cfg.train.overwrite_output_dir)
     load_validation_images(cfg.validation)
+    data = check_data(cfg) if check_data is not None else None
+    if cfg.train.push_to_hub and os.environ.get("RANK", "0") == "0":  # (once: the launch's first process)
+        from . import hub
+
+        hub.ensure_repo(out, cfg.train.hub_model_id, cfg.train.hub_token)
+    return data
 
 
 def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
@@ -137,9 +146,9 @@ def train_custom_diffusion(cfg: Any, base: Any = None) -> dict:
     _check_run_config(cfg, CustomDiffusionConfig, "train_custom_diffusion")
     cfg = resolve_seed(cfg)
     quiet_other_processes()
-    check_before_loading(cfg)
+    data = check_before_loading(cfg, CustomDiffusionMethod.check_data)
     with _callers_random_state_kept():
-        method = CustomDiffusionMethod(cfg, base=base)
+        method = CustomDiffusionMethod(cfg, base=base, data=data)
         return Trainer(method, method.cfg).fit()  # method.cfg: resolution resolved
 
 

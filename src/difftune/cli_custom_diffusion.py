@@ -102,7 +102,7 @@ def _write_new_folder(args: argparse.Namespace, write, inputs: list[str]) -> dic
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .custom_diffusion.merge import merge_concepts
+    from .custom_diffusion.merge import check_merge_inputs, merge_concepts
     from .recorded import check_one_base, recorded_base_name
 
     prompts = None
@@ -113,10 +113,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise ConfigError(f"--regularization_prompts {p} does not exist (one caption per line).")
         prompts = [x.strip() for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
-    from .custom_diffusion.export import read_meta
-
-    for folder in args.concepts:  # each named with the flag that gave it, before the base model loads
-        read_meta(folder, flag="--concepts")
+    check_merge_inputs(args.concepts, prompts)  # each folder named with the flag that gave it, before the base loads
     _check_output_dir(args, args.concepts, "--concepts")
     check_one_base({folder: recorded_base_name(custom_diffusion=folder) for folder in args.concepts},
                    args.pretrained_model_name_or_path, "--concepts", "a merge combines weight changes of one base")

@@ -22,7 +22,8 @@ RUN_UPLOAD_IGNORE = ["checkpoints/*", "logs/*", "encoded-cache/*", "stream-cache
 
 def ensure_repo(folder: Path, repo_id: str | None, token: str | None) -> str:
     """Create (or find) the Hub repo before training, as diffusers' scripts do, so that a bad token, a name that
-    is not yours or no network stops the run at its start, not after hours of training."""
+    is not yours (or no name: ``a/b/c``), or no network stops the run at its start, before any model loads
+    (``api.check_before_loading``), not after hours of training."""
     from huggingface_hub import HfApi
 
     repo_id = repo_id or Path(folder).resolve().name

@@ -153,10 +153,6 @@ class Trainer:
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if cfg.push_to_hub and accelerator.is_main_process:
-            from . import hub
-
-            hub.ensure_repo(self.out, cfg.hub_model_id, cfg.hub_token)
         root = self.out / "checkpoints"
         resume_from = ckpt.resolve_resume(root, cfg.resume_from_checkpoint)
         changes: list[str] = []

@@ -132,6 +132,63 @@ def resolve_concepts(data_cfg: Any, modifier_tokens: list[str]) -> list[Concept]
     return concepts
 
 
+def concept_flag(concept: Concept, key: str) -> str:
+    """How messages name a concept's folder: the flag, or the concepts list entry's key."""
+    return f"{concept.where}: {key}" if concept.where != "the flags" else f"--{key}"
+
+
+@dataclass
+class ConceptData:
+    """A run's concepts with their instance images and, with --real_prior, real class images: all of it
+    read and checked before the base model loads (tens of seconds on SD), so a typo is said first."""
+
+    concepts: list[Concept]
+    instances: list[tuple[Path, str]]  # (image, instance prompt), every concept's
+    real_prior: list[tuple[Path, str]] | None = None  # (image, caption), with --real_prior
+
+
+def check_concept_data(data_cfg: Any, modifier_tokens: list[str]) -> ConceptData:
+    """Resolve the concepts (``resolve_concepts``), list and decode their instance images, and with prior
+    preservation check each class folder; real prior ones are read whole. Generated class images need the
+    base model, so those are made (and checked) later."""
+    concepts = resolve_concepts(data_cfg, modifier_tokens)
+    instances = []
+    for c in concepts:
+        flag = concept_flag(c, "instance_data_dir")
+        files = list_images(c.instance_data_dir, flag)
+        check_images(files, flag)
+        instances += [(f, c.instance_prompt) for f in files]
+    if not data_cfg.with_prior_preservation:
+        return ConceptData(concepts, instances)
+    real: list[tuple[Path, str]] = []
+    for c in concepts:
+        flag = concept_flag(c, "class_data_dir")
+        if Path(c.class_data_dir).resolve() == Path(c.instance_data_dir).resolve():
+            raise ConfigError(f"{flag} {c.class_data_dir} is the concept's instance_data_dir: its photos would "
+                              "count as class images, and the prior would be the concept itself. Give the class "
+                              "images a folder of their own (missing ones are generated there).")
+        if data_cfg.real_prior:
+            real += _real_prior(c, flag, data_cfg.num_class_images)
+    return ConceptData(concepts, instances, real if data_cfg.real_prior else None)
+
+
+def _real_prior(c: Concept, flag: str, n: int) -> list[tuple[Path, str]]:
+    """The first ``n`` real class images of a concept (decoded, as training reads them)."""
+    if not Path(c.class_data_dir).is_dir():
+        raise DataError(f"--real_prior: {flag} {c.class_data_dir} does not exist. Retrieve a real prior into it "
+                        f"first (difftune retrieve --class_prompt ... --class_data_dir {c.class_data_dir} "
+                        f"--num_class_images {n} --backend URL).")
+    found = real_prior_pairs(c.class_data_dir)[:n]
+    if len(found) < n:  # (diffusers stops here too): a prior far smaller than asked for
+        raise DataError(
+            f"--real_prior: {flag} {c.class_data_dir} holds {len(found)} real class image(s), fewer than "
+            f"--num_class_images {n}. Retrieve more (difftune retrieve --class_prompt ... --class_data_dir "
+            f"{c.class_data_dir} --num_class_images {n}) or train on what is there with --num_class_images "
+            f"{len(found)}.")
+    check_images([f for f, _ in found], flag)
+    return found
+
+
 def default_initializers(concepts: list[Concept], modifier_tokens: list[str]) -> list[str]:
     """Without --initializer_token, each new token starts from its concept's class word: the last
     word of the class prompt, else the last word of the instance prompt that is not a modifier token."""

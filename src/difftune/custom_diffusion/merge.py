@@ -106,11 +106,10 @@ def _rename(prompt: str, mapping: dict[str, str]) -> str:
     return prompt
 
 
-def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
-                   regularization_prompts: list[str] | None = None, safe: bool = True) -> dict:
-    """Merge Custom Diffusion folders (each trained with crossattn_kv on ``base``) into ``output_dir``."""
-    from .compress import base_weight
-
+def check_merge_inputs(folders: list[str | Path], regularization_prompts: list[str] | None) -> None:
+    """What a merge can refuse without the base model (the CLI asks before loading it; ``merge_concepts`` too,
+    for a call from Python): fewer than two folders, one named twice, a folder that is no Custom Diffusion
+    output or was trained in a way the closed form cannot merge, empty regularization prompts."""
     if len(folders) < 2:
         raise ConfigError("merge needs at least two Custom Diffusion folders.")
     seen: dict[Path, str | Path] = {}
@@ -119,9 +118,25 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
             raise ConfigError(f"merge: --concepts names {folder} twice (also as {seen[Path(folder).resolve()]}); "
                               "give each concept's folder once.")
         seen[Path(folder).resolve()] = folder
+    for folder in folders:
+        meta = read_meta(folder, flag="--concepts")
+        if meta.get("freeze_model") != "crossattn_kv":
+            raise ConfigError(f"merge: {folder} was trained with --freeze_model {meta.get('freeze_model')}; the "
+                              "closed-form merge combines key/value projections only (crossattn_kv).")
+        if not meta.get("modifier_tokens"):
+            raise ConfigError(f"merge: {folder} was trained without modifier tokens; the closed-form merge keeps "
+                              "each concept's token features, so each folder needs its own token (--modifier_token).")
     if regularization_prompts is not None and not regularization_prompts:
         raise ConfigError("merge: the regularization prompts are empty; give captions, one per line, or leave "
                           "--regularization_prompts out to use ones made from the concepts' class prompts.")
+
+
+def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
+                   regularization_prompts: list[str] | None = None, safe: bool = True) -> dict:
+    """Merge Custom Diffusion folders (each trained with crossattn_kv on ``base``) into ``output_dir``."""
+    from .compress import base_weight
+
+    check_merge_inputs(folders, regularization_prompts)
     own = base.noise_scheduler.config.prediction_type  # (what a folder that predates the record trained with)
     prediction = one_prediction_type({str(f): read_meta(f, flag="--concepts").get("prediction_type") for f in folders},
                                      own, "merge: the concepts", "merge concepts trained alike (train one again "
@@ -132,12 +147,6 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
     for folder in folders:
         meta = read_meta(folder)
         check_base_family(base.unet, folder)
-        if meta.get("freeze_model") != "crossattn_kv":
-            raise ConfigError(f"merge: {folder} was trained with --freeze_model {meta.get('freeze_model')}; the "
-                              "closed-form merge combines key/value projections only (crossattn_kv).")
-        if not meta["modifier_tokens"]:
-            raise ConfigError(f"merge: {folder} was trained without modifier tokens; the closed-form merge keeps "
-                              "each concept's token features, so each folder needs its own token (--modifier_token).")
         mapping = {}
         for token in meta["modifier_tokens"]:
             new = token

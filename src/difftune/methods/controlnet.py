@@ -24,6 +24,7 @@ from ..checkpoint import umask_mode
 from ..cuda_graphs import GraphedModule, no_autocast_cache, use_cuda_graphs
 from ..config import ControlNetConfig
 from ..data import ControlNetExamples, collate_examples, load_table, resolve_columns, select_samples
+from ..data.sources import Table
 from ..data.images import files_signature
 from ..data.columns import table_column_kinds
 from ..data.materialize import materialize
@@ -101,8 +102,9 @@ class Denoiser(torch.nn.Module):
 class ControlNetMethod:
     name = "controlnet"
 
-    def __init__(self, cfg: ControlNetConfig, base: BaseModel | None = None):
+    def __init__(self, cfg: ControlNetConfig, base: BaseModel | None = None, data: Table | None = None):
         self.cfg = cfg
+        self._table = data  # as ``check_data`` opened it before the base loaded; None: opened by train_dataset
         m = cfg.model
         loaded = base or load_base_model(
             m.pretrained_model_name_or_path, m.revision, m.variant, m.tokenizer_name, m.cache_dir,
@@ -242,15 +244,18 @@ class ControlNetMethod:
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.controlnet.parameters() if p.requires_grad]}]
 
+    @staticmethod
+    def check_data(cfg: ControlNetConfig) -> Table:
+        """The training data set, opened without any model (``api`` calls it before loading the base, and
+        passes it in as ``data``): a missing folder, a layout not understood, or a Hub data set that cannot be
+        had (offline and not cached, a wrong name) is said before minutes of loading."""
+        d = cfg.data
+        return load_table(dataset_name=d.dataset_name, dataset_config_name=d.dataset_config_name,
+                          train_data_dir=d.train_data_dir, cache_dir=cfg.model.cache_dir, streaming=d.streaming)
+
     def train_dataset(self):
         d = self.cfg.data
-        table = load_table(
-            dataset_name=d.dataset_name,
-            dataset_config_name=d.dataset_config_name,
-            train_data_dir=d.train_data_dir,
-            cache_dir=self.cfg.model.cache_dir,
-            streaming=d.streaming,
-        )
+        table = self._table if self._table is not None else self.check_data(self.cfg)
         table = select_samples(table, d.max_train_samples, self.cfg.train.seed or 0)
         acc = self._accelerator
         table = materialize(table, Path(self.cfg.train.output_dir) / "stream-cache",

@@ -30,7 +30,7 @@ from ..custom_diffusion import data as cd
 from ..custom_diffusion import surgery
 from ..custom_diffusion.class_images import ensure_class_images, text2image_pipeline
 from ..custom_diffusion.export import save_custom_diffusion
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..models import BaseModel, default_resolution, load_base_model, with_prediction_type
 from ..noising import DiffusionObjective, latent_moments, sample_latents, to_device, tokenize
 from ..recorded import local_or_name
@@ -50,9 +50,12 @@ def _absolute_dirs(concept: dict) -> dict:
 class CustomDiffusionMethod:
     name = "custom_diffusion"
 
-    def __init__(self, cfg: CustomDiffusionConfig, base: BaseModel | None = None):
+    def __init__(self, cfg: CustomDiffusionConfig, base: BaseModel | None = None, data: cc.ConceptData | None = None):
         self.cfg = cfg
         m, c = cfg.model, cfg.custom
+        # the concepts and their images, read before the base loads (``data``: as ``check_data`` already read them)
+        self.data = data if data is not None else self.check_data(cfg)
+        self.concepts = self.data.concepts
         # surgery changes the tokenizer, the embedding table and the UNet's processors: never
         # those of a model object the caller keeps using
         loaded = copy.deepcopy(base) if base is not None else load_base_model(
@@ -68,7 +71,6 @@ class CustomDiffusionMethod:
         self.cfg = cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, resolution=cfg.data.resolution or default_resolution(512, self.base)),
             loss=dataclasses.replace(cfg.loss, prediction_type=self.base.noise_scheduler.config.prediction_type))
-        self.concepts = cc.resolve_concepts(cfg.data, c.modifier_tokens())
         d = cfg.data
         if not d.with_prior_preservation and (d.class_prompt or d.class_data_dir):
             log.warning("--class_prompt / --class_data_dir are not used without --with_prior_preservation: "
@@ -99,6 +101,12 @@ class CustomDiffusionMethod:
         self._accelerator = None
         # --scale_lr: each example also carries a class image with prior preservation (diffusers' x2)
         self.lr_scale = 2.0 if cfg.data.with_prior_preservation else 1.0
+
+    @staticmethod
+    def check_data(cfg: CustomDiffusionConfig) -> cc.ConceptData:
+        """The run's concepts, instance images and real prior, checked without any model (``api`` calls it
+        before loading the base, and passes the result in as ``data``)."""
+        return cc.check_concept_data(cfg.data, cfg.custom.modifier_tokens())
 
     # ---------------------------------------------------------------- plumbing for the loop
     def setup(self, accelerator: Any) -> list[torch.nn.Module]:
@@ -159,47 +167,26 @@ class CustomDiffusionMethod:
 
     def train_dataset(self):
         d = self.cfg.data
-        instances = []
-        for c in self.concepts:
-            flag = f"{c.where}: instance_data_dir" if c.where != "the flags" else "--instance_data_dir"
-            files = cc.list_images(c.instance_data_dir, flag)
-            cc.check_images(files, flag)
-            instances += [(f, c.instance_prompt) for f in files]
         classes = self._class_images() if d.with_prior_preservation else None
-        return cd.CustomDiffusionExamples(instances, classes, d.resolution, d.center_crop, aug=not d.noaug)
+        return cd.CustomDiffusionExamples(self.data.instances, classes, d.resolution, d.center_crop, aug=not d.noaug)
 
     def _class_images(self) -> list[tuple[Path, str]]:
+        """Real prior images as ``check_data`` found them; else class images generated (where missing) with the base."""
         d, acc = self.cfg.data, self._accelerator
+        if self.data.real_prior is not None:
+            return self.data.real_prior
         pairs: list[tuple[Path, str]] = []
         for c in self.concepts:
-            flag = f"{c.where}: class_data_dir" if c.where != "the flags" else "--class_data_dir"
-            if Path(c.class_data_dir).resolve() == Path(c.instance_data_dir).resolve():
-                raise ConfigError(f"{flag} {c.class_data_dir} is the concept's instance_data_dir: its photos would "
-                                  "count as class images, and the prior would be the concept itself. Give the class "
-                                  "images a folder of their own (missing ones are generated there).")
-            if d.real_prior and not Path(c.class_data_dir).is_dir():
-                raise DataError(f"--real_prior: {flag} {c.class_data_dir} does not exist. Retrieve a real prior "
-                                f"into it first (difftune retrieve --class_prompt ... --class_data_dir "
-                                f"{c.class_data_dir} --num_class_images {d.num_class_images} --backend URL).")
-            if d.real_prior:
-                found = cc.real_prior_pairs(c.class_data_dir)[: d.num_class_images]
-                if len(found) < d.num_class_images:  # (diffusers stops here too): a prior far smaller than asked for
-                    raise DataError(
-                        f"--real_prior: {flag} {c.class_data_dir} holds {len(found)} real class image(s), fewer than "
-                        f"--num_class_images {d.num_class_images}. Retrieve more (difftune retrieve --class_prompt "
-                        f"... --class_data_dir {c.class_data_dir} --num_class_images {d.num_class_images}) or train "
-                        f"on what is there with --num_class_images {len(found)}.")
-            else:
-                if acc is None or acc.is_main_process:
-                    ensure_class_images(self.base, c.class_data_dir, c.class_prompt, d.num_class_images, d.resolution,
-                                        d.sample_batch_size, d.num_class_inference_steps, self.cfg.train.seed or 0,
-                                        d.prior_generation_precision, self.device)
-                if acc is not None:
-                    acc.wait_for_everyone()
-                files = cc.list_images(c.class_data_dir, flag)[: d.num_class_images]
-                found = [(f, c.class_prompt) for f in files]
-            cc.check_images([f for f, _ in found], flag)
-            pairs += found
+            flag = cc.concept_flag(c, "class_data_dir")
+            if acc is None or acc.is_main_process:
+                ensure_class_images(self.base, c.class_data_dir, c.class_prompt, d.num_class_images, d.resolution,
+                                    d.sample_batch_size, d.num_class_inference_steps, self.cfg.train.seed or 0,
+                                    d.prior_generation_precision, self.device)
+            if acc is not None:
+                acc.wait_for_everyone()
+            files = cc.list_images(c.class_data_dir, flag)[: d.num_class_images]
+            cc.check_images(files, flag)
+            pairs += [(f, c.class_prompt) for f in files]
         return pairs
 
     def collate(self, items: list) -> dict:
