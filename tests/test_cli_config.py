@@ -248,7 +248,10 @@ def test_make_tiny_model_keeps_a_folder_unless_told(tmp_path, capsys):
     (["generate", "--controlnet", "c", "--image", "i", "--prompt", "p", "--num_images", "two"],
      "--num_images: 'two' is not an integer"),
     (["bench", "--steps", "0"], "--steps: must be at least 1"),
-    (["bench", "--timeout", "0"], "--timeout: must be more than 0 seconds"),  # every run would 'time out' at once
+    (["bench", "--timeout", "0"], "--timeout: must be a finite number of seconds more than 0, not 0"),  # every run
+    # would 'time out' at once; retrieve's went to urllib as it was (-1: a traceback, 0: every request failed)
+    *[(["retrieve", "--class_prompt", "cat", "--class_data_dir", "r", "--timeout", t],
+       f"--timeout: must be a finite number of seconds more than 0, not {t}") for t in ("-1", "0", "inf")],
     (["eval", "controlnet", "--controlnet", "c", "--controlnet_conditioning_scale", "nan"],  # NaN images, NaN JSON
      "--controlnet_conditioning_scale: must be a finite number, not nan"),
     (["eval", "base", "--guidance_scale", "inf"], "--guidance_scale: must be a finite number, not inf"),

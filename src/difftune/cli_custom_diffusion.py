@@ -156,7 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub, train_sub, eval_sub=None) -> None:
     """Add the Custom Diffusion commands to the top-level, ``train`` and ``eval`` sub-parsers."""
-    from .cli_flags import add_config_flags, add_launcher_flags, add_tokenizer_flag, at_least, finite_float
+    from .cli_flags import (add_config_flags, add_launcher_flags, add_tokenizer_flag, at_least, finite_float,
+                            positive_seconds)
     from .config_custom_diffusion import CustomDiffusionConfig, custom_diffusion_defaults
     from .recipes import recipes_for
 
@@ -177,7 +178,7 @@ def register(sub, train_sub, eval_sub=None) -> None:
     r.add_argument("--backend", help="URL of a clip-retrieval kNN service (self-hosted), e.g. "
                                      "http://HOST:1234/knn-service (required: there is no public default)")
     r.add_argument("--indice_name", default="laion5B-L-14")
-    r.add_argument("--timeout", type=finite_float, default=30.0)
+    r.add_argument("--timeout", type=positive_seconds, default=30.0, help="seconds to wait for each answer (default: 30)")
     r.set_defaults(func=cmd_retrieve)
 
     cd = sub.add_parser("custom-diffusion", help="Custom Diffusion tools").add_subparsers(dest="tool", required=True)

@@ -46,6 +46,21 @@ def finite_float(text: str) -> float:
 finite_float.__name__ = "finite number"
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse ``type``: a time limit in seconds, more than 0 and finite (a network client refuses a
+    negative one with a traceback, and takes 0 as "fail at once")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds more than 0, not {text}")
+    return value
+
+
+positive_seconds.__name__ = "seconds"
+
+
 def _unwrap(tp):
     """(base type, is_list) of an annotation like ``int | None`` or ``list[str] | None``."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]

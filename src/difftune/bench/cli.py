@@ -37,16 +37,6 @@ def _names(text: str, flag: str = "--configs") -> list[str]:
     return names
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
-    return value
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from .report import format_table
     from .runner import METHODS
@@ -83,7 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``difftune bench`` to the top-level sub-parsers."""
-    from ..cli_flags import at_least, finite_float
+    from ..cli_flags import at_least, finite_float, positive_seconds
     from .architectures import ARCHS
 
     b = sub.add_parser("bench", help="time named training configurations (s/step, images/s, memory, MFU)")
@@ -111,7 +101,7 @@ def register(sub) -> None:
                         "embedding cast ANCHORS.md used): run it too, with the same flags (needs --steptimer)")
     b.add_argument("--reference_configs", help="which of --configs the reference runs (default: all of them)")
     b.add_argument("--peak_tflops", type=finite_float, help="peak rate for MFU (default: 790 on H100/H200, else no MFU)")
-    b.add_argument("--timeout", type=_positive_seconds, help="seconds before a configuration's run is stopped")
+    b.add_argument("--timeout", type=positive_seconds, help="seconds before a configuration's run is stopped")
     b.add_argument("--estimate_memory", action="store_true",
                    help="no training and no GPU: estimate each configuration's peak GPU memory on the CPU (the "
                         "training step on fake tensors, twice: the second holds the optimizer state; live tensor "
