@@ -69,6 +69,19 @@ def test_a_bad_value_from_a_file_is_said_to_come_from_it_and_a_flag_over_it_is_n
     assert "set in config file" not in str(err.value)  # the flag gave it, not the file
 
 
+@pytest.mark.parametrize("text", ["hub_token: [hf_SECRETTOKEN123456]\n", "hub_token: 12345\n",
+                                  "hub_token: hf_SECRETTOKEN123456: x\n"])  # (YAML's parse error quotes the line)
+def test_a_hub_token_of_the_wrong_kind_is_refused_without_showing_it(text, tmp_path):
+    path = _write(tmp_path / "run.yaml", f"train_data_dir: {tmp_path}\n{text}")
+    with pytest.raises(ConfigError) as err:
+        _build(ControlNetConfig, "--config", path)
+    assert "SECRET" not in str(err.value) and "12345" not in str(err.value)
+    assert "not shown: it is a secret" in str(err.value) or "line 2, column" in str(err.value)
+    with pytest.raises(ConfigError, match="not shown") as err:  # from Python, as from a file
+        from_dict(ControlNetConfig, {"train_data_dir": "d", "hub_token": ["hf_SECRETTOKEN123456"]})
+    assert "SECRET" not in str(err.value)
+
+
 def test_a_config_file_may_name_a_recipe_and_the_flag_overrides_it(tmp_path):
     path = _write(tmp_path / "run.yaml", f"recipe: debug\ntrain_data_dir: {tmp_path}\ntrain_batch_size: 3\n")
     cfg = _build(ControlNetConfig, "--config", path)

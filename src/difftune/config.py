@@ -17,7 +17,7 @@ from typing import Any
 
 # (de)serialisation (dicts, config files, the saved resolved config), re-exported: ``from .config import to_dict``
 from .config_io import (SECRET_FIELDS, from_dict, merge, nest, read_config_file, save_resolved,  # noqa: F401
-                        sections, to_dict, typed_value)
+                        sections, shown, to_dict, typed_value)
 from .errors import ConfigError
 
 
@@ -66,7 +66,8 @@ def check_fields(section: Any) -> None:
             continue
         expected = _SIMPLE_TYPES.get(kind)
         if expected and (not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool))):
-            raise ConfigError(f"Setting {f.name!r} (--{f.name}) must be {_TYPE_WORDS[kind]}, got {value!r}.")
+            raise ConfigError(f"Setting {f.name!r} (--{f.name}) must be {_TYPE_WORDS[kind]}, got "
+                              f"{shown(f.name, value)}.")
         if choices and value not in choices:
             raise ConfigError(f"--{f.name} {value!r}: choose from {', '.join(map(str, choices))}.")
 

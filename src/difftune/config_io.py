@@ -15,6 +15,14 @@ from .errors import ConfigError
 SECRET_FIELDS = frozenset({"hub_token"})
 
 
+def shown(name: str, value: Any) -> str:
+    """``value`` as an error message may show it: a secret setting's (a token given as a list or a number by
+    mistake) by its type alone, since messages reach terminals, logs and CI output."""
+    if name in SECRET_FIELDS:
+        return f"a value of type {type(value).__name__} (not shown: it is a secret)"
+    return repr(value)
+
+
 def sections(cfg_cls: type) -> dict[str, type]:
     """Section name -> section dataclass of a run-config class."""
     return {f.name: f.default_factory().__class__ for f in dataclasses.fields(cfg_cls)}  # type: ignore[misc]
@@ -165,7 +173,7 @@ def typed_value(name: str, hint: Any, value: Any) -> Any:
             return [value]
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
-        raise ConfigError(f"Setting '{name}' must be a string or a list of strings, got {value!r}.")
+        raise ConfigError(f"Setting '{name}' must be a string or a list of strings, got {shown(name, value)}.")
     if hint not in _KIND:
         return value
     if hint in (int, float) and isinstance(value, str):  # a number written as a string
@@ -181,7 +189,8 @@ def typed_value(name: str, hint: Any, value: Any) -> Any:
     else:
         ok = isinstance(value, hint)
     if not ok:
-        raise ConfigError(f"Setting '{name}' must be {_KIND[hint]}, got {value!r} ({type(value).__name__}).")
+        got = shown(name, value) if name in SECRET_FIELDS else f"{value!r} ({type(value).__name__})"
+        raise ConfigError(f"Setting '{name}' must be {_KIND[hint]}, got {got}.")
     return value
 
 
@@ -254,6 +263,10 @@ def read_config_file(path: str | os.PathLike) -> dict:
     except _DuplicateKey as e:
         raise ConfigError(f"Config file {p}: {e} Keep one of them.") from None
     except Exception as e:
+        if any(secret in text for secret in SECRET_FIELDS):  # YAML's message quotes the line: it may hold the token
+            for mark in (getattr(e, "context_mark", None), getattr(e, "problem_mark", None)):
+                if mark is not None:
+                    mark.buffer = None  # (the line and column stay)
         raise ConfigError(f"Config file {p} could not be parsed: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {p} must hold a mapping of settings.")
