@@ -451,7 +451,11 @@ def test_train_custom_diffusion_flag_set_is_locked():
 @pytest.mark.parametrize("overrides, message", [
     (dict(learning_rate=-1.0), "--learning_rate must be > 0, got -1.0"),
     (dict(learning_rate=0.0), "--learning_rate must be > 0"),
-    (dict(learning_rate=float("nan")), "--learning_rate must be > 0"),
+    (dict(learning_rate=float("nan")), "--learning_rate must be a finite number, got nan"),
+    (dict(learning_rate=float("inf")), "--learning_rate must be a finite number, got inf"),  # trained NaN weights
+    (dict(adam_epsilon=float("inf")), "--adam_epsilon must be a finite number"),
+    (dict(lr_power=float("-inf")), "--lr_power must be a finite number"),
+    (dict(snr_gamma=float("inf")), "--snr_gamma must be a finite number"),
     (dict(adam_beta1=1.0), r"--adam_beta1 must be in \[0, 1\)"),
     (dict(adam_beta2=-0.5), r"--adam_beta2 must be in \[0, 1\)"),
     (dict(adam_epsilon=0.0), "--adam_epsilon must be > 0"),
@@ -461,6 +465,10 @@ def test_optimizer_settings_are_refused_with_the_flag_name(overrides, message, t
     """Caught with the config, not as the optimizer's bare ValueError once the model has loaded."""
     with pytest.raises(ConfigError, match=message):
         make_config("m", "d", tmp_path, **overrides)
+
+
+def test_an_infinite_max_grad_norm_is_no_clipping_as_in_diffusers(tmp_path):
+    assert make_config("m", "d", tmp_path, max_grad_norm=float("inf")).optim.max_grad_norm == 0.0
 
 
 def test_negative_learning_rate_on_the_command_line_is_a_clear_error(tmp_path, capsys):

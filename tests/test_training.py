@@ -304,12 +304,42 @@ def test_nan_loss_stops_with_step_or_is_skipped(tiny_model_dir, fill_dir, tmp_pa
     with pytest.raises(TrainingDiverged, match="at step 1"):
         Trainer(method, cfg).fit()
 
+    # skipped: NaN losses of finite weights (NaN weights are never saved nor exported: see the test below)
     cfg = make_config(tiny_model_dir, fill_dir, tmp_path / "skip", max_train_steps=3, nan_policy="skip")
     method = ControlNetMethod(cfg)
-    with torch.no_grad():
-        method.controlnet.controlnet_mid_block.weight.fill_(float("nan"))
+    loss = method.loss
+    method.loss = lambda batch, gen: loss(batch, gen) * float("nan")
     summary = Trainer(method, cfg).fit()
     assert summary["nonfinite_steps"] == 3
+    lines = (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line, parse_constant=pytest.fail)["loss"] for line in lines] == [None] * 3  # strict JSON
+
+
+def test_nonfinite_weights_are_never_saved_nor_exported(tiny_model_dir, fill_dir, tmp_path):
+    """A finite loss does not make finite weights: an update that overflows (--learning_rate inf was taken,
+    and exported a ControlNet of NaNs with exit 0) stops the run at the next checkpoint, the earlier ones kept."""
+    from difftune.methods.controlnet import ControlNetMethod
+    from difftune.trainer import Trainer, TrainingDiverged
+
+    out = tmp_path / "run"
+    cfg = make_config(tiny_model_dir, fill_dir, out, max_train_steps=4, checkpointing_steps=2, nan_policy="skip")
+    method = ControlNetMethod(cfg)
+    trainer, steps = Trainer(method, cfg), []
+    step = trainer._step
+
+    def overflowing_step(*args):
+        step(*args)
+        steps.append(1)
+        if len(steps) == 3:  # the update of step 3 overflows
+            with torch.no_grad():
+                method.controlnet.controlnet_mid_block.weight.fill_(float("inf"))
+
+    trainer._step = overflowing_step
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite values at step 4 \(controlnet_mid_block.weight.*"
+                                               r"the last checkpoint, .*checkpoint-2, is intact.*--learning_rate"):
+        trainer.fit()
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "diffusion_pytorch_model.safetensors").exists() and not (out / "config.json").exists()
 
 
 @pytest.mark.parametrize("bad_step", [2, 3])

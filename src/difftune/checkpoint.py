@@ -191,6 +191,19 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
+def first_nonfinite(weights: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinite values, or None: one read back
+    from the device for all of them, so checking every checkpoint costs little beside writing it."""
+    floats = [(k, v) for k, v in weights.items() if v.is_floating_point()]
+    if not floats:
+        return None
+    device = floats[0][1].device
+    finite = torch.stack([torch.isfinite(v).all().to(device) for _, v in floats])
+    if bool(finite.all()):
+        return None
+    return floats[int((~finite).nonzero()[0, 0])][0]
+
+
 def save_checkpoint(
     root: Path,
     state: TrainState,

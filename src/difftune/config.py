@@ -10,6 +10,7 @@ the flag names in the message.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,9 +37,10 @@ _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"
 
 def check_fields(section: Any) -> None:
     """What each field of a config section can hold, checked however the section was made (flags, a
-    config file, ``from_dict`` or the dataclass called in code): the value's type, and for a field with
-    choices one of them; a list-of-strings field given one string takes it as a list of one. A typo
-    (``nan_policy: skp``) would otherwise pass silently, or fail minutes later without the setting's name."""
+    config file, ``from_dict`` or the dataclass called in code): the value's type, a number finite (an
+    ``inf`` learning rate trained and exported NaN weights), and for a field with choices one of them; a
+    list-of-strings field given one string takes it as a list of one. A typo (``nan_policy: skp``) would
+    otherwise pass silently, or fail minutes later without the setting's name."""
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         kind = str(f.type).replace(" ", "")
@@ -68,6 +70,8 @@ def check_fields(section: Any) -> None:
         if expected and (not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool))):
             raise ConfigError(f"Setting {f.name!r} (--{f.name}) must be {_TYPE_WORDS[kind]}, got "
                               f"{shown(f.name, value)}.")
+        if kind == "float" and not math.isfinite(value):  # argparse's float and YAML's .inf read it
+            raise ConfigError(f"--{f.name} must be a finite number, got {value}.")
         if choices and value not in choices:
             raise ConfigError(f"--{f.name} {value!r}: choose from {', '.join(map(str, choices))}.")
 
@@ -188,7 +192,7 @@ class OptimConfig:
     adam_beta2: float = opt(0.999, "Adam beta2.")
     adam_weight_decay: float = opt(1e-2, "AdamW weight decay.")
     adam_epsilon: float = opt(1e-8, "Adam epsilon.")
-    max_grad_norm: float = opt(1.0, "Clip gradients to this norm (0: no clipping).")
+    max_grad_norm: float = opt(1.0, "Clip gradients to this norm (0, or inf: no clipping).")
     use_8bit_adam: bool = opt(False, "8-bit AdamW from bitsandbytes (pip install 'difftune[bnb]').")
     set_grads_to_none: bool = opt(False, "Free gradients after each step instead of zeroing them (less memory).")
     optimizer_in_backward: bool = opt(
@@ -199,6 +203,8 @@ class OptimConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.max_grad_norm == math.inf:  # diffusers' scripts take it: no bound on the norm, i.e. no clipping
+            self.max_grad_norm = 0.0
         check_fields(self)
         # the optimizer checks these too, but only once the model is loaded, and with a bare ValueError
         # ("Invalid learning rate: -1.0") that names no flag; ``not x > 0`` also refuses NaN

@@ -39,7 +39,7 @@ def check_fits(resumed: dict, resume_from: Path, method: Any) -> None:
         raise ConfigError(f"{resume_from}'s weights do not fit this run's model ({what}): it was made with another "
                           "base model (or model family) or method. Resume with that run's settings, or use a new "
                           "--output_dir.")
-    bad = next((k for k, v in theirs.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+    bad = ckpt.first_nonfinite(theirs)
     if bad is not None:
         raise ConfigError(f"{resume_from} is damaged: {bad} holds NaN or infinite values, which difftune never "
                           f"saves (a file changed on disk?). Resume from an earlier checkpoint "

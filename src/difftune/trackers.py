@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -191,8 +192,11 @@ class Trackers:
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         if not self.accelerator.is_main_process:
             return
+        # strict JSON (a NaN loss skipped under --nan_policy skip is null): JSON has no NaN, and readers
+        # other than Python's refuse the NaN and Infinity json.dumps writes by default
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **finite}, allow_nan=False) + "\n")
         if self.names:
             self.accelerator.log(values, step=step)
 

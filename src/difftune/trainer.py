@@ -437,6 +437,22 @@ class Trainer:
         return loss
 
     @staticmethod
+    def _refuse_nonfinite(weights: dict, step: int, root: Path) -> None:
+        """Stop before a checkpoint of NaN/inf weights is written. A finite loss does not make finite weights (an
+        update that overflows, a learning rate of 1e300), and the last step is always checkpointed before the
+        export: so no checkpoint, nor the exported model, holds weights that make black images."""
+        bad = ckpt.first_nonfinite(weights)
+        if bad is None:
+            return
+        last = ckpt.list_checkpoints(root)
+        kept = f"the last checkpoint, {last[-1]}, is intact" if last else "no checkpoint was saved before it"
+        raise TrainingDiverged(
+            f"The trained weights hold NaN or infinite values at step {step} ({bad}, perhaps among others). "
+            f"Training stopped there without saving or exporting them; {kept}. Try a lower --learning_rate, "
+            "--max_grad_norm 1.0 if clipping is off, or --mixed_precision bf16 instead of fp16."
+        )
+
+    @staticmethod
     def _run_skipped(accelerator, state) -> int:
         """Unreadable samples skipped by all processes (each counts its own share of the data)."""
         if accelerator.num_processes == 1:
@@ -445,6 +461,9 @@ class Trainer:
         return int(accelerator.reduce(count, reduction="sum"))
 
     def _save(self, accelerator, optimizer, lr_scheduler, generator, state, root) -> None:
+        # every process checks (their weights are the same): all of them stop, none waits for the others below
+        weights = self.method.state_tensors()
+        self._refuse_nonfinite(weights, state.global_step, root)
         accelerator.wait_for_everyone()
         state = dataclasses.replace(state, skipped_samples=self._run_skipped(accelerator, state))
         rng = ckpt.rng_tensors(generator)
@@ -456,7 +475,7 @@ class Trainer:
             ckpt.save_checkpoint(
                 root,
                 state,
-                self.method.state_tensors(),
+                weights,
                 optimizer.state_dict(),
                 lr_scheduler.state_dict(),
                 generator,
