@@ -1,5 +1,6 @@
 """The shapes a user's base model folder comes in: weights saved in fp16 only, a part given by another flag,
-an inpainting UNet, a scheduler that says another prediction type; and adapters of different bases."""
+an inpainting UNet, a scheduler that says another prediction type, a weight file cut short; and adapters of
+different bases."""
 
 from __future__ import annotations
 
@@ -78,6 +79,43 @@ def test_an_inpainting_unet_is_refused_when_it_loads(tiny_model_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="UNet takes 9 input channels and its VAE makes 4-channel latents: an "
                                              "inpainting"):
         load_base_model(str(inpaint))
+
+
+def _cut_short(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # (an interrupted download or copy)
+
+
+@pytest.mark.parametrize("part, file", [("unet", "diffusion_pytorch_model.safetensors"),
+                                        ("text_encoder", "model.safetensors")])  # (transformers' error was a traceback)
+def test_a_truncated_weight_file_is_named_as_damaged(tiny_model_dir, tmp_path, part, file):
+    from difftune.errors import ModelLoadError
+    from difftune.models import load_base_model
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, cut)
+    _cut_short(cut / part / file)
+    with pytest.raises(ModelLoadError, match=rf"Could not load {part} of the model in {cut}: {cut / part / file} is "
+                                             r"damaged: not a readable safetensors file \(.*\), e.g. truncated .*"
+                                             r"re-download the model"):
+        load_base_model(str(cut))
+
+
+def test_a_truncated_controlnet_is_named_as_damaged_not_as_the_wrong_folder(tiny_base, tmp_path):
+    """It said "could not load the ControlNet (Unable to load weights ...); give a ControlNet folder: config.json +
+    diffusion_pytorch_model.safetensors": what the user had given."""
+    from diffusers import ControlNetModel
+
+    from difftune.errors import ModelLoadError
+    from difftune.models import load_controlnet
+
+    folder = tmp_path / "cn"
+    ControlNetModel.from_unet(tiny_base.unet).save_pretrained(folder)
+    _cut_short(folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"--controlnet .*cn: could not load the ControlNet: .*cn/"
+                                             r"diffusion_pytorch_model.safetensors is damaged.*export the ControlNet "
+                                             r"again") as err:
+        load_controlnet(str(folder), flag="--controlnet")
+    assert "give a ControlNet folder" not in str(err.value)
 
 
 def test_the_prediction_type_is_resolved_recorded_and_sampled_with(tiny_base, tiny_model_dir, fill_dir, tmp_path,

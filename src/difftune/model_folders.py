@@ -105,3 +105,19 @@ def pickle_only(folder: Path) -> str:
     return (f" Its weights are only in {', '.join(pickles)}, a pickle, which difftune does not load (unpickling a file "
             "can run any code in it). If you trust the file, convert it once: load it in diffusers or transformers "
             "and save it again with save_pretrained(DIR, safe_serialization=True).")
+
+
+def damaged_weights(folder: Path, remedy: str) -> str:
+    """The first ``.safetensors`` file in ``folder`` whose header or size is wrong (a download or copy cut
+    short), said with ``remedy``; "" when each one opens. Checked after a load failed: diffusers and
+    transformers then say only "Unable to load weights from checkpoint file", naming no damage."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):  # the header, and that the file covers every tensor
+                pass
+        except Exception as e:  # noqa: BLE001 — safetensors' own error type
+            return f"{path} is damaged: not a readable safetensors file ({e}), e.g. truncated by an interrupted " \
+                   f"download or copy; {remedy}."
+    return ""

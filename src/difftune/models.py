@@ -19,7 +19,8 @@ from .errors import ModelLoadError
 from .hub_cache import BASE_FOLDER_ADVICE, cached_folder, complete_snapshot, hub_snapshot
 from .hub_cache import hub_hint as _hub_hint  # (eval.clip's name for it)
 from .hub_cache import looks_like_hub_id as _looks_like_hub_id
-from .model_folders import SINGLE_FILE_HINT, check_local_folder, note_local_folder, part_variants, pickle_only
+from .model_folders import (SINGLE_FILE_HINT, check_local_folder, damaged_weights, note_local_folder, part_variants,
+                            pickle_only)
 
 log = logging.getLogger("difftune")
 
@@ -149,6 +150,9 @@ def base_in_code(name_or_path: str) -> tuple[list[str], str]:
     return [], f'"{name_or_path}"'
 
 
+REDOWNLOAD = "re-download the model, or write the folder again with `save_pretrained(DIR)`"
+
+
 def load_base_model(
     name_or_path: str,
     revision: str | None = None,
@@ -166,6 +170,7 @@ def load_base_model(
     ``stand_ins``: the parts the calling command has a flag to give instead (named when missing).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors import SafetensorError
     from transformers import AutoTokenizer, CLIPTextModel
 
     from .families import FAMILIES, check_unet_family, detect_family
@@ -228,10 +233,15 @@ def load_base_model(
                                                     **common)
         part = "scheduler"
         noise_scheduler = DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **common)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # (transformers lets a damaged file's error through)
         if local.exists():
-            raise ModelLoadError(f"Could not load {part} of the model in {local}: {e}{pickle_only(local / part)}") \
-                from None
+            damaged = next(filter(None, (damaged_weights(local / sub, REDOWNLOAD) for sub in part.split(" / "))), "")
+            raise ModelLoadError(f"Could not load {part} of the model in {local}: "
+                                 f"{damaged or e}{pickle_only(local / part)}") from None
+        if isinstance(e, SafetensorError):
+            raise ModelLoadError(f"Could not load {part} of {name_or_path}: a weight file of it in the Hugging Face "
+                                 f"cache is damaged ({e}); remove it (`hf cache rm model/{name_or_path}`) and download "
+                                 "it again.") from None
         raise _hub_hint(name_or_path, e) from None
     if vae_name_or_path is not None:
         vae = load_vae(vae_name_or_path, revision, cache_dir)
@@ -318,8 +328,9 @@ def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | No
                                              revision=revision, cache_dir=cache_dir, use_safetensors=True)
     except (OSError, ValueError) as e:
         if local.exists():
-            raise ModelLoadError(f"Could not load the VAE in {local}: {e}"
-                                 f"{pickle_only(local / (subfolder or ''))}") from None
+            folder = local / (subfolder or "")
+            raise ModelLoadError(f"Could not load the VAE in {local}: {damaged_weights(folder, REDOWNLOAD) or e}"
+                                 f"{pickle_only(folder)}") from None
         raise _hub_hint(name_or_path, e, VAE_FOLDER_ADVICE) from None
 
 
@@ -424,6 +435,10 @@ def load_controlnet(name_or_path: str, revision: str | None = None, cache_dir: s
         )
     except (OSError, ValueError) as e:
         if local.exists():
+            damaged = damaged_weights(local, "restore or re-download it, or export the ControlNet again (each "
+                                             "checkpoints/checkpoint-N folder of a difftune run loads as one too)")
+            if damaged:  # (the folder is the right kind: the advice on what to give would mislead)
+                raise ModelLoadError(f"{flag} {name_or_path}: could not load the ControlNet: {damaged}") from None
             raise ModelLoadError(f"{flag} {name_or_path}: could not load the ControlNet ({e}); "
                                  f"{GIVE_CONTROLNET}.{pickle_only(local)}") from None
         raise _hub_hint(name_or_path, e, f"For {flag}, {GIVE_CONTROLNET}.") from None
