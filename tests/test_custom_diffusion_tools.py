@@ -488,7 +488,12 @@ def test_a_runs_tokenizer_and_prediction_type_reach_the_commands_that_use_it(tin
     assert main(["eval", "custom-diffusion", "--custom_diffusion", str(out), "--n", "1", "--num_inference_steps", "1",
                  "--out", str(tmp_path / "eval")]) == 0
     assert "prediction type: v_prediction" in capsys.readouterr().err
+    # the recorded base given by name: read as its run read it (with the recorded tokenizer)
+    assert main(["custom-diffusion", "compress", "--custom_diffusion", str(out), "--rank", "1", "--output_dir",
+                 str(tmp_path / "c1"), "--pretrained_model_name_or_path", f"{base}/"]) == 0
     # another base, given: its own tokenizer and scheduler (none here: the hint names a flag the command takes)
+    base = tmp_path / "another-no-tokenizer"
+    shutil.copytree(tmp_path / "no-tokenizer", base)
     assert main(["custom-diffusion", "compress", "--custom_diffusion", str(out), "--rank", "1", "--output_dir",
                  str(tmp_path / "c2"), "--pretrained_model_name_or_path", str(base)]) == 2
     err = capsys.readouterr().err
@@ -524,4 +529,10 @@ def test_concepts_or_a_controlnet_trained_with_other_prediction_types_are_refuse
             "--num_inference_steps", "1", "--out", str(tmp_path / "g.png")]
     assert main([*argv, "--custom_diffusion", str(v)]) == 2
     assert "trained with different prediction types" in capsys.readouterr().err
-    assert main([*argv, "--custom_diffusion", str(v), "--pretrained_model_name_or_path", str(tiny_model_dir)]) == 0
+    # the recorded base by name is the recorded base (its runs' prediction types still differ); another base
+    # (here a copy of it) samples both with its own scheduler, warned about
+    assert main([*argv, "--custom_diffusion", str(v), "--pretrained_model_name_or_path", str(tiny_model_dir)]) == 2
+    assert "trained with different prediction types" in capsys.readouterr().err
+    shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    assert main([*argv, "--custom_diffusion", str(v), "--pretrained_model_name_or_path", str(tmp_path / "copy")]) == 0
+    assert "with prediction type v_prediction" in capsys.readouterr().err

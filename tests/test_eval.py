@@ -225,3 +225,46 @@ def test_eval_controlnet_from_python_without_a_base_uses_the_recorded_one(tiny_m
     said = capsys.readouterr().err
     assert f"base model: {tiny_model_dir} (recorded in" in said and f"tokenizer: {tiny_model_dir / 'tokenizer'}" in said
     assert "prediction type: v_prediction (the adapter's run trained with it" in said
+
+
+def test_an_adapters_record_reads_its_base_from_where_its_run_started(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                                      caplog):
+    """From a folder holding another folder of the recorded name, generate/eval take the one the run read (the
+    folder it was started in), say which, and print it absolutely; a base named as the recorded one in any
+    spelling is the recorded one (its tokenizer and prediction type apply), another is warned about."""
+    import shutil
+
+    from difftune.models import DEFAULT_MODEL, resolve_builtin
+    from difftune.recorded import (recorded_concept_loading, recorded_loading, resolve_base, same_model,
+                                   warn_unused_records)
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("sdxl", "tok", "here/sdxl", "here/tok"):
+        shutil.copytree(tiny_model_dir / "tokenizer", folder)  # (any folders: only their places matter)
+    run = tmp_path / "runs" / "cn"
+    run.mkdir(parents=True)
+    (run / "difftune_config.json").write_text(json.dumps({
+        "model": {"pretrained_model_name_or_path": "sdxl", "tokenizer_name": "tok"},
+        "loss": {"prediction_type": "v_prediction"}, "train": {"output_dir": "runs/cn"}}))
+    monkeypatch.chdir(tmp_path / "here")
+    assert resolve_base(None, "../runs/cn") == str(tmp_path / "sdxl")
+    said = capsys.readouterr().err
+    assert f"as sdxl, read from {tmp_path}, where its run was started, not {tmp_path / 'here' / 'sdxl'} here" in said
+    for name in ("../sdxl", "../sdxl/", str(tmp_path / "sdxl"), "./../sdxl"):  # the recorded base, by name
+        assert recorded_loading(name, "../runs/cn") == {"tokenizer_name": str(tmp_path / "tok"),
+                                                        "prediction_type": "v_prediction"}, name
+    assert recorded_loading("sdxl", "../runs/cn") == {}  # the other folder here: another base
+    with caplog.at_level("WARNING", logger="difftune"):
+        warn_unused_records("sdxl", "../runs/cn")
+    assert f"--tokenizer_name {tmp_path / 'tok'} to use the run's here" in caplog.text
+    assert "prediction type v_prediction" in caplog.text
+    assert same_model(DEFAULT_MODEL, resolve_builtin(DEFAULT_MODEL)) and same_model("org/model", "org/model")
+    assert not same_model("org/model", "org/other")
+
+    concept = tmp_path / "cd"  # a Custom Diffusion folder's record, named by another spelling of its base
+    concept.mkdir()
+    (concept / "custom_diffusion.json").write_text(json.dumps({
+        "base_model": str(tmp_path / "sdxl"), "tokenizer_name": str(tmp_path / "tok"),
+        "prediction_type": "v_prediction"}))
+    assert recorded_concept_loading("../sdxl/", concept)["prediction_type"] == "v_prediction"
+    assert recorded_concept_loading(str(tiny_model_dir), concept) == {}

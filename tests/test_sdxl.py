@@ -291,6 +291,50 @@ def test_cli_run_exports_a_controlnet_that_loads_in_the_sdxl_pipeline(cli_traine
     assert main(args[:-1] + [str(tmp_path / "n.png"), "--pretrained_vae_model_name_or_path", str(tmp_path / "nope")]) == 2
 
 
+def test_the_recorded_base_given_by_name_keeps_the_runs_vae(cli_trained, tiny_sdxl_dir, fill_dir, tmp_path,
+                                                             monkeypatch, capsys, caplog):
+    """Naming the recorded base (./sdxl/, an absolute path) samples as leaving it out does: with the VAE the run
+    trained with; another base is read with its own VAE, and that is warned about with the flag that restores it.
+    eval's JSON says which VAE it used. A ControlNet that records no base names why the default was tried."""
+    from difftune.cli import main
+    from difftune.eval.run import eval_controlnet
+    from difftune.tiny import save_tiny_sdxl_model
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_sdxl_dir, "sdxl")
+    save_tiny_sdxl_model(tmp_path / "other", seed=1)  # another VAE of the same shape
+    run = tmp_path / "runs" / "cn"
+    run.mkdir(parents=True)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        shutil.copy(cli_trained / name, run / name)
+    (run / "difftune_config.json").write_text(json.dumps({  # a run started here, recorded as typed
+        "model": {"pretrained_model_name_or_path": "sdxl", "pretrained_vae_model_name_or_path": "other/vae"},
+        "loss": {"prediction_type": "epsilon"}, "train": {"output_dir": "runs/cn"}}))
+    args = ["generate", "--controlnet", "runs/cn", "--image", str(fill_dir / "validation" / "conditioning_1.png"),
+            "--prompt", PROMPT, "--num_inference_steps", "2", "--device", "cpu"]
+    assert main(args + ["--out", "none.png"]) == 0
+    capsys.readouterr()
+    for i, base in enumerate(["./sdxl/", str(tmp_path / "sdxl")]):
+        assert main(args + ["--pretrained_model_name_or_path", base, "--out", f"named{i}.png"]) == 0
+        said = capsys.readouterr().err
+        assert f"VAE: {tmp_path / 'other' / 'vae'} (recorded in" in said and "the one recorded in" in said, said
+        assert np.array_equal(np.asarray(Image.open(f"named{i}.png")), np.asarray(Image.open("none.png")))
+    caplog.clear()
+    assert main(args + ["--pretrained_model_name_or_path", str(tiny_sdxl_dir), "--out", "other.png"]) == 0
+    assert "VAE:" not in capsys.readouterr().err
+    assert f"--pretrained_vae_model_name_or_path {tmp_path / 'other' / 'vae'} to use the run's" in caplog.text
+    assert not np.array_equal(np.asarray(Image.open("other.png")), np.asarray(Image.open("none.png")))
+    result = eval_controlnet("sdxl", "runs/cn", n=1, steps=1, baseline=False)
+    assert result["vae"] == str(tmp_path / "other" / "vae")
+    assert eval_controlnet(str(tiny_sdxl_dir), "runs/cn", n=1, steps=1, baseline=False)["vae"] is None
+
+    (run / "difftune_config.json").unlink()  # nothing records its base: the default's mismatch says why it was taken
+    assert main(args + ["--out", "bare.png"]) == 2
+    said = capsys.readouterr().err
+    assert "nothing in --controlnet runs/cn records the base it was trained on" in said
+    assert "the default base, tiny-shapes, was taken: --controlnet runs/cn was made for another base model" in said
+
+
 def test_in_memory_sampling_equals_the_exported_model(tiny_sdxl_dir, sdxl_base, fill_dir, tmp_path):
     from diffusers import ControlNetModel
 

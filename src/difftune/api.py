@@ -270,9 +270,10 @@ def generate(
     (``pipelines.controlnet_in_guidance``).
 
     ``pretrained_model_name_or_path`` None: the base the adapter was trained on (as recorded in its folder),
-    else tiny-shapes; ``vae`` and ``tokenizer_name`` None with it: the VAE and tokenizer that run trained with (and
-    its prediction type; a ControlNet and a concept trained with different ones are refused). So
-    ``generate(prompt="a <new1> star", custom_diffusion="cd1")`` is a whole call.
+    else tiny-shapes; ``vae`` and ``tokenizer_name`` None with it, or with that base given by name (its folder or
+    Hub id): the VAE and tokenizer that run trained with (and its prediction type; a ControlNet and a concept
+    trained with different ones are refused). Another base is read with its own (warned about where the run's
+    differ). So ``generate(prompt="a <new1> star", custom_diffusion="cd1")`` is a whole call.
 
     fp16 on CUDA, fp32 on the CPU; the same seed gives the same images: image i of ``num_images`` is drawn
     from ``seed + i`` (four per pipeline call), so image 0 is the one ``num_images=1`` gives.
@@ -281,8 +282,8 @@ def generate(
     """
     from .data.transforms import check_resolution
     from .models import check_controlnet_source, load_base_model, load_controlnet, with_prediction_type
-    from .recorded import (check_one_base, one_prediction_type, recorded_base_name, recorded_concept_loading,
-                           recorded_loading, resolve_base, resolve_vae)
+    from .recorded import (check_default_base_fits, check_one_base, one_prediction_type, recorded_base_name,
+                           recorded_concept_loading, recorded_loading, resolve_base, resolve_vae, warn_unused_records)
     from .pipelines import controlnet_pipeline, run_controlnet_pipeline
     from .pretrain import resolve_device
 
@@ -306,8 +307,8 @@ def generate(
                         f"--custom_diffusion {custom_diffusion}": recorded_base_name(custom_diffusion=custom_diffusion)},
                        given_base, "--controlnet and --custom_diffusion", "both steer one base model")
     pretrained_model_name_or_path = resolve_base(given_base, controlnet, custom_diffusion)
-    if given_base is None:
-        vae = resolve_vae(vae, None, controlnet)
+    warn_unused_records(given_base, controlnet, custom_diffusion, {"vae": vae, "tokenizer_name": tokenizer_name})
+    vae = resolve_vae(vae, given_base, controlnet)  # (the recorded base's, also when it is given by name)
     loading = recorded_loading(given_base, controlnet)  # the run's tokenizer and prediction type, on its base
     concept = recorded_concept_loading(given_base, custom_diffusion)  # (and the concept's run's)
     tokenizer_name = tokenizer_name or loading.get("tokenizer_name") or concept.get("tokenizer_name")
@@ -323,6 +324,8 @@ def generate(
         read_meta(custom_diffusion)
     if controlnet is not None:
         check_controlnet_source(str(controlnet), "--controlnet")  # before the base model loads
+        if given_base is None and recorded_base_name(controlnet=controlnet, custom_diffusion=custom_diffusion) is None:
+            check_default_base_fits(controlnet)  # (the default base taken, as nothing records one: said as such)
         _warn_other_condition(controlnet, condition)
     base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae, tokenizer_name=tokenizer_name)
     trained = {**({f"--controlnet {controlnet}": loading["prediction_type"]} if loading.get("prediction_type") else {}),

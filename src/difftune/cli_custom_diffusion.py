@@ -55,14 +55,17 @@ def base_of(args: argparse.Namespace, folder: str | Path) -> str:
     return resolve_base(args.pretrained_model_name_or_path, custom_diffusion=folder)
 
 
-def _load_recorded_base(args: argparse.Namespace, folder: str | Path):
+def _load_recorded_base(args: argparse.Namespace, folder: str | Path, uses: tuple[str, ...] = ("tokenizer_name",)):
     """The base a folder was trained on (``base_of``), read as its run read it: its recorded --tokenizer_name,
-    unless --pretrained_model_name_or_path names another base; --tokenizer_name over either."""
+    unless --pretrained_model_name_or_path names another base; --tokenizer_name over either. ``uses``: what the
+    command reads the base with (a recorded tokenizer another base leaves out is warned about)."""
     from .cli_flags import given_tokenizer
     from .models import load_base_model
-    from .recorded import recorded_concept_loading
+    from .recorded import recorded_concept_loading, warn_unused_records
 
     base = base_of(args, folder)
+    warn_unused_records(args.pretrained_model_name_or_path, custom_diffusion=folder,
+                        given={"tokenizer_name": args.tokenizer_name}, uses=uses)
     loading = given_tokenizer(args, recorded_concept_loading(args.pretrained_model_name_or_path, folder))
     return load_base_model(base, tokenizer_name=loading.get("tokenizer_name"), stand_ins=("tokenizer",))
 
@@ -129,7 +132,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     check_compress_amount(args.rank, args.energy)  # before the base model loads
     _check_output_dir(args, [args.custom_diffusion], "--custom_diffusion")
-    base = _load_recorded_base(args, args.custom_diffusion)
+    base = _load_recorded_base(args, args.custom_diffusion, uses=())  # (the UNet alone: no text is read)
     info = _write_new_folder(args, lambda tmp: compress(args.custom_diffusion, base.unet, tmp, args.rank, args.energy),
                              [args.custom_diffusion])
     print(json.dumps(info, indent=2))
@@ -139,10 +142,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .cli_flags import given_tokenizer, out_dir
     from .custom_diffusion.eval import eval_custom_diffusion, format_table
-    from .recorded import recorded_concept_loading
+    from .recorded import recorded_concept_loading, warn_unused_records
 
     with out_dir(args.out):  # a failed evaluation leaves no empty --out
         base = base_of(args, args.custom_diffusion)  # (the folder checked before its record is read)
+        warn_unused_records(args.pretrained_model_name_or_path, custom_diffusion=args.custom_diffusion,
+                            given={"tokenizer_name": args.tokenizer_name})
         loading = given_tokenizer(args, recorded_concept_loading(args.pretrained_model_name_or_path,
                                                                  args.custom_diffusion))
         result = eval_custom_diffusion(base, args.custom_diffusion, n=args.n, steps=args.num_inference_steps,

@@ -310,10 +310,11 @@ def eval_controlnet(pretrained_model_name_or_path: str | None, controlnet, data:
                     vae: str | None = None, loading: dict | None = None) -> dict:
     """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline.
 
-    ``pretrained_model_name_or_path`` None: the base the ControlNet's run recorded (else tiny-shapes), read as
-    that run read it: ``vae`` None means the recorded VAE, ``loading`` None the recorded tokenizer and prediction
-    type (``difftune.recorded``), as ``difftune.generate`` does. ``loading``: ``{"tokenizer_name": ...,
-    "prediction_type": ...}``, how to read a base given here.
+    ``pretrained_model_name_or_path`` None (or that base by name): the base the ControlNet's run recorded (else
+    tiny-shapes), read as that run read it: ``vae`` None means the recorded VAE, ``loading`` None the recorded
+    tokenizer and prediction type (``difftune.recorded``), as ``difftune.generate`` does. ``loading``:
+    ``{"tokenizer_name": ..., "prediction_type": ...}``, how to read a base given here. The JSON's ``vae`` is the
+    VAE used (null: the base's own).
 
     ``metric``: ``fill50k`` (circle IoU), ``canny`` (edge F1) or ``depth`` (depth correlation);
     by default the condition ``data``'s ``difftune_dataset.json`` names, else fill50k.
@@ -326,7 +327,7 @@ def eval_controlnet(pretrained_model_name_or_path: str | None, controlnet, data:
     """
     from ..models import DEFAULT_MODEL, check_controlnet_source, load_base_model, load_controlnet, with_prediction_type
     from ..pipelines import controlnet_pipeline
-    from ..recorded import recorded_loading, resolve_base, resolve_vae
+    from ..recorded import controlnet_base
     from ..validation import image_grid
 
     modes = (control_guidance,) if isinstance(control_guidance, str) else tuple(dict.fromkeys(control_guidance))
@@ -348,10 +349,8 @@ def eval_controlnet(pretrained_model_name_or_path: str | None, controlnet, data:
         _warn_other_condition(trained[0], metric, data)
     if not isinstance(controlnet, torch.nn.Module):
         training_data = data is not None and _is_training_data(data, controlnet)
-        if not pretrained_model_name_or_path:  # the base its run recorded, read as that run read it
-            pretrained_model_name_or_path = resolve_base(None, controlnet)
-            vae = resolve_vae(vae, None, controlnet)
-            loading = recorded_loading(None, controlnet) if loading is None else loading
+        pretrained_model_name_or_path, vae, loading = controlnet_base(pretrained_model_name_or_path, controlnet,
+                                                                      vae, loading)
     pretrained_model_name_or_path = pretrained_model_name_or_path or DEFAULT_MODEL  # (an in-memory ControlNet)
     loading = loading or {}
     base = with_prediction_type(load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae,
@@ -383,6 +382,7 @@ def eval_controlnet(pretrained_model_name_or_path: str | None, controlnet, data:
     truth_rt = vae_round_trip(base, np.stack([np.asarray(t["image"]) for t in targets]))
     scores["vae_ceiling"] = score_all(scorer, list(truth_rt), targets)
     result = {"n": len(targets), "metric": scorer.name, "base_model": str(pretrained_model_name_or_path),
+              "vae": str(vae) if vae else None,  # (None: the base's own)
               "controlnet_path": str(controlnet) if not isinstance(controlnet, torch.nn.Module) else "(in memory)",
               "data": str(data) if data is not None else None, "data_is_training_data": training_data,
               "num_inference_steps": steps, "seed": seed, "control_guidance": list(modes),
@@ -490,8 +490,9 @@ def format_table(result: dict) -> str:
             ("guidance_scale", "guidance", 7.5), ("controlnet_conditioning_scale", "controlnet_conditioning_scale", 1.0))
             if result.get(key, default) != default)  # named only where not the defaults
         held_out = "training-set" if result.get("data_is_training_data") else "held-out"
+        vae = f"the VAE {result['vae']}" if result.get("vae") else "the base's VAE"
         lines.append(f"({result['n']} {held_out} conditions, metric {result['metric']}{sampling}{cond}; vae_ceiling: "
-                     "the true images encoded and decoded by the base's VAE, what it keeps of the targets)")
+                     f"the true images encoded and decoded by {vae}, what it keeps of the targets)")
     else:
         cols = ["background_ok", "shape_color_ok", "shape_kind_ok", "background_delta_e", "shape_delta_e"]
         lines.append(f"{'':10s}" + "".join(f"{c:>20s}" for c in cols))
