@@ -86,7 +86,7 @@ def test_condition_dataset_from_a_plain_folder_trains_as_it_is(tmp_path):
     (src / "2.txt").write_text("a caption beside the image\n")
     info = write_condition_dataset(src, tmp_path / "out", resolution=64, progress=False)
     out = tmp_path / "out"
-    assert info["n"] == 3 and not list(tmp_path.glob("out.tmp-*"))
+    assert info["n"] == 3 and not list(tmp_path.glob("*out.tmp-*"))
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == ["photo 1.png", "a caption beside the image", "photo sub/0.jpg"]
     assert [r["source"] for r in rows] == ["1.png", "2.png", "sub/0.jpg"]  # sorted paths
@@ -159,7 +159,7 @@ def test_condition_dataset_errors_name_the_file_and_leave_nothing_behind(tmp_pat
     said = str(info.value)
     assert "--input_dir: cannot read file" in said and "move it out of --input_dir" in said
     assert "1.png" in said and "2.gif" in said and "nothing was written" in said
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*out.tmp-*"))
     with pytest.raises(ConfigError, match="inside --input_dir"):
         write_condition_dataset(src, src / "out", caption="x", progress=False)
     (tmp_path / "empty").mkdir()
@@ -283,7 +283,7 @@ def test_workers_write_the_same_data_set_and_pass_errors_on(tmp_path):
     (src / "4.png").write_bytes(b"truncated")
     with pytest.raises(DataError, match="4.png"):
         write_condition_dataset(src, tmp_path / "c", caption="x", workers=2, progress=False)
-    assert not (tmp_path / "c").exists() and not list(tmp_path.glob("c.tmp-*"))
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob("*c.tmp-*"))
 
 
 @pytest.fixture(scope="module")

@@ -153,3 +153,23 @@ def test_colour_table_matches_css():
     assert color_rgb("dark grey") == color_rgb("darkgray") == (169, 169, 169)
     with pytest.raises(DataError, match="unknown colour name 'blurple'"):
         color_rgb("blurple")
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    """A data command killed (SIGKILL) while writing left `<out>.tmp-<pid>`, visible, for good: the next run
+    removes those of processes that are gone, and leaves a live process's."""
+    import os
+    import subprocess
+    import sys
+
+    from difftune.data import write_fill50k
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # (a pid whose process has ended)
+    stale = [tmp_path / f"f.tmp-{gone}", tmp_path / f".f.tmp-{gone}"]
+    live = tmp_path / f".f.tmp-{os.getppid()}"
+    for p in (*stale, live):
+        (p / "train").mkdir(parents=True)
+    write_fill50k(tmp_path / "f", n=4, resolution=16, seed=0, workers=1, n_validation=1)
+    assert not any(p.exists() for p in stale) and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["f", live.name])

@@ -89,12 +89,13 @@ def _write_new_folder(args: argparse.Namespace, write, inputs: list[str]) -> dic
     import os
     import shutil
 
-    from .data.writing import replace_dir
+    from .data.writing import remove_stale_temp, replace_dir
 
     out = Path(args.output_dir)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(out)  # (of runs killed while writing)
     try:
         info = write(tmp)
         replace_dir(tmp, out, args.overwrite, flag="--output_dir", what="the weights", inputs=tuple(inputs))

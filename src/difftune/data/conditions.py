@@ -451,7 +451,7 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
     from tqdm.auto import tqdm
 
     from .transforms import check_resolution
-    from .writing import check_out_dir, default_workers, ordered_map, replace_dir
+    from .writing import check_out_dir, default_workers, fresh_temp_dir, ordered_map, replace_dir
 
     if condition not in CONDITIONERS:
         raise ConfigError(f"--condition {condition!r}: known conditions are {', '.join(CONDITIONERS)}")
@@ -470,9 +470,8 @@ def write_condition_dataset(input_dir: str | os.PathLike, out_dir: str | os.Path
     captions = read_captions(src, images, caption, caption_column)
     _warn_small_or_uncaptioned(src, images, captions, resolution)
     check_out_dir(out, overwrite, inputs=(src,))
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+    tmp = fresh_temp_dir(out)
+    (tmp / "images").mkdir()
     (tmp / "conditioning").mkdir()
     width = max(5, len(str(len(images))))
     names = [f"{i:0{width}d}.png" for i in range(len(images))]

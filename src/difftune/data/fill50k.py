@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from difftune.data.colors import CSS_COLORS
-from difftune.data.writing import check_out_dir, default_workers, ordered_map, replace_dir
+from difftune.data.writing import check_out_dir, default_workers, fresh_temp_dir, ordered_map, replace_dir
 from difftune.errors import ConfigError
 
 N_VALIDATION = 4
@@ -168,7 +168,7 @@ def write_fill50k(
 ) -> dict:
     """Write fill50k (``n`` training rows + ``n_validation`` held-out samples) to ``out_dir``.
 
-    Everything is written to ``<out_dir>.tmp-<pid>`` and renamed into place at the end,
+    Everything is written to ``.<out_dir>.tmp-<pid>`` and renamed into place at the end,
     so a killed run never leaves a folder that looks complete. Returns a summary dict
     (n, resolution, seed, seconds, path).
     """
@@ -186,10 +186,8 @@ def write_fill50k(
 
     start = time.perf_counter()
     circles = sample_circles(n + n_validation, resolution, seed)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "train").mkdir(parents=True)
+    tmp = fresh_temp_dir(out)
+    (tmp / "train").mkdir()
     (tmp / "validation").mkdir()
     features = _features()
     n_shards = math.ceil(n / shard_rows)

@@ -153,13 +153,11 @@ def write_shapes_folder(out_dir: str | os.PathLike, n: int, resolution: int = 64
         raise ConfigError(f"--shapes: unknown {', '.join(unknown)}; known: {', '.join(ALL_SHAPES)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"--n {n!r}: the number of images must be a positive integer")
-    from .writing import check_out_dir, replace_dir
+    from .writing import check_out_dir, fresh_temp_dir, replace_dir
 
     out = Path(out_dir)
     check_out_dir(out, overwrite)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_temp_dir(out)
     try:
         rows = []
         for i, sample in enumerate(sample_shapes(n, resolution, seed, shapes)):

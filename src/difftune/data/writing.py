@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -56,6 +57,40 @@ def replace_dir(tmp: Path, out: Path, overwrite: bool, **check) -> None:
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temp(out: Path) -> None:
+    """Remove the temporary folders of ``out`` that earlier runs killed while writing left beside it
+    (``.<name>.tmp-<pid>``, and ``<name>.tmp-<pid>`` as older versions named them), their processes gone:
+    a killed run of fill50k at 512 px left gigabytes behind for good. A live process's folder stays."""
+    pattern = re.compile(rf"^\.?{re.escape(out.name)}\.tmp-(\d+)$")
+    for p in out.parent.iterdir() if out.parent.is_dir() else []:
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's, or a platform without signal 0: left alone
+        return True
+    return True
+
+
+def fresh_temp_dir(out: Path) -> Path:
+    """An empty hidden folder beside ``out`` to write into before ``replace_dir`` moves it into place, the
+    leftovers of killed runs removed first (``remove_stale_temp``)."""
+    out = Path(out)
+    remove_stale_temp(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
 
 
 def ordered_map(fn: Callable[[J], R], jobs: list[J], workers: int) -> Iterator[R]:
