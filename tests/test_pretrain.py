@@ -143,6 +143,10 @@ def test_a_killed_pretraining_resumes_and_trains_what_the_uninterrupted_run_does
     assert_same_weights(whole, resumed)
     log = (out / "pretrain_log.jsonl").read_text()
     assert '"resumed_after": 2' in log
+    for stage in ("checkpoints-vae", "checkpoints-unet"):  # as a run killed right after an export leaves them
+        (out / stage / "checkpoint-2").mkdir(parents=True)
+    assert pretrain.pretrain_base(out, **kw) == resumed  # finished: nothing trained, and they are removed
+    assert not (out / "checkpoints-vae").exists() and not (out / "checkpoints-unet").exists()
 
 
 def test_latent_downsample_2_gives_32x32_latents_the_unet_takes():

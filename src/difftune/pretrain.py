@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -380,6 +381,7 @@ def finished_stage(out: Path, settings: PretrainSettings) -> Path | None:
     vae_dir, model_dir = out / "vae", out / "model"
     if (recorded := recorded_settings(vae_dir)) is not None:
         refuse_other_settings(vae_dir, recorded, settings.vae_stage())
+        shutil.rmtree(out / "checkpoints-vae", ignore_errors=True)  # (a run killed right after the export left it)
         if settings.unet_steps == 0:
             logger.info("%s is already trained with these flags: nothing to do", vae_dir)
             return vae_dir
@@ -390,6 +392,8 @@ def finished_stage(out: Path, settings: PretrainSettings) -> Path | None:
     if step is not None and step > settings.last_unet_step:
         refuse_going_back(model_dir, step, settings.stop_at_step)
     if step == settings.last_unet_step:
+        if step == settings.unet_steps:  # the end: what a run killed right after the export left goes (its
+            shutil.rmtree(out / "checkpoints-unet", ignore_errors=True)  # optimizer state); --stop_at_step's stays
         logger.info("%s is already complete with these flags (UNet step %d of %d): nothing to train",
                     model_dir, step, settings.unet_steps)
         return model_dir
