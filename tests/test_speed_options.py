@@ -92,10 +92,10 @@ def test_cache_is_reused_and_an_interrupted_build_resumes(tiny_model_dir, fill_d
     assert shard.stat().st_mtime_ns == stamp and len(list(shared.iterdir())) == 1
     # a build killed before its last shard: the rerun writes exactly the missing one
     shard.unlink()
-    assert not encoded_cache.is_complete(folder, 48)
+    assert not encoded_cache.is_complete(folder, 48) and encoded_cache.encoded_before(folder, 48) < 48
     _run(tiny_model_dir, fill_dir, tmp_path / "c", cache_latents=True, latent_cache_dir=str(shared),
          max_train_steps=1)
-    assert shard.exists() and encoded_cache.is_complete(folder, 48)
+    assert shard.exists() and encoded_cache.is_complete(folder, 48) and encoded_cache.encoded_before(folder, 48) == 48
     assert _losses(tmp_path / "c") == pytest.approx(_losses(first), rel=1e-5)
     # another resolution is another cache: never a stale read
     _run(tiny_model_dir, fill_dir, tmp_path / "d", cache_latents=True, latent_cache_dir=str(shared),

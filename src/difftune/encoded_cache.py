@@ -132,6 +132,11 @@ def _collate_pixels(items: list[dict | None]) -> list[dict | None]:
     return items
 
 
+def encoded_before(folder: Path, n: int) -> int:
+    """How many of ``n`` images the shards already in ``folder`` hold (a cache a killed run began)."""
+    return sum(min(SHARD_SIZE, n - s * SHARD_SIZE) for s in range(_n_shards(n)) if (folder / _shard_name(s)).exists())
+
+
 def build_latent_shards(
     folder: Path,
     examples: torch.utils.data.Dataset,
@@ -152,7 +157,7 @@ def build_latent_shards(
     n = len(examples)
     todo = [s for s in range(_n_shards(n)) if s % world == rank and not (folder / _shard_name(s)).exists()]
     bar = tqdm(total=sum(min(SHARD_SIZE, n - s * SHARD_SIZE) for s in todo), desc="encode images", unit="img",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not todo, dynamic_ncols=True)
     for s in todo:
         indices = list(range(s * SHARD_SIZE, min(n, (s + 1) * SHARD_SIZE)))
         loader = torch.utils.data.DataLoader(

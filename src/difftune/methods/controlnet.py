@@ -38,7 +38,7 @@ from ..optim import batch_text, learning_rate_text
 from ..pipelines import controlnet_pipeline, run_controlnet_pipeline
 from ..encoded_cache import (
     CachedExamples, LatentCache, TextCache, build_latent_shards, build_text_cache, cache_key, distinct_captions,
-    is_complete, load_text_cache, weights_probe, write_meta,
+    encoded_before, is_complete, load_text_cache, weights_probe, write_meta,
 )
 from ..speed import apply_compile, to_channels_last
 from ..surgery import checkpoint_conditioning_embedding, controlnet_from_unet, count_parameters
@@ -289,7 +289,9 @@ class ControlNetMethod:
         acc = self._accelerator
         started = time.perf_counter()
         if not is_complete(folder, len(examples)):
-            log.info("encoding %d images and their captions into %s", len(examples), folder)
+            done = encoded_before(folder, len(examples))
+            log.info("encoding %d images and their captions into %s%s", len(examples) - done, folder,
+                     f" (resumed: {done} of {len(examples)} were encoded before)" if done else "")
             rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
             if rank == 0:
                 write_meta(folder, fields)
