@@ -358,7 +358,7 @@ def test_eval_targets_refuse_nothing_to_score_and_take_setting_overrides(tiny_de
     import shutil
 
     from difftune.cli import build_parser
-    from difftune.eval.run import condition_targets
+    from difftune.eval.targets import condition_targets
 
     with pytest.raises(ConfigError, match="--n 0: evaluate at least one"):
         condition_targets(None, 0, 64, 0, None)
@@ -402,7 +402,7 @@ def test_a_depth_data_set_reads_its_model_from_any_folder(tiny_depth_model, tmp_
 
     from difftune.data.conditions import MANIFEST
     from difftune.errors import ModelLoadError
-    from difftune.eval.run import condition_targets
+    from difftune.eval.targets import condition_targets
 
     shutil.copytree(tiny_depth_model, tmp_path / "tiny-dpt")
     (tmp_path / "A").mkdir()
@@ -458,7 +458,7 @@ def test_depth_model_loads_safetensors_only_and_fails_clearly_offline(tiny_depth
 def test_condition_settings_from_python_are_checked_by_name_and_type(tmp_path):
     """write_condition_dataset's **settings (and eval's condition_settings): another condition's setting, a
     misspelt one or a threshold as a string were bare TypeErrors; the CLI's flags were checked already."""
-    from difftune.eval.run import check_eval_request
+    from difftune.eval.targets import check_eval_request
 
     bad = [(dict(low=50), "'low' is not a setting of the canny condition: its settings are low_threshold "
                           "(--low_threshold), high_threshold (--high_threshold)"),

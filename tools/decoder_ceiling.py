@@ -57,7 +57,8 @@ def main() -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    from difftune.eval.run import _summary, by_radius, condition_targets
+    from difftune.eval.run import _summary, by_radius
+    from difftune.eval.targets import condition_targets
     from difftune.models import resolve_builtin
     from difftune.pretrain import RESOLUTION, _images_to_tensor
 

@@ -41,7 +41,8 @@ def main() -> None:
     import torch
 
     from difftune.data.shapes import render_batch
-    from difftune.eval.run import _summary, by_radius, condition_targets, vae_round_trip
+    from difftune.eval.run import _summary, by_radius, vae_round_trip
+    from difftune.eval.targets import condition_targets
     from difftune.pretrain import RESOLUTION, architecture, train_vae, world_samples
 
     scorer, targets = condition_targets("fill50k", args.n_eval, RESOLUTION, 0, None)

@@ -49,7 +49,8 @@ def main() -> None:
     from diffusers import AutoencoderKL
 
     from difftune.data.shapes import render_batch
-    from difftune.eval.run import _summary, by_radius, condition_targets, vae_round_trip
+    from difftune.eval.run import _summary, by_radius, vae_round_trip
+    from difftune.eval.targets import condition_targets
     from difftune.models import resolve_builtin
     from difftune.pretrain import RESOLUTION, _images_to_tensor, world_samples
 
