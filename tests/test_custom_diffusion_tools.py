@@ -239,6 +239,11 @@ def test_merge_refuses_concepts_of_other_bases(tiny_model_dir, two_concepts, tmp
     err = capsys.readouterr().err
     assert "--concepts were trained on different base models" in err and str(tmp_path / "sd-variant") in err
     assert not (tmp_path / "m").exists()
+    shutil.copytree(tiny_model_dir, tmp_path / "sd-variant")  # named: merged on it, and recorded as its base
+    assert main([*argv, "--pretrained_model_name_or_path", str(tmp_path / "sd-variant"),
+                 "--output_dir", str(tmp_path / "m-on-variant")]) == 0
+    merged = json.loads((tmp_path / "m-on-variant" / "custom_diffusion.json").read_text())
+    assert merged["base_model"] == str((tmp_path / "sd-variant").resolve())  # (it said the first concept's)
     narrow = tmp_path / "narrow"  # a token embedding of another text encoder's width
     shutil.copytree(two_concepts[1], narrow)
     for token, file in meta["embeddings"].items():
@@ -488,6 +493,11 @@ def test_a_runs_tokenizer_and_prediction_type_reach_the_commands_that_use_it(tin
     assert main(["eval", "custom-diffusion", "--custom_diffusion", str(out), "--n", "1", "--num_inference_steps", "1",
                  "--out", str(tmp_path / "eval")]) == 0
     assert "prediction type: v_prediction" in capsys.readouterr().err
+    given = shutil.copytree(tiny_model_dir / "tokenizer", tmp_path / "given-tokenizer")
+    assert main(["generate", "--custom_diffusion", str(out), "--prompt", "<new1> star", "--num_inference_steps", "1",
+                 "--tokenizer_name", str(given), "--out", str(tmp_path / "g2.png")]) == 0
+    err = capsys.readouterr().err  # the tokenizer used is the one said (the recorded one was said, unused)
+    assert f"tokenizer: {given} (--tokenizer_name)" in err and "(recorded in" not in err.split("tokenizer: ")[1]
     # the recorded base given by name: read as its run read it (with the recorded tokenizer)
     assert main(["custom-diffusion", "compress", "--custom_diffusion", str(out), "--rank", "1", "--output_dir",
                  str(tmp_path / "c1"), "--pretrained_model_name_or_path", f"{base}/"]) == 0

@@ -309,8 +309,9 @@ def generate(
     pretrained_model_name_or_path = resolve_base(given_base, controlnet, custom_diffusion)
     warn_unused_records(given_base, controlnet, custom_diffusion, {"vae": vae, "tokenizer_name": tokenizer_name})
     vae = resolve_vae(vae, given_base, controlnet)  # (the recorded base's, also when it is given by name)
-    loading = recorded_loading(given_base, controlnet)  # the run's tokenizer and prediction type, on its base
-    concept = recorded_concept_loading(given_base, custom_diffusion)  # (and the concept's run's)
+    loading = recorded_loading(given_base, controlnet, tokenizer_name)  # the run's tokenizer, prediction type
+    concept = recorded_concept_loading(given_base, custom_diffusion,  # (and the concept's run's, said once)
+                                       None if controlnet is not None else tokenizer_name)
     tokenizer_name = tokenizer_name or loading.get("tokenizer_name") or concept.get("tokenizer_name")
     device = resolve_device(device or "auto")  # (a device torch cannot use is said before any model loads)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32

@@ -17,7 +17,7 @@ from .errors import UserError
 
 from .cli_flags import (  # noqa: F401 (re-exported)
     add_config_flags, add_launcher_flags, add_tokenizer_flag, add_vae_flag, at_least, config_from_args, finite_float,
-    given_tokenizer, out_dir, refuse_unknown,
+    out_dir, refuse_unknown,
 )
 from .cli_process import Terminated, redact_secrets, saved_so_far, show_messages, stop_on_sigterm  # noqa: F401 (re-exported)
 from .cli_data import _add_condition_flags, _check_condition_flags, _condition_settings  # noqa: F401 (re-exported)
@@ -124,7 +124,6 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_eval_controlnet(args: argparse.Namespace) -> int:
     from .eval.run import eval_controlnet, format_table
-    from .recorded import recorded_loading
 
     with out_dir(args.out):  # a failed evaluation leaves no empty --out
         result = eval_controlnet(args.pretrained_model_name_or_path, args.controlnet, data=args.data, n=args.n,
@@ -134,8 +133,7 @@ def cmd_eval_controlnet(args: argparse.Namespace) -> int:
                                  control_guidance=tuple(args.control_guidance),
                                  conditioning_scale=args.controlnet_conditioning_scale,
                                  vae=args.pretrained_vae_model_name_or_path,  # (None: the recorded one)
-                                 loading=given_tokenizer(args, recorded_loading(args.pretrained_model_name_or_path,
-                                                                                args.controlnet)))
+                                 tokenizer_name=args.tokenizer_name)
     print(format_table(result))
     modes = {"both": "ControlNet", "cond": "ControlNet, cond only"}
     columns = " | ".join(["condition", *(modes[m] for m in dict.fromkeys(args.control_guidance)),

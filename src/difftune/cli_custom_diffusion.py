@@ -59,15 +59,14 @@ def _load_recorded_base(args: argparse.Namespace, folder: str | Path, uses: tupl
     """The base a folder was trained on (``base_of``), read as its run read it: its recorded --tokenizer_name,
     unless --pretrained_model_name_or_path names another base; --tokenizer_name over either. ``uses``: what the
     command reads the base with (a recorded tokenizer another base leaves out is warned about)."""
-    from .cli_flags import given_tokenizer
     from .models import load_base_model
     from .recorded import recorded_concept_loading, warn_unused_records
 
     base = base_of(args, folder)
     warn_unused_records(args.pretrained_model_name_or_path, custom_diffusion=folder,
                         given={"tokenizer_name": args.tokenizer_name}, uses=uses)
-    loading = given_tokenizer(args, recorded_concept_loading(args.pretrained_model_name_or_path, folder))
-    return load_base_model(base, tokenizer_name=loading.get("tokenizer_name"), stand_ins=("tokenizer",))
+    loading = recorded_concept_loading(args.pretrained_model_name_or_path, folder, args.tokenizer_name)
+    return load_base_model(base, tokenizer_name=loading.get("tokenizer_name"), stand_ins=("tokenizer",)), loading
 
 
 def _check_output_dir(args: argparse.Namespace, inputs: list[str], flag: str) -> None:
@@ -121,9 +120,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     _check_output_dir(args, args.concepts, "--concepts")
     check_one_base({folder: recorded_base_name(custom_diffusion=folder) for folder in args.concepts},
                    args.pretrained_model_name_or_path, "--concepts", "a merge combines weight changes of one base")
-    base = _load_recorded_base(args, args.concepts[0])
+    base, loading = _load_recorded_base(args, args.concepts[0])
     info = _write_new_folder(args, lambda tmp: merge_concepts(args.concepts, base, tmp, prompts,
-                                                              safe=not args.no_safe_serialization), args.concepts)
+                                                              safe=not args.no_safe_serialization,
+                                                              tokenizer_name=loading.get("tokenizer_name")),
+                             args.concepts)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -133,7 +134,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     check_compress_amount(args.rank, args.energy)  # before the base model loads
     _check_output_dir(args, [args.custom_diffusion], "--custom_diffusion")
-    base = _load_recorded_base(args, args.custom_diffusion, uses=())  # (the UNet alone: no text is read)
+    base, _ = _load_recorded_base(args, args.custom_diffusion, uses=())  # (the UNet alone: no text is read)
     info = _write_new_folder(args, lambda tmp: compress(args.custom_diffusion, base.unet, tmp, args.rank, args.energy),
                              [args.custom_diffusion])
     print(json.dumps(info, indent=2))
@@ -141,7 +142,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .cli_flags import given_tokenizer, out_dir
+    from .cli_flags import out_dir
     from .custom_diffusion.eval import eval_custom_diffusion, format_table
     from .recorded import recorded_concept_loading, warn_unused_records
 
@@ -149,8 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base = base_of(args, args.custom_diffusion)  # (the folder checked before its record is read)
         warn_unused_records(args.pretrained_model_name_or_path, custom_diffusion=args.custom_diffusion,
                             given={"tokenizer_name": args.tokenizer_name})
-        loading = given_tokenizer(args, recorded_concept_loading(args.pretrained_model_name_or_path,
-                                                                 args.custom_diffusion))
+        loading = recorded_concept_loading(args.pretrained_model_name_or_path, args.custom_diffusion,
+                                           args.tokenizer_name)
         result = eval_custom_diffusion(base, args.custom_diffusion, n=args.n, steps=args.num_inference_steps,
                                        seed=args.seed, guidance_scale=args.guidance_scale, out=args.out,
                                        weight_name=args.weight_name, clip_model=args.clip_model, loading=loading)

@@ -161,11 +161,6 @@ def add_tokenizer_flag(parser: argparse.ArgumentParser) -> None:
                              "run recorded, when the base is too)")
 
 
-def given_tokenizer(args: argparse.Namespace, loading: dict) -> dict:
-    """``loading`` (how an adapter's run read its base) with --tokenizer_name over its tokenizer, when given."""
-    return {**loading, "tokenizer_name": args.tokenizer_name} if args.tokenizer_name else loading
-
-
 # ----------------------------------------------------------------------------- unknown flags
 def _sub_choices(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:  # argparse keeps sub-commands as an action; no public accessor

@@ -21,25 +21,38 @@ def resolve_vae(explicit: str | None, explicit_base: str | None, controlnet: str
                              "--pretrained_vae_model_name_or_path to choose another", path=True)
 
 
-def recorded_loading(explicit_base: str | None, controlnet: str | Path | None) -> dict[str, str | None]:
+def recorded_loading(explicit_base: str | None, controlnet: str | Path | None,
+                     tokenizer: str | None = None) -> dict[str, str | None]:
     """How the ControlNet's run read its base besides the VAE, for sampling on the recorded base (given or not):
     the tokenizer (``--tokenizer_name``) and ``--prediction_type`` it trained with, each said on stderr where set.
-    Empty when another base is given (its own tokenizer and scheduler are the ones that fit it)."""
+    Empty when another base is given (its own tokenizer and scheduler are the ones that fit it). ``tokenizer``:
+    a --tokenizer_name given here, used (and said) over the recorded one."""
     if controlnet is None or not on_recorded_base(explicit_base, controlnet=controlnet):
-        return {}
+        return _given_tokenizer(tokenizer)
     return {
-        "tokenizer_name": _recorded_setting(controlnet, "model", "tokenizer_name", "tokenizer", "", path=True),
+        "tokenizer_name": _given_tokenizer(tokenizer).get("tokenizer_name") or
+        _recorded_setting(controlnet, "model", "tokenizer_name", "tokenizer", "", path=True),
         "prediction_type": _recorded_setting(controlnet, "loss", "prediction_type", None, ""),  # said where it acts
     }
 
 
-def recorded_concept_loading(explicit_base: str | None, custom_diffusion: str | Path | None) -> dict[str, str | None]:
+def _given_tokenizer(tokenizer: str | None) -> dict[str, str | None]:
+    if not tokenizer:
+        return {}
+    print(f"tokenizer: {tokenizer} (--tokenizer_name)", file=sys.stderr)
+    return {"tokenizer_name": tokenizer}
+
+
+def recorded_concept_loading(explicit_base: str | None, custom_diffusion: str | Path | None,
+                             tokenizer: str | None = None) -> dict[str, str | None]:
     """As ``recorded_loading``, for a Custom Diffusion folder: the tokenizer and prediction type its run trained
     with, from its custom_diffusion.json. Empty when another base is given; a folder exported before these were
     recorded gives None for each (the base's own, as it was sampled with then)."""
     if custom_diffusion is None or not on_recorded_base(explicit_base, custom_diffusion=custom_diffusion):
-        return {}
+        return _given_tokenizer(tokenizer)
     found = _concept_record(custom_diffusion)
+    if tokenizer:
+        return {**found, **_given_tokenizer(tokenizer)}
     if found.get("tokenizer_name"):
         print(f"tokenizer: {found['tokenizer_name']} (recorded in {Path(custom_diffusion) / 'custom_diffusion.json'})",
               file=sys.stderr)
@@ -336,15 +349,17 @@ def _own_prediction_type(base: str) -> str | None:
 
 
 def controlnet_base(given: str | None, controlnet: str | Path, vae: str | None,
-                    loading: dict | None) -> tuple[str, str | None, dict | None]:
+                    loading: dict | None, tokenizer: str | None = None) -> tuple[str, str | None, dict | None]:
     """The base a ControlNet folder is sampled on, and its VAE and loading (``recorded_loading``'s keys): the given
     base, else the recorded one, else tiny-shapes (refused first where the ControlNet does not fit it); on the
     recorded base, given by name or not, the VAE and loading its run used where ``vae`` / ``loading`` are None."""
     if not given and recorded_base_name(controlnet=controlnet) is None:
         check_default_base_fits(controlnet)
     base = resolve_base(given, controlnet)
-    warn_unused_records(given, controlnet, given={"vae": vae, **(loading or {})})
-    return base, resolve_vae(vae, given, controlnet), recorded_loading(given, controlnet) if loading is None else loading
+    warn_unused_records(given, controlnet, given={**(loading or {}), "vae": vae,
+                                                  **({"tokenizer_name": tokenizer} if tokenizer else {})})
+    return (base, resolve_vae(vae, given, controlnet),
+            recorded_loading(given, controlnet, tokenizer) if loading is None else loading)
 
 
 def check_default_base_fits(controlnet: str | Path) -> None:

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import ConfigError
 from ..noising import tokenize
-from ..recorded import one_prediction_type
+from ..recorded import local_or_name, one_prediction_type, same_model
 from .export import check_base_family, read_embedding, read_meta, read_weights, save_custom_diffusion
 from .surgery import add_tokens, set_embeddings
 
@@ -132,8 +132,10 @@ def check_merge_inputs(folders: list[str | Path], regularization_prompts: list[s
 
 
 def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
-                   regularization_prompts: list[str] | None = None, safe: bool = True) -> dict:
-    """Merge Custom Diffusion folders (each trained with crossattn_kv on ``base``) into ``output_dir``."""
+                   regularization_prompts: list[str] | None = None, safe: bool = True,
+                   tokenizer_name: str | None = None) -> dict:
+    """Merge Custom Diffusion folders (each trained with crossattn_kv on ``base``) into ``output_dir``, which
+    records ``base`` (and the ``tokenizer_name`` it was read with) as its base: what the merge was computed on."""
     from .compress import base_weight
 
     check_merge_inputs(folders, regularization_prompts)
@@ -202,7 +204,11 @@ def merge_concepts(folders: list[str | Path], base: Any, output_dir: str | Path,
               for k in keys}
     first = read_meta(folders[0])
     meta = dict(first, modifier_tokens=all_tokens, initializer_tokens=[], concepts=concepts, prediction_type=prediction,
-                merged_from=[str(Path(f).resolve()) for f in folders])
+                merged_from=[str(Path(f).resolve()) for f in folders], base_model=local_or_name(base.source))
+    if not same_model(base.source, str(first.get("base_model") or "")):  # (another base: the first's tokenizer not)
+        meta.pop("tokenizer_name", None)
+    if tokenizer_name:
+        meta["tokenizer_name"] = local_or_name(tokenizer_name)
     save_custom_diffusion(output_dir, base.unet, merged, dict(zip(all_tokens, rows)), meta, safe=safe)
     errors = {}
     for (w, toks, _), f in zip(parts, feats):  # how well each concept's constraint holds, relative

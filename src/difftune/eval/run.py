@@ -130,14 +130,14 @@ def eval_controlnet(pretrained_model_name_or_path: str | None, controlnet, data:
                     out: str | Path | None = None, metric: str | None = None, baseline: bool = True,
                     condition_settings: dict | None = None,
                     control_guidance: str | tuple[str, ...] = "both", conditioning_scale: float = 1.0,
-                    vae: str | None = None, loading: dict | None = None) -> dict:
+                    vae: str | None = None, loading: dict | None = None, tokenizer_name: str | None = None) -> dict:
     """Condition fidelity of a ControlNet (folder or module) on held-out conditions, with the base alone as baseline.
 
     ``pretrained_model_name_or_path`` None (or that base by name): the base the ControlNet's run recorded (else
     tiny-shapes), read as that run read it: ``vae`` None means the recorded VAE, ``loading`` None the recorded
     tokenizer and prediction type (``difftune.recorded``), as ``difftune.generate`` does. ``loading``:
     ``{"tokenizer_name": ..., "prediction_type": ...}``, how to read a base given here. The JSON's ``vae`` is the
-    VAE used (null: the base's own).
+    VAE used (null: the base's own). ``tokenizer_name``: a tokenizer over the recorded or the base's own.
 
     ``metric``: ``fill50k`` (circle IoU), ``canny`` (edge F1) or ``depth`` (depth correlation);
     by default the condition ``data``'s ``difftune_dataset.json`` names, else fill50k.
@@ -173,9 +173,9 @@ def eval_controlnet(pretrained_model_name_or_path: str | None, controlnet, data:
     if not isinstance(controlnet, torch.nn.Module):
         training_data = data is not None and _is_training_data(data, controlnet)
         pretrained_model_name_or_path, vae, loading = controlnet_base(pretrained_model_name_or_path, controlnet,
-                                                                      vae, loading)
+                                                                      vae, loading, tokenizer_name)
     pretrained_model_name_or_path = pretrained_model_name_or_path or DEFAULT_MODEL  # (an in-memory ControlNet)
-    loading = loading or {}
+    loading = {**(loading or {}), **({"tokenizer_name": tokenizer_name} if tokenizer_name else {})}
     base = with_prediction_type(load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae,
                                                 tokenizer_name=loading.get("tokenizer_name")),
                                 loading.get("prediction_type"), recorded=True)
