@@ -512,6 +512,9 @@ def test_a_runs_tokenizer_and_prediction_type_reach_the_commands_that_use_it(tin
     assert main(["custom-diffusion", "compress", "--custom_diffusion", str(out), "--rank", "1", "--output_dir",
                  str(tmp_path / "c2"), "--pretrained_model_name_or_path", str(base),
                  "--tokenizer_name", str(tiny_model_dir / "tokenizer")]) == 0
+    assert main(["generate", "--custom_diffusion", str(out), "--prompt", "<new1> star", "--num_inference_steps", "1",
+                 "--pretrained_model_name_or_path", str(base), "--tokenizer_name", str(tiny_model_dir / "tokenizer"),
+                 "--out", str(tmp_path / "g3.png")]) == 0  # (a KeyError: the given tokenizer taken for a record)
 
 
 def test_concepts_or_a_controlnet_trained_with_other_prediction_types_are_refused(tiny_model_dir, tiny_base,

@@ -330,7 +330,10 @@ def generate(
         _warn_other_condition(controlnet, condition)
     base = load_base_model(pretrained_model_name_or_path, vae_name_or_path=vae, tokenizer_name=tokenizer_name)
     trained = {**({f"--controlnet {controlnet}": loading["prediction_type"]} if loading.get("prediction_type") else {}),
-               **({f"--custom_diffusion {custom_diffusion}": concept["prediction_type"]} if concept else {})}
+               # (a concept sampled on its recorded base takes part; its key is there then, None for a folder
+               # that predates the record)
+               **({f"--custom_diffusion {custom_diffusion}": concept["prediction_type"]}
+                  if "prediction_type" in concept else {})}
     base = with_prediction_type(base, one_prediction_type(trained, base.noise_scheduler.config.prediction_type),
                                 recorded=True)
     res = resolution or base.native_resolution
