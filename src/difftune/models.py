@@ -16,9 +16,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
-from .hub_cache import BASE_FOLDER_ADVICE, cached_folder, complete_snapshot, hub_snapshot
-from .hub_cache import hub_hint as _hub_hint  # (eval.clip's name for it)
-from .hub_cache import looks_like_hub_id as _looks_like_hub_id
+from .hub_cache import BASE_FOLDER_ADVICE, cached_folder, complete_snapshot, hub_hint, hub_snapshot, looks_like_hub_id
 from .model_folders import (SINGLE_FILE_HINT, check_local_folder, damaged_weights, note_local_folder, part_variants,
                             pickle_only)
 
@@ -100,7 +98,7 @@ def training_resolution(name_or_path: str) -> int:
     name_or_path = resolve_builtin(name_or_path)
     folder = Path(name_or_path).expanduser()
     if not folder.exists():
-        if not _looks_like_hub_id(name_or_path):
+        if not looks_like_hub_id(name_or_path):
             raise ModelLoadError(f"--pretrained_model_name_or_path {name_or_path}: there is no such folder.")
         folder = hub_snapshot(name_or_path, None, None) or folder  # (a Hub id neither reachable nor cached: refused)
         from huggingface_hub import hf_hub_download
@@ -242,7 +240,7 @@ def load_base_model(
             raise ModelLoadError(f"Could not load {part} of {name_or_path}: a weight file of it in the Hugging Face "
                                  f"cache is damaged ({e}); remove it (`hf cache rm model/{name_or_path}`) and download "
                                  "it again.") from None
-        raise _hub_hint(name_or_path, e) from None
+        raise hub_hint(name_or_path, e) from None
     if vae_name_or_path is not None:
         vae = load_vae(vae_name_or_path, revision, cache_dir)
     name_or_path = hub_id or name_or_path  # (the messages below name a Hub model by its id, not its cache folder)
@@ -262,7 +260,7 @@ def load_base_model(
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
             module.eval()
-    return BaseModel(tokenizer, text_encoder, vae, unet, noise_scheduler, source=hub_id or name_or_path, family=family,
+    return BaseModel(tokenizer, text_encoder, vae, unet, noise_scheduler, source=name_or_path, family=family,
                      vae_in_fp32=fam.vae_needs_fp32 and vae_name_or_path is None,
                      variant=variants.get("unet", variant), **extra)
 
@@ -292,7 +290,7 @@ def _load_tokenizer(name_or_path: str, common: dict):
     from transformers import AutoTokenizer
 
     local = Path(name_or_path).expanduser()
-    if not local.exists() and (not _looks_like_hub_id(name_or_path) or local.parent.is_dir()):
+    if not local.exists() and (not looks_like_hub_id(name_or_path) or local.parent.is_dir()):
         raise ModelLoadError(f"--tokenizer_name {name_or_path}: there is no such folder.")
     advice = "Pass a local tokenizer folder instead (e.g. a model's tokenizer/)."
     local = cached_folder(name_or_path, common.get("revision"), common.get("cache_dir"), "tokenizer_config.json",
@@ -306,7 +304,7 @@ def _load_tokenizer(name_or_path: str, common: dict):
         if local.exists():
             raise ModelLoadError(f"--tokenizer_name {local}: no tokenizer could be read there ({e}). Give a "
                                  f"folder holding tokenizer files (e.g. a model's tokenizer/ folder).") from None
-        raise _hub_hint(name_or_path, e, advice) from None
+        raise hub_hint(name_or_path, e, advice) from None
 
 
 def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | None = None):
@@ -314,7 +312,7 @@ def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | No
     from diffusers import AutoencoderKL
 
     local = Path(name_or_path).expanduser()
-    if not local.exists() and not _looks_like_hub_id(name_or_path):
+    if not local.exists() and not looks_like_hub_id(name_or_path):
         raise ModelLoadError(f"--pretrained_vae_model_name_or_path {name_or_path}: there is no such folder.")
     local = cached_folder(name_or_path, revision, cache_dir, "config.json", VAE_FOLDER_ADVICE, kind="model")
     subfolder = "vae" if (local / "vae" / "config.json").is_file() else None
@@ -331,7 +329,7 @@ def load_vae(name_or_path: str, revision: str | None = None, cache_dir: str | No
             folder = local / (subfolder or "")
             raise ModelLoadError(f"Could not load the VAE in {local}: {damaged_weights(folder, REDOWNLOAD) or e}"
                                  f"{pickle_only(folder)}") from None
-        raise _hub_hint(name_or_path, e, VAE_FOLDER_ADVICE) from None
+        raise hub_hint(name_or_path, e, VAE_FOLDER_ADVICE) from None
 
 
 VAE_FOLDER_ADVICE = ("Pass a local VAE folder instead: an AutoencoderKL's config.json and "
@@ -366,7 +364,7 @@ def check_controlnet_source(name_or_path: str, flag: str = CONTROLNET_FLAG) -> N
     """
     local = Path(name_or_path).expanduser()
     if not local.exists():
-        if not _looks_like_hub_id(name_or_path):
+        if not looks_like_hub_id(name_or_path):
             raise ModelLoadError(f"{flag} {name_or_path} does not exist; {GIVE_CONTROLNET}.")
         return  # a Hub id: the loader tries the Hub
     if not local.is_dir():
@@ -441,7 +439,7 @@ def load_controlnet(name_or_path: str, revision: str | None = None, cache_dir: s
                 raise ModelLoadError(f"{flag} {name_or_path}: could not load the ControlNet: {damaged}") from None
             raise ModelLoadError(f"{flag} {name_or_path}: could not load the ControlNet ({e}); "
                                  f"{GIVE_CONTROLNET}.{pickle_only(local)}") from None
-        raise _hub_hint(name_or_path, e, f"For {flag}, {GIVE_CONTROLNET}.") from None
+        raise hub_hint(name_or_path, e, f"For {flag}, {GIVE_CONTROLNET}.") from None
     if unet is not None:
         check_controlnet_fits(controlnet.config, unet.config, f"{flag} {name_or_path}")
     return controlnet
@@ -488,4 +486,4 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, cache_dir: st
     except (OSError, ValueError) as e:
         if folder.exists():
             raise ModelLoadError(f"Could not load the tokenizer in {folder}/tokenizer: {e}") from None
-        raise _hub_hint(name_or_path, e) from None
+        raise hub_hint(name_or_path, e) from None

@@ -40,9 +40,9 @@ class ClipScorer:
             if local.exists():
                 raise ModelLoadError(f"--clip_model {name_or_path}: could not load a CLIP model ({e}). "
                                      f"{CLIP_ADVICE}") from None
-            from ..models import _hub_hint
+            from ..hub_cache import hub_hint
 
-            raise _hub_hint(name_or_path, e, CLIP_ADVICE) from None
+            raise hub_hint(name_or_path, e, CLIP_ADVICE) from None
         self.device, self.batch_size, self.name = torch.device(device), batch_size, name_or_path
 
     @torch.no_grad()
